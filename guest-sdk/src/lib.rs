@@ -1,0 +1,428 @@
+//! Write rolehost roles in Rust.
+//!
+//! A role is a WebAssembly component with one handler. It keeps state in
+//! [`Bucket`]s; the host prefixes every key with the role's identity, so a
+//! role sees only its own data and never thinks about prefixes.
+//!
+//! ```no_run
+//! use rolehost_guest::{export_role, Bucket, Error, Role};
+//! use serde::{Deserialize, Serialize};
+//! use std::time::Duration;
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Visit { path: String }
+//!
+//! struct Visits;
+//!
+//! impl Role for Visits {
+//!     fn handle(request: Vec<u8>) -> Result<Vec<u8>, Error> {
+//!         let visit: Visit = rolehost_guest::from_json(&request)?;
+//!         let bucket = Bucket::own()?;
+//!         let count = bucket.increment(&format!("hits:{}", visit.path), 1)?;
+//!         bucket.set_json("last", &visit, Some(Duration::from_secs(3600)))?;
+//!         rolehost_guest::log::info(&format!("{} has {count} hits", visit.path));
+//!         Ok(count.to_string().into_bytes())
+//!     }
+//! }
+//!
+//! export_role!(Visits);
+//! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip2`; the
+//! `.wasm` in `target/wasm32-wasip2/release/` is the component.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "role",
+        pub_export_macro: true,
+        default_bindings_module: "rolehost_guest::bindings",
+    });
+}
+
+use bindings::rolehost::state::{atomics, kv, log as wit_log, types};
+
+/// What a state call or a handler can fail with. Mirrors the WIT `error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The key or pattern is empty, too long, or has a control character.
+    InvalidKey(String),
+    /// Another argument is wrong: a zero TTL, a bad cursor, a bad request.
+    InvalidArgument(String),
+    /// A key, value, batch or response is over the role's limit.
+    TooLarge(String),
+    /// The namespace is not granted, or only for reading.
+    AccessDenied(String),
+    /// A quota is used up; retrying later may help.
+    QuotaExceeded(String),
+    /// The backend is unreachable right now; retrying later may help.
+    Unavailable(String),
+    /// Anything else.
+    Internal(String),
+}
+
+impl Error {
+    /// True when the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::QuotaExceeded(_))
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, message) = match self {
+            Self::InvalidKey(m) => ("invalid key", m),
+            Self::InvalidArgument(m) => ("invalid argument", m),
+            Self::TooLarge(m) => ("too large", m),
+            Self::AccessDenied(m) => ("access denied", m),
+            Self::QuotaExceeded(m) => ("quota exceeded", m),
+            Self::Unavailable(m) => ("unavailable", m),
+            Self::Internal(m) => ("internal error", m),
+        };
+        write!(f, "{kind}: {message}")
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<types::Error> for Error {
+    fn from(error: types::Error) -> Self {
+        use types::Error as E;
+        match error {
+            E::InvalidKey(m) => Self::InvalidKey(m),
+            E::InvalidArgument(m) => Self::InvalidArgument(m),
+            E::TooLarge(m) => Self::TooLarge(m),
+            E::AccessDenied(m) => Self::AccessDenied(m),
+            E::QuotaExceeded(m) => Self::QuotaExceeded(m),
+            E::Unavailable(m) => Self::Unavailable(m),
+            E::Internal(m) => Self::Internal(m),
+        }
+    }
+}
+
+impl From<Error> for types::Error {
+    fn from(error: Error) -> Self {
+        use types::Error as E;
+        match error {
+            Error::InvalidKey(m) => E::InvalidKey(m),
+            Error::InvalidArgument(m) => E::InvalidArgument(m),
+            Error::TooLarge(m) => E::TooLarge(m),
+            Error::AccessDenied(m) => E::AccessDenied(m),
+            Error::QuotaExceeded(m) => E::QuotaExceeded(m),
+            Error::Unavailable(m) => E::Unavailable(m),
+            Error::Internal(m) => E::Internal(m),
+        }
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A role: handles one request body and returns the response body.
+pub trait Role {
+    /// Handles one request.
+    fn handle(request: Vec<u8>) -> Result<Vec<u8>>;
+}
+
+/// Exports a type implementing [`Role`] as the component's handler.
+#[macro_export]
+macro_rules! export_role {
+    ($role:ty) => {
+        #[doc(hidden)]
+        pub struct __RolehostExport;
+
+        impl $crate::bindings::exports::rolehost::state::handler::Guest for __RolehostExport {
+            fn handle(
+                request: ::std::vec::Vec<u8>,
+            ) -> ::std::result::Result<::std::vec::Vec<u8>, $crate::bindings::rolehost::state::types::Error> {
+                <$role as $crate::Role>::handle(request).map_err(::std::convert::Into::into)
+            }
+        }
+
+        $crate::bindings::export!(__RolehostExport with_types_in $crate::bindings);
+    };
+}
+
+/// Parses a JSON request body; a parse failure is an `InvalidArgument`.
+pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::InvalidArgument(format!("bad JSON: {e}")))
+}
+
+/// Serializes a value as a JSON response body.
+pub fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::Internal(format!("cannot serialize JSON: {e}")))
+}
+
+/// Escapes glob metacharacters so `text` matches only itself in a pattern.
+pub fn escape_glob(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The remaining lifetime of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// No such key.
+    Missing,
+    /// The key never expires.
+    Persistent,
+    /// The key expires after this long.
+    ExpiresIn(Duration),
+}
+
+/// One page of a key listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage {
+    /// Local key names.
+    pub keys: Vec<String>,
+    /// Pass to the next call to continue; none when done.
+    pub cursor: Option<String>,
+}
+
+/// Keys per page when this crate pages through listings for you.
+const PAGE: u32 = 500;
+
+fn ttl_ms(ttl: Option<Duration>) -> Option<u64> {
+    // Rounded up, so a sub-millisecond TTL does not become "no TTL".
+    ttl.map(|t| u64::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
+}
+
+/// A namespace of key-value state.
+pub struct Bucket(kv::Bucket);
+
+impl Bucket {
+    /// The role's own namespace.
+    pub fn own() -> Result<Self> {
+        Self::open("")
+    }
+
+    /// A namespace by name: `""` is the role's own; others must be granted.
+    pub fn open(name: &str) -> Result<Self> {
+        Ok(Self(kv::Bucket::open(name)?))
+    }
+
+    /// The value of `key`, if any.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.0.get(key)?)
+    }
+
+    /// Writes `value`; it never expires.
+    pub fn set(&self, key: &str, value: impl AsRef<[u8]>) -> Result<()> {
+        Ok(self.0.set(key, value.as_ref(), None)?)
+    }
+
+    /// Writes `value`; it expires after `ttl`.
+    pub fn set_with_ttl(&self, key: &str, value: impl AsRef<[u8]>, ttl: Duration) -> Result<()> {
+        Ok(self.0.set(key, value.as_ref(), ttl_ms(Some(ttl)))?)
+    }
+
+    /// Deletes `key`; true when it existed.
+    pub fn delete(&self, key: &str) -> Result<bool> {
+        Ok(self.0.delete(key)?)
+    }
+
+    /// True when `key` exists.
+    pub fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.0.exists(key)?)
+    }
+
+    /// The values of `keys`, in order.
+    pub fn get_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<Vec<u8>>>> {
+        let keys: Vec<String> = keys.iter().map(|k| k.as_ref().to_owned()).collect();
+        Ok(self.0.get_many(&keys)?)
+    }
+
+    /// Writes every entry in one atomic step, all with the same TTL.
+    pub fn set_many<K: AsRef<str>, V: AsRef<[u8]>>(
+        &self,
+        entries: &[(K, V)],
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        let entries: Vec<kv::Entry> = entries
+            .iter()
+            .map(|(k, v)| kv::Entry {
+                key: k.as_ref().to_owned(),
+                value: v.as_ref().to_vec(),
+            })
+            .collect();
+        Ok(self.0.set_many(&entries, ttl_ms(ttl))?)
+    }
+
+    /// Deletes `keys`; the number that existed.
+    pub fn delete_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<u32> {
+        let keys: Vec<String> = keys.iter().map(|k| k.as_ref().to_owned()).collect();
+        Ok(self.0.delete_many(&keys)?)
+    }
+
+    /// How long `key` has left.
+    pub fn expiry(&self, key: &str) -> Result<Expiry> {
+        Ok(match self.0.expiry(key)? {
+            types::Expiry::Missing => Expiry::Missing,
+            types::Expiry::Persistent => Expiry::Persistent,
+            types::Expiry::ExpiresInMs(ms) => Expiry::ExpiresIn(Duration::from_millis(ms)),
+        })
+    }
+
+    /// Makes `key` expire after `ttl`; false when it does not exist.
+    pub fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+        Ok(self.0.expire(key, ttl_ms(Some(ttl)))?)
+    }
+
+    /// Makes `key` persistent; false when it does not exist.
+    pub fn persist(&self, key: &str) -> Result<bool> {
+        Ok(self.0.expire(key, None)?)
+    }
+
+    /// One page of keys matching a glob `pattern` (none: all keys).
+    pub fn list_keys_page(
+        &self,
+        pattern: Option<&str>,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<KeyPage> {
+        let page = self.0.list_keys(pattern, cursor, limit)?;
+        Ok(KeyPage {
+            keys: page.keys,
+            cursor: page.cursor,
+        })
+    }
+
+    /// Every key matching a glob `pattern` (none: all keys), all pages.
+    pub fn list_keys(&self, pattern: Option<&str>) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self.list_keys_page(pattern, cursor.as_deref(), PAGE)?;
+            keys.extend(page.keys);
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(keys),
+            }
+        }
+    }
+
+    /// Every key starting with `prefix`, with its value, sorted by key.
+    pub fn get_by_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut keys = self.list_keys(Some(&format!("{}*", escape_glob(prefix))))?;
+        keys.sort();
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(PAGE as usize) {
+            let values = self.get_many(chunk)?;
+            // A key deleted between the listing and the read is skipped.
+            out.extend(
+                chunk
+                    .iter()
+                    .cloned()
+                    .zip(values)
+                    .filter_map(|(k, v)| Some((k, v?))),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Deletes every key of the namespace; the number deleted.
+    pub fn clear(&self) -> Result<u64> {
+        Ok(self.0.clear()?)
+    }
+
+    /// The JSON value of `key`, decoded.
+    pub fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.get(key)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Error::Internal(format!("value of {key:?} is not the expected JSON: {e}"))
+            }),
+        }
+    }
+
+    /// Writes `value` as JSON, with an optional TTL.
+    pub fn set_json<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        Ok(self.0.set(key, &to_json(value)?, ttl_ms(ttl))?)
+    }
+
+    /// Adds `delta` to the integer at `key` (absent: 0); the new value.
+    pub fn increment(&self, key: &str, delta: i64) -> Result<i64> {
+        Ok(atomics::increment(&self.0, key, delta)?)
+    }
+
+    /// Writes `value` only if `key` is absent; true when written.
+    pub fn set_if_absent(
+        &self,
+        key: &str,
+        value: impl AsRef<[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        Ok(atomics::set_if_absent(
+            &self.0,
+            key,
+            value.as_ref(),
+            ttl_ms(ttl),
+        )?)
+    }
+
+    /// When `key` holds `expected` (none: absent), writes `new` (none:
+    /// deletes it); true when it did.
+    pub fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        Ok(atomics::compare_and_swap(
+            &self.0,
+            key,
+            expected,
+            new,
+            ttl_ms(ttl),
+        )?)
+    }
+
+    /// The value of `key`, deleted in the same step.
+    pub fn get_and_delete(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(atomics::get_and_delete(&self.0, key)?)
+    }
+}
+
+/// Log lines, tagged with the role by the host.
+pub mod log {
+    use super::wit_log::{log, Level};
+
+    /// Logs at trace level.
+    pub fn trace(message: &str) {
+        log(Level::Trace, message)
+    }
+    /// Logs at debug level.
+    pub fn debug(message: &str) {
+        log(Level::Debug, message)
+    }
+    /// Logs at info level.
+    pub fn info(message: &str) {
+        log(Level::Info, message)
+    }
+    /// Logs at warn level.
+    pub fn warn(message: &str) {
+        log(Level::Warn, message)
+    }
+    /// Logs at error level.
+    pub fn error(message: &str) {
+        log(Level::Error, message)
+    }
+}

@@ -1,0 +1,114 @@
+//! What a state store must do, and the stores that do it.
+//!
+//! Backends work on full keys (already prefixed by [`crate::namespace`]) and
+//! give every operation the same semantics, TTL included, so one
+//! conformance suite runs against all of them.
+
+mod memory;
+mod redis;
+
+pub use self::memory::MemoryBackend;
+pub use self::redis::{RedisBackend, RedisOptions};
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::StateResult;
+
+/// The remaining lifetime of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// No such key.
+    Missing,
+    /// The key never expires.
+    Persistent,
+    /// The key expires after this long.
+    ExpiresIn(Duration),
+}
+
+/// One page of a key scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanPage {
+    /// Full keys matching the pattern.
+    pub keys: Vec<String>,
+    /// Where to continue; none when the scan is complete. Opaque, and never
+    /// holds a key prefix.
+    pub cursor: Option<String>,
+}
+
+/// A state store. Every method is atomic on its own; batch methods are
+/// atomic as a whole (all or nothing).
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// A short name for logs: `memory`, `redis`.
+    fn kind(&self) -> &'static str;
+
+    /// The value of `key`.
+    async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>>;
+    /// Writes `value`; persistent when `ttl` is none.
+    async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()>;
+    /// True when `key` exists.
+    async fn exists(&self, key: &str) -> StateResult<bool>;
+    /// One answer per key, in order.
+    async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>>;
+    /// Writes every entry in one atomic step.
+    async fn set_many(
+        &self,
+        entries: &[(String, Vec<u8>)],
+        ttl: Option<Duration>,
+    ) -> StateResult<()>;
+    /// Deletes the keys; the number that existed.
+    async fn delete_many(&self, keys: &[String]) -> StateResult<u64>;
+    /// The remaining lifetime of `key`.
+    async fn expiry(&self, key: &str) -> StateResult<Expiry>;
+    /// Sets a TTL (none: makes the key persistent); false when `key` is missing.
+    async fn expire(&self, key: &str, ttl: Option<Duration>) -> StateResult<bool>;
+    /// At most `limit` keys matching the glob `pattern`, from `cursor` on.
+    /// A key present for the whole scan is returned exactly once… at least
+    /// once on Redis, whose SCAN gives that weaker promise.
+    async fn scan(
+        &self,
+        pattern: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> StateResult<ScanPage>;
+
+    /// Adds `delta` to the integer at `key` (absent: 0), keeping its TTL.
+    async fn increment(&self, key: &str, delta: i64) -> StateResult<i64>;
+    /// Writes only when `key` is absent; true when written.
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> StateResult<bool>;
+    /// When the value equals `expected` (none: absent), writes `new` (none:
+    /// deletes); true when it did.
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> StateResult<bool>;
+    /// Returns the value and deletes the key in one step.
+    async fn get_and_delete(&self, key: &str) -> StateResult<Option<Vec<u8>>>;
+
+    /// Deletes every key matching `pattern`; the number deleted.
+    async fn delete_matching(&self, pattern: &str) -> StateResult<u64> {
+        const PAGE: usize = 500;
+        let mut deleted = 0;
+        let mut cursor = None;
+        loop {
+            let page = self.scan(pattern, cursor.as_deref(), PAGE).await?;
+            if !page.keys.is_empty() {
+                deleted += self.delete_many(&page.keys).await?;
+            }
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(deleted),
+            }
+        }
+    }
+}

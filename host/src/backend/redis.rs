@@ -1,0 +1,372 @@
+//! The Redis backend: one shared, reconnecting multiplexed connection, so
+//! concurrent calls pipeline on one socket. Atomics are single commands or
+//! Lua scripts; batches go out as one MULTI/EXEC pipeline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Client, ErrorKind, RedisError, Script, ServerErrorKind};
+
+use super::{Backend, Expiry, ScanPage};
+use crate::error::{StateError, StateResult};
+
+/// Keys asked of each SCAN step. Fixed, so a cursor replays the same batch.
+const SCAN_COUNT: usize = 256;
+/// SCAN steps one page may take before it returns what it has.
+const SCAN_STEPS_PER_PAGE: usize = 64;
+
+/// Compare-and-swap. ARGV: has-expected, expected, has-new, new, ttl-ms ("" = none).
+const CAS_SCRIPT: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if current ~= ARGV[2] then return 0 end
+elseif current then
+  return 0
+end
+if ARGV[3] == '1' then
+  if ARGV[5] ~= '' then
+    redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
+  else
+    redis.call('SET', KEYS[1], ARGV[4])
+  end
+else
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"#;
+
+/// PERSIST that reports whether the key exists (PERSIST alone says 0 for a
+/// key that exists but has no TTL).
+const PERSIST_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('PERSIST', KEYS[1])
+return 1
+"#;
+
+/// How to reach Redis and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://[user@]host:port[/db]`; the password comes from `password`.
+    pub url: String,
+    /// The password, taken from `REDIS_PASSWORD` only.
+    pub password: Option<String>,
+    /// Longest wait for a connection.
+    pub connect_timeout: Duration,
+    /// Longest wait for any one operation, reconnecting included.
+    pub op_timeout: Duration,
+}
+
+impl RedisOptions {
+    /// Options for `url` with the default timeouts (1 s connect, 2 s per operation).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            password: None,
+            connect_timeout: Duration::from_secs(1),
+            op_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The Redis backend.
+pub struct RedisBackend {
+    conn: ConnectionManager,
+    op_timeout: Duration,
+    cas: Script,
+    persist: Script,
+}
+
+impl RedisBackend {
+    /// Prepares a connection to Redis. Connecting happens on first use and
+    /// again after any failure, so a Redis that is down at start or goes
+    /// away later is an `unavailable` error, not a dead host.
+    pub fn new(options: &RedisOptions) -> Result<Self, String> {
+        let mut info: redis::ConnectionInfo =
+            redis::IntoConnectionInfo::into_connection_info(options.url.as_str())
+                .map_err(|e| format!("invalid Redis URL {:?}: {e}", options.url))?;
+        if info.redis_settings().password().is_some() {
+            return Err("the Redis URL holds a password; set REDIS_PASSWORD instead".into());
+        }
+        if let Some(password) = &options.password {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client =
+            Client::open(info).map_err(|e| format!("invalid Redis URL {:?}: {e}", options.url))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.op_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(200));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
+        Ok(Self {
+            conn,
+            op_timeout: options.op_timeout,
+            cas: Script::new(CAS_SCRIPT),
+            persist: Script::new(PERSIST_SCRIPT),
+        })
+    }
+
+    /// Runs one operation on a clone of the shared connection, bounded by
+    /// the operation timeout.
+    async fn run<T, F, Fut>(&self, op: F) -> StateResult<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(self.op_timeout, op(self.conn.clone())).await {
+            Ok(result) => result.map_err(map_error),
+            Err(_) => Err(StateError::Unavailable(format!(
+                "Redis did not answer within {} ms",
+                self.op_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// One raw SCAN step: the next cursor and the UTF-8 keys of this batch.
+    async fn scan_step(&self, cursor: u64, pattern: &str) -> StateResult<(u64, Vec<String>)> {
+        let (next, raw): (u64, Vec<Vec<u8>>) = self
+            .run(|mut c| async move {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        // Keys rolehost writes are UTF-8; anything else is not ours.
+        let keys = raw
+            .into_iter()
+            .filter_map(|k| String::from_utf8(k).ok())
+            .collect();
+        Ok((next, keys))
+    }
+}
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    ttl.as_millis().clamp(1, u64::MAX as u128) as u64
+}
+
+/// Sorts Redis failures into the state API's errors.
+fn map_error(error: RedisError) -> StateError {
+    let transient = error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(ServerErrorKind::BusyLoading)
+                | ErrorKind::Server(ServerErrorKind::TryAgain)
+                | ErrorKind::Server(ServerErrorKind::ClusterDown)
+                | ErrorKind::Server(ServerErrorKind::MasterDown)
+        );
+    if transient {
+        return StateError::Unavailable(format!("Redis: {error}"));
+    }
+    let detail = error.detail().unwrap_or_default();
+    if detail.contains("not an integer") || detail.contains("overflow") {
+        return StateError::InvalidArgument(detail.to_owned());
+    }
+    StateError::Internal(format!("Redis: {error}"))
+}
+
+/// Parses a Redis page cursor, `{scan-cursor}:{keys-already-returned}`.
+fn parse_cursor(cursor: Option<&str>) -> StateResult<(u64, usize)> {
+    let Some(cursor) = cursor else {
+        return Ok((0, 0));
+    };
+    cursor
+        .split_once(':')
+        .and_then(|(scan, skip)| Some((scan.parse().ok()?, skip.parse().ok()?)))
+        .ok_or_else(|| StateError::InvalidArgument("invalid cursor".into()))
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
+        self.run(|mut c| async move { c.get(key).await }).await
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()> {
+        self.run(|mut c| async move {
+            match ttl {
+                Some(ttl) => c.pset_ex(key, value, ttl_ms(ttl)).await,
+                None => c.set(key, value).await,
+            }
+        })
+        .await
+    }
+
+    async fn exists(&self, key: &str) -> StateResult<bool> {
+        self.run(|mut c| async move { c.exists(key).await }).await
+    }
+
+    async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await })
+            .await
+    }
+
+    async fn set_many(
+        &self,
+        entries: &[(String, Vec<u8>)],
+        ttl: Option<Duration>,
+    ) -> StateResult<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (key, value) in entries {
+            match ttl {
+                Some(ttl) => pipe.pset_ex(key, value, ttl_ms(ttl)).ignore(),
+                None => pipe.set(key, value).ignore(),
+            };
+        }
+        self.run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> StateResult<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.run(|mut c| async move { c.del(keys).await }).await
+    }
+
+    async fn expiry(&self, key: &str) -> StateResult<Expiry> {
+        let ms: i64 = self.run(|mut c| async move { c.pttl(key).await }).await?;
+        Ok(match ms {
+            -2 => Expiry::Missing,
+            -1 => Expiry::Persistent,
+            ms => Expiry::ExpiresIn(Duration::from_millis(ms.max(0) as u64)),
+        })
+    }
+
+    async fn expire(&self, key: &str, ttl: Option<Duration>) -> StateResult<bool> {
+        match ttl {
+            Some(ttl) => {
+                let ms = ttl_ms(ttl) as i64;
+                self.run(|mut c| async move { c.pexpire(key, ms).await })
+                    .await
+            }
+            None => {
+                let script = &self.persist;
+                self.run(|mut c| async move { script.key(key).invoke_async(&mut c).await })
+                    .await
+            }
+        }
+    }
+
+    async fn scan(
+        &self,
+        pattern: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> StateResult<ScanPage> {
+        // A SCAN batch can hold more keys than the page has room for; the
+        // cursor then records the batch's start and how many of it were
+        // returned, and the next page replays that batch and skips them.
+        let (mut scan_cursor, mut skip) = parse_cursor(cursor)?;
+        let mut keys = Vec::new();
+        for _ in 0..SCAN_STEPS_PER_PAGE {
+            let (next, batch) = self.scan_step(scan_cursor, pattern).await?;
+            let fresh = batch.get(skip..).unwrap_or_default();
+            let room = limit - keys.len();
+            if fresh.len() > room {
+                keys.extend_from_slice(&fresh[..room]);
+                let cursor = Some(format!("{scan_cursor}:{}", skip + room));
+                return Ok(ScanPage { keys, cursor });
+            }
+            keys.extend_from_slice(fresh);
+            skip = 0;
+            if next == 0 {
+                return Ok(ScanPage { keys, cursor: None });
+            }
+            scan_cursor = next;
+            if keys.len() == limit {
+                break;
+            }
+        }
+        Ok(ScanPage {
+            keys,
+            cursor: Some(format!("{scan_cursor}:0")),
+        })
+    }
+
+    async fn increment(&self, key: &str, delta: i64) -> StateResult<i64> {
+        self.run(|mut c| async move { c.incr(key, delta).await })
+            .await
+    }
+
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> StateResult<bool> {
+        self.run(|mut c| async move {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key).arg(value).arg("NX");
+            if let Some(ttl) = ttl {
+                cmd.arg("PX").arg(ttl_ms(ttl));
+            }
+            let reply: Option<String> = cmd.query_async(&mut c).await?;
+            Ok(reply.is_some())
+        })
+        .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> StateResult<bool> {
+        let script = &self.cas;
+        self.run(|mut c| async move {
+            let mut invocation = script.key(key);
+            invocation
+                .arg(if expected.is_some() { "1" } else { "0" })
+                .arg(expected.unwrap_or_default())
+                .arg(if new.is_some() { "1" } else { "0" })
+                .arg(new.unwrap_or_default())
+                .arg(ttl.map(|t| ttl_ms(t).to_string()).unwrap_or_default());
+            invocation.invoke_async(&mut c).await
+        })
+        .await
+    }
+
+    async fn get_and_delete(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
+        self.run(|mut c| async move { c.get_del(key).await }).await
+    }
+
+    async fn delete_matching(&self, pattern: &str) -> StateResult<u64> {
+        // Raw SCAN cursors here: deleting while paging with skip counts
+        // would skip keys.
+        let mut deleted = 0;
+        let mut cursor = 0;
+        loop {
+            let (next, keys) = self.scan_step(cursor, pattern).await?;
+            deleted += self.delete_many(&keys).await?;
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+}

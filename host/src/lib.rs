@@ -1,0 +1,29 @@
+//! rolehost: a WebAssembly plugin host that gives each role a private,
+//! prefixed state API backed by Redis or an embedded store.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! use rolehost::{backend::MemoryBackend, Host, RoleSpec};
+//!
+//! let mut host = Host::new(Arc::new(MemoryBackend::new()), "myapp:")?;
+//! host.load(&RoleSpec::from_path("target/roles/counter.wasm")?)?;
+//! let response = host.call("counter", b"").await?;
+//! assert_eq!(response, b"1");
+//! # Ok(()) }
+//! ```
+
+pub mod backend;
+mod bindings;
+pub mod config;
+pub mod error;
+mod glob;
+pub mod limits;
+pub mod manifest;
+pub mod namespace;
+mod runtime;
+mod state;
+
+pub use error::{CallError, StateError, StateResult};
+pub use limits::RoleLimits;
+pub use runtime::{Host, Role, RoleSpec};

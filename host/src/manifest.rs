@@ -1,0 +1,179 @@
+//! The manifest: which roles to load, under which global prefix, on which
+//! state backend. TOML; relative paths are relative to the manifest file.
+//!
+//! ```toml
+//! global-prefix = "rolehost:"        # default "rolehost:"
+//! state = "redis://127.0.0.1:6379"   # default "memory"
+//!
+//! [redis]                            # optional
+//! connect-timeout-ms = 1000
+//! op-timeout-ms = 2000
+//!
+//! [[roles]]
+//! name = "counter"                   # default: the file stem
+//! wasm = "../target/roles/counter.wasm"
+//! sha256 = "…"                       # optional pin
+//! limits = { max-value-bytes = 65536 }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use serde::Deserialize;
+
+use crate::limits::RoleLimits;
+use crate::runtime::RoleSpec;
+
+/// The global prefix when neither the manifest nor the command line sets one.
+pub const DEFAULT_GLOBAL_PREFIX: &str = "rolehost:";
+
+/// A parsed manifest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Manifest {
+    /// Prefix of every key this deployment writes.
+    #[serde(default = "default_global_prefix")]
+    pub global_prefix: String,
+    /// The state backend URL (`memory`, `redis://…`), if set here.
+    pub state: Option<String>,
+    /// Redis connection settings.
+    #[serde(default)]
+    pub redis: RedisSection,
+    /// The roles, in load order.
+    #[serde(default)]
+    pub roles: Vec<RoleEntry>,
+}
+
+/// `[redis]`: connection settings. Never a password.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RedisSection {
+    /// Longest wait for a connection, in ms.
+    pub connect_timeout_ms: Option<u64>,
+    /// Longest wait for one operation, in ms.
+    pub op_timeout_ms: Option<u64>,
+    /// Present only so a password here gets a clear refusal.
+    password: Option<toml::Value>,
+}
+
+/// One `[[roles]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RoleEntry {
+    /// The role's identity; defaults to the component's file stem.
+    pub name: Option<String>,
+    /// The component file.
+    pub wasm: PathBuf,
+    /// Optional sha256 pin (hex).
+    pub sha256: Option<String>,
+    /// Per-role limits.
+    #[serde(default)]
+    pub limits: RoleLimits,
+}
+
+fn default_global_prefix() -> String {
+    DEFAULT_GLOBAL_PREFIX.to_owned()
+}
+
+impl Manifest {
+    /// Reads and checks a manifest file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read manifest {}", path.display()))?;
+        let mut manifest =
+            Self::parse(&text).with_context(|| format!("bad manifest {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for role in &mut manifest.roles {
+            if role.wasm.is_relative() {
+                role.wasm = base.join(&role.wasm);
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// Parses manifest text; paths stay as written.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let manifest: Manifest =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        if manifest.redis.password.is_some() {
+            bail!("a Redis password in the manifest is refused; set the REDIS_PASSWORD environment variable instead");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for spec in manifest.role_specs()? {
+            if !names.insert(spec.name.clone()) {
+                bail!(
+                    "role `{}` appears twice; role names must be unique",
+                    spec.name
+                );
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// The roles as load specs.
+    pub fn role_specs(&self) -> anyhow::Result<Vec<RoleSpec>> {
+        self.roles
+            .iter()
+            .map(|entry| {
+                let mut spec = RoleSpec::from_path(&entry.wasm)?;
+                if let Some(name) = &entry.name {
+                    spec.name = name.clone();
+                }
+                crate::namespace::validate_identity(&spec.name).map_err(anyhow::Error::msg)?;
+                spec.sha256 = entry.sha256.clone();
+                spec.limits = entry.limits.clone();
+                Ok(spec)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_roles_with_defaults() {
+        let manifest = Manifest::parse(
+            r#"
+            [[roles]]
+            wasm = "roles/counter.wasm"
+            [[roles]]
+            name = "cache"
+            wasm = "roles/session-cache.wasm"
+            limits = { max-value-bytes = 10 }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(manifest.global_prefix, "rolehost:");
+        let specs = manifest.role_specs().unwrap();
+        assert_eq!(specs[0].name, "counter");
+        assert_eq!(specs[1].name, "cache");
+        assert_eq!(specs[1].limits.max_value_bytes, 10);
+        assert_eq!(
+            specs[1].limits.max_key_bytes,
+            RoleLimits::default().max_key_bytes
+        );
+    }
+
+    #[test]
+    fn refuses_a_password_in_the_file() {
+        let err = Manifest::parse("[redis]\npassword = \"hunter2\"\n").unwrap_err();
+        assert!(err.to_string().contains("REDIS_PASSWORD"), "{err}");
+    }
+
+    #[test]
+    fn refuses_duplicate_and_bad_names() {
+        let dup = "[[roles]]\nwasm = \"a.wasm\"\n[[roles]]\nwasm = \"x/a.wasm\"\n";
+        assert!(Manifest::parse(dup)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        let bad = "[[roles]]\nname = \"Bad:Name\"\nwasm = \"a.wasm\"\n";
+        assert!(Manifest::parse(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid role name"));
+        assert!(Manifest::parse("unknown = 1").is_err());
+    }
+}

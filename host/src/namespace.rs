@@ -1,0 +1,195 @@
+//! Role identity → key prefix. The only place that builds full keys.
+//!
+//! Every key rolehost writes is `{global_prefix}{identity}:{space}:{key}`.
+//! An identity is `[a-z0-9][a-z0-9_-]{0,62}`, so it never holds `:` and the
+//! first `:` after the global prefix ends it: no two roles share a prefix.
+//! Guest patterns are appended to the glob-escaped prefix, so they can only
+//! match the role's own keys.
+
+use crate::error::{shown, StateError, StateResult};
+use crate::glob;
+use crate::limits::RoleLimits;
+
+/// Longest global prefix, in bytes.
+const MAX_GLOBAL_PREFIX_BYTES: usize = 64;
+/// Longest identity, in bytes.
+const MAX_IDENTITY_BYTES: usize = 63;
+
+/// Which kind of state a key belongs to; each has its own part of the prefix
+/// so kinds cannot collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// `kv` and `atomics` keys.
+    Kv,
+}
+
+impl Space {
+    fn tag(self) -> &'static str {
+        match self {
+            Space::Kv => "kv",
+        }
+    }
+}
+
+/// Checks a role identity: `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn validate_identity(identity: &str) -> Result<(), String> {
+    let bytes = identity.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= MAX_IDENTITY_BYTES
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid role name {identity:?}: use 1 to {MAX_IDENTITY_BYTES} characters of a-z, 0-9, `_` and `-`, starting with a letter or digit"
+        ))
+    }
+}
+
+/// Checks a deployment's global prefix: at most 64 bytes, no control
+/// characters, no whitespace.
+pub fn validate_global_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.len() > MAX_GLOBAL_PREFIX_BYTES
+        || prefix.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(format!(
+            "invalid global prefix {prefix:?}: at most {MAX_GLOBAL_PREFIX_BYTES} bytes, no spaces or control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// One role's part of the key space.
+#[derive(Debug, Clone)]
+pub struct Namespace {
+    /// `{global_prefix}{identity}:`
+    prefix: String,
+    max_key_bytes: usize,
+}
+
+impl Namespace {
+    /// The namespace of `identity` under `global_prefix`. Both must already
+    /// be valid ([`validate_identity`], [`validate_global_prefix`]).
+    pub fn new(global_prefix: &str, identity: &str, limits: &RoleLimits) -> Self {
+        debug_assert!(validate_identity(identity).is_ok());
+        Self {
+            prefix: format!("{global_prefix}{identity}:"),
+            max_key_bytes: limits.max_key_bytes,
+        }
+    }
+
+    /// The prefix every key of `space` starts with.
+    pub fn space_prefix(&self, space: Space) -> String {
+        format!("{}{}:", self.prefix, space.tag())
+    }
+
+    /// The full key for a guest's local `key`, after checking it: not empty,
+    /// at most the role's key limit, no control characters.
+    pub fn key(&self, space: Space, key: &str) -> StateResult<String> {
+        if key.is_empty() {
+            return Err(StateError::InvalidKey("empty key".into()));
+        }
+        if key.len() > self.max_key_bytes {
+            return Err(StateError::InvalidKey(format!(
+                "key {} is longer than {} bytes",
+                shown(key),
+                self.max_key_bytes
+            )));
+        }
+        if key.chars().any(char::is_control) {
+            return Err(StateError::InvalidKey(format!(
+                "key {} contains a control character",
+                shown(key)
+            )));
+        }
+        Ok(format!("{}{key}", self.space_prefix(space)))
+    }
+
+    /// A glob pattern confined to the space: the escaped prefix followed by
+    /// the guest's pattern over local keys (none: every key).
+    pub fn pattern(&self, space: Space, local: Option<&str>) -> StateResult<String> {
+        let local = local.unwrap_or("*");
+        if local.len() > self.max_key_bytes {
+            return Err(StateError::InvalidKey(format!(
+                "pattern is longer than {} bytes",
+                self.max_key_bytes
+            )));
+        }
+        glob::validate(local)?;
+        Ok(format!(
+            "{}{local}",
+            glob::escape(&self.space_prefix(space))
+        ))
+    }
+
+    /// The local part of a full key of this space; none for a key outside it.
+    pub fn local<'a>(&self, space: Space, full: &'a str) -> Option<&'a str> {
+        full.strip_prefix(&self.prefix)?
+            .strip_prefix(space.tag())?
+            .strip_prefix(':')
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(identity: &str) -> Namespace {
+        Namespace::new("app[1]:", identity, &RoleLimits::default())
+    }
+
+    #[test]
+    fn keys_carry_the_documented_prefix() {
+        assert_eq!(
+            ns("counter").key(Space::Kv, "count").unwrap(),
+            "app[1]:counter:kv:count"
+        );
+        let full = ns("counter").key(Space::Kv, "a:b*").unwrap();
+        assert_eq!(ns("counter").local(Space::Kv, &full), Some("a:b*"));
+        assert_eq!(ns("other").local(Space::Kv, &full), None);
+    }
+
+    #[test]
+    fn patterns_stay_inside_the_prefix() {
+        let a = ns("a");
+        for local in ["*", "*:*", "[a-z]*", "\\*", "..", "b:kv:*"] {
+            let pattern = a.pattern(Space::Kv, Some(local)).unwrap();
+            assert!(pattern.starts_with("app\\[1\\]:a:kv:"), "{pattern}");
+            assert!(!glob::matches(&pattern, "app[1]:b:kv:x"));
+            assert!(!glob::matches(&pattern, "app1:a:kv:x"));
+        }
+        assert!(glob::matches(
+            &a.pattern(Space::Kv, None).unwrap(),
+            "app[1]:a:kv:x"
+        ));
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        let a = ns("a");
+        assert!(matches!(
+            a.key(Space::Kv, ""),
+            Err(StateError::InvalidKey(_))
+        ));
+        assert!(matches!(
+            a.key(Space::Kv, "x\ny"),
+            Err(StateError::InvalidKey(_))
+        ));
+        let long = "k".repeat(1 << 20);
+        let err = a.key(Space::Kv, &long).unwrap_err();
+        assert!(err.to_string().len() < 200, "{err}");
+    }
+
+    #[test]
+    fn identities_follow_the_rule() {
+        for good in ["a", "counter", "session-cache", "r2_d2", "0abc"] {
+            validate_identity(good).unwrap();
+        }
+        for bad in ["", "Counter", "-a", "a:b", "a*", "a.b", &"a".repeat(64)] {
+            assert!(validate_identity(bad).is_err(), "{bad:?}");
+        }
+    }
+}

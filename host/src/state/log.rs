@@ -1,0 +1,210 @@
+//! `rolehost:state/log`, and the role's stdout and stderr: every line goes
+//! to the host log tagged with the role, within a per-call byte budget.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::AsyncWrite;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+use super::CallCtx;
+use crate::bindings::log::{Host, Level};
+
+/// Longest line kept from stdout or stderr before it is cut.
+const MAX_LINE_BYTES: usize = 8 << 10;
+
+/// The log of one call: counts bytes against the role's budget and emits
+/// lines to `tracing`. Cheap to clone; clones share the budget.
+#[derive(Clone)]
+pub struct CallLog(Arc<Mutex<LogState>>);
+
+struct LogState {
+    role: Arc<str>,
+    budget: usize,
+    dropped: usize,
+    partial: [Vec<u8>; 2],
+}
+
+/// Where a stream line came from.
+#[derive(Clone, Copy)]
+pub(crate) enum Stream {
+    Stdout = 0,
+    Stderr = 1,
+}
+
+impl CallLog {
+    /// A log for one call of `role` that keeps at most `budget` bytes.
+    pub fn new(role: &str, budget: usize) -> Self {
+        Self(Arc::new(Mutex::new(LogState {
+            role: role.into(),
+            budget,
+            dropped: 0,
+            partial: [Vec::new(), Vec::new()],
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn line(&self, level: Level, message: &str) {
+        let mut state = self.state();
+        if !state.take(message.len()) {
+            return;
+        }
+        emit(&state.role, level, message);
+    }
+
+    /// A stdout or stderr sink for the WASI context.
+    pub(crate) fn sink(&self, stream: Stream) -> LogSink {
+        LogSink {
+            log: self.clone(),
+            stream,
+        }
+    }
+
+    fn write(&self, stream: Stream, mut bytes: &[u8]) {
+        let mut state = self.state();
+        let level = match stream {
+            Stream::Stdout => Level::Info,
+            Stream::Stderr => Level::Warn,
+        };
+        while !bytes.is_empty() {
+            let (chunk, rest, complete) = match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => (&bytes[..i], &bytes[i + 1..], true),
+                None => (bytes, &[][..], false),
+            };
+            bytes = rest;
+            if !state.take(chunk.len()) {
+                return;
+            }
+            let partial = &mut state.partial[stream as usize];
+            let room = MAX_LINE_BYTES.saturating_sub(partial.len());
+            partial.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if complete || partial.len() >= MAX_LINE_BYTES {
+                let line = std::mem::take(partial);
+                emit(&state.role, level, &String::from_utf8_lossy(&line));
+            }
+        }
+    }
+
+    /// Emits unfinished lines and says how much was dropped; call once the
+    /// call is over.
+    pub fn finish(&self) {
+        let mut state = self.state();
+        for (i, level) in [(0, Level::Info), (1, Level::Warn)] {
+            let line = std::mem::take(&mut state.partial[i]);
+            if !line.is_empty() {
+                emit(&state.role, level, &String::from_utf8_lossy(&line));
+            }
+        }
+        if state.dropped > 0 {
+            tracing::warn!(role = %state.role, dropped_bytes = state.dropped, "role log over its budget; lines dropped");
+        }
+    }
+}
+
+impl LogState {
+    /// Takes `len` bytes from the budget; false (and counted as dropped)
+    /// when the budget is spent.
+    fn take(&mut self, len: usize) -> bool {
+        if len > self.budget {
+            self.budget = 0;
+            self.dropped += len;
+            return false;
+        }
+        self.budget -= len;
+        true
+    }
+}
+
+fn emit(role: &str, level: Level, message: &str) {
+    match level {
+        Level::Trace => tracing::trace!(target: "role", role, "{message}"),
+        Level::Debug => tracing::debug!(target: "role", role, "{message}"),
+        Level::Info => tracing::info!(target: "role", role, "{message}"),
+        Level::Warn => tracing::warn!(target: "role", role, "{message}"),
+        Level::Error => tracing::error!(target: "role", role, "{message}"),
+    }
+}
+
+impl Host for CallCtx {
+    async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        self.log.line(level, &message);
+        Ok(())
+    }
+}
+
+/// The role's stdout or stderr. Never fails and never blocks: past the
+/// budget, output is dropped rather than failing the guest's write.
+pub(crate) struct LogSink {
+    log: CallLog,
+    stream: Stream,
+}
+
+impl IsTerminal for LogSink {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogSink {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(LogSink {
+            log: self.log.clone(),
+            stream: self.stream,
+        })
+    }
+
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(LogSink {
+            log: self.log.clone(),
+            stream: self.stream,
+        })
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for LogSink {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for LogSink {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.log.write(self.stream, &bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 << 10)
+    }
+}
+
+impl AsyncWrite for LogSink {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.log.write(self.stream, buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
