@@ -13,4 +13,4 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use rolehost::state::{kv, log, types};
+pub use self::rolehost::state::{atomics, kv, log, types};

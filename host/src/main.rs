@@ -1,6 +1,6 @@
 //! The `rolehost` command: thin over the library.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use rolehost::backend::Expiry;
 use rolehost::config::{StateConfig, STATE_ENV};
-use rolehost::manifest::{Manifest, RedisSection, DEFAULT_GLOBAL_PREFIX};
+use rolehost::manifest::{Manifest, DEFAULT_GLOBAL_PREFIX};
 use rolehost::namespace::{Namespace, Space};
 use rolehost::{Host, RoleSpec};
 
@@ -78,6 +78,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -178,9 +179,7 @@ fn state(common: &Common, manifest: Option<&Manifest>) -> anyhow::Result<StateCo
         .clone()
         .or_else(|| manifest.and_then(|m| m.state.clone()))
         .unwrap_or_else(|| "memory".to_owned());
-    let redis = manifest
-        .map(|m| m.redis.clone())
-        .unwrap_or_else(RedisSection::default);
+    let redis = manifest.map(|m| m.redis.clone()).unwrap_or_default();
     StateConfig::parse(&url, &redis)
 }
 

@@ -227,10 +227,11 @@ impl Host {
                 return Err(deadline_exceeded())
             }
             Ok(Err(trap)) => {
+                tracing::debug!(role = %role.info.name, "trap: {trap:?}");
                 return Err(CallError::Trap {
                     role: role.info.name.clone(),
-                    message: format!("{trap:?}"),
-                })
+                    message: trap_summary(&trap),
+                });
             }
             Ok(Ok(Err(error))) => {
                 return Err(CallError::Role {
@@ -271,6 +272,18 @@ fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> anyhow::Result<(
         })
         .context("cannot start the epoch thread")?;
     Ok(())
+}
+
+/// One line saying why a call trapped; the backtrace goes to the debug log.
+fn trap_summary(error: &wasmtime::Error) -> String {
+    match error.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{error:#}")
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    }
 }
 
 fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {

@@ -4,7 +4,7 @@
 use wasmtime::component::Resource;
 
 use super::{ttl, CallCtx};
-use crate::bindings::rolehost::state::atomics::Host;
+use crate::bindings::atomics::Host;
 use crate::error::StateResult;
 use crate::state::kv::Bucket;
 

@@ -89,7 +89,9 @@ impl CallLog {
             partial.extend_from_slice(&chunk[..chunk.len().min(room)]);
             if complete || partial.len() >= MAX_LINE_BYTES {
                 let line = std::mem::take(partial);
-                emit(&state.role, level, &String::from_utf8_lossy(&line));
+                if !line.is_empty() {
+                    emit(&state.role, level, &String::from_utf8_lossy(&line));
+                }
             }
         }
     }

@@ -1,0 +1,392 @@
+//! One conformance suite, run against every backend: each operation, TTL
+//! expiry observed, and atomics under concurrent callers.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rolehost::backend::{Backend, Expiry};
+use rolehost::StateError;
+use rolehost_tests::on_both_backends;
+
+on_both_backends!(
+    get_set_exists_delete,
+    binary_values_round_trip,
+    ttl_expires_keys,
+    batch_operations,
+    expire_and_persist,
+    scan_pages_through_every_match_once,
+    scan_respects_patterns,
+    delete_matching_clears_only_matches,
+    increment_semantics,
+    set_if_absent_and_get_and_delete,
+    compare_and_swap_branches,
+    concurrent_increments_are_exact,
+    concurrent_set_if_absent_has_one_winner,
+    concurrent_compare_and_swap_loses_no_update,
+);
+
+async fn get_set_exists_delete(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}k");
+    assert_eq!(b.get(&k).await.unwrap(), None);
+    assert!(!b.exists(&k).await.unwrap());
+    b.set(&k, b"v1", None).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v1"[..]));
+    assert!(b.exists(&k).await.unwrap());
+    b.set(&k, b"v2", None).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v2"[..]));
+    assert_eq!(b.delete_many(std::slice::from_ref(&k)).await.unwrap(), 1);
+    assert_eq!(b.delete_many(std::slice::from_ref(&k)).await.unwrap(), 0);
+    assert_eq!(b.get(&k).await.unwrap(), None);
+}
+
+async fn binary_values_round_trip(b: Arc<dyn Backend>, p: String) {
+    let value: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+    let k = format!("{p}embedding");
+    b.set(&k, &value, None).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap(), Some(value.clone()));
+    b.set(&k, b"", None).await.unwrap();
+    assert_eq!(
+        b.get(&k).await.unwrap(),
+        Some(Vec::new()),
+        "empty value is not absence"
+    );
+}
+
+async fn ttl_expires_keys(b: Arc<dyn Backend>, p: String) {
+    let (short, long) = (format!("{p}short"), format!("{p}long"));
+    b.set(&short, b"x", Some(Duration::from_millis(150)))
+        .await
+        .unwrap();
+    b.set(&long, b"y", Some(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    match b.expiry(&short).await.unwrap() {
+        Expiry::ExpiresIn(left) => assert!(left <= Duration::from_millis(150)),
+        other => panic!("expected a TTL, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.get(&short).await.unwrap(), None);
+    assert!(!b.exists(&short).await.unwrap());
+    assert_eq!(b.expiry(&short).await.unwrap(), Expiry::Missing);
+    assert_eq!(b.get(&long).await.unwrap().as_deref(), Some(&b"y"[..]));
+    // An expired key is not listed either.
+    let page = b.scan(&format!("{p}*"), None, 100).await.unwrap();
+    assert_eq!(page.keys, vec![long.clone()]);
+    // Overwriting without a TTL makes the key persistent.
+    b.set(&long, b"z", None).await.unwrap();
+    assert_eq!(b.expiry(&long).await.unwrap(), Expiry::Persistent);
+}
+
+async fn batch_operations(b: Arc<dyn Backend>, p: String) {
+    let keys: Vec<String> = (0..5).map(|i| format!("{p}k{i}")).collect();
+    let entries: Vec<(String, Vec<u8>)> = keys
+        .iter()
+        .map(|k| (k.clone(), k.as_bytes().to_vec()))
+        .collect();
+    b.set_many(&entries[..3], None).await.unwrap();
+    b.set_many(&entries[3..], Some(Duration::from_millis(150)))
+        .await
+        .unwrap();
+    let values = b.get_many(&keys).await.unwrap();
+    assert_eq!(values.len(), 5);
+    for (key, value) in keys.iter().zip(&values) {
+        assert_eq!(value.as_deref(), Some(key.as_bytes()));
+    }
+    assert!(matches!(
+        b.expiry(&keys[4]).await.unwrap(),
+        Expiry::ExpiresIn(_)
+    ));
+    assert_eq!(b.expiry(&keys[0]).await.unwrap(), Expiry::Persistent);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let values = b.get_many(&keys).await.unwrap();
+    assert_eq!(values.iter().filter(|v| v.is_some()).count(), 3);
+    let missing = format!("{p}missing");
+    assert_eq!(
+        b.delete_many(&[keys[0].clone(), keys[1].clone(), missing])
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        b.get_many(&[]).await.unwrap(),
+        Vec::<Option<Vec<u8>>>::new()
+    );
+    b.set_many(&[], None).await.unwrap();
+    assert_eq!(b.delete_many(&[]).await.unwrap(), 0);
+}
+
+async fn expire_and_persist(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}k");
+    assert!(!b.expire(&k, Some(Duration::from_secs(5))).await.unwrap());
+    assert!(!b.expire(&k, None).await.unwrap());
+    b.set(&k, b"v", None).await.unwrap();
+    assert!(
+        b.expire(&k, None).await.unwrap(),
+        "persist of an existing key without TTL"
+    );
+    assert!(b.expire(&k, Some(Duration::from_secs(5))).await.unwrap());
+    match b.expiry(&k).await.unwrap() {
+        Expiry::ExpiresIn(left) => {
+            assert!(left > Duration::from_secs(3) && left <= Duration::from_secs(5))
+        }
+        other => panic!("expected a TTL, got {other:?}"),
+    }
+    assert!(b.expire(&k, None).await.unwrap());
+    assert_eq!(b.expiry(&k).await.unwrap(), Expiry::Persistent);
+    assert!(b
+        .expire(&k, Some(Duration::from_millis(100)))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(b.get(&k).await.unwrap(), None);
+}
+
+/// Pages of every size, including ones smaller than a Redis SCAN batch, so
+/// the cursor must resume inside a batch.
+async fn scan_pages_through_every_match_once(b: Arc<dyn Backend>, p: String) {
+    let expected: BTreeSet<String> = (0..600).map(|i| format!("{p}item:{i:04}")).collect();
+    let entries: Vec<(String, Vec<u8>)> = expected
+        .iter()
+        .map(|k| (k.clone(), b"1".to_vec()))
+        .collect();
+    b.set_many(&entries, None).await.unwrap();
+    b.set(&format!("{p}other"), b"1", None).await.unwrap();
+    for limit in [1, 7, 100, 1000] {
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let page = b
+                .scan(&format!("{p}item:*"), cursor.as_deref(), limit)
+                .await
+                .unwrap();
+            assert!(
+                page.keys.len() <= limit,
+                "page of {} over limit {limit}",
+                page.keys.len()
+            );
+            if let Some(c) = &page.cursor {
+                assert!(!c.contains(&p), "cursor {c:?} shows the prefix");
+            }
+            seen.extend(page.keys);
+            pages += 1;
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+            assert!(pages < 10_000, "scan does not end");
+        }
+        let unique: BTreeSet<String> = seen.iter().cloned().collect();
+        assert_eq!(unique.len(), seen.len(), "limit {limit}: a key came twice");
+        assert_eq!(unique, expected, "limit {limit}");
+    }
+}
+
+async fn scan_respects_patterns(b: Arc<dyn Backend>, p: String) {
+    for k in ["a1", "a2", "b1", "ab", "*", "x:y", "A1"] {
+        b.set(&format!("{p}{k}"), b"1", None).await.unwrap();
+    }
+    let list = |pattern: &'static str| {
+        let (b, p) = (b.clone(), p.clone());
+        async move {
+            let page = b.scan(&format!("{p}{pattern}"), None, 100).await.unwrap();
+            let mut keys: Vec<String> = page.keys.iter().map(|k| k[p.len()..].to_owned()).collect();
+            keys.sort();
+            keys
+        }
+    };
+    assert_eq!(list("a*").await, ["a1", "a2", "ab"]);
+    assert_eq!(list("?1").await, ["A1", "a1", "b1"]);
+    assert_eq!(list("[a-b]1").await, ["a1", "b1"]);
+    assert_eq!(list("[^a]1").await, ["A1", "b1"]);
+    assert_eq!(list("\\*").await, ["*"]);
+    assert_eq!(list("*:*").await, ["x:y"]);
+    assert!(list("zzz*").await.is_empty());
+}
+
+async fn delete_matching_clears_only_matches(b: Arc<dyn Backend>, p: String) {
+    let entries: Vec<(String, Vec<u8>)> = (0..700)
+        .map(|i| (format!("{p}gone:{i}"), b"1".to_vec()))
+        .collect();
+    b.set_many(&entries, None).await.unwrap();
+    b.set(&format!("{p}kept"), b"1", None).await.unwrap();
+    assert_eq!(b.delete_matching(&format!("{p}gone:*")).await.unwrap(), 700);
+    let left = b.scan(&format!("{p}*"), None, 1000).await.unwrap();
+    assert_eq!(left.keys, vec![format!("{p}kept")]);
+}
+
+async fn increment_semantics(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}n");
+    assert_eq!(b.increment(&k, 5).await.unwrap(), 5);
+    assert_eq!(b.increment(&k, -7).await.unwrap(), -2);
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"-2"[..]));
+    // The TTL survives an increment.
+    b.expire(&k, Some(Duration::from_secs(30))).await.unwrap();
+    b.increment(&k, 1).await.unwrap();
+    assert!(matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)));
+    let text = format!("{p}text");
+    b.set(&text, b"ten", None).await.unwrap();
+    assert!(matches!(
+        b.increment(&text, 1).await,
+        Err(StateError::InvalidArgument(_))
+    ));
+    let max = format!("{p}max");
+    b.set(&max, i64::MAX.to_string().as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        b.increment(&max, 1).await,
+        Err(StateError::InvalidArgument(_))
+    ));
+    assert_eq!(
+        b.get(&max).await.unwrap(),
+        Some(i64::MAX.to_string().into_bytes()),
+        "failed increment changed nothing"
+    );
+}
+
+async fn set_if_absent_and_get_and_delete(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}k");
+    assert!(b
+        .set_if_absent(&k, b"first", Some(Duration::from_millis(150)))
+        .await
+        .unwrap());
+    assert!(!b.set_if_absent(&k, b"second", None).await.unwrap());
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"first"[..]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        b.set_if_absent(&k, b"third", None).await.unwrap(),
+        "expired key counts as absent"
+    );
+    assert_eq!(
+        b.get_and_delete(&k).await.unwrap().as_deref(),
+        Some(&b"third"[..])
+    );
+    assert_eq!(b.get_and_delete(&k).await.unwrap(), None);
+    assert!(!b.exists(&k).await.unwrap());
+}
+
+async fn compare_and_swap_branches(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}k");
+    // absent → value
+    assert!(!b
+        .compare_and_swap(&k, Some(b"x"), Some(b"y"), None)
+        .await
+        .unwrap());
+    assert!(b
+        .compare_and_swap(&k, None, Some(b"v1"), None)
+        .await
+        .unwrap());
+    assert!(!b
+        .compare_and_swap(&k, None, Some(b"v2"), None)
+        .await
+        .unwrap());
+    // value → value, with TTL
+    assert!(!b
+        .compare_and_swap(&k, Some(b"wrong"), Some(b"v2"), None)
+        .await
+        .unwrap());
+    assert!(b
+        .compare_and_swap(&k, Some(b"v1"), Some(b"v2"), Some(Duration::from_secs(30)))
+        .await
+        .unwrap());
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v2"[..]));
+    assert!(matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)));
+    // value → delete
+    assert!(b
+        .compare_and_swap(&k, Some(b"v2"), None, None)
+        .await
+        .unwrap());
+    assert!(!b.exists(&k).await.unwrap());
+    // binary and empty values compare exactly
+    assert!(b.compare_and_swap(&k, None, Some(b""), None).await.unwrap());
+    assert!(
+        !b.compare_and_swap(&k, None, Some(b"x"), None)
+            .await
+            .unwrap(),
+        "empty value is present"
+    );
+    assert!(b
+        .compare_and_swap(&k, Some(b""), Some(&[0, 255]), None)
+        .await
+        .unwrap());
+    assert!(b
+        .compare_and_swap(&k, Some(&[0, 255]), None, None)
+        .await
+        .unwrap());
+}
+
+const TASKS: usize = 8;
+
+async fn concurrent_increments_are_exact(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}counter");
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let (b, k) = (b.clone(), k.clone());
+            tokio::spawn(async move {
+                for _ in 0..100 {
+                    b.increment(&k, 1).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(b.get(&k).await.unwrap(), Some(b"800".to_vec()));
+}
+
+async fn concurrent_set_if_absent_has_one_winner(b: Arc<dyn Backend>, p: String) {
+    for round in 0..20 {
+        let k = format!("{p}lock{round}");
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|i| {
+                let (b, k) = (b.clone(), k.clone());
+                tokio::spawn(async move {
+                    b.set_if_absent(&k, i.to_string().as_bytes(), None)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for task in tasks {
+            winners += task.await.unwrap() as usize;
+        }
+        assert_eq!(winners, 1, "round {round}");
+    }
+}
+
+async fn concurrent_compare_and_swap_loses_no_update(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}cas");
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let (b, k) = (b.clone(), k.clone());
+            tokio::spawn(async move {
+                for _ in 0..25 {
+                    loop {
+                        let old = b.get(&k).await.unwrap();
+                        let n: u64 = old
+                            .as_deref()
+                            .map_or(0, |v| std::str::from_utf8(v).unwrap().parse().unwrap());
+                        let new = (n + 1).to_string();
+                        if b.compare_and_swap(&k, old.as_deref(), Some(new.as_bytes()), None)
+                            .await
+                            .unwrap()
+                        {
+                            break;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        b.get(&k).await.unwrap(),
+        Some((TASKS * 25).to_string().into_bytes())
+    );
+}
