@@ -258,9 +258,13 @@ fn unreachable_redis_and_traps_fail_the_call_not_the_host() {
     let probe = role_path("kvprobe");
     let out = rolehost(&["run", probe.to_str().unwrap(), r#"{"op":"panic"}"#]);
     assert_fails_with(&out, "trapped");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let logged = stderr
+        .lines()
+        .find(|l| l.contains("kvprobe was asked to panic"));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("kvprobe was asked to panic"),
-        "the guest's panic message is logged"
+        logged.is_some_and(|l| l.contains("role=\"kvprobe\"")),
+        "the guest's stderr is logged with its role: {stderr}"
     );
 }
 
