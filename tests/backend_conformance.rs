@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rolehost::backend::{Backend, Expiry};
+use rolehost::backend::{Backend, Expiry, RateDecision};
 use rolehost::StateError;
 use rolehost_tests::on_both_backends;
 
@@ -24,6 +24,13 @@ on_both_backends!(
     concurrent_increments_are_exact,
     concurrent_set_if_absent_has_one_winner,
     concurrent_compare_and_swap_loses_no_update,
+    hash_reads_and_atomic_writes,
+    hash_increments,
+    hash_compare_and_set_branches,
+    locks_fence_and_expire,
+    concurrent_lock_acquire_has_one_winner,
+    rate_limit_admits_the_limit_then_refills,
+    concurrent_rate_checks_admit_exactly_the_limit,
 );
 
 async fn get_set_exists_delete(b: Arc<dyn Backend>, p: String) {
@@ -389,4 +396,253 @@ async fn concurrent_compare_and_swap_loses_no_update(b: Arc<dyn Backend>, p: Str
         b.get(&k).await.unwrap(),
         Some((TASKS * 25).to_string().into_bytes())
     );
+}
+
+fn fields(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+    pairs
+        .iter()
+        .map(|(f, v)| (f.to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+async fn hash_reads_and_atomic_writes(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}subject");
+    assert_eq!(b.hash_get(&k, "pname").await.unwrap(), None);
+    assert!(b.hash_get_all(&k).await.unwrap().is_empty());
+    b.hash_apply(
+        &k,
+        &fields(&[("pname", "\"ada\""), ("page", "36"), ("elogin", "1")]),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        b.hash_get(&k, "page").await.unwrap().as_deref(),
+        Some(&b"36"[..])
+    );
+    b.hash_apply(
+        &k,
+        &fields(&[("page", "37")]),
+        &["elogin".to_owned(), "pmissing".to_owned()],
+    )
+    .await
+    .unwrap();
+    let mut all = b.hash_get_all(&k).await.unwrap();
+    all.sort();
+    assert_eq!(all, fields(&[("page", "37"), ("pname", "\"ada\"")]));
+    // The TTL survives writes; removing the last field deletes the hash.
+    assert!(b.expire(&k, Some(Duration::from_secs(30))).await.unwrap());
+    b.hash_apply(&k, &fields(&[("page", "38")]), &[])
+        .await
+        .unwrap();
+    assert!(matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)));
+    b.hash_apply(&k, &[], &["page".to_owned(), "pname".to_owned()])
+        .await
+        .unwrap();
+    assert!(!b.exists(&k).await.unwrap());
+    b.hash_apply(&k, &[], &[]).await.unwrap();
+    assert!(!b.exists(&k).await.unwrap());
+}
+
+async fn hash_increments(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}subject");
+    assert_eq!(b.hash_increment(&k, "pn", 3).await.unwrap(), 3);
+    assert_eq!(b.hash_increment(&k, "pn", -5).await.unwrap(), -2);
+    assert_eq!(b.hash_increment_float(&k, "pf", 1.5).await.unwrap(), 1.5);
+    assert_eq!(b.hash_increment_float(&k, "pf", 2.25).await.unwrap(), 3.75);
+    assert_eq!(
+        b.hash_get(&k, "pf").await.unwrap().as_deref(),
+        Some(&b"3.75"[..])
+    );
+    assert_eq!(b.hash_increment_float(&k, "pn", 0.5).await.unwrap(), -1.5);
+    assert_eq!(b.hash_increment_float(&k, "pw", 2.0).await.unwrap(), 2.0);
+    assert_eq!(
+        b.hash_get(&k, "pw").await.unwrap().as_deref(),
+        Some(&b"2"[..]),
+        "whole floats stored as integers"
+    );
+    b.hash_apply(&k, &fields(&[("ptext", "\"x\"")]), &[])
+        .await
+        .unwrap();
+    assert!(matches!(
+        b.hash_increment(&k, "ptext", 1).await,
+        Err(StateError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        b.hash_increment(&k, "pf", 1).await,
+        Err(StateError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        b.hash_increment_float(&k, "ptext", 1.0).await,
+        Err(StateError::InvalidArgument(_))
+    ));
+    // A failed increment on a new hash leaves nothing behind.
+    let fresh = format!("{p}fresh");
+    b.set(&format!("{p}other"), b"1", None).await.unwrap();
+    assert_eq!(b.hash_increment(&fresh, "pn", 1).await.unwrap(), 1);
+}
+
+async fn hash_compare_and_set_branches(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}subject");
+    assert!(!b
+        .hash_compare_and_set(&k, "pa", Some(b"1"), Some(b"2"))
+        .await
+        .unwrap());
+    assert!(b
+        .hash_compare_and_set(&k, "pa", None, Some(b"1"))
+        .await
+        .unwrap());
+    assert!(!b
+        .hash_compare_and_set(&k, "pa", None, Some(b"9"))
+        .await
+        .unwrap());
+    assert!(b
+        .hash_compare_and_set(&k, "pa", Some(b"1"), Some(b"2"))
+        .await
+        .unwrap());
+    assert_eq!(
+        b.hash_get(&k, "pa").await.unwrap().as_deref(),
+        Some(&b"2"[..])
+    );
+    assert!(b
+        .hash_compare_and_set(&k, "pa", Some(b"2"), None)
+        .await
+        .unwrap());
+    assert!(
+        !b.exists(&k).await.unwrap(),
+        "the last field removed deletes the hash"
+    );
+}
+
+async fn locks_fence_and_expire(b: Arc<dyn Backend>, p: String) {
+    let (lock, fence) = (format!("{p}lock"), format!("{p}fence"));
+    let ttl = Duration::from_millis(150);
+    assert_eq!(
+        b.lock_acquire(&lock, &fence, "a", ttl).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(b.lock_acquire(&lock, &fence, "b", ttl).await.unwrap(), None);
+    assert!(!b
+        .expire_if_equal(&lock, b"b", Duration::from_secs(5))
+        .await
+        .unwrap());
+    assert!(b
+        .expire_if_equal(&lock, b"a", Duration::from_millis(150))
+        .await
+        .unwrap());
+    assert!(
+        !b.compare_and_swap(&lock, Some(b"b"), None, None)
+            .await
+            .unwrap(),
+        "non-owner release"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.lock_acquire(&lock, &fence, "b", Duration::from_secs(5))
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    assert!(
+        !b.compare_and_swap(&lock, Some(b"a"), None, None)
+            .await
+            .unwrap(),
+        "stale owner release"
+    );
+    assert!(
+        !b.expire_if_equal(&lock, b"a", Duration::from_secs(5))
+            .await
+            .unwrap(),
+        "stale owner extend"
+    );
+    assert!(b
+        .compare_and_swap(&lock, Some(b"b"), None, None)
+        .await
+        .unwrap());
+    assert_eq!(
+        b.lock_acquire(&lock, &fence, "c", ttl).await.unwrap(),
+        Some(3)
+    );
+}
+
+async fn concurrent_lock_acquire_has_one_winner(b: Arc<dyn Backend>, p: String) {
+    let (lock, fence) = (format!("{p}lock"), format!("{p}fence"));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let (b, lock, fence) = (b.clone(), lock.clone(), fence.clone());
+            tokio::spawn(async move {
+                b.lock_acquire(&lock, &fence, &i.to_string(), Duration::from_secs(5))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for task in tasks {
+        tokens.extend(task.await.unwrap());
+    }
+    assert_eq!(tokens, vec![1]);
+}
+
+async fn rate_limit_admits_the_limit_then_refills(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}rate");
+    let hour = Duration::from_secs(3600);
+    let check = |cost| {
+        let (b, k) = (b.clone(), k.clone());
+        async move { b.rate_check(&k, 3, hour, cost).await.unwrap() }
+    };
+    let remaining: Vec<u64> = [check(1).await, check(1).await, check(1).await]
+        .iter()
+        .map(|d| d.remaining)
+        .collect();
+    assert_eq!(remaining, [2, 1, 0]);
+    let denied: RateDecision = check(1).await;
+    assert!(!denied.allowed);
+    assert_eq!(denied.remaining, 0);
+    assert!(
+        denied.retry_after > Duration::ZERO && denied.retry_after <= hour / 3,
+        "{denied:?}"
+    );
+    assert!(
+        denied.reset_after <= hour && denied.reset_after > hour - Duration::from_secs(60),
+        "{denied:?}"
+    );
+    let look = check(0).await;
+    assert_eq!(look.remaining, 0, "cost 0 only looks");
+    // A short window refills smoothly: one unit every 100 ms.
+    let k2 = format!("{p}fast");
+    let window = Duration::from_millis(200);
+    assert!(b.rate_check(&k2, 2, window, 2).await.unwrap().allowed);
+    assert!(!b.rate_check(&k2, 2, window, 1).await.unwrap().allowed);
+    tokio::time::sleep(Duration::from_millis(130)).await;
+    let refilled = b.rate_check(&k2, 2, window, 1).await.unwrap();
+    assert!(refilled.allowed, "{refilled:?}");
+    // The limiter's key expires once it is full again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b.exists(&k2).await.unwrap());
+}
+
+async fn concurrent_rate_checks_admit_exactly_the_limit(b: Arc<dyn Backend>, p: String) {
+    let k = format!("{p}rate");
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let (b, k) = (b.clone(), k.clone());
+            tokio::spawn(async move {
+                let mut allowed = 0;
+                for _ in 0..25 {
+                    allowed += b
+                        .rate_check(&k, 50, Duration::from_secs(3600), 1)
+                        .await
+                        .unwrap()
+                        .allowed as u64;
+                }
+                allowed
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += task.await.unwrap();
+    }
+    assert_eq!(allowed, 50, "200 checks against a limit of 50");
 }

@@ -46,7 +46,7 @@ pub mod bindings {
     });
 }
 
-use bindings::rolehost::state::{atomics, kv, log as wit_log, types};
+use bindings::rolehost::state::{atomics, kv, limits, locks, log as wit_log, subjects, types};
 
 /// What a state call or a handler can fail with. Mirrors the WIT `error`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +63,8 @@ pub enum Error {
     QuotaExceeded(String),
     /// The backend is unreachable right now; retrying later may help.
     Unavailable(String),
+    /// An optimistic update kept losing to concurrent writers.
+    Conflict(String),
     /// Anything else.
     Internal(String),
 }
@@ -70,7 +72,10 @@ pub enum Error {
 impl Error {
     /// True when the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::QuotaExceeded(_))
+        matches!(
+            self,
+            Self::Unavailable(_) | Self::QuotaExceeded(_) | Self::Conflict(_)
+        )
     }
 }
 
@@ -83,6 +88,7 @@ impl std::fmt::Display for Error {
             Self::AccessDenied(m) => ("access denied", m),
             Self::QuotaExceeded(m) => ("quota exceeded", m),
             Self::Unavailable(m) => ("unavailable", m),
+            Self::Conflict(m) => ("conflict", m),
             Self::Internal(m) => ("internal error", m),
         };
         write!(f, "{kind}: {message}")
@@ -101,6 +107,7 @@ impl From<types::Error> for Error {
             E::AccessDenied(m) => Self::AccessDenied(m),
             E::QuotaExceeded(m) => Self::QuotaExceeded(m),
             E::Unavailable(m) => Self::Unavailable(m),
+            E::Conflict(m) => Self::Conflict(m),
             E::Internal(m) => Self::Internal(m),
         }
     }
@@ -116,6 +123,7 @@ impl From<Error> for types::Error {
             Error::AccessDenied(m) => E::AccessDenied(m),
             Error::QuotaExceeded(m) => E::QuotaExceeded(m),
             Error::Unavailable(m) => E::Unavailable(m),
+            Error::Conflict(m) => E::Conflict(m),
             Error::Internal(m) => E::Internal(m),
         }
     }
@@ -268,11 +276,7 @@ impl Bucket {
 
     /// How long `key` has left.
     pub fn expiry(&self, key: &str) -> Result<Expiry> {
-        Ok(match self.0.expiry(key)? {
-            types::Expiry::Missing => Expiry::Missing,
-            types::Expiry::Persistent => Expiry::Persistent,
-            types::Expiry::ExpiresInMs(ms) => Expiry::ExpiresIn(Duration::from_millis(ms)),
-        })
+        Ok(self.0.expiry(key)?.into())
     }
 
     /// Makes `key` expire after `ttl`; false when it does not exist.
@@ -398,6 +402,292 @@ impl Bucket {
     /// The value of `key`, deleted in the same step.
     pub fn get_and_delete(&self, key: &str) -> Result<Option<Vec<u8>>> {
         Ok(atomics::get_and_delete(&self.0, key)?)
+    }
+}
+
+/// Which of a subject's two property sets.
+pub use subjects::Kind;
+
+/// All properties of a subject, decoded from JSON, by kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// Default properties.
+    pub default: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Extended properties.
+    pub extended: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// Attempts [`Subject::update`] makes before giving up with `Conflict`.
+pub const UPDATE_ATTEMPTS: usize = 64;
+
+fn decode<T: DeserializeOwned>(what: &str, json: &str) -> Result<T> {
+    serde_json::from_str(json)
+        .map_err(|e| Error::Internal(format!("{what} is not the expected JSON: {e}")))
+}
+
+/// A subject: a named entity with default and extended properties, stored
+/// as one hash. `set` and `remove` are buffered until [`Subject::store`],
+/// which applies them atomically; the other writes are immediate.
+pub struct Subject(subjects::Subject);
+
+impl Subject {
+    /// Opens the subject `name` (it exists once it has a property).
+    pub fn open(name: &str) -> Result<Self> {
+        Ok(Self(subjects::Subject::open(name)?))
+    }
+
+    /// The subject's name.
+    pub fn name(&self) -> String {
+        self.0.name()
+    }
+
+    /// A default property, decoded.
+    pub fn get<T: DeserializeOwned>(&self, property: &str) -> Result<Option<T>> {
+        self.get_kind(Kind::Default, property)
+    }
+
+    /// An extended property, decoded.
+    pub fn get_extended<T: DeserializeOwned>(&self, property: &str) -> Result<Option<T>> {
+        self.get_kind(Kind::Extended, property)
+    }
+
+    /// A property of either kind, decoded.
+    pub fn get_kind<T: DeserializeOwned>(&self, kind: Kind, property: &str) -> Result<Option<T>> {
+        match self.0.get(kind, property)? {
+            None => Ok(None),
+            Some(json) => decode(&format!("property {property:?}"), &json).map(Some),
+        }
+    }
+
+    /// The raw JSON text of a property.
+    pub fn get_raw(&self, kind: Kind, property: &str) -> Result<Option<String>> {
+        Ok(self.0.get(kind, property)?)
+    }
+
+    /// Every property, read in one step.
+    pub fn load(&self) -> Result<Snapshot> {
+        let snapshot = self.0.load()?;
+        let decode_all = |props: Vec<subjects::Property>| {
+            props
+                .into_iter()
+                .map(|p| {
+                    Ok((
+                        p.name.clone(),
+                        decode(&format!("property {:?}", p.name), &p.value)?,
+                    ))
+                })
+                .collect::<Result<_>>()
+        };
+        Ok(Snapshot {
+            default: decode_all(snapshot.default)?,
+            extended: decode_all(snapshot.extended)?,
+        })
+    }
+
+    /// True when the subject has any property.
+    pub fn exists(&self) -> Result<bool> {
+        Ok(self.0.exists()?)
+    }
+
+    /// Buffers a default property write.
+    pub fn set<T: Serialize + ?Sized>(&self, property: &str, value: &T) -> Result<()> {
+        self.set_kind(Kind::Default, property, value)
+    }
+
+    /// Buffers an extended property write.
+    pub fn set_extended<T: Serialize + ?Sized>(&self, property: &str, value: &T) -> Result<()> {
+        self.set_kind(Kind::Extended, property, value)
+    }
+
+    /// Buffers a property write of either kind.
+    pub fn set_kind<T: Serialize + ?Sized>(
+        &self,
+        kind: Kind,
+        property: &str,
+        value: &T,
+    ) -> Result<()> {
+        let json = serde_json::to_string(value)
+            .map_err(|e| Error::Internal(format!("cannot serialize JSON: {e}")))?;
+        Ok(self.0.set(kind, property, &json)?)
+    }
+
+    /// Buffers the removal of a property.
+    pub fn remove(&self, kind: Kind, property: &str) -> Result<()> {
+        Ok(self.0.remove(kind, property)?)
+    }
+
+    /// The number of buffered writes.
+    pub fn pending(&self) -> u32 {
+        self.0.pending()
+    }
+
+    /// Applies the buffered writes in one atomic step.
+    pub fn store(&self) -> Result<()> {
+        Ok(self.0.store()?)
+    }
+
+    /// Drops the buffered writes.
+    pub fn discard(&self) {
+        self.0.discard()
+    }
+
+    /// Adds to an integer property atomically; the new value.
+    pub fn increment(&self, kind: Kind, property: &str, delta: i64) -> Result<i64> {
+        Ok(self.0.increment(kind, property, delta)?)
+    }
+
+    /// Adds to a numeric property atomically; the new value.
+    pub fn increment_float(&self, kind: Kind, property: &str, delta: f64) -> Result<f64> {
+        Ok(self.0.increment_float(kind, property, delta)?)
+    }
+
+    /// When the property's JSON text is `expected` (none: absent), writes
+    /// `new` (none: removes it); true when it did.
+    pub fn compare_and_set(
+        &self,
+        kind: Kind,
+        property: &str,
+        expected: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<bool> {
+        Ok(self.0.compare_and_set(kind, property, expected, new)?)
+    }
+
+    /// Applies `f` to a property atomically: reads it, computes the new
+    /// value (none removes it) and writes it only if nobody changed it in
+    /// between, retrying up to [`UPDATE_ATTEMPTS`] times. Returns the value
+    /// written; `Conflict` when every attempt lost to another writer.
+    pub fn update<T, F>(&self, kind: Kind, property: &str, mut f: F) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(Option<T>) -> Option<T>,
+    {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let old_json = self.0.get(kind, property)?;
+            let old = match &old_json {
+                None => None,
+                Some(json) => Some(decode(&format!("property {property:?}"), json)?),
+            };
+            let new = f(old);
+            let new_json = match &new {
+                None => None,
+                Some(value) => Some(
+                    serde_json::to_string(value)
+                        .map_err(|e| Error::Internal(format!("cannot serialize JSON: {e}")))?,
+                ),
+            };
+            if self
+                .0
+                .compare_and_set(kind, property, old_json.as_deref(), new_json.as_deref())?
+            {
+                return Ok(new);
+            }
+        }
+        Err(Error::Conflict(format!(
+            "property {property:?} changed under {UPDATE_ATTEMPTS} attempts in a row; try again later"
+        )))
+    }
+
+    /// Deletes the whole subject now; true when it existed.
+    pub fn delete(&self) -> Result<bool> {
+        Ok(self.0.delete()?)
+    }
+
+    /// Makes the whole subject expire after `ttl`.
+    pub fn expire(&self, ttl: Duration) -> Result<bool> {
+        Ok(self.0.expire(ttl_ms(Some(ttl)))?)
+    }
+
+    /// Makes the subject persistent.
+    pub fn persist(&self) -> Result<bool> {
+        Ok(self.0.expire(None)?)
+    }
+
+    /// How long the subject has left.
+    pub fn expiry(&self) -> Result<Expiry> {
+        Ok(self.0.expiry()?.into())
+    }
+
+    /// Names of the role's subjects matching a glob pattern (none: all).
+    pub fn list(pattern: Option<&str>) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = subjects::list_subjects(pattern, cursor.as_deref(), PAGE)?;
+            names.extend(page.names);
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(names),
+            }
+        }
+    }
+}
+
+/// A held distributed lock. Dropping it releases it.
+pub struct Lock(locks::Lock);
+
+impl Lock {
+    /// Takes the lock `name` for `ttl`, waiting up to `wait` (zero: one
+    /// try). None when it stayed taken.
+    pub fn acquire(name: &str, ttl: Duration, wait: Duration) -> Result<Option<Self>> {
+        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        Ok(locks::Lock::acquire(name, ttl_ms(Some(ttl)).unwrap_or(0), wait_ms)?.map(Self))
+    }
+
+    /// The fencing token: strictly greater than any earlier grant's.
+    pub fn token(&self) -> u64 {
+        self.0.token()
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> String {
+        self.0.name()
+    }
+
+    /// Resets the TTL; false when the lock was lost (expired and taken).
+    pub fn extend(&self, ttl: Duration) -> Result<bool> {
+        Ok(self.0.extend(ttl_ms(Some(ttl)).unwrap_or(0))?)
+    }
+
+    /// Releases the lock; false when it had already been lost.
+    pub fn release(self) -> Result<bool> {
+        Ok(self.0.release()?)
+    }
+}
+
+/// The outcome of a rate-limit check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the units were taken.
+    pub allowed: bool,
+    /// Units still available now.
+    pub remaining: u64,
+    /// Time until the limit is full again.
+    pub reset_after: Duration,
+    /// When denied, time until the same check would pass.
+    pub retry_after: Duration,
+}
+
+/// Takes `cost` units from the rate limit `key`: at most `limit` units per
+/// `window`, refilled smoothly (GCRA), exact across hosts.
+pub fn rate_limit(key: &str, limit: u64, window: Duration, cost: u64) -> Result<Decision> {
+    let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    let d = limits::check(key, limit, window_ms, cost)?;
+    Ok(Decision {
+        allowed: d.allowed,
+        remaining: d.remaining,
+        reset_after: Duration::from_millis(d.reset_after_ms),
+        retry_after: Duration::from_millis(d.retry_after_ms),
+    })
+}
+
+impl From<types::Expiry> for Expiry {
+    fn from(expiry: types::Expiry) -> Self {
+        match expiry {
+            types::Expiry::Missing => Expiry::Missing,
+            types::Expiry::Persistent => Expiry::Persistent,
+            types::Expiry::ExpiresInMs(ms) => Expiry::ExpiresIn(Duration::from_millis(ms)),
+        }
     }
 }
 

@@ -10,7 +10,9 @@ wasmtime::component::bindgen!({
     },
     with: {
         "rolehost:state/kv.bucket": crate::state::kv::Bucket,
+        "rolehost:state/subjects.subject": crate::state::subjects::Subject,
+        "rolehost:state/locks.lock": crate::state::locks::Lock,
     },
 });
 
-pub use self::rolehost::state::{atomics, kv, log, types};
+pub use self::rolehost::state::{atomics, kv, limits, locks, log, subjects, types};

@@ -27,6 +27,9 @@ pub enum StateError {
     /// The backend cannot be reached or did not answer in time.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// An optimistic update lost to concurrent writers too often.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// A bug in the host or an unexpected backend answer.
     #[error("internal error: {0}")]
     Internal(String),
@@ -35,7 +38,10 @@ pub enum StateError {
 impl StateError {
     /// True when the same call may succeed later without any change.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::QuotaExceeded(_))
+        matches!(
+            self,
+            Self::Unavailable(_) | Self::QuotaExceeded(_) | Self::Conflict(_)
+        )
     }
 
     /// The short name of the variant, as in the WIT (`invalid-key`, …).
@@ -47,6 +53,7 @@ impl StateError {
             Self::AccessDenied(_) => "access-denied",
             Self::QuotaExceeded(_) => "quota-exceeded",
             Self::Unavailable(_) => "unavailable",
+            Self::Conflict(_) => "conflict",
             Self::Internal(_) => "internal",
         }
     }

@@ -3,6 +3,8 @@
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
@@ -33,6 +35,16 @@ struct Common {
     prefix: Option<String>,
 }
 
+#[derive(Args, Clone, Copy)]
+struct Repeat {
+    /// Call this many times (each response on its own line).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// With --repeat: this many calls in flight at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Load one component as a role and call its handler once.
@@ -45,6 +57,8 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
         #[command(flatten)]
+        repeat: Repeat,
+        #[command(flatten)]
         common: Common,
     },
     /// Call one role of a manifest once.
@@ -55,6 +69,8 @@ enum Command {
         role: String,
         /// Request body; `-` reads standard input.
         body: Option<String>,
+        #[command(flatten)]
+        repeat: Repeat,
         #[command(flatten)]
         common: Common,
     },
@@ -103,6 +119,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             wasm,
             body,
             name,
+            repeat,
             common,
         } => {
             let mut spec = RoleSpec::from_path(wasm)?;
@@ -110,12 +127,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 spec.name = name;
             }
             let host = host(&common, None, &[spec.clone()])?;
-            call(&host, &spec.name, body).await
+            call(host, &spec.name, body, repeat).await
         }
         Command::Call {
             manifest,
             role,
             body,
+            repeat,
             common,
         } => {
             let manifest = Manifest::load(&manifest)?;
@@ -128,7 +146,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 bail!("the manifest has no role `{role}`");
             }
             let host = host(&common, Some(&manifest), &specs)?;
-            call(&host, &role, body).await
+            call(host, &role, body, repeat).await
         }
         Command::Keys {
             manifest,
@@ -197,21 +215,61 @@ fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> any
     Ok(host)
 }
 
-async fn call(host: &Host, role: &str, body: Option<String>) -> anyhow::Result<()> {
-    let request = match body.as_deref() {
+/// Calls `role` once, or `--repeat` times with `--concurrency` in flight,
+/// printing each response on its own line. Failed calls are reported on
+/// stderr as they happen; any failure fails the command.
+async fn call(host: Host, role: &str, body: Option<String>, repeat: Repeat) -> anyhow::Result<()> {
+    let request: Arc<[u8]> = match body.as_deref() {
         Some("-") => {
             let mut buf = Vec::new();
             std::io::stdin()
                 .read_to_end(&mut buf)
                 .context("cannot read the request from stdin")?;
-            buf
+            buf.into()
         }
-        Some(body) => body.as_bytes().to_vec(),
-        None => Vec::new(),
+        Some(body) => body.as_bytes().into(),
+        None => Arc::from(&[][..]),
     };
-    let response = host.call(role, &request).await?;
+    if repeat.repeat <= 1 {
+        return print_response(&host.call(role, &request).await?);
+    }
+    let host = Arc::new(host);
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..repeat.concurrency.clamp(1, repeat.repeat) {
+        let (host, next, failed, request, role) = (
+            host.clone(),
+            next.clone(),
+            failed.clone(),
+            request.clone(),
+            role.to_owned(),
+        );
+        workers.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < repeat.repeat {
+                match host.call(&role, &request).await {
+                    Ok(response) => print_response(&response)?,
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("rolehost: {e}");
+                    }
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(result) = workers.join_next().await {
+        result??;
+    }
+    match failed.load(Ordering::Relaxed) {
+        0 => Ok(()),
+        n => bail!("{n} of {} calls failed", repeat.repeat),
+    }
+}
+
+fn print_response(response: &[u8]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    out.write_all(&response)?;
+    out.write_all(response)?;
     if !response.ends_with(b"\n") {
         out.write_all(b"\n")?;
     }

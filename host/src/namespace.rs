@@ -21,12 +21,24 @@ const MAX_IDENTITY_BYTES: usize = 63;
 pub enum Space {
     /// `kv` and `atomics` keys.
     Kv,
+    /// Subject hashes (`subjects`).
+    Subject,
+    /// Lock keys (`locks`).
+    Lock,
+    /// Fencing-token counters of locks.
+    Fence,
+    /// Rate limiter state (`limits`).
+    Rate,
 }
 
 impl Space {
     fn tag(self) -> &'static str {
         match self {
             Space::Kv => "kv",
+            Space::Subject => "s",
+            Space::Lock => "lock",
+            Space::Fence => "fence",
+            Space::Rate => "rate",
         }
     }
 }
@@ -89,23 +101,30 @@ impl Namespace {
     /// The full key for a guest's local `key`, after checking it: not empty,
     /// at most the role's key limit, no control characters.
     pub fn key(&self, space: Space, key: &str) -> StateResult<String> {
-        if key.is_empty() {
-            return Err(StateError::InvalidKey("empty key".into()));
+        self.check_name("key", key)?;
+        Ok(format!("{}{key}", self.space_prefix(space)))
+    }
+
+    /// Checks a guest-given name (a key, a subject property): not empty, at
+    /// most the role's key limit, no control characters.
+    pub fn check_name(&self, what: &str, name: &str) -> StateResult<()> {
+        if name.is_empty() {
+            return Err(StateError::InvalidKey(format!("empty {what}")));
         }
-        if key.len() > self.max_key_bytes {
+        if name.len() > self.max_key_bytes {
             return Err(StateError::InvalidKey(format!(
-                "key {} is longer than {} bytes",
-                shown(key),
+                "{what} {} is longer than {} bytes",
+                shown(name),
                 self.max_key_bytes
             )));
         }
-        if key.chars().any(char::is_control) {
+        if name.chars().any(char::is_control) {
             return Err(StateError::InvalidKey(format!(
-                "key {} contains a control character",
-                shown(key)
+                "{what} {} contains a control character",
+                shown(name)
             )));
         }
-        Ok(format!("{}{key}", self.space_prefix(space)))
+        Ok(())
     }
 
     /// A glob pattern confined to the space: the escaped prefix followed by

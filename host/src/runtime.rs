@@ -216,6 +216,7 @@ impl Host {
                 .await
         };
         let outcome = tokio::time::timeout(deadline + EPOCH_TICK * 2, run).await;
+        store.data_mut().release_held_locks().await;
         log.finish();
         let deadline_exceeded = || CallError::DeadlineExceeded {
             role: role.info.name.clone(),

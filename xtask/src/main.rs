@@ -8,7 +8,15 @@ use anyhow::{bail, Context as _};
 mod demo;
 
 /// Guest crates built for wasm32-wasip2: examples, then test roles.
-const ROLES: &[&str] = &["counter", "session-cache", "notes", "kvprobe"];
+const ROLES: &[&str] = &[
+    "counter",
+    "session-cache",
+    "notes",
+    "profile",
+    "rate-limiter",
+    "worker",
+    "kvprobe",
+];
 const WASM_TARGET: &str = "wasm32-wasip2";
 
 fn main() -> anyhow::Result<()> {

@@ -3,24 +3,32 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-use super::{Backend, Expiry, ScanPage};
+use super::{gcra, Backend, Expiry, RateDecision, ScanPage};
 use crate::error::{StateError, StateResult};
 use crate::glob;
 
+/// Operations between sweeps of expired entries that nobody touched.
+const SWEEP_EVERY: u64 = 4096;
+
+enum Value {
+    Bytes(Vec<u8>),
+    Hash(BTreeMap<String, Vec<u8>>),
+}
+
 struct Entry {
-    value: Vec<u8>,
+    value: Value,
     expires_at: Option<Instant>,
 }
 
 impl Entry {
-    fn new(value: &[u8], ttl: Option<Duration>) -> Self {
+    fn new(value: Value, ttl: Option<Duration>) -> Self {
         Self {
-            value: value.to_vec(),
+            value,
             expires_at: ttl.map(|ttl| Instant::now() + ttl),
         }
     }
@@ -30,10 +38,65 @@ impl Entry {
     }
 }
 
+fn wrong_type() -> StateError {
+    StateError::Internal("operation against a key holding the wrong kind of value".into())
+}
+
+#[derive(Default)]
+struct Map {
+    entries: BTreeMap<String, Entry>,
+    writes: u64,
+}
+
+impl Map {
+    fn bytes(&self, key: &str) -> StateResult<Option<&Vec<u8>>> {
+        match self.entries.get(key).map(|e| &e.value) {
+            None => Ok(None),
+            Some(Value::Bytes(bytes)) => Ok(Some(bytes)),
+            Some(Value::Hash(_)) => Err(wrong_type()),
+        }
+    }
+
+    fn hash(&self, key: &str) -> StateResult<Option<&BTreeMap<String, Vec<u8>>>> {
+        match self.entries.get(key).map(|e| &e.value) {
+            None => Ok(None),
+            Some(Value::Hash(hash)) => Ok(Some(hash)),
+            Some(Value::Bytes(_)) => Err(wrong_type()),
+        }
+    }
+
+    /// The hash at `key` for writing, created empty when absent.
+    fn hash_mut(&mut self, key: &str) -> StateResult<&mut BTreeMap<String, Vec<u8>>> {
+        let entry = self
+            .entries
+            .entry(key.to_owned())
+            .or_insert_with(|| Entry::new(Value::Hash(BTreeMap::new()), None));
+        match &mut entry.value {
+            Value::Hash(hash) => Ok(hash),
+            Value::Bytes(_) => Err(wrong_type()),
+        }
+    }
+
+    /// Deletes the hash at `key` when it has no fields left, as Redis does.
+    fn drop_if_empty(&mut self, key: &str) {
+        if matches!(self.entries.get(key), Some(Entry { value: Value::Hash(h), .. }) if h.is_empty())
+        {
+            self.entries.remove(key);
+        }
+    }
+
+    fn put(&mut self, key: &str, value: &[u8], ttl: Option<Duration>) {
+        self.entries.insert(
+            key.to_owned(),
+            Entry::new(Value::Bytes(value.to_vec()), ttl),
+        );
+    }
+}
+
 /// The in-process backend. Data lives as long as the process.
 #[derive(Default)]
 pub struct MemoryBackend {
-    map: Mutex<BTreeMap<String, Entry>>,
+    map: Mutex<Map>,
 }
 
 impl MemoryBackend {
@@ -42,20 +105,32 @@ impl MemoryBackend {
         Self::default()
     }
 
-    /// Runs `f` on the map after dropping `keys` if they have expired, so
-    /// `f` sees only live entries for them.
-    fn with<R>(&self, keys: &[&str], f: impl FnOnce(&mut BTreeMap<String, Entry>) -> R) -> R {
+    fn lock(&self) -> MutexGuard<'_, Map> {
         // A panic while holding the lock cannot leave an entry half-written,
         // so a poisoned map is still consistent.
-        let mut map = self
-            .map
+        self.map
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the map after dropping `keys` if they have expired, so
+    /// `f` sees only live entries for them. Now and then sweeps every
+    /// expired entry, so keys nobody reads again do not pile up.
+    fn with<R>(&self, keys: &[&str], f: impl FnOnce(&mut Map) -> R) -> R {
+        let mut map = self.lock();
         let now = Instant::now();
         for key in keys {
-            if map.get(*key).is_some_and(|entry| !entry.is_live(now)) {
-                map.remove(*key);
+            if map
+                .entries
+                .get(*key)
+                .is_some_and(|entry| !entry.is_live(now))
+            {
+                map.entries.remove(*key);
             }
+        }
+        map.writes += 1;
+        if map.writes % SWEEP_EVERY == 0 {
+            map.entries.retain(|_, entry| entry.is_live(now));
         }
         f(&mut map)
     }
@@ -68,27 +143,27 @@ impl Backend for MemoryBackend {
     }
 
     async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
-        Ok(self.with(&[key], |map| map.get(key).map(|e| e.value.clone())))
+        self.with(&[key], |map| Ok(map.bytes(key)?.cloned()))
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()> {
-        self.with(&[], |map| {
-            map.insert(key.to_owned(), Entry::new(value, ttl))
-        });
+        self.with(&[], |map| map.put(key, value, ttl));
         Ok(())
     }
 
     async fn exists(&self, key: &str) -> StateResult<bool> {
-        Ok(self.with(&[key], |map| map.contains_key(key)))
+        Ok(self.with(&[key], |map| map.entries.contains_key(key)))
     }
 
     async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        Ok(self.with(&refs, |map| {
-            refs.iter()
-                .map(|k| map.get(*k).map(|e| e.value.clone()))
-                .collect()
-        }))
+        self.with(&refs, |map| {
+            // MGET answers nil for a key of another type.
+            Ok(refs
+                .iter()
+                .map(|k| map.bytes(k).ok().flatten().cloned())
+                .collect())
+        })
     }
 
     async fn set_many(
@@ -98,7 +173,7 @@ impl Backend for MemoryBackend {
     ) -> StateResult<()> {
         self.with(&[], |map| {
             for (key, value) in entries {
-                map.insert(key.clone(), Entry::new(value, ttl));
+                map.put(key, value, ttl);
             }
         });
         Ok(())
@@ -107,13 +182,15 @@ impl Backend for MemoryBackend {
     async fn delete_many(&self, keys: &[String]) -> StateResult<u64> {
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         Ok(self.with(&refs, |map| {
-            refs.iter().filter(|k| map.remove(**k).is_some()).count() as u64
+            refs.iter()
+                .filter(|k| map.entries.remove(**k).is_some())
+                .count() as u64
         }))
     }
 
     async fn expiry(&self, key: &str) -> StateResult<Expiry> {
         let now = Instant::now();
-        Ok(self.with(&[key], |map| match map.get(key) {
+        Ok(self.with(&[key], |map| match map.entries.get(key) {
             None => Expiry::Missing,
             Some(Entry {
                 expires_at: None, ..
@@ -126,7 +203,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn expire(&self, key: &str, ttl: Option<Duration>) -> StateResult<bool> {
-        Ok(self.with(&[key], |map| match map.get_mut(key) {
+        Ok(self.with(&[key], |map| match map.entries.get_mut(key) {
             None => false,
             Some(entry) => {
                 entry.expires_at = ttl.map(|ttl| Instant::now() + ttl);
@@ -150,11 +227,9 @@ impl Backend for MemoryBackend {
             None => Bound::Included(literal.clone()),
         };
         let now = Instant::now();
-        let map = self
-            .map
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let map = self.lock();
         let mut matching = map
+            .entries
             .range::<String, _>((start, Bound::Unbounded))
             .take_while(|(key, _)| key.starts_with(&literal))
             .filter(|(key, entry)| entry.is_live(now) && glob::matches(pattern, key))
@@ -170,25 +245,11 @@ impl Backend for MemoryBackend {
 
     async fn increment(&self, key: &str, delta: i64) -> StateResult<i64> {
         self.with(&[key], |map| {
-            let current = match map.get(key) {
-                None => 0,
-                Some(entry) => parse_integer(&entry.value)?,
-            };
-            let next = current.checked_add(delta).ok_or_else(|| {
-                StateError::InvalidArgument("increment or decrement would overflow".into())
-            })?;
+            let next = add_integer(map.bytes(key)?.map(Vec::as_slice), delta)?;
             let value = next.to_string().into_bytes();
-            match map.get_mut(key) {
-                Some(entry) => entry.value = value,
-                None => {
-                    map.insert(
-                        key.to_owned(),
-                        Entry {
-                            value,
-                            expires_at: None,
-                        },
-                    );
-                }
+            match map.entries.get_mut(key) {
+                Some(entry) => entry.value = Value::Bytes(value),
+                None => map.put(key, &value, None),
             }
             Ok(next)
         })
@@ -201,10 +262,10 @@ impl Backend for MemoryBackend {
         ttl: Option<Duration>,
     ) -> StateResult<bool> {
         Ok(self.with(&[key], |map| {
-            if map.contains_key(key) {
+            if map.entries.contains_key(key) {
                 return false;
             }
-            map.insert(key.to_owned(), Entry::new(value, ttl));
+            map.put(key, value, ttl);
             true
         }))
     }
@@ -216,36 +277,220 @@ impl Backend for MemoryBackend {
         new: Option<&[u8]>,
         ttl: Option<Duration>,
     ) -> StateResult<bool> {
-        Ok(self.with(&[key], |map| {
-            if map.get(key).map(|e| e.value.as_slice()) != expected {
-                return false;
+        self.with(&[key], |map| {
+            if map.bytes(key)?.map(Vec::as_slice) != expected {
+                return Ok(false);
             }
             match new {
-                Some(value) => map.insert(key.to_owned(), Entry::new(value, ttl)),
-                None => map.remove(key),
-            };
-            true
-        }))
+                Some(value) => map.put(key, value, ttl),
+                None => {
+                    map.entries.remove(key);
+                }
+            }
+            Ok(true)
+        })
     }
 
     async fn get_and_delete(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
-        Ok(self.with(&[key], |map| map.remove(key).map(|e| e.value)))
+        self.with(&[key], |map| {
+            map.bytes(key)?;
+            Ok(map.entries.remove(key).map(|e| match e.value {
+                Value::Bytes(bytes) => bytes,
+                Value::Hash(_) => unreachable!("checked above"),
+            }))
+        })
+    }
+
+    async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>> {
+        self.with(&[key], |map| {
+            Ok(map.hash(key)?.and_then(|h| h.get(field).cloned()))
+        })
+    }
+
+    async fn hash_get_all(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
+        self.with(&[key], |map| {
+            Ok(map
+                .hash(key)?
+                .map(|h| h.iter().map(|(f, v)| (f.clone(), v.clone())).collect())
+                .unwrap_or_default())
+        })
+    }
+
+    async fn hash_apply(
+        &self,
+        key: &str,
+        set: &[(String, Vec<u8>)],
+        remove: &[String],
+    ) -> StateResult<()> {
+        self.with(&[key], |map| {
+            let hash = map.hash_mut(key)?;
+            for (field, value) in set {
+                hash.insert(field.clone(), value.clone());
+            }
+            for field in remove {
+                hash.remove(field);
+            }
+            map.drop_if_empty(key);
+            Ok(())
+        })
+    }
+
+    async fn hash_increment(&self, key: &str, field: &str, delta: i64) -> StateResult<i64> {
+        self.with(&[key], |map| {
+            let hash = map.hash_mut(key)?;
+            let next = add_integer(hash.get(field).map(Vec::as_slice), delta);
+            if let Ok(next) = next {
+                hash.insert(field.to_owned(), next.to_string().into_bytes());
+            }
+            map.drop_if_empty(key);
+            next
+        })
+    }
+
+    async fn hash_increment_float(&self, key: &str, field: &str, delta: f64) -> StateResult<f64> {
+        self.with(&[key], |map| {
+            let hash = map.hash_mut(key)?;
+            let next = add_float(hash.get(field).map(Vec::as_slice), delta);
+            if let Ok(next) = next {
+                hash.insert(field.to_owned(), format_float(next).into_bytes());
+            }
+            map.drop_if_empty(key);
+            next
+        })
+    }
+
+    async fn hash_compare_and_set(
+        &self,
+        key: &str,
+        field: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> StateResult<bool> {
+        self.with(&[key], |map| {
+            if map.hash(key)?.and_then(|h| h.get(field)).map(Vec::as_slice) != expected {
+                return Ok(false);
+            }
+            let hash = map.hash_mut(key)?;
+            match new {
+                Some(value) => hash.insert(field.to_owned(), value.to_vec()),
+                None => hash.remove(field),
+            };
+            map.drop_if_empty(key);
+            Ok(true)
+        })
+    }
+
+    async fn lock_acquire(
+        &self,
+        key: &str,
+        fence_key: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> StateResult<Option<u64>> {
+        self.with(&[key, fence_key], |map| {
+            if map.entries.contains_key(key) {
+                return Ok(None);
+            }
+            let token = add_integer(map.bytes(fence_key)?.map(Vec::as_slice), 1)?;
+            map.put(fence_key, token.to_string().as_bytes(), None);
+            map.put(key, owner.as_bytes(), Some(ttl));
+            Ok(Some(token as u64))
+        })
+    }
+
+    async fn expire_if_equal(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<bool> {
+        self.with(&[key], |map| {
+            if map.bytes(key)?.map(Vec::as_slice) != Some(value) {
+                return Ok(false);
+            }
+            if let Some(entry) = map.entries.get_mut(key) {
+                entry.expires_at = Some(Instant::now() + ttl);
+            }
+            Ok(true)
+        })
+    }
+
+    async fn rate_check(
+        &self,
+        key: &str,
+        limit: u64,
+        window: Duration,
+        cost: u64,
+    ) -> StateResult<RateDecision> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
+        self.with(&[key], |map| {
+            let tat = map
+                .bytes(key)?
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+            let (decision, new_tat) = gcra(tat, now, limit, window.as_micros() as u64, cost);
+            if let Some(new_tat) = new_tat {
+                let ttl = Duration::from_micros(new_tat - now).max(Duration::from_millis(1));
+                map.put(key, new_tat.to_string().as_bytes(), Some(ttl));
+            }
+            Ok(decision)
+        })
     }
 }
 
-/// Parses a stored value as Redis does for INCRBY: a decimal i64 with no
-/// sign but `-`, no spaces and no leading zeros.
-fn parse_integer(value: &[u8]) -> StateResult<i64> {
-    let not_integer =
-        || StateError::InvalidArgument("value is not an integer or out of range".into());
-    let text = std::str::from_utf8(value).map_err(|_| not_integer())?;
-    let digits = text.strip_prefix('-').unwrap_or(text);
-    let canonical = !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && (digits == "0" || !digits.starts_with('0'))
-        && text != "-0";
-    if !canonical {
-        return Err(not_integer());
+fn not_integer() -> StateError {
+    StateError::InvalidArgument("value is not an integer or out of range".into())
+}
+
+/// Adds to a stored integer as Redis's INCRBY does: the value must be a
+/// canonical decimal i64 (no `+`, spaces or leading zeros).
+fn add_integer(value: Option<&[u8]>, delta: i64) -> StateResult<i64> {
+    let current = match value {
+        None => 0,
+        Some(value) => {
+            let text = std::str::from_utf8(value).map_err(|_| not_integer())?;
+            let digits = text.strip_prefix('-').unwrap_or(text);
+            let canonical = !digits.is_empty()
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && (digits == "0" || !digits.starts_with('0'))
+                && text != "-0";
+            if !canonical {
+                return Err(not_integer());
+            }
+            text.parse::<i64>().map_err(|_| not_integer())?
+        }
+    };
+    current
+        .checked_add(delta)
+        .ok_or_else(|| StateError::InvalidArgument("increment or decrement would overflow".into()))
+}
+
+/// Adds to a stored number as Redis's HINCRBYFLOAT does.
+fn add_float(value: Option<&[u8]>, delta: f64) -> StateResult<f64> {
+    let not_float = || StateError::InvalidArgument("hash value is not a float".into());
+    let current = match value {
+        None => 0.0,
+        Some(value) => {
+            let text = std::str::from_utf8(value).map_err(|_| not_float())?;
+            text.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite() && text.trim() == text)
+                .ok_or_else(not_float)?
+        }
+    };
+    let next = current + delta;
+    if !next.is_finite() {
+        return Err(StateError::InvalidArgument(
+            "increment would produce NaN or Infinity".into(),
+        ));
     }
-    text.parse().map_err(|_| not_integer())
+    Ok(next)
+}
+
+/// Formats a float like Redis: integers without a fraction, others in the
+/// shortest form that reads back exactly.
+fn format_float(value: f64) -> String {
+    if value == value.trunc() && value.abs() < 1e17 {
+        format!("{}", value as i64)
+    } else {
+        format!("{value}")
+    }
 }

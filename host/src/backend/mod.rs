@@ -37,6 +37,19 @@ pub struct ScanPage {
     pub cursor: Option<String>,
 }
 
+/// The outcome of a rate-limit check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateDecision {
+    /// Whether the units were taken.
+    pub allowed: bool,
+    /// Units still available now.
+    pub remaining: u64,
+    /// Time until the limit is full again.
+    pub reset_after: Duration,
+    /// When denied, time until the same check would pass.
+    pub retry_after: Duration,
+}
+
 /// A state store. Every method is atomic on its own; batch methods are
 /// atomic as a whole (all or nothing).
 #[async_trait]
@@ -95,6 +108,53 @@ pub trait Backend: Send + Sync + 'static {
     /// Returns the value and deletes the key in one step.
     async fn get_and_delete(&self, key: &str) -> StateResult<Option<Vec<u8>>>;
 
+    /// The value of one field of the hash at `key`.
+    async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>>;
+    /// Every field of the hash at `key` (empty when absent).
+    async fn hash_get_all(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>>;
+    /// Writes and removes fields in one atomic step. A hash left empty is
+    /// deleted; the key's TTL is kept.
+    async fn hash_apply(
+        &self,
+        key: &str,
+        set: &[(String, Vec<u8>)],
+        remove: &[String],
+    ) -> StateResult<()>;
+    /// Adds `delta` to an integer field (absent: 0).
+    async fn hash_increment(&self, key: &str, field: &str, delta: i64) -> StateResult<i64>;
+    /// Adds `delta` to a numeric field (absent: 0).
+    async fn hash_increment_float(&self, key: &str, field: &str, delta: f64) -> StateResult<f64>;
+    /// When the field equals `expected` (none: absent), writes `new` (none:
+    /// removes it); true when it did.
+    async fn hash_compare_and_set(
+        &self,
+        key: &str,
+        field: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> StateResult<bool>;
+
+    /// Takes the lock at `key` for `owner` when it is free, and returns the
+    /// next value of the fencing counter at `fence_key`, in one atomic step.
+    async fn lock_acquire(
+        &self,
+        key: &str,
+        fence_key: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> StateResult<Option<u64>>;
+    /// Resets the TTL of `key` when it still holds `value`; true when it did.
+    async fn expire_if_equal(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<bool>;
+
+    /// GCRA: takes `cost` units of `limit` per `window` from the limiter at `key`.
+    async fn rate_check(
+        &self,
+        key: &str,
+        limit: u64,
+        window: Duration,
+        cost: u64,
+    ) -> StateResult<RateDecision>;
+
     /// Deletes every key matching `pattern`; the number deleted.
     async fn delete_matching(&self, pattern: &str) -> StateResult<u64> {
         const PAGE: usize = 500;
@@ -110,5 +170,43 @@ pub trait Backend: Send + Sync + 'static {
                 None => return Ok(deleted),
             }
         }
+    }
+}
+
+/// One GCRA step in integer microseconds; the memory backend runs it in
+/// Rust and the Redis backend in Lua (`RATE_SCRIPT`), with the same math.
+///
+/// Each unit costs `interval = ceil(window / limit)`; the theoretical
+/// arrival time (TAT) may run at most `limit * interval` ahead of now, so a
+/// full limit can be spent at once and refills smoothly. Returns the
+/// decision and, when units were taken, the new TAT.
+pub(crate) fn gcra(
+    tat: Option<u64>,
+    now: u64,
+    limit: u64,
+    window: u64,
+    cost: u64,
+) -> (RateDecision, Option<u64>) {
+    let interval = window.div_ceil(limit).max(1);
+    let span = limit.saturating_mul(interval);
+    let tat = tat.unwrap_or(now).max(now);
+    let new_tat = tat.saturating_add(cost.saturating_mul(interval));
+    let micros = Duration::from_micros;
+    if new_tat - now <= span {
+        let decision = RateDecision {
+            allowed: true,
+            remaining: (span - (new_tat - now)) / interval,
+            reset_after: micros(new_tat - now),
+            retry_after: Duration::ZERO,
+        };
+        (decision, (cost > 0).then_some(new_tat))
+    } else {
+        let decision = RateDecision {
+            allowed: false,
+            remaining: span.saturating_sub(tat - now) / interval,
+            reset_after: micros(tat - now),
+            retry_after: micros(new_tat - now - span),
+        };
+        (decision, None)
     }
 }

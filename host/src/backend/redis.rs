@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, ErrorKind, RedisError, Script, ServerErrorKind};
 
-use super::{Backend, Expiry, ScanPage};
+use super::{Backend, Expiry, RateDecision, ScanPage};
 use crate::error::{StateError, StateResult};
 
 /// Keys asked of each SCAN step. Fixed, so a cursor replays the same batch.
@@ -45,6 +45,61 @@ redis.call('PERSIST', KEYS[1])
 return 1
 "#;
 
+/// Compare-and-set of a hash field. ARGV: field, has-expected, expected, has-new, new.
+const HASH_CAS_SCRIPT: &str = r#"
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then
+  if current ~= ARGV[3] then return 0 end
+elseif current then
+  return 0
+end
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 1
+"#;
+
+/// Takes a free lock and draws a fencing token in one step.
+/// KEYS: lock, fence counter. ARGV: owner, ttl-ms.
+const LOCK_ACQUIRE_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return token
+"#;
+
+/// PEXPIRE only while the key holds ARGV[1].
+const EXPIRE_IF_EQUAL_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
+/// GCRA in integer microseconds on the server's clock; the same math as
+/// `backend::gcra`. ARGV: limit, window-us, cost.
+/// Returns {allowed, remaining, reset-after-us, retry-after-us}.
+const RATE_SCRIPT: &str = r#"
+local limit = tonumber(ARGV[1])
+local cost = tonumber(ARGV[3])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local interval = math.max(math.ceil(tonumber(ARGV[2]) / limit), 1)
+local span = limit * interval
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tat < now then tat = now end
+local new_tat = tat + cost * interval
+if new_tat - now <= span then
+  if cost > 0 then
+    redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.max(math.ceil((new_tat - now) / 1000), 1))
+  end
+  return {1, math.floor((span - (new_tat - now)) / interval), new_tat - now, 0}
+end
+return {0, math.floor(math.max(span - (tat - now), 0) / interval), tat - now, new_tat - now - span}
+"#;
+
 /// How to reach Redis and how long to wait for it.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -76,6 +131,10 @@ pub struct RedisBackend {
     op_timeout: Duration,
     cas: Script,
     persist: Script,
+    hash_cas: Script,
+    lock_acquire: Script,
+    expire_if_equal: Script,
+    rate: Script,
 }
 
 impl RedisBackend {
@@ -108,6 +167,10 @@ impl RedisBackend {
             op_timeout: options.op_timeout,
             cas: Script::new(CAS_SCRIPT),
             persist: Script::new(PERSIST_SCRIPT),
+            hash_cas: Script::new(HASH_CAS_SCRIPT),
+            lock_acquire: Script::new(LOCK_ACQUIRE_SCRIPT),
+            expire_if_equal: Script::new(EXPIRE_IF_EQUAL_SCRIPT),
+            rate: Script::new(RATE_SCRIPT),
         })
     }
 
@@ -171,7 +234,12 @@ fn map_error(error: RedisError) -> StateError {
         return StateError::Unavailable(format!("Redis: {error}"));
     }
     let detail = error.detail().unwrap_or_default();
-    if detail.contains("not an integer") || detail.contains("overflow") {
+    if detail.contains("not an integer")
+        || detail.contains("overflow")
+        || detail.contains("not a float")
+        || detail.contains("not a valid float")
+        || detail.contains("NaN or Infinity")
+    {
         return StateError::InvalidArgument(detail.to_owned());
     }
     StateError::Internal(format!("Redis: {error}"))
@@ -353,6 +421,128 @@ impl Backend for RedisBackend {
 
     async fn get_and_delete(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
         self.run(|mut c| async move { c.get_del(key).await }).await
+    }
+
+    async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>> {
+        self.run(|mut c| async move { c.hget(key, field).await })
+            .await
+    }
+
+    async fn hash_get_all(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
+        self.run(|mut c| async move { c.hgetall(key).await }).await
+    }
+
+    async fn hash_apply(
+        &self,
+        key: &str,
+        set: &[(String, Vec<u8>)],
+        remove: &[String],
+    ) -> StateResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if !set.is_empty() {
+            pipe.hset_multiple(key, set).ignore();
+        }
+        if !remove.is_empty() {
+            pipe.hdel(key, remove).ignore();
+        }
+        if set.is_empty() && remove.is_empty() {
+            return Ok(());
+        }
+        self.run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    async fn hash_increment(&self, key: &str, field: &str, delta: i64) -> StateResult<i64> {
+        self.run(|mut c| async move { c.hincr(key, field, delta).await })
+            .await
+    }
+
+    async fn hash_increment_float(&self, key: &str, field: &str, delta: f64) -> StateResult<f64> {
+        self.run(|mut c| async move { c.hincr(key, field, delta).await })
+            .await
+    }
+
+    async fn hash_compare_and_set(
+        &self,
+        key: &str,
+        field: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> StateResult<bool> {
+        let script = &self.hash_cas;
+        self.run(|mut c| async move {
+            let mut invocation = script.key(key);
+            invocation
+                .arg(field)
+                .arg(if expected.is_some() { "1" } else { "0" })
+                .arg(expected.unwrap_or_default())
+                .arg(if new.is_some() { "1" } else { "0" })
+                .arg(new.unwrap_or_default());
+            invocation.invoke_async(&mut c).await
+        })
+        .await
+    }
+
+    async fn lock_acquire(
+        &self,
+        key: &str,
+        fence_key: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> StateResult<Option<u64>> {
+        let script = &self.lock_acquire;
+        self.run(|mut c| async move {
+            script
+                .key(key)
+                .key(fence_key)
+                .arg(owner)
+                .arg(ttl_ms(ttl))
+                .invoke_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn expire_if_equal(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<bool> {
+        let script = &self.expire_if_equal;
+        self.run(|mut c| async move {
+            script
+                .key(key)
+                .arg(value)
+                .arg(ttl_ms(ttl))
+                .invoke_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn rate_check(
+        &self,
+        key: &str,
+        limit: u64,
+        window: Duration,
+        cost: u64,
+    ) -> StateResult<RateDecision> {
+        let script = &self.rate;
+        let window_us = window.as_micros() as u64;
+        let (allowed, remaining, reset_us, retry_us): (i64, u64, u64, u64) = self
+            .run(|mut c| async move {
+                script
+                    .key(key)
+                    .arg(limit)
+                    .arg(window_us)
+                    .arg(cost)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(RateDecision {
+            allowed: allowed == 1,
+            remaining,
+            reset_after: Duration::from_micros(reset_us),
+            retry_after: Duration::from_micros(retry_us),
+        })
     }
 
     async fn delete_matching(&self, pattern: &str) -> StateResult<u64> {

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use wasmtime::component::Resource;
 
 use super::{ttl, CallCtx};
-use crate::backend::Expiry as BackendExpiry;
 use crate::bindings::kv::{Entry, Host, HostBucket, KeyPage};
 use crate::bindings::types::Expiry;
 use crate::error::{StateError, StateResult};
@@ -113,11 +112,7 @@ impl HostBucket for CallCtx {
 
     async fn expiry(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<Expiry> {
         let key = self.bucket(&bucket)?.key(&key)?;
-        Ok(match self.backend.expiry(&key).await? {
-            BackendExpiry::Missing => Expiry::Missing,
-            BackendExpiry::Persistent => Expiry::Persistent,
-            BackendExpiry::ExpiresIn(left) => Expiry::ExpiresInMs(left.as_millis() as u64),
-        })
+        Ok(self.backend.expiry(&key).await?.into())
     }
 
     async fn expire(
@@ -137,28 +132,11 @@ impl HostBucket for CallCtx {
         cursor: Option<String>,
         limit: u32,
     ) -> StateResult<KeyPage> {
-        if limit == 0 {
-            return Err(StateError::InvalidArgument(
-                "limit must be at least 1".into(),
-            ));
-        }
-        let limit = (limit as usize).min(self.role.limits.max_batch_entries);
         let namespace = self.bucket(&bucket)?.namespace.clone();
-        let pattern = namespace.pattern(Space::Kv, pattern.as_deref())?;
-        let page = self
-            .backend
-            .scan(&pattern, cursor.as_deref(), limit)
+        let (keys, cursor) = self
+            .list_names(&namespace, Space::Kv, pattern, cursor, limit)
             .await?;
-        let keys = page
-            .keys
-            .iter()
-            .filter_map(|full| namespace.local(Space::Kv, full))
-            .map(str::to_owned)
-            .collect();
-        Ok(KeyPage {
-            keys,
-            cursor: page.cursor,
-        })
+        Ok(KeyPage { keys, cursor })
     }
 
     async fn clear(&mut self, bucket: Resource<Bucket>) -> StateResult<u64> {

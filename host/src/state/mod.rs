@@ -4,7 +4,10 @@
 
 pub(crate) mod atomics;
 pub(crate) mod kv;
+mod limits;
+pub(crate) mod locks;
 pub(crate) mod log;
+pub(crate) mod subjects;
 mod types;
 
 use std::sync::Arc;
@@ -19,7 +22,7 @@ use self::log::CallLog;
 use crate::backend::Backend;
 use crate::error::{StateError, StateResult};
 use crate::limits::RoleLimits;
-use crate::namespace::Namespace;
+use crate::namespace::{Namespace, Space};
 
 /// Longest TTL a guest may ask for: 100 years. Longer is surely a mistake
 /// (and overflows Redis's clock arithmetic).
@@ -42,6 +45,8 @@ pub struct CallCtx {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) limiter: StoreLimits,
     pub(crate) log: CallLog,
+    /// (key, owner) of every lock taken and not yet released.
+    held_locks: Vec<(String, String)>,
     table: ResourceTable,
     wasi: WasiCtx,
 }
@@ -59,6 +64,7 @@ impl CallCtx {
             backend,
             limiter,
             log,
+            held_locks: Vec::new(),
             table: ResourceTable::new(),
             wasi,
         }
@@ -80,6 +86,35 @@ impl CallCtx {
             )));
         }
         Ok(())
+    }
+
+    /// One page of local names in `space` matching a guest pattern.
+    async fn list_names(
+        &mut self,
+        namespace: &Namespace,
+        space: Space,
+        pattern: Option<String>,
+        cursor: Option<String>,
+        limit: u32,
+    ) -> StateResult<(Vec<String>, Option<String>)> {
+        if limit == 0 {
+            return Err(StateError::InvalidArgument(
+                "limit must be at least 1".into(),
+            ));
+        }
+        let limit = (limit as usize).min(self.role.limits.max_batch_entries);
+        let pattern = namespace.pattern(space, pattern.as_deref())?;
+        let page = self
+            .backend
+            .scan(&pattern, cursor.as_deref(), limit)
+            .await?;
+        let names = page
+            .keys
+            .iter()
+            .filter_map(|full| namespace.local(space, full))
+            .map(str::to_owned)
+            .collect();
+        Ok((names, page.cursor))
     }
 
     fn check_batch(&self, len: usize) -> StateResult<()> {

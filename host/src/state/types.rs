@@ -19,6 +19,7 @@ impl From<StateError> for Error {
             StateError::AccessDenied(m) => Error::AccessDenied(m),
             StateError::QuotaExceeded(m) => Error::QuotaExceeded(m),
             StateError::Unavailable(m) => Error::Unavailable(m),
+            StateError::Conflict(m) => Error::Conflict(m),
             StateError::Internal(m) => Error::Internal(m),
         }
     }
@@ -33,6 +34,7 @@ impl From<Error> for StateError {
             Error::AccessDenied(m) => StateError::AccessDenied(m),
             Error::QuotaExceeded(m) => StateError::QuotaExceeded(m),
             Error::Unavailable(m) => StateError::Unavailable(m),
+            Error::Conflict(m) => StateError::Conflict(m),
             Error::Internal(m) => StateError::Internal(m),
         }
     }

@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rolehost_guest::{export_role, from_json, to_json, Bucket, Error, Expiry, Result, Role};
+use rolehost_guest::{
+    export_role, from_json, rate_limit, to_json, Bucket, Error, Expiry, Kind, Lock, Result, Role,
+    Subject,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -97,6 +100,110 @@ enum Op {
     Batch {
         ops: Vec<Op>,
     },
+    SubjectGet {
+        subject: String,
+        #[serde(default)]
+        extended: bool,
+        prop: String,
+    },
+    SubjectLoad {
+        subject: String,
+    },
+    SubjectExists {
+        subject: String,
+    },
+    SubjectStore {
+        subject: String,
+        #[serde(default)]
+        set: BTreeMap<String, Value>,
+        #[serde(default)]
+        extended: BTreeMap<String, Value>,
+        #[serde(default)]
+        remove: Vec<String>,
+        #[serde(default = "yes")]
+        store: bool,
+    },
+    SubjectSetRaw {
+        subject: String,
+        prop: String,
+        json: String,
+    },
+    SubjectIncr {
+        subject: String,
+        #[serde(default)]
+        extended: bool,
+        prop: String,
+        delta: i64,
+        #[serde(default = "one")]
+        times: usize,
+    },
+    SubjectIncrFloat {
+        subject: String,
+        prop: String,
+        delta: f64,
+    },
+    SubjectCas {
+        subject: String,
+        prop: String,
+        expected: Option<String>,
+        new: Option<String>,
+    },
+    SubjectUpdate {
+        subject: String,
+        prop: String,
+        #[serde(default = "one")]
+        times: usize,
+    },
+    SubjectDelete {
+        subject: String,
+    },
+    SubjectExpire {
+        subject: String,
+        ttl_ms: Option<u64>,
+    },
+    SubjectExpiry {
+        subject: String,
+    },
+    SubjectList {
+        pattern: Option<String>,
+    },
+    LockHold {
+        name: String,
+        ttl_ms: u64,
+        wait_ms: u64,
+        #[serde(default)]
+        sleep_ms: u64,
+    },
+    LockTakeover {
+        name: String,
+    },
+    RateCheck {
+        key: String,
+        limit: u64,
+        window_ms: u64,
+        #[serde(default = "one_u64")]
+        cost: u64,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> usize {
+    1
+}
+
+fn one_u64() -> u64 {
+    1
+}
+
+fn kind(extended: bool) -> Kind {
+    if extended {
+        Kind::Extended
+    } else {
+        Kind::Default
+    }
 }
 
 fn text(bytes: Option<Vec<u8>>) -> Value {
@@ -226,6 +333,161 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
                 std::hint::black_box(&hoard);
             }
         }
+        Op::SubjectGet {
+            subject,
+            extended,
+            prop,
+        } => json!(Subject::open(&subject)?.get_raw(kind(extended), &prop)?),
+        Op::SubjectLoad { subject } => {
+            let snapshot = Subject::open(&subject)?.load()?;
+            json!({ "default": snapshot.default, "extended": snapshot.extended })
+        }
+        Op::SubjectExists { subject } => json!(Subject::open(&subject)?.exists()?),
+        Op::SubjectStore {
+            subject,
+            set,
+            extended,
+            remove,
+            store,
+        } => {
+            let subject = Subject::open(&subject)?;
+            for (prop, value) in &set {
+                subject.set(prop, value)?;
+            }
+            for (prop, value) in &extended {
+                subject.set_extended(prop, value)?;
+            }
+            for prop in &remove {
+                subject.remove(Kind::Default, prop)?;
+            }
+            let pending = subject.pending();
+            if store {
+                subject.store()?;
+            }
+            json!({ "pending": pending, "after_store": subject.pending() })
+        }
+        Op::SubjectSetRaw {
+            subject,
+            prop,
+            json,
+        } => {
+            // Straight to the WIT call, so invalid JSON reaches the host.
+            let subject = Subject::open(&subject)?;
+            subject.compare_and_set(Kind::Default, &prop, None, Some(&json))?;
+            Value::Null
+        }
+        Op::SubjectIncr {
+            subject,
+            extended,
+            prop,
+            delta,
+            times,
+        } => {
+            let subject = Subject::open(&subject)?;
+            let mut last = 0;
+            for _ in 0..times {
+                last = subject.increment(kind(extended), &prop, delta)?;
+            }
+            json!(last)
+        }
+        Op::SubjectIncrFloat {
+            subject,
+            prop,
+            delta,
+        } => json!(Subject::open(&subject)?.increment_float(Kind::Default, &prop, delta)?),
+        Op::SubjectCas {
+            subject,
+            prop,
+            expected,
+            new,
+        } => {
+            json!(Subject::open(&subject)?.compare_and_set(
+                Kind::Default,
+                &prop,
+                expected.as_deref(),
+                new.as_deref()
+            )?)
+        }
+        Op::SubjectUpdate {
+            subject,
+            prop,
+            times,
+        } => {
+            let subject = Subject::open(&subject)?;
+            let mut last = None;
+            for _ in 0..times {
+                last = subject.update(Kind::Default, &prop, |old: Option<i64>| {
+                    Some(old.unwrap_or(0) + 1)
+                })?;
+            }
+            json!(last)
+        }
+        Op::SubjectDelete { subject } => json!(Subject::open(&subject)?.delete()?),
+        Op::SubjectExpire { subject, ttl_ms } => match ttl_ms {
+            Some(ms) => json!(Subject::open(&subject)?.expire(Duration::from_millis(ms))?),
+            None => json!(Subject::open(&subject)?.persist()?),
+        },
+        Op::SubjectExpiry { subject } => match Subject::open(&subject)?.expiry()? {
+            Expiry::Missing => json!("missing"),
+            Expiry::Persistent => json!("persistent"),
+            Expiry::ExpiresIn(left) => json!(left.as_millis() as u64),
+        },
+        Op::SubjectList { pattern } => {
+            let mut names = Subject::list(pattern.as_deref())?;
+            names.sort();
+            json!(names)
+        }
+        Op::LockHold {
+            name,
+            ttl_ms,
+            wait_ms,
+            sleep_ms,
+        } => {
+            match Lock::acquire(
+                &name,
+                Duration::from_millis(ttl_ms),
+                Duration::from_millis(wait_ms),
+            )? {
+                None => Value::Null,
+                Some(lock) => {
+                    std::thread::sleep(Duration::from_millis(sleep_ms));
+                    json!(lock.token())
+                }
+            }
+        }
+        Op::LockTakeover { name } => {
+            // The first grant expires, a second takes the lock, and the
+            // first, no longer the owner, can neither extend nor release.
+            let first = Lock::acquire(&name, Duration::from_millis(100), Duration::ZERO)?
+                .ok_or_else(|| Error::Internal("lock was taken".into()))?;
+            let held = Lock::acquire(&name, Duration::from_secs(5), Duration::ZERO)?.is_some();
+            std::thread::sleep(Duration::from_millis(250));
+            let second = Lock::acquire(&name, Duration::from_secs(5), Duration::ZERO)?
+                .ok_or_else(|| Error::Internal("expired lock could not be taken".into()))?;
+            json!({
+                "taken_while_held": held,
+                "first": first.token(),
+                "second": second.token(),
+                "stale_extend": first.extend(Duration::from_secs(5))?,
+                "stale_release": first.release()?,
+                "owner_extend": second.extend(Duration::from_secs(5))?,
+                "owner_release": second.release()?,
+            })
+        }
+        Op::RateCheck {
+            key,
+            limit,
+            window_ms,
+            cost,
+        } => {
+            let d = rate_limit(&key, limit, Duration::from_millis(window_ms), cost)?;
+            json!({
+                "allowed": d.allowed,
+                "remaining": d.remaining,
+                "reset_after_ms": d.reset_after.as_millis() as u64,
+                "retry_after_ms": d.retry_after.as_millis() as u64,
+            })
+        }
         Op::Batch { ops } => Value::Array(ops.into_iter().map(|op| answer(bucket, op)).collect()),
     })
 }
@@ -241,6 +503,7 @@ fn answer(bucket: &Bucket, op: Op) -> Value {
                 Error::AccessDenied(_) => "access-denied",
                 Error::QuotaExceeded(_) => "quota-exceeded",
                 Error::Unavailable(_) => "unavailable",
+                Error::Conflict(_) => "conflict",
                 Error::Internal(_) => "internal",
             };
             json!({ "err": { "kind": kind, "message": error.to_string() } })

@@ -1,0 +1,52 @@
+//! `rolehost:state/limits`: GCRA rate limits at `{prefix}{identity}:rate:{key}`.
+
+use std::time::Duration;
+
+use super::CallCtx;
+use crate::bindings::limits::{Decision, Host};
+use crate::error::{StateError, StateResult};
+use crate::namespace::Space;
+
+/// Longest window: a year.
+const MAX_WINDOW_MS: u64 = 365 * 24 * 3600 * 1000;
+
+impl Host for CallCtx {
+    async fn check(
+        &mut self,
+        key: String,
+        limit: u64,
+        window_ms: u64,
+        cost: u64,
+    ) -> StateResult<Decision> {
+        let key = self.role.namespace.key(Space::Rate, &key)?;
+        if limit == 0 || limit > u32::MAX as u64 {
+            return Err(StateError::InvalidArgument(format!(
+                "limit must be 1 to {}",
+                u32::MAX
+            )));
+        }
+        if window_ms == 0 || window_ms > MAX_WINDOW_MS {
+            return Err(StateError::InvalidArgument(format!(
+                "window must be 1 to {MAX_WINDOW_MS} ms"
+            )));
+        }
+        if cost > limit {
+            return Err(StateError::InvalidArgument(format!(
+                "cost {cost} is over the limit {limit}; it could never pass"
+            )));
+        }
+        let decision = self
+            .backend
+            .rate_check(&key, limit, Duration::from_millis(window_ms), cost)
+            .await?;
+        Ok(Decision {
+            allowed: decision.allowed,
+            remaining: decision.remaining,
+            reset_after_ms: decision.reset_after.as_millis() as u64,
+            retry_after_ms: decision
+                .retry_after
+                .as_millis()
+                .max(u128::from(!decision.allowed)) as u64,
+        })
+    }
+}

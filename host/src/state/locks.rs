@@ -1,0 +1,143 @@
+//! `rolehost:state/locks`: a lock is the key `{prefix}{identity}:lock:{name}`
+//! holding its owner's random id, with a TTL; its fencing counter is
+//! `{prefix}{identity}:fence:{name}`. Taking the lock and drawing the token
+//! is one atomic step; extend and release compare the owner atomically.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::Resource;
+
+use super::{ttl, CallCtx};
+use crate::bindings::locks::{Host, HostLock};
+use crate::error::{StateError, StateResult};
+use crate::namespace::Space;
+
+/// Longest wait between two tries of a taken lock.
+const MAX_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// A lock this call holds (or held).
+pub struct Lock {
+    name: String,
+    key: String,
+    owner: String,
+    token: u64,
+}
+
+/// An owner id unique across processes: random per process, then a counter.
+fn new_owner() -> String {
+    static PROCESS: LazyLock<u64> =
+        LazyLock::new(|| RandomState::new().hash_one(std::process::id()));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{:016x}-{}-{}",
+        *PROCESS,
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl CallCtx {
+    fn lock(&self, handle: &Resource<Lock>) -> StateResult<&Lock> {
+        self.table
+            .get(handle)
+            .map_err(|e| StateError::Internal(format!("bad lock handle: {e}")))
+    }
+
+    /// Releases every lock this call still holds; run when the call ends,
+    /// however it ended.
+    pub(crate) async fn release_held_locks(&mut self) {
+        for (key, owner) in std::mem::take(&mut self.held_locks) {
+            if let Err(e) = self
+                .backend
+                .compare_and_swap(&key, Some(owner.as_bytes()), None, None)
+                .await
+            {
+                tracing::warn!(role = %self.role.name, "cannot release a lock at the end of the call: {e}");
+            }
+        }
+    }
+
+    async fn release(&mut self, handle: &Resource<Lock>) -> StateResult<bool> {
+        let lock = self.lock(handle)?;
+        let (key, owner) = (lock.key.clone(), lock.owner.clone());
+        self.held_locks.retain(|(k, o)| !(k == &key && o == &owner));
+        self.backend
+            .compare_and_swap(&key, Some(owner.as_bytes()), None, None)
+            .await
+    }
+}
+
+impl Host for CallCtx {}
+
+impl HostLock for CallCtx {
+    async fn acquire(
+        &mut self,
+        name: String,
+        ttl_ms: u64,
+        wait_ms: u64,
+    ) -> StateResult<Option<Resource<Lock>>> {
+        let key = self.role.namespace.key(Space::Lock, &name)?;
+        let fence = self.role.namespace.key(Space::Fence, &name)?;
+        let ttl = ttl(Some(ttl_ms))?.unwrap_or_default();
+        let owner = new_owner();
+        let give_up =
+            Instant::now() + Duration::from_millis(wait_ms.min(self.role.limits.deadline_ms));
+        let mut delay = Duration::from_millis(2);
+        let token = loop {
+            if let Some(token) = self.backend.lock_acquire(&key, &fence, &owner, ttl).await? {
+                break token;
+            }
+            let now = Instant::now();
+            if now >= give_up {
+                return Ok(None);
+            }
+            tokio::time::sleep(delay.min(give_up - now)).await;
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        };
+        self.held_locks.push((key.clone(), owner.clone()));
+        let lock = Lock {
+            name,
+            key,
+            owner,
+            token,
+        };
+        let handle = self
+            .table
+            .push(lock)
+            .map_err(|e| StateError::Internal(format!("cannot hold lock: {e}")))?;
+        Ok(Some(handle))
+    }
+
+    async fn token(&mut self, lock: Resource<Lock>) -> wasmtime::Result<u64> {
+        Ok(self.table.get(&lock)?.token)
+    }
+
+    async fn name(&mut self, lock: Resource<Lock>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&lock)?.name.clone())
+    }
+
+    async fn extend(&mut self, lock: Resource<Lock>, ttl_ms: u64) -> StateResult<bool> {
+        let ttl = ttl(Some(ttl_ms))?.unwrap_or_default();
+        let lock = self.lock(&lock)?;
+        let (key, owner) = (lock.key.clone(), lock.owner.clone());
+        self.backend
+            .expire_if_equal(&key, owner.as_bytes(), ttl)
+            .await
+    }
+
+    async fn release(&mut self, lock: Resource<Lock>) -> StateResult<bool> {
+        CallCtx::release(self, &lock).await
+    }
+
+    async fn drop(&mut self, lock: Resource<Lock>) -> wasmtime::Result<()> {
+        if let Err(e) = CallCtx::release(self, &lock).await {
+            tracing::warn!(role = %self.role.name, "cannot release a dropped lock: {e}");
+        }
+        self.table.delete(lock)?;
+        Ok(())
+    }
+}

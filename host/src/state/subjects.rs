@@ -1,0 +1,283 @@
+//! `rolehost:state/subjects`: one hash per subject, at
+//! `{prefix}{identity}:s:{subject}`, with fields `p{property}` (default
+//! properties) and `e{property}` (extended), values JSON text — seed 002's
+//! layout. Writes are buffered in the resource and applied by `store`.
+
+use std::collections::BTreeMap;
+
+use wasmtime::component::Resource;
+
+use super::{ttl, CallCtx};
+use crate::backend::Expiry as BackendExpiry;
+use crate::bindings::subjects::{Host, HostSubject, Kind, NamePage, Property, Snapshot};
+use crate::bindings::types::Expiry;
+use crate::error::{StateError, StateResult};
+use crate::namespace::Space;
+
+/// An open subject and its buffered writes.
+pub struct Subject {
+    name: String,
+    key: String,
+    /// Field → new value, or none to remove it.
+    pending: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+fn field(kind: Kind, property: &str) -> String {
+    let tag = match kind {
+        Kind::Default => 'p',
+        Kind::Extended => 'e',
+    };
+    format!("{tag}{property}")
+}
+
+fn check_json(value: &str) -> StateResult<()> {
+    serde_json::from_str::<serde::de::IgnoredAny>(value)
+        .map(drop)
+        .map_err(|e| StateError::InvalidArgument(format!("property value is not JSON: {e}")))
+}
+
+fn text(bytes: Vec<u8>) -> String {
+    // Values are written as JSON text by this interface; anything else was
+    // written from outside and is shown lossily rather than failing.
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+impl CallCtx {
+    fn subject(&self, handle: &Resource<Subject>) -> StateResult<&Subject> {
+        self.table
+            .get(handle)
+            .map_err(|e| StateError::Internal(format!("bad subject handle: {e}")))
+    }
+
+    fn subject_mut(&mut self, handle: &Resource<Subject>) -> StateResult<&mut Subject> {
+        self.table
+            .get_mut(handle)
+            .map_err(|e| StateError::Internal(format!("bad subject handle: {e}")))
+    }
+
+    /// The hash key and the checked field of a property.
+    fn property(
+        &self,
+        handle: &Resource<Subject>,
+        kind: Kind,
+        property: &str,
+    ) -> StateResult<(String, String)> {
+        self.role.namespace.check_name("property", property)?;
+        Ok((self.subject(handle)?.key.clone(), field(kind, property)))
+    }
+
+    fn check_property_value(&self, value: &str) -> StateResult<()> {
+        self.check_value(value.as_bytes())?;
+        check_json(value)
+    }
+}
+
+impl Host for CallCtx {
+    async fn list_subjects(
+        &mut self,
+        pattern: Option<String>,
+        cursor: Option<String>,
+        limit: u32,
+    ) -> StateResult<NamePage> {
+        let namespace = self.role.namespace.clone();
+        let (names, cursor) = self
+            .list_names(&namespace, Space::Subject, pattern, cursor, limit)
+            .await?;
+        Ok(NamePage { names, cursor })
+    }
+}
+
+impl HostSubject for CallCtx {
+    async fn open(&mut self, name: String) -> StateResult<Resource<Subject>> {
+        let key = self.role.namespace.key(Space::Subject, &name)?;
+        let subject = Subject {
+            name,
+            key,
+            pending: BTreeMap::new(),
+        };
+        self.table
+            .push(subject)
+            .map_err(|e| StateError::Internal(format!("cannot open subject: {e}")))
+    }
+
+    async fn name(&mut self, subject: Resource<Subject>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&subject)?.name.clone())
+    }
+
+    async fn get(
+        &mut self,
+        subject: Resource<Subject>,
+        kind: Kind,
+        property: String,
+    ) -> StateResult<Option<String>> {
+        let (key, field) = self.property(&subject, kind, &property)?;
+        Ok(self.backend.hash_get(&key, &field).await?.map(text))
+    }
+
+    async fn load(&mut self, subject: Resource<Subject>) -> StateResult<Snapshot> {
+        let key = self.subject(&subject)?.key.clone();
+        let mut snapshot = Snapshot {
+            default: Vec::new(),
+            extended: Vec::new(),
+        };
+        for (field, value) in self.backend.hash_get_all(&key).await? {
+            let (list, name) = match field.split_at_checked(1) {
+                Some(("p", name)) => (&mut snapshot.default, name),
+                Some(("e", name)) => (&mut snapshot.extended, name),
+                _ => continue, // not written by this interface
+            };
+            list.push(Property {
+                name: name.to_owned(),
+                value: text(value),
+            });
+        }
+        Ok(snapshot)
+    }
+
+    async fn exists(&mut self, subject: Resource<Subject>) -> StateResult<bool> {
+        let key = self.subject(&subject)?.key.clone();
+        self.backend.exists(&key).await
+    }
+
+    async fn set(
+        &mut self,
+        subject: Resource<Subject>,
+        kind: Kind,
+        property: String,
+        value: String,
+    ) -> StateResult<()> {
+        let (_, field) = self.property(&subject, kind, &property)?;
+        self.check_property_value(&value)?;
+        let max = self.role.limits.max_batch_entries;
+        let pending = &mut self.subject_mut(&subject)?.pending;
+        if !pending.contains_key(&field) && pending.len() >= max {
+            return Err(StateError::TooLarge(format!(
+                "more than {max} buffered writes; call store first"
+            )));
+        }
+        pending.insert(field, Some(value.into_bytes()));
+        Ok(())
+    }
+
+    async fn remove(
+        &mut self,
+        subject: Resource<Subject>,
+        kind: Kind,
+        property: String,
+    ) -> StateResult<()> {
+        let (_, field) = self.property(&subject, kind, &property)?;
+        let max = self.role.limits.max_batch_entries;
+        let pending = &mut self.subject_mut(&subject)?.pending;
+        if !pending.contains_key(&field) && pending.len() >= max {
+            return Err(StateError::TooLarge(format!(
+                "more than {max} buffered writes; call store first"
+            )));
+        }
+        pending.insert(field, None);
+        Ok(())
+    }
+
+    async fn pending(&mut self, subject: Resource<Subject>) -> wasmtime::Result<u32> {
+        Ok(self.table.get(&subject)?.pending.len() as u32)
+    }
+
+    async fn store(&mut self, subject: Resource<Subject>) -> StateResult<()> {
+        let subject = self.subject_mut(&subject)?;
+        let key = subject.key.clone();
+        let pending = std::mem::take(&mut subject.pending);
+        let mut set = Vec::new();
+        let mut remove = Vec::new();
+        for (field, value) in pending {
+            match value {
+                Some(value) => set.push((field, value)),
+                None => remove.push(field),
+            }
+        }
+        self.backend.hash_apply(&key, &set, &remove).await
+    }
+
+    async fn discard(&mut self, subject: Resource<Subject>) -> wasmtime::Result<()> {
+        self.table.get_mut(&subject)?.pending.clear();
+        Ok(())
+    }
+
+    async fn increment(
+        &mut self,
+        subject: Resource<Subject>,
+        kind: Kind,
+        property: String,
+        delta: i64,
+    ) -> StateResult<i64> {
+        let (key, field) = self.property(&subject, kind, &property)?;
+        self.backend.hash_increment(&key, &field, delta).await
+    }
+
+    async fn increment_float(
+        &mut self,
+        subject: Resource<Subject>,
+        kind: Kind,
+        property: String,
+        delta: f64,
+    ) -> StateResult<f64> {
+        if !delta.is_finite() {
+            return Err(StateError::InvalidArgument(
+                "delta must be a finite number".into(),
+            ));
+        }
+        let (key, field) = self.property(&subject, kind, &property)?;
+        self.backend.hash_increment_float(&key, &field, delta).await
+    }
+
+    async fn compare_and_set(
+        &mut self,
+        subject: Resource<Subject>,
+        kind: Kind,
+        property: String,
+        expected: Option<String>,
+        new: Option<String>,
+    ) -> StateResult<bool> {
+        let (key, field) = self.property(&subject, kind, &property)?;
+        if let Some(new) = &new {
+            self.check_property_value(new)?;
+        }
+        let expected = expected.as_deref().map(str::as_bytes);
+        let new = new.as_deref().map(str::as_bytes);
+        self.backend
+            .hash_compare_and_set(&key, &field, expected, new)
+            .await
+    }
+
+    async fn delete(&mut self, subject: Resource<Subject>) -> StateResult<bool> {
+        let key = self.subject(&subject)?.key.clone();
+        Ok(self.backend.delete_many(&[key]).await? > 0)
+    }
+
+    async fn expire(
+        &mut self,
+        subject: Resource<Subject>,
+        ttl_ms: Option<u64>,
+    ) -> StateResult<bool> {
+        let key = self.subject(&subject)?.key.clone();
+        self.backend.expire(&key, ttl(ttl_ms)?).await
+    }
+
+    async fn expiry(&mut self, subject: Resource<Subject>) -> StateResult<Expiry> {
+        let key = self.subject(&subject)?.key.clone();
+        Ok(self.backend.expiry(&key).await?.into())
+    }
+
+    async fn drop(&mut self, subject: Resource<Subject>) -> wasmtime::Result<()> {
+        self.table.delete(subject)?;
+        Ok(())
+    }
+}
+
+impl From<BackendExpiry> for Expiry {
+    fn from(expiry: BackendExpiry) -> Self {
+        match expiry {
+            BackendExpiry::Missing => Expiry::Missing,
+            BackendExpiry::Persistent => Expiry::Persistent,
+            BackendExpiry::ExpiresIn(left) => Expiry::ExpiresInMs(left.as_millis() as u64),
+        }
+    }
+}
