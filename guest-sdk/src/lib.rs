@@ -420,6 +420,16 @@ pub struct Snapshot {
 /// Attempts [`Subject::update`] makes before giving up with `Conflict`.
 pub const UPDATE_ATTEMPTS: usize = 64;
 
+/// Sleeps a random time of up to 2^attempt × 100 µs (at most 20 ms), so
+/// writers that collided spread out instead of colliding again.
+fn backoff(attempt: usize) {
+    use std::hash::BuildHasher;
+    let cap_us = (100u64 << attempt.min(8)).min(20_000);
+    // RandomState is seeded from the host's randomness (wasi:random).
+    let jitter = std::collections::hash_map::RandomState::new().hash_one(attempt) % cap_us;
+    std::thread::sleep(Duration::from_micros(jitter));
+}
+
 fn decode<T: DeserializeOwned>(what: &str, json: &str) -> Result<T> {
     serde_json::from_str(json)
         .map_err(|e| Error::Internal(format!("{what} is not the expected JSON: {e}")))
@@ -562,7 +572,7 @@ impl Subject {
         T: Serialize + DeserializeOwned,
         F: FnMut(Option<T>) -> Option<T>,
     {
-        for _ in 0..UPDATE_ATTEMPTS {
+        for attempt in 0..UPDATE_ATTEMPTS {
             let old_json = self.0.get(kind, property)?;
             let old = match &old_json {
                 None => None,
@@ -582,6 +592,7 @@ impl Subject {
             {
                 return Ok(new);
             }
+            backoff(attempt);
         }
         Err(Error::Conflict(format!(
             "property {property:?} changed under {UPDATE_ATTEMPTS} attempts in a row; try again later"

@@ -485,12 +485,12 @@ fn add_float(value: Option<&[u8]>, delta: f64) -> StateResult<f64> {
     Ok(next)
 }
 
-/// Formats a float like Redis: integers without a fraction, others in the
-/// shortest form that reads back exactly.
+/// Formats a float close to Redis: integers without a fraction, others
+/// rounded to 15 significant digits, so 0.1 + 0.2 is stored as `0.3`.
 fn format_float(value: f64) -> String {
     if value == value.trunc() && value.abs() < 1e17 {
-        format!("{}", value as i64)
-    } else {
-        format!("{value}")
+        return format!("{}", value as i64);
     }
+    let rounded: f64 = format!("{value:.14e}").parse().unwrap_or(value);
+    format!("{rounded}")
 }

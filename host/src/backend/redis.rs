@@ -61,6 +61,21 @@ end
 return 1
 "#;
 
+/// HINCRBYFLOAT that refuses a result out of the f64 range (Redis computes
+/// in long double and would store it). ARGV: field, delta.
+const HASH_INCR_FLOAT_SCRIPT: &str = r#"
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then
+  local n = tonumber(current)
+  if n == nil then return redis.error_reply('ERR hash value is not a float') end
+  local sum = n + tonumber(ARGV[2])
+  if sum ~= sum or sum == math.huge or sum == -math.huge then
+    return redis.error_reply('ERR increment would produce NaN or Infinity')
+  end
+end
+return redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2])
+"#;
+
 /// Takes a free lock and draws a fencing token in one step.
 /// KEYS: lock, fence counter. ARGV: owner, ttl-ms.
 const LOCK_ACQUIRE_SCRIPT: &str = r#"
@@ -132,6 +147,7 @@ pub struct RedisBackend {
     cas: Script,
     persist: Script,
     hash_cas: Script,
+    hash_incr_float: Script,
     lock_acquire: Script,
     expire_if_equal: Script,
     rate: Script,
@@ -168,6 +184,7 @@ impl RedisBackend {
             cas: Script::new(CAS_SCRIPT),
             persist: Script::new(PERSIST_SCRIPT),
             hash_cas: Script::new(HASH_CAS_SCRIPT),
+            hash_incr_float: Script::new(HASH_INCR_FLOAT_SCRIPT),
             lock_acquire: Script::new(LOCK_ACQUIRE_SCRIPT),
             expire_if_equal: Script::new(EXPIRE_IF_EQUAL_SCRIPT),
             rate: Script::new(RATE_SCRIPT),
@@ -459,8 +476,16 @@ impl Backend for RedisBackend {
     }
 
     async fn hash_increment_float(&self, key: &str, field: &str, delta: f64) -> StateResult<f64> {
-        self.run(|mut c| async move { c.hincr(key, field, delta).await })
-            .await
+        let script = &self.hash_incr_float;
+        self.run(|mut c| async move {
+            script
+                .key(key)
+                .arg(field)
+                .arg(delta)
+                .invoke_async(&mut c)
+                .await
+        })
+        .await
     }
 
     async fn hash_compare_and_set(
