@@ -1,0 +1,197 @@
+//! Several `rolehost` processes sharing one real redis-server: atomic
+//! operations, rate limits and locks stay exact across processes.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rolehost_tests::{probe, role_path, shared_redis};
+use serde_json::json;
+
+/// A manifest with the roles these tests run, on Redis database `url`.
+fn manifest(name: &str, url: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rolehost-mp-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("roles.toml");
+    let role = |name: &str, file: &str| {
+        format!(
+            "[[roles]]\nname = \"{name}\"\nwasm = \"{}\"\nlimits = {{ deadline-ms = 300000 }}\n",
+            role_path(file).display()
+        )
+    };
+    let text = format!(
+        "state = \"{url}\"\n{}{}{}",
+        role("shared", "kvprobe"),
+        role("rate-limiter", "rate-limiter"),
+        role("worker", "worker")
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn(manifest: &PathBuf, role: &str, body: &str, repeat: usize, concurrency: usize) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_rolehost"))
+        .arg("call")
+        .arg("--manifest")
+        .arg(manifest)
+        .args([
+            role,
+            body,
+            "--repeat",
+            &repeat.to_string(),
+            "--concurrency",
+            &concurrency.to_string(),
+        ])
+        .env_remove("ROLEHOST_STATE")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs the same calls in two processes at once; their stdout lines.
+fn in_two_processes(
+    manifest: &PathBuf,
+    role: &str,
+    body: &str,
+    repeat: usize,
+    concurrency: usize,
+) -> Vec<String> {
+    let children = [
+        spawn(manifest, role, body, repeat, concurrency),
+        spawn(manifest, role, body, repeat, concurrency),
+    ];
+    let mut lines = Vec::new();
+    for child in children {
+        let out: Output = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "a process failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lines.extend(
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .map(str::to_owned),
+        );
+    }
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_increments_are_exact_across_processes() {
+    let Some(server) = shared_redis() else { return };
+    let db = server.fresh_db();
+    let manifest = manifest("incr", &server.url(db));
+    let incr = r#"{"op":"subject_incr","subject":"hot","prop":"n","delta":1,"times":500}"#;
+    let lines = in_two_processes(&manifest, "shared", incr, 16, 16);
+    assert_eq!(lines.len(), 32);
+    let update = r#"{"op":"subject_update","subject":"hot","prop":"m","times":500}"#;
+    let lines = in_two_processes(&manifest, "shared", update, 16, 16);
+    assert_eq!(lines.len(), 32, "every update call succeeded: {lines:?}");
+    let host = rolehost_tests::host(server.backend(db), "rolehost:", &[("shared", "kvprobe")]);
+    let get = |prop: &str| json!({"op":"subject_get","subject":"hot","prop":prop});
+    assert_eq!(
+        probe(&host, "shared", get("n")).await,
+        Ok(json!("16000")),
+        "HINCRBY path"
+    );
+    assert_eq!(
+        probe(&host, "shared", get("m")).await,
+        Ok(json!("16000")),
+        "compare-and-set path"
+    );
+}
+
+#[test]
+fn rate_limit_is_exact_across_processes() {
+    let Some(server) = shared_redis() else { return };
+    let manifest = manifest("rate", &server.url(server.fresh_db()));
+    let body = r#"{"client":"c1","limit":50,"window_ms":3600000}"#;
+    let lines = in_two_processes(&manifest, "rate-limiter", body, 100, 100);
+    assert_eq!(lines.len(), 200);
+    let allowed = lines
+        .iter()
+        .filter(|l| l.contains(r#""result":"allowed""#))
+        .count();
+    let denied = lines
+        .iter()
+        .filter(|l| l.contains(r#""result":"denied""#))
+        .count();
+    assert_eq!((allowed, denied), (50, 150));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_exclude_across_processes() {
+    let Some(server) = shared_redis() else { return };
+    let db = server.fresh_db();
+    let manifest = manifest("locks", &server.url(db));
+    // The worker errors if it finds another holder; every call succeeding
+    // means no overlap, and the log proves no append was lost.
+    let lines = in_two_processes(&manifest, "worker", "", 20, 8);
+    let mut tokens: Vec<u64> = lines.iter().map(|l| l.parse().unwrap()).collect();
+    tokens.sort();
+    assert_eq!(
+        tokens,
+        (1..=40).collect::<Vec<u64>>(),
+        "tokens are unique and dense"
+    );
+    let host = rolehost_tests::host(server.backend(db), "rolehost:", &[("worker", "kvprobe")]);
+    let log = probe(&host, "worker", json!({"op":"get","key":"log"}))
+        .await
+        .unwrap();
+    let logged: Vec<u64> = log
+        .as_str()
+        .unwrap()
+        .split(',')
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert_eq!(logged, tokens, "appended in token order, none lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_holders_lock_is_freed_by_its_ttl() {
+    let Some(server) = shared_redis() else { return };
+    let db = server.fresh_db();
+    let manifest = manifest("crash", &server.url(db));
+    let hold = r#"{"op":"lock_hold","name":"job","ttl_ms":1500,"wait_ms":0,"sleep_ms":120000}"#;
+    let mut holder = spawn(&manifest, "shared", hold, 1, 1);
+    let host = rolehost_tests::host(server.backend(db), "rolehost:", &[("shared", "kvprobe")]);
+    let try_lock = json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0});
+    // Wait until the other process holds the lock.
+    let start = Instant::now();
+    loop {
+        if server
+            .all_keys(db)
+            .iter()
+            .any(|k| k == "rolehost:shared:lock:job")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the holder never took the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        probe(&host, "shared", try_lock.clone()).await,
+        Ok(json!(null)),
+        "held by the other process"
+    );
+    holder.kill().unwrap(); // SIGKILL: no chance to release
+    holder.wait().unwrap();
+    assert_eq!(
+        probe(&host, "shared", try_lock.clone()).await,
+        Ok(json!(null)),
+        "still held until the TTL ends"
+    );
+    let wait = json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":5000});
+    assert_eq!(
+        probe(&host, "shared", wait).await,
+        Ok(json!(2)),
+        "taken after the TTL, with the next token"
+    );
+}
