@@ -38,6 +38,9 @@ async fn scenario(root: &Path, state: &str) -> anyhow::Result<()> {
         ("visits", "counter"),
         ("session-cache", "session-cache"),
         ("notes", "notes"),
+        ("profile", "profile"),
+        ("rate-limiter", "rate-limiter"),
+        ("worker", "worker"),
     ] {
         let mut spec = RoleSpec::from_path(roles.join(format!("{file}.wasm")))?;
         spec.name = name.to_owned();
@@ -94,7 +97,29 @@ async fn scenario(root: &Path, state: &str) -> anyhow::Result<()> {
     )
     .await?;
 
-    println!("\n6. every key lives under its role's prefix `{DEFAULT_GLOBAL_PREFIX}{{role}}:kv:`:");
+    println!("\n6. profile records logins on the subject `user-u1` (an atomic increment, a buffered store):");
+    call(&host, "profile", r#"{"user":"u1"}"#).await?;
+    call(&host, "profile", r#"{"user":"u1"}"#).await?;
+
+    println!("\n7. rate-limiter admits 3 calls a minute per client (GCRA, exact across hosts):");
+    for _ in 0..4 {
+        call(
+            &host,
+            "rate-limiter",
+            r#"{"client":"c1","limit":3,"window_ms":60000}"#,
+        )
+        .await?;
+    }
+
+    println!("\n8. four workers at once take the lock `job`; each answers its fencing token:");
+    let workers = (0..4).map(|_| host.call("worker", b""));
+    let mut tokens = Vec::new();
+    for result in futures_join(workers).await {
+        tokens.push(String::from_utf8_lossy(&result?).into_owned());
+    }
+    println!("  worker × 4 → tokens {}", tokens.join(", "));
+
+    println!("\n9. every key lives under its role's prefix `{DEFAULT_GLOBAL_PREFIX}{{role}}:{{space}}:`:");
     let mut cursor = None;
     loop {
         let page = backend
@@ -109,4 +134,31 @@ async fn scenario(root: &Path, state: &str) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Awaits every future concurrently, keeping their order.
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in pinned.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
 }
