@@ -418,13 +418,14 @@ pub struct Snapshot {
 }
 
 /// Attempts [`Subject::update`] makes before giving up with `Conflict`.
-pub const UPDATE_ATTEMPTS: usize = 64;
+pub const UPDATE_ATTEMPTS: usize = 1000;
 
-/// Sleeps a random time of up to 2^attempt × 100 µs (at most 20 ms), so
-/// writers that collided spread out instead of colliding again.
+/// Sleeps a random time of up to 2^attempt × 50 µs (at most 5 ms), so
+/// writers that collided spread out instead of colliding again. The cap is
+/// low so a writer that lost often is not left behind by fresh ones.
 fn backoff(attempt: usize) {
     use std::hash::BuildHasher;
-    let cap_us = (100u64 << attempt.min(8)).min(20_000);
+    let cap_us = (50u64 << attempt.min(7)).min(5_000);
     // RandomState is seeded from the host's randomness (wasi:random).
     let jitter = std::collections::hash_map::RandomState::new().hash_one(attempt) % cap_us;
     std::thread::sleep(Duration::from_micros(jitter));

@@ -88,9 +88,17 @@ async fn subject_increments_are_exact_across_processes() {
     let incr = r#"{"op":"subject_incr","subject":"hot","prop":"n","delta":1,"times":500}"#;
     let lines = in_two_processes(&manifest, "shared", incr, 16, 16);
     assert_eq!(lines.len(), 32);
+    assert!(
+        lines.iter().all(|l| l.starts_with(r#"{"ok":"#)),
+        "every increment call succeeded: {lines:?}"
+    );
     let update = r#"{"op":"subject_update","subject":"hot","prop":"m","times":500}"#;
     let lines = in_two_processes(&manifest, "shared", update, 16, 16);
-    assert_eq!(lines.len(), 32, "every update call succeeded: {lines:?}");
+    assert_eq!(lines.len(), 32);
+    assert!(
+        lines.iter().all(|l| l.starts_with(r#"{"ok":"#)),
+        "every update call succeeded: {lines:?}"
+    );
     let host = rolehost_tests::host(server.backend(db), "rolehost:", &[("shared", "kvprobe")]);
     let get = |prop: &str| json!({"op":"subject_get","subject":"hot","prop":prop});
     assert_eq!(

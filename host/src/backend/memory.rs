@@ -129,7 +129,7 @@ impl MemoryBackend {
             }
         }
         map.writes += 1;
-        if map.writes % SWEEP_EVERY == 0 {
+        if map.writes.is_multiple_of(SWEEP_EVERY) {
             map.entries.retain(|_, entry| entry.is_live(now));
         }
         f(&mut map)
