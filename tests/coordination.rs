@@ -316,6 +316,7 @@ async fn lock_takeover_fences_the_stale_holder(b: Arc<dyn Backend>, p: String) {
     let result = probe(&host, "alice", json!({"op":"lock_takeover","name":"job"}))
         .await
         .unwrap();
+    assert_eq!(result["released_by_drop"], true, "{result}");
     assert_eq!(result["taken_while_held"], false);
     assert!(
         result["second"].as_u64() > result["first"].as_u64(),

@@ -458,6 +458,14 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
         Op::LockTakeover { name } => {
             // The first grant expires, a second takes the lock, and the
             // first, no longer the owner, can neither extend nor release.
+            drop(Lock::acquire(
+                &name,
+                Duration::from_secs(60),
+                Duration::ZERO,
+            )?);
+            let after_drop = Lock::acquire(&name, Duration::from_secs(60), Duration::ZERO)?
+                .map(|lock| lock.release())
+                .transpose()?;
             let first = Lock::acquire(&name, Duration::from_millis(100), Duration::ZERO)?
                 .ok_or_else(|| Error::Internal("lock was taken".into()))?;
             let held = Lock::acquire(&name, Duration::from_secs(5), Duration::ZERO)?.is_some();
@@ -465,6 +473,7 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
             let second = Lock::acquire(&name, Duration::from_secs(5), Duration::ZERO)?
                 .ok_or_else(|| Error::Internal("expired lock could not be taken".into()))?;
             json!({
+                "released_by_drop": after_drop == Some(true),
                 "taken_while_held": held,
                 "first": first.token(),
                 "second": second.token(),
