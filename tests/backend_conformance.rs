@@ -30,6 +30,7 @@ on_both_backends!(
     locks_fence_and_expire,
     concurrent_lock_acquire_has_one_winner,
     rate_limit_admits_the_limit_then_refills,
+    fallback_ttl_applies_only_to_keys_without_one,
     concurrent_rate_checks_admit_exactly_the_limit,
 );
 
@@ -225,17 +226,17 @@ async fn delete_matching_clears_only_matches(b: Arc<dyn Backend>, p: String) {
 
 async fn increment_semantics(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}n");
-    assert_eq!(b.increment(&k, 5).await.unwrap(), 5);
-    assert_eq!(b.increment(&k, -7).await.unwrap(), -2);
+    assert_eq!(b.increment(&k, 5, None).await.unwrap(), 5);
+    assert_eq!(b.increment(&k, -7, None).await.unwrap(), -2);
     assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"-2"[..]));
     // The TTL survives an increment.
     b.expire(&k, Some(Duration::from_secs(30))).await.unwrap();
-    b.increment(&k, 1).await.unwrap();
+    b.increment(&k, 1, None).await.unwrap();
     assert!(matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)));
     let text = format!("{p}text");
     b.set(&text, b"ten", None).await.unwrap();
     assert!(matches!(
-        b.increment(&text, 1).await,
+        b.increment(&text, 1, None).await,
         Err(StateError::InvalidArgument(_))
     ));
     let max = format!("{p}max");
@@ -243,7 +244,7 @@ async fn increment_semantics(b: Arc<dyn Backend>, p: String) {
         .await
         .unwrap();
     assert!(matches!(
-        b.increment(&max, 1).await,
+        b.increment(&max, 1, None).await,
         Err(StateError::InvalidArgument(_))
     ));
     assert_eq!(
@@ -333,7 +334,7 @@ async fn concurrent_increments_are_exact(b: Arc<dyn Backend>, p: String) {
             let (b, k) = (b.clone(), k.clone());
             tokio::spawn(async move {
                 for _ in 0..100 {
-                    b.increment(&k, 1).await.unwrap();
+                    b.increment(&k, 1, None).await.unwrap();
                 }
             })
         })
@@ -413,6 +414,7 @@ async fn hash_reads_and_atomic_writes(b: Arc<dyn Backend>, p: String) {
         &k,
         &fields(&[("pname", "\"ada\""), ("page", "36"), ("elogin", "1")]),
         &[],
+        None,
     )
     .await
     .unwrap();
@@ -424,6 +426,7 @@ async fn hash_reads_and_atomic_writes(b: Arc<dyn Backend>, p: String) {
         &k,
         &fields(&[("page", "37")]),
         &["elogin".to_owned(), "pmissing".to_owned()],
+        None,
     )
     .await
     .unwrap();
@@ -432,72 +435,84 @@ async fn hash_reads_and_atomic_writes(b: Arc<dyn Backend>, p: String) {
     assert_eq!(all, fields(&[("page", "37"), ("pname", "\"ada\"")]));
     // The TTL survives writes; removing the last field deletes the hash.
     assert!(b.expire(&k, Some(Duration::from_secs(30))).await.unwrap());
-    b.hash_apply(&k, &fields(&[("page", "38")]), &[])
+    b.hash_apply(&k, &fields(&[("page", "38")]), &[], None)
         .await
         .unwrap();
     assert!(matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)));
-    b.hash_apply(&k, &[], &["page".to_owned(), "pname".to_owned()])
+    b.hash_apply(&k, &[], &["page".to_owned(), "pname".to_owned()], None)
         .await
         .unwrap();
     assert!(!b.exists(&k).await.unwrap());
-    b.hash_apply(&k, &[], &[]).await.unwrap();
+    b.hash_apply(&k, &[], &[], None).await.unwrap();
     assert!(!b.exists(&k).await.unwrap());
 }
 
 async fn hash_increments(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}subject");
-    assert_eq!(b.hash_increment(&k, "pn", 3).await.unwrap(), 3);
-    assert_eq!(b.hash_increment(&k, "pn", -5).await.unwrap(), -2);
-    assert_eq!(b.hash_increment_float(&k, "pf", 1.5).await.unwrap(), 1.5);
-    assert_eq!(b.hash_increment_float(&k, "pf", 2.25).await.unwrap(), 3.75);
+    assert_eq!(b.hash_increment(&k, "pn", 3, None).await.unwrap(), 3);
+    assert_eq!(b.hash_increment(&k, "pn", -5, None).await.unwrap(), -2);
+    assert_eq!(
+        b.hash_increment_float(&k, "pf", 1.5, None).await.unwrap(),
+        1.5
+    );
+    assert_eq!(
+        b.hash_increment_float(&k, "pf", 2.25, None).await.unwrap(),
+        3.75
+    );
     assert_eq!(
         b.hash_get(&k, "pf").await.unwrap().as_deref(),
         Some(&b"3.75"[..])
     );
-    assert_eq!(b.hash_increment_float(&k, "pn", 0.5).await.unwrap(), -1.5);
-    assert_eq!(b.hash_increment_float(&k, "pw", 2.0).await.unwrap(), 2.0);
+    assert_eq!(
+        b.hash_increment_float(&k, "pn", 0.5, None).await.unwrap(),
+        -1.5
+    );
+    assert_eq!(
+        b.hash_increment_float(&k, "pw", 2.0, None).await.unwrap(),
+        2.0
+    );
     assert_eq!(
         b.hash_get(&k, "pw").await.unwrap().as_deref(),
         Some(&b"2"[..]),
         "whole floats stored as integers"
     );
-    b.hash_apply(&k, &fields(&[("ptext", "\"x\"")]), &[])
+    b.hash_apply(&k, &fields(&[("ptext", "\"x\"")]), &[], None)
         .await
         .unwrap();
     assert!(matches!(
-        b.hash_increment(&k, "ptext", 1).await,
+        b.hash_increment(&k, "ptext", 1, None).await,
         Err(StateError::InvalidArgument(_))
     ));
     assert!(matches!(
-        b.hash_increment(&k, "pf", 1).await,
+        b.hash_increment(&k, "pf", 1, None).await,
         Err(StateError::InvalidArgument(_))
     ));
     assert!(matches!(
-        b.hash_increment_float(&k, "ptext", 1.0).await,
+        b.hash_increment_float(&k, "ptext", 1.0, None).await,
         Err(StateError::InvalidArgument(_))
     ));
     // A failed increment on a new hash leaves nothing behind.
     let fresh = format!("{p}fresh");
     b.set(&format!("{p}other"), b"1", None).await.unwrap();
-    assert_eq!(b.hash_increment(&fresh, "pn", 1).await.unwrap(), 1);
+    assert_eq!(b.hash_increment(&fresh, "pn", 1, None).await.unwrap(), 1);
 }
 
 async fn hash_compare_and_set_branches(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}subject");
     assert!(!b
-        .hash_compare_and_set(&k, "pa", Some(b"1"), Some(b"2"))
+        .hash_compare_and_set(&k, "pa", Some(b"1"), Some(b"2"), None)
         .await
         .unwrap());
     assert!(b
-        .hash_compare_and_set(&k, "pa", None, Some(b"1"))
+        .hash_compare_and_set(&k, "pa", None, Some(b"1"), None)
         .await
         .unwrap());
     assert!(!b
-        .hash_compare_and_set(&k, "pa", None, Some(b"9"))
+        .hash_compare_and_set(&k, "pa", None, Some(b"9"), None)
         .await
         .unwrap());
     assert!(b
-        .hash_compare_and_set(&k, "pa", Some(b"1"), Some(b"2"))
+        .hash_compare_and_set(&k, "pa", Some(b"1"), Some(b"2"), None)
         .await
         .unwrap());
     assert_eq!(
@@ -505,7 +520,7 @@ async fn hash_compare_and_set_branches(b: Arc<dyn Backend>, p: String) {
         Some(&b"2"[..])
     );
     assert!(b
-        .hash_compare_and_set(&k, "pa", Some(b"2"), None)
+        .hash_compare_and_set(&k, "pa", Some(b"2"), None, None)
         .await
         .unwrap());
     assert!(
@@ -645,4 +660,41 @@ async fn concurrent_rate_checks_admit_exactly_the_limit(b: Arc<dyn Backend>, p: 
         allowed += task.await.unwrap();
     }
     assert_eq!(allowed, 50, "200 checks against a limit of 50");
+}
+
+async fn fallback_ttl_applies_only_to_keys_without_one(b: Arc<dyn Backend>, p: String) {
+    let ttl = Some(Duration::from_secs(60));
+    let (n, h) = (format!("{p}n"), format!("{p}h"));
+    b.increment(&n, 1, ttl).await.unwrap();
+    assert!(matches!(b.expiry(&n).await.unwrap(), Expiry::ExpiresIn(_)));
+    // An existing TTL is kept, not reset.
+    b.expire(&n, Some(Duration::from_secs(5))).await.unwrap();
+    b.increment(&n, 1, ttl).await.unwrap();
+    match b.expiry(&n).await.unwrap() {
+        Expiry::ExpiresIn(left) => assert!(left <= Duration::from_secs(5)),
+        other => panic!("{other:?}"),
+    }
+    b.hash_apply(&h, &fields(&[("pa", "1")]), &[], ttl)
+        .await
+        .unwrap();
+    assert!(matches!(b.expiry(&h).await.unwrap(), Expiry::ExpiresIn(_)));
+    for (key, write) in [("i", 0), ("f", 1), ("c", 2)] {
+        let k = format!("{p}{key}");
+        match write {
+            0 => drop(b.hash_increment(&k, "pn", 1, ttl).await.unwrap()),
+            1 => drop(b.hash_increment_float(&k, "pn", 1.5, ttl).await.unwrap()),
+            _ => drop(
+                b.hash_compare_and_set(&k, "pn", None, Some(b"1"), ttl)
+                    .await
+                    .unwrap(),
+            ),
+        }
+        assert!(
+            matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)),
+            "{key}"
+        );
+    }
+    let plain = format!("{p}plain");
+    b.increment(&plain, 1, None).await.unwrap();
+    assert_eq!(b.expiry(&plain).await.unwrap(), Expiry::Persistent);
 }

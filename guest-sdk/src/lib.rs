@@ -442,9 +442,15 @@ fn decode<T: DeserializeOwned>(what: &str, json: &str) -> Result<T> {
 pub struct Subject(subjects::Subject);
 
 impl Subject {
-    /// Opens the subject `name` (it exists once it has a property).
+    /// Opens the subject `name` of the role's own namespace (it exists
+    /// once it has a property).
     pub fn open(name: &str) -> Result<Self> {
-        Ok(Self(subjects::Subject::open(name)?))
+        Self::open_in("", name)
+    }
+
+    /// Opens the subject `name` of a granted shared `namespace`.
+    pub fn open_in(namespace: &str, name: &str) -> Result<Self> {
+        Ok(Self(subjects::Subject::open(namespace, name)?))
     }
 
     /// The subject's name.
@@ -622,10 +628,15 @@ impl Subject {
 
     /// Names of the role's subjects matching a glob pattern (none: all).
     pub fn list(pattern: Option<&str>) -> Result<Vec<String>> {
+        Self::list_in("", pattern)
+    }
+
+    /// Names of the subjects of a granted `namespace` matching a pattern.
+    pub fn list_in(namespace: &str, pattern: Option<&str>) -> Result<Vec<String>> {
         let mut names = Vec::new();
         let mut cursor = None;
         loop {
-            let page = subjects::list_subjects(pattern, cursor.as_deref(), PAGE)?;
+            let page = subjects::list_subjects(namespace, pattern, cursor.as_deref(), PAGE)?;
             names.extend(page.names);
             match page.cursor {
                 Some(next) => cursor = Some(next),
@@ -642,8 +653,21 @@ impl Lock {
     /// Takes the lock `name` for `ttl`, waiting up to `wait` (zero: one
     /// try). None when it stayed taken.
     pub fn acquire(name: &str, ttl: Duration, wait: Duration) -> Result<Option<Self>> {
+        Self::acquire_in("", name, ttl, wait)
+    }
+
+    /// Like [`Lock::acquire`], for a lock of a granted shared `namespace`.
+    pub fn acquire_in(
+        namespace: &str,
+        name: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Option<Self>> {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        Ok(locks::Lock::acquire(name, ttl_ms(Some(ttl)).unwrap_or(0), wait_ms)?.map(Self))
+        Ok(
+            locks::Lock::acquire(namespace, name, ttl_ms(Some(ttl)).unwrap_or(0), wait_ms)?
+                .map(Self),
+        )
     }
 
     /// The fencing token: strictly greater than any earlier grant's.
@@ -683,8 +707,19 @@ pub struct Decision {
 /// Takes `cost` units from the rate limit `key`: at most `limit` units per
 /// `window`, refilled smoothly (GCRA), exact across hosts.
 pub fn rate_limit(key: &str, limit: u64, window: Duration, cost: u64) -> Result<Decision> {
+    rate_limit_in("", key, limit, window, cost)
+}
+
+/// Like [`rate_limit`], for a limit shared through a granted `namespace`.
+pub fn rate_limit_in(
+    namespace: &str,
+    key: &str,
+    limit: u64,
+    window: Duration,
+    cost: u64,
+) -> Result<Decision> {
     let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-    let d = limits::check(key, limit, window_ms, cost)?;
+    let d = limits::check(namespace, key, limit, window_ms, cost)?;
     Ok(Decision {
         allowed: d.allowed,
         remaining: d.remaining,

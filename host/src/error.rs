@@ -84,7 +84,23 @@ pub enum CallError {
         /// The deadline.
         millis: u64,
     },
-    /// The role trapped (panic, out of bounds, unreachable, out of memory…).
+    /// The role burned its fuel budget.
+    #[error("role `{role}` ran out of its {fuel} units of fuel")]
+    OutOfFuel {
+        /// The role's name.
+        role: String,
+        /// The budget.
+        fuel: u64,
+    },
+    /// The role tried to grow its memory past its limit and trapped.
+    #[error("role `{role}` ran out of memory (limit {bytes} bytes)")]
+    OutOfMemory {
+        /// The role's name.
+        role: String,
+        /// The limit.
+        bytes: usize,
+    },
+    /// The role trapped (panic, stack overflow, out of bounds, unreachable…).
     #[error("role `{role}` trapped: {message}")]
     Trap {
         /// The role's name.
@@ -101,6 +117,8 @@ impl CallError {
             Self::UnknownRole(_) => "unknown-role",
             Self::Role { .. } => "role-error",
             Self::DeadlineExceeded { .. } => "deadline",
+            Self::OutOfFuel { .. } => "out-of-fuel",
+            Self::OutOfMemory { .. } => "out-of-memory",
             Self::Trap { .. } => "trap",
         }
     }

@@ -25,5 +25,5 @@ mod runtime;
 mod state;
 
 pub use error::{CallError, StateError, StateResult};
-pub use limits::RoleLimits;
-pub use runtime::{Host, Role, RoleSpec};
+pub use limits::{Access, Grants, RoleLimits};
+pub use runtime::{Host, HostOptions, Role, RoleSpec, GUEST_DIR};

@@ -12,7 +12,7 @@ use rolehost::backend::Expiry;
 use rolehost::config::{StateConfig, STATE_ENV};
 use rolehost::manifest::{Manifest, DEFAULT_GLOBAL_PREFIX};
 use rolehost::namespace::{Namespace, Space};
-use rolehost::{Host, RoleSpec};
+use rolehost::{Host, HostOptions, RoleSpec};
 
 #[derive(Parser)]
 #[command(
@@ -208,7 +208,10 @@ fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> any
         .clone()
         .or_else(|| manifest.map(|m| m.global_prefix.clone()))
         .unwrap_or_else(|| DEFAULT_GLOBAL_PREFIX.to_owned());
-    let mut host = Host::new(backend, &prefix)?;
+    let options = HostOptions {
+        fuel: specs.iter().any(|s| s.limits.fuel.is_some()),
+    };
+    let mut host = Host::with_options(backend, &prefix, options)?;
     for spec in specs {
         host.load(spec)?;
     }

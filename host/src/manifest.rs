@@ -14,6 +14,7 @@
 //! wasm = "../target/roles/counter.wasm"
 //! sha256 = "…"                       # optional pin
 //! limits = { max-value-bytes = 65536 }
+//! grants = { namespaces = { catalog = "read" }, env = ["TZ"], dir = "data" }
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
 
-use crate::limits::RoleLimits;
+use crate::limits::{Grants, RoleLimits};
 use crate::runtime::RoleSpec;
 
 /// The global prefix when neither the manifest nor the command line sets one.
@@ -69,6 +70,9 @@ pub struct RoleEntry {
     /// Per-role limits.
     #[serde(default)]
     pub limits: RoleLimits,
+    /// Shared namespaces, environment variables and a directory.
+    #[serde(default)]
+    pub grants: Grants,
 }
 
 fn default_global_prefix() -> String {
@@ -84,8 +88,10 @@ impl Manifest {
             Self::parse(&text).with_context(|| format!("bad manifest {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for role in &mut manifest.roles {
-            if role.wasm.is_relative() {
-                role.wasm = base.join(&role.wasm);
+            for path in std::iter::once(&mut role.wasm).chain(role.grants.dir.as_mut()) {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
             }
         }
         Ok(manifest)
@@ -122,6 +128,7 @@ impl Manifest {
                 crate::namespace::validate_identity(&spec.name).map_err(anyhow::Error::msg)?;
                 spec.sha256 = entry.sha256.clone();
                 spec.limits = entry.limits.clone();
+                spec.grants = entry.grants.clone();
                 Ok(spec)
             })
             .collect()

@@ -93,6 +93,22 @@ impl Namespace {
         }
     }
 
+    /// The shared namespace `name` (same rule as identities), at
+    /// `{global_prefix}@{name}:`. `@` never starts an identity, so shared
+    /// data can never land under a role's prefix.
+    pub fn shared(global_prefix: &str, name: &str, limits: &RoleLimits) -> Self {
+        debug_assert!(validate_identity(name).is_ok());
+        Self {
+            prefix: format!("{global_prefix}@{name}:"),
+            max_key_bytes: limits.max_key_bytes,
+        }
+    }
+
+    /// `{global_prefix}{identity}:` or `{global_prefix}@{name}:`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The prefix every key of `space` starts with.
     pub fn space_prefix(&self, space: Space) -> String {
         format!("{}{}:", self.prefix, space.tag())

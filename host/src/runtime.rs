@@ -1,28 +1,31 @@
 //! The wasmtime side: one engine, one `InstancePre` per role, a fresh
-//! `Store` per call with the role's limits and an empty WASI context.
+//! `Store` per call with the role's limits and a WASI context that grants
+//! only what the manifest names.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, Store, StoreLimitsBuilder, Trap};
-use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use crate::backend::Backend;
 use crate::bindings::{Role as RoleWorld, RolePre};
-use crate::error::CallError;
-use crate::limits::RoleLimits;
+use crate::error::{CallError, StateError};
+use crate::limits::{Grants, RoleLimits};
 use crate::namespace::{validate_global_prefix, validate_identity, Namespace};
 use crate::state::log::{CallLog, Stream};
-use crate::state::{CallCtx, RoleInfo};
+use crate::state::{CallCtx, CallLimiter, OpRate, RoleInfo};
 
 /// How often the engine's epoch advances; the granularity of deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Where a granted directory appears inside the guest.
+pub const GUEST_DIR: &str = "/data";
 
 /// A role to load: its identity, its component, and how it may run.
 #[derive(Debug, Clone)]
@@ -35,10 +38,13 @@ pub struct RoleSpec {
     pub sha256: Option<String>,
     /// Per-role limits.
     pub limits: RoleLimits,
+    /// What the role may use beyond its own namespace.
+    pub grants: Grants,
 }
 
 impl RoleSpec {
-    /// A role named after the file stem of `wasm`, with default limits.
+    /// A role named after the file stem of `wasm`, with default limits and
+    /// no grants.
     pub fn from_path(wasm: impl Into<PathBuf>) -> anyhow::Result<Self> {
         let wasm = wasm.into();
         let name = wasm
@@ -51,6 +57,7 @@ impl RoleSpec {
             wasm,
             sha256: None,
             limits: RoleLimits::default(),
+            grants: Grants::default(),
         })
     }
 }
@@ -60,6 +67,9 @@ pub struct Role {
     info: Arc<RoleInfo>,
     pre: RolePre<CallCtx>,
     sha256: String,
+    backend: Arc<dyn Backend>,
+    env: Vec<(String, String)>,
+    dir: Option<PathBuf>,
 }
 
 impl Role {
@@ -82,6 +92,28 @@ impl Role {
     pub fn namespace(&self) -> &Namespace {
         &self.info.namespace
     }
+
+    /// A fresh WASI context: the role's log as stdout and stderr, and only
+    /// the granted environment variables and directory.
+    fn wasi(&self, log: &CallLog) -> anyhow::Result<WasiCtx> {
+        let mut builder = WasiCtxBuilder::new();
+        builder
+            .stdout(log.sink(Stream::Stdout))
+            .stderr(log.sink(Stream::Stderr))
+            .envs(&self.env);
+        if let Some(dir) = &self.dir {
+            builder.preopened_dir(dir, GUEST_DIR, FsPerms::ReadOnly)?;
+        }
+        Ok(builder.build())
+    }
+}
+
+/// Engine-wide settings, fixed when the host is made.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostOptions {
+    /// Count fuel, so roles can have a `fuel` limit. Slows every call a
+    /// little, so it is off unless a role needs it.
+    pub fuel: bool,
 }
 
 /// Roles loaded into one engine, sharing one backend.
@@ -90,6 +122,7 @@ pub struct Host {
     linker: Linker<CallCtx>,
     backend: Arc<dyn Backend>,
     global_prefix: String,
+    options: HostOptions,
     roles: BTreeMap<String, Role>,
     ticker_stop: Arc<AtomicBool>,
 }
@@ -97,9 +130,21 @@ pub struct Host {
 impl Host {
     /// A host with no roles yet, storing state in `backend` under `global_prefix`.
     pub fn new(backend: Arc<dyn Backend>, global_prefix: &str) -> anyhow::Result<Self> {
+        Self::with_options(backend, global_prefix, HostOptions::default())
+    }
+
+    /// Like [`Host::new`], with engine options.
+    pub fn with_options(
+        backend: Arc<dyn Backend>,
+        global_prefix: &str,
+        options: HostOptions,
+    ) -> anyhow::Result<Self> {
         validate_global_prefix(global_prefix).map_err(anyhow::Error::msg)?;
         let mut config = Config::new();
-        config.wasm_component_model(true).epoch_interruption(true);
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .consume_fuel(options.fuel);
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -111,12 +156,13 @@ impl Host {
             linker,
             backend,
             global_prefix: global_prefix.to_owned(),
+            options,
             roles: BTreeMap::new(),
             ticker_stop,
         })
     }
 
-    /// The backend every role's state lives in.
+    /// The backend every role's state lives in (unless loaded with its own).
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }
@@ -126,9 +172,20 @@ impl Host {
         self.roles.values()
     }
 
-    /// Loads a role: checks its name and pin, compiles it and links it
-    /// against the `role` world.
+    /// Loads a role: checks its name, pin and grants, compiles it and links
+    /// it against the `role` world.
     pub fn load(&mut self, spec: &RoleSpec) -> anyhow::Result<&Role> {
+        let backend = self.backend.clone();
+        self.load_with_backend(spec, backend)
+    }
+
+    /// Like [`Host::load`], with a backend of the role's own (for example a
+    /// Redis connection as the role's ACL user).
+    pub fn load_with_backend(
+        &mut self,
+        spec: &RoleSpec,
+        backend: Arc<dyn Backend>,
+    ) -> anyhow::Result<&Role> {
         validate_identity(&spec.name).map_err(anyhow::Error::msg)?;
         if self.roles.contains_key(&spec.name) {
             bail!(
@@ -136,7 +193,14 @@ impl Host {
                 spec.name
             );
         }
-        let bytes = read_component(&spec.wasm)?;
+        if spec.limits.fuel.is_some() && !self.options.fuel {
+            bail!(
+                "role `{}` has a fuel limit, but the host does not count fuel",
+                spec.name
+            );
+        }
+        let bytes = std::fs::read(&spec.wasm)
+            .with_context(|| format!("cannot read role component {}", spec.wasm.display()))?;
         let sha256 = hex(&Sha256::digest(&bytes));
         if let Some(pin) = &spec.sha256 {
             if !pin.eq_ignore_ascii_case(&sha256) {
@@ -163,7 +227,26 @@ impl Host {
                     spec.wasm.display()
                 )
             })?;
-        let info = Arc::new(RoleInfo {
+        let role = Role {
+            info: Arc::new(self.role_info(spec)?),
+            pre,
+            sha256,
+            backend,
+            env: granted_env(&spec.grants.env),
+            dir: checked_dir(spec.grants.dir.as_deref())?,
+        };
+        Ok(self.roles.entry(spec.name.clone()).or_insert(role))
+    }
+
+    fn role_info(&self, spec: &RoleSpec) -> anyhow::Result<RoleInfo> {
+        let mut grants = BTreeMap::new();
+        for (name, access) in &spec.grants.namespaces {
+            validate_identity(name)
+                .map_err(|e| anyhow::anyhow!("role `{}`: bad namespace grant: {e}", spec.name))?;
+            let namespace = Arc::new(Namespace::shared(&self.global_prefix, name, &spec.limits));
+            grants.insert(name.clone(), (namespace, *access));
+        }
+        Ok(RoleInfo {
             name: spec.name.clone(),
             namespace: Arc::new(Namespace::new(
                 &self.global_prefix,
@@ -171,9 +254,12 @@ impl Host {
                 &spec.limits,
             )),
             limits: spec.limits.clone(),
-        });
-        let role = Role { info, pre, sha256 };
-        Ok(self.roles.entry(spec.name.clone()).or_insert(role))
+            grants,
+            op_rate: spec
+                .limits
+                .max_ops_per_second
+                .map(|n| Mutex::new(OpRate::new(n))),
+        })
     }
 
     /// Looks up a loaded role.
@@ -186,18 +272,17 @@ impl Host {
         let role = self
             .role(role)
             .ok_or_else(|| CallError::UnknownRole(role.to_owned()))?;
+        let name = || role.info.name.clone();
         let limits = &role.info.limits;
         let log = CallLog::new(&role.info.name, limits.max_log_bytes);
-        let wasi = WasiCtxBuilder::new()
-            .stdout(log.sink(Stream::Stdout))
-            .stderr(log.sink(Stream::Stderr))
-            .build();
-        let limiter = StoreLimitsBuilder::new()
-            .memory_size(limits.max_memory_bytes)
-            .build();
+        let wasi = role.wasi(&log).map_err(|e| CallError::Trap {
+            role: name(),
+            message: format!("{e:#}"),
+        })?;
+        let limiter = CallLimiter::new(limits.max_memory_bytes);
         let ctx = CallCtx::new(
             role.info.clone(),
-            self.backend.clone(),
+            role.backend.clone(),
             limiter,
             log.clone(),
             wasi,
@@ -207,6 +292,14 @@ impl Host {
         let deadline = Duration::from_millis(limits.deadline_ms);
         store.set_epoch_deadline(deadline.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1);
         store.epoch_deadline_trap();
+        if self.options.fuel {
+            store
+                .set_fuel(limits.fuel.unwrap_or(u64::MAX))
+                .map_err(|e| CallError::Trap {
+                    role: name(),
+                    message: e.to_string(),
+                })?;
+        }
 
         let run = async {
             let instance = role.pre.instantiate_async(&mut store).await?;
@@ -218,38 +311,31 @@ impl Host {
         let outcome = tokio::time::timeout(deadline + EPOCH_TICK * 2, run).await;
         store.data_mut().release_held_locks().await;
         log.finish();
-        let deadline_exceeded = || CallError::DeadlineExceeded {
-            role: role.info.name.clone(),
-            millis: limits.deadline_ms,
-        };
         let response = match outcome {
-            Err(_) => return Err(deadline_exceeded()),
-            Ok(Err(trap)) if trap.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => {
-                return Err(deadline_exceeded())
+            Err(_) => {
+                return Err(CallError::DeadlineExceeded {
+                    role: name(),
+                    millis: limits.deadline_ms,
+                })
             }
-            Ok(Err(trap)) => {
-                tracing::debug!(role = %role.info.name, "trap: {trap:?}");
-                return Err(CallError::Trap {
-                    role: role.info.name.clone(),
-                    message: trap_summary(&trap),
-                });
-            }
+            Ok(Err(trap)) => return Err(classify_trap(&trap, store.data(), limits, name())),
             Ok(Ok(Err(error))) => {
                 return Err(CallError::Role {
-                    role: role.info.name.clone(),
+                    role: name(),
                     error: error.into(),
                 })
             }
             Ok(Ok(Ok(response))) => response,
         };
         if response.len() > limits.max_response_bytes {
+            let error = StateError::TooLarge(format!(
+                "response of {} bytes is over the limit of {} bytes",
+                response.len(),
+                limits.max_response_bytes
+            ));
             return Err(CallError::Role {
-                role: role.info.name.clone(),
-                error: crate::error::StateError::TooLarge(format!(
-                    "response of {} bytes is over the limit of {} bytes",
-                    response.len(),
-                    limits.max_response_bytes
-                )),
+                role: name(),
+                error,
             });
         }
         Ok(response)
@@ -260,6 +346,62 @@ impl Drop for Host {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// Tells the kinds of trap apart: deadline, fuel, memory, or another trap
+/// (with one line saying which; the backtrace goes to the debug log).
+fn classify_trap(
+    trap: &wasmtime::Error,
+    ctx: &CallCtx,
+    limits: &RoleLimits,
+    role: String,
+) -> CallError {
+    tracing::debug!(role = %role, "trap: {trap:?}");
+    match trap.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => CallError::DeadlineExceeded {
+            role,
+            millis: limits.deadline_ms,
+        },
+        Some(Trap::OutOfFuel) => CallError::OutOfFuel {
+            role,
+            fuel: limits.fuel.unwrap_or_default(),
+        },
+        _ if ctx.limiter.memory_refused => CallError::OutOfMemory {
+            role,
+            bytes: limits.max_memory_bytes,
+        },
+        Some(trap) => CallError::Trap {
+            role,
+            message: trap.to_string(),
+        },
+        None => CallError::Trap {
+            role,
+            message: format!("{trap:#}")
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        },
+    }
+}
+
+/// The granted variables that are set in the host's environment.
+fn granted_env(names: &[String]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .filter_map(|name| Some((name.clone(), std::env::var(name).ok()?)))
+        .collect()
+}
+
+fn checked_dir(dir: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    let Some(dir) = dir else { return Ok(None) };
+    if !dir.is_dir() {
+        bail!(
+            "granted directory {} does not exist or is not a directory",
+            dir.display()
+        );
+    }
+    Ok(Some(dir.to_path_buf()))
 }
 
 fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
@@ -273,22 +415,6 @@ fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> anyhow::Result<(
         })
         .context("cannot start the epoch thread")?;
     Ok(())
-}
-
-/// One line saying why a call trapped; the backtrace goes to the debug log.
-fn trap_summary(error: &wasmtime::Error) -> String {
-    match error.downcast_ref::<Trap>() {
-        Some(trap) => trap.to_string(),
-        None => format!("{error:#}")
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
-    }
-}
-
-fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read role component {}", path.display()))
 }
 
 fn hex(bytes: &[u8]) -> String {

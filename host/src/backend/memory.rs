@@ -77,11 +77,15 @@ impl Map {
         }
     }
 
-    /// Deletes the hash at `key` when it has no fields left, as Redis does.
-    fn drop_if_empty(&mut self, key: &str) {
+    /// After a write: deletes the hash at `key` if it has no fields left,
+    /// as Redis does, and gives a key without a TTL the fallback TTL.
+    fn settle(&mut self, key: &str, fallback_ttl: Option<Duration>) {
         if matches!(self.entries.get(key), Some(Entry { value: Value::Hash(h), .. }) if h.is_empty())
         {
             self.entries.remove(key);
+        }
+        if let (Some(entry), Some(ttl)) = (self.entries.get_mut(key), fallback_ttl) {
+            entry.expires_at.get_or_insert_with(|| Instant::now() + ttl);
         }
     }
 
@@ -243,7 +247,12 @@ impl Backend for MemoryBackend {
         Ok(ScanPage { keys, cursor })
     }
 
-    async fn increment(&self, key: &str, delta: i64) -> StateResult<i64> {
+    async fn increment(
+        &self,
+        key: &str,
+        delta: i64,
+        fallback_ttl: Option<Duration>,
+    ) -> StateResult<i64> {
         self.with(&[key], |map| {
             let next = add_integer(map.bytes(key)?.map(Vec::as_slice), delta)?;
             let value = next.to_string().into_bytes();
@@ -251,6 +260,7 @@ impl Backend for MemoryBackend {
                 Some(entry) => entry.value = Value::Bytes(value),
                 None => map.put(key, &value, None),
             }
+            map.settle(key, fallback_ttl);
             Ok(next)
         })
     }
@@ -321,6 +331,7 @@ impl Backend for MemoryBackend {
         key: &str,
         set: &[(String, Vec<u8>)],
         remove: &[String],
+        fallback_ttl: Option<Duration>,
     ) -> StateResult<()> {
         self.with(&[key], |map| {
             let hash = map.hash_mut(key)?;
@@ -330,31 +341,43 @@ impl Backend for MemoryBackend {
             for field in remove {
                 hash.remove(field);
             }
-            map.drop_if_empty(key);
+            map.settle(key, fallback_ttl);
             Ok(())
         })
     }
 
-    async fn hash_increment(&self, key: &str, field: &str, delta: i64) -> StateResult<i64> {
+    async fn hash_increment(
+        &self,
+        key: &str,
+        field: &str,
+        delta: i64,
+        fallback_ttl: Option<Duration>,
+    ) -> StateResult<i64> {
         self.with(&[key], |map| {
             let hash = map.hash_mut(key)?;
             let next = add_integer(hash.get(field).map(Vec::as_slice), delta);
             if let Ok(next) = next {
                 hash.insert(field.to_owned(), next.to_string().into_bytes());
             }
-            map.drop_if_empty(key);
+            map.settle(key, fallback_ttl);
             next
         })
     }
 
-    async fn hash_increment_float(&self, key: &str, field: &str, delta: f64) -> StateResult<f64> {
+    async fn hash_increment_float(
+        &self,
+        key: &str,
+        field: &str,
+        delta: f64,
+        fallback_ttl: Option<Duration>,
+    ) -> StateResult<f64> {
         self.with(&[key], |map| {
             let hash = map.hash_mut(key)?;
             let next = add_float(hash.get(field).map(Vec::as_slice), delta);
             if let Ok(next) = next {
                 hash.insert(field.to_owned(), format_float(next).into_bytes());
             }
-            map.drop_if_empty(key);
+            map.settle(key, fallback_ttl);
             next
         })
     }
@@ -365,6 +388,7 @@ impl Backend for MemoryBackend {
         field: &str,
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
+        fallback_ttl: Option<Duration>,
     ) -> StateResult<bool> {
         self.with(&[key], |map| {
             if map.hash(key)?.and_then(|h| h.get(field)).map(Vec::as_slice) != expected {
@@ -375,7 +399,7 @@ impl Backend for MemoryBackend {
                 Some(value) => hash.insert(field.to_owned(), value.to_vec()),
                 None => hash.remove(field),
             };
-            map.drop_if_empty(key);
+            map.settle(key, fallback_ttl);
             Ok(true)
         })
     }

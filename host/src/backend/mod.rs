@@ -88,7 +88,14 @@ pub trait Backend: Send + Sync + 'static {
     ) -> StateResult<ScanPage>;
 
     /// Adds `delta` to the integer at `key` (absent: 0), keeping its TTL.
-    async fn increment(&self, key: &str, delta: i64) -> StateResult<i64>;
+    /// Operations that take a `fallback_ttl` give it to a key they leave
+    /// without a TTL (a role's default TTL).
+    async fn increment(
+        &self,
+        key: &str,
+        delta: i64,
+        fallback_ttl: Option<Duration>,
+    ) -> StateResult<i64>;
     /// Writes only when `key` is absent; true when written.
     async fn set_if_absent(
         &self,
@@ -119,11 +126,24 @@ pub trait Backend: Send + Sync + 'static {
         key: &str,
         set: &[(String, Vec<u8>)],
         remove: &[String],
+        fallback_ttl: Option<Duration>,
     ) -> StateResult<()>;
     /// Adds `delta` to an integer field (absent: 0).
-    async fn hash_increment(&self, key: &str, field: &str, delta: i64) -> StateResult<i64>;
+    async fn hash_increment(
+        &self,
+        key: &str,
+        field: &str,
+        delta: i64,
+        fallback_ttl: Option<Duration>,
+    ) -> StateResult<i64>;
     /// Adds `delta` to a numeric field (absent: 0).
-    async fn hash_increment_float(&self, key: &str, field: &str, delta: f64) -> StateResult<f64>;
+    async fn hash_increment_float(
+        &self,
+        key: &str,
+        field: &str,
+        delta: f64,
+        fallback_ttl: Option<Duration>,
+    ) -> StateResult<f64>;
     /// When the field equals `expected` (none: absent), writes `new` (none:
     /// removes it); true when it did.
     async fn hash_compare_and_set(
@@ -132,6 +152,7 @@ pub trait Backend: Send + Sync + 'static {
         field: &str,
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
+        fallback_ttl: Option<Duration>,
     ) -> StateResult<bool>;
 
     /// Takes the lock at `key` for `owner` when it is free, and returns the

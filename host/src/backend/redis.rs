@@ -45,7 +45,8 @@ redis.call('PERSIST', KEYS[1])
 return 1
 "#;
 
-/// Compare-and-set of a hash field. ARGV: field, has-expected, expected, has-new, new.
+/// Compare-and-set of a hash field. ARGV: field, has-expected, expected,
+/// has-new, new, fallback ttl-ms ("" = none).
 const HASH_CAS_SCRIPT: &str = r#"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
@@ -55,6 +56,7 @@ elseif current then
 end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
+  if ARGV[6] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[6], 'NX') end
 else
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
@@ -62,7 +64,8 @@ return 1
 "#;
 
 /// HINCRBYFLOAT that refuses a result out of the f64 range (Redis computes
-/// in long double and would store it). ARGV: field, delta.
+/// in long double and would store it). ARGV: field, delta, fallback
+/// ttl-ms ("" = none).
 const HASH_INCR_FLOAT_SCRIPT: &str = r#"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current then
@@ -73,7 +76,9 @@ if current then
     return redis.error_reply('ERR increment would produce NaN or Infinity')
   end
 end
-return redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2])
+local value = redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX') end
+return value
 "#;
 
 /// Takes a free lock and draws a fencing token in one step.
@@ -234,6 +239,22 @@ fn ttl_ms(ttl: Duration) -> u64 {
     ttl.as_millis().clamp(1, u64::MAX as u128) as u64
 }
 
+/// A TTL as a script argument: milliseconds, or "" for none.
+fn script_ttl(ttl: Option<Duration>) -> String {
+    ttl.map(|t| ttl_ms(t).to_string()).unwrap_or_default()
+}
+
+/// Adds `PEXPIRE key ttl NX` (only if the key has no TTL) to a pipeline.
+fn with_fallback_ttl(pipe: &mut redis::Pipeline, key: &str, ttl: Option<Duration>) {
+    if let Some(ttl) = ttl {
+        pipe.cmd("PEXPIRE")
+            .arg(key)
+            .arg(ttl_ms(ttl))
+            .arg("NX")
+            .ignore();
+    }
+}
+
 /// Sorts Redis failures into the state API's errors.
 fn map_error(error: RedisError) -> StateError {
     let transient = error.is_io_error()
@@ -250,14 +271,15 @@ fn map_error(error: RedisError) -> StateError {
     if transient {
         return StateError::Unavailable(format!("Redis: {error}"));
     }
-    let detail = error.detail().unwrap_or_default();
+    // Errors inside MULTI/EXEC come wrapped; look at the whole text.
+    let detail = error.to_string();
     if detail.contains("not an integer")
         || detail.contains("overflow")
         || detail.contains("not a float")
         || detail.contains("not a valid float")
         || detail.contains("NaN or Infinity")
     {
-        return StateError::InvalidArgument(detail.to_owned());
+        return StateError::InvalidArgument(error.detail().unwrap_or(&detail).to_owned());
     }
     StateError::Internal(format!("Redis: {error}"))
 }
@@ -392,9 +414,22 @@ impl Backend for RedisBackend {
         })
     }
 
-    async fn increment(&self, key: &str, delta: i64) -> StateResult<i64> {
-        self.run(|mut c| async move { c.incr(key, delta).await })
-            .await
+    async fn increment(
+        &self,
+        key: &str,
+        delta: i64,
+        fallback_ttl: Option<Duration>,
+    ) -> StateResult<i64> {
+        if fallback_ttl.is_none() {
+            return self.run(|mut c| async move { c.incr(key, delta).await }).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().incr(key, delta);
+        with_fallback_ttl(&mut pipe, key, fallback_ttl);
+        let (value,): (i64,) = self
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(value)
     }
 
     async fn set_if_absent(
@@ -430,7 +465,7 @@ impl Backend for RedisBackend {
                 .arg(expected.unwrap_or_default())
                 .arg(if new.is_some() { "1" } else { "0" })
                 .arg(new.unwrap_or_default())
-                .arg(ttl.map(|t| ttl_ms(t).to_string()).unwrap_or_default());
+                .arg(script_ttl(ttl));
             invocation.invoke_async(&mut c).await
         })
         .await
@@ -454,6 +489,7 @@ impl Backend for RedisBackend {
         key: &str,
         set: &[(String, Vec<u8>)],
         remove: &[String],
+        fallback_ttl: Option<Duration>,
     ) -> StateResult<()> {
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -466,22 +502,44 @@ impl Backend for RedisBackend {
         if set.is_empty() && remove.is_empty() {
             return Ok(());
         }
+        with_fallback_ttl(&mut pipe, key, fallback_ttl);
         self.run(|mut c| async move { pipe.query_async(&mut c).await })
             .await
     }
 
-    async fn hash_increment(&self, key: &str, field: &str, delta: i64) -> StateResult<i64> {
-        self.run(|mut c| async move { c.hincr(key, field, delta).await })
-            .await
+    async fn hash_increment(
+        &self,
+        key: &str,
+        field: &str,
+        delta: i64,
+        fallback_ttl: Option<Duration>,
+    ) -> StateResult<i64> {
+        if fallback_ttl.is_none() {
+            return self.run(|mut c| async move { c.hincr(key, field, delta).await }).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().hincr(key, field, delta);
+        with_fallback_ttl(&mut pipe, key, fallback_ttl);
+        let (value,): (i64,) = self
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(value)
     }
 
-    async fn hash_increment_float(&self, key: &str, field: &str, delta: f64) -> StateResult<f64> {
+    async fn hash_increment_float(
+        &self,
+        key: &str,
+        field: &str,
+        delta: f64,
+        fallback_ttl: Option<Duration>,
+    ) -> StateResult<f64> {
         let script = &self.hash_incr_float;
         self.run(|mut c| async move {
             script
                 .key(key)
                 .arg(field)
                 .arg(delta)
+                .arg(script_ttl(fallback_ttl))
                 .invoke_async(&mut c)
                 .await
         })
@@ -494,6 +552,7 @@ impl Backend for RedisBackend {
         field: &str,
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
+        fallback_ttl: Option<Duration>,
     ) -> StateResult<bool> {
         let script = &self.hash_cas;
         self.run(|mut c| async move {
@@ -503,7 +562,8 @@ impl Backend for RedisBackend {
                 .arg(if expected.is_some() { "1" } else { "0" })
                 .arg(expected.unwrap_or_default())
                 .arg(if new.is_some() { "1" } else { "0" })
-                .arg(new.unwrap_or_default());
+                .arg(new.unwrap_or_default())
+                .arg(script_ttl(fallback_ttl));
             invocation.invoke_async(&mut c).await
         })
         .await

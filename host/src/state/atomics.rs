@@ -3,7 +3,7 @@
 
 use wasmtime::component::Resource;
 
-use super::{ttl, CallCtx};
+use super::CallCtx;
 use crate::bindings::atomics::Host;
 use crate::error::StateResult;
 use crate::state::kv::Bucket;
@@ -15,8 +15,10 @@ impl Host for CallCtx {
         key: String,
         delta: i64,
     ) -> StateResult<i64> {
-        let key = self.bucket(&bucket)?.key(&key)?;
-        self.backend.increment(&key, delta).await
+        let key = self.bucket_key(&bucket, &key, true)?;
+        self.backend
+            .increment(&key, delta, self.default_ttl())
+            .await
     }
 
     async fn set_if_absent(
@@ -26,9 +28,10 @@ impl Host for CallCtx {
         value: Vec<u8>,
         ttl_ms: Option<u64>,
     ) -> StateResult<bool> {
-        let key = self.bucket(&bucket)?.key(&key)?;
+        let key = self.bucket_key(&bucket, &key, true)?;
         self.check_value(&value)?;
-        self.backend.set_if_absent(&key, &value, ttl(ttl_ms)?).await
+        let ttl = self.write_ttl(ttl_ms)?;
+        self.backend.set_if_absent(&key, &value, ttl).await
     }
 
     async fn compare_and_swap(
@@ -39,11 +42,11 @@ impl Host for CallCtx {
         new: Option<Vec<u8>>,
         ttl_ms: Option<u64>,
     ) -> StateResult<bool> {
-        let key = self.bucket(&bucket)?.key(&key)?;
+        let key = self.bucket_key(&bucket, &key, true)?;
         if let Some(value) = &new {
             self.check_value(value)?;
         }
-        let ttl = ttl(ttl_ms)?;
+        let ttl = self.write_ttl(ttl_ms)?;
         self.backend
             .compare_and_swap(&key, expected.as_deref(), new.as_deref(), ttl)
             .await
@@ -54,7 +57,7 @@ impl Host for CallCtx {
         bucket: Resource<Bucket>,
         key: String,
     ) -> StateResult<Option<Vec<u8>>> {
-        let key = self.bucket(&bucket)?.key(&key)?;
+        let key = self.bucket_key(&bucket, &key, true)?;
         self.backend.get_and_delete(&key).await
     }
 }

@@ -4,25 +4,62 @@ use std::sync::Arc;
 
 use wasmtime::component::Resource;
 
-use super::{ttl, CallCtx};
+use super::CallCtx;
 use crate::bindings::kv::{Entry, Host, HostBucket, KeyPage};
 use crate::bindings::types::Expiry;
-use crate::error::{StateError, StateResult};
+use crate::error::{shown, StateError, StateResult};
 use crate::namespace::{Namespace, Space};
 
-/// An open bucket: which namespace its keys live in.
+/// An open bucket: which namespace its keys live in, and whether this role
+/// may write there.
 pub struct Bucket {
+    name: String,
     namespace: Arc<Namespace>,
+    writable: bool,
+}
+
+impl CallCtx {
+    /// The full key of one operation on a bucket, after the guards: one
+    /// operation charged, write access checked, the key validated.
+    pub(crate) fn bucket_key(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        key: &str,
+        write: bool,
+    ) -> StateResult<String> {
+        self.charge(1)?;
+        let bucket = self.bucket(bucket)?;
+        bucket.check_write(write)?;
+        bucket.namespace.key(Space::Kv, key)
+    }
+
+    /// The full keys of a batch: checked against the batch limit, charged
+    /// one operation per key.
+    fn bucket_keys(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        keys: &[String],
+        write: bool,
+    ) -> StateResult<Vec<String>> {
+        self.check_batch(keys.len())?;
+        self.charge(keys.len())?;
+        let bucket = self.bucket(bucket)?;
+        bucket.check_write(write)?;
+        keys.iter()
+            .map(|k| bucket.namespace.key(Space::Kv, k))
+            .collect()
+    }
 }
 
 impl Bucket {
-    /// The full key for a local key of this bucket.
-    pub(crate) fn key(&self, key: &str) -> StateResult<String> {
-        self.namespace.key(Space::Kv, key)
-    }
-
-    fn keys(&self, keys: &[String]) -> StateResult<Vec<String>> {
-        keys.iter().map(|k| self.key(k)).collect()
+    fn check_write(&self, write: bool) -> StateResult<()> {
+        if write && !self.writable {
+            return Err(StateError::AccessDenied(format!(
+                "namespace {} is granted to this role for reading only",
+                shown(&self.name)
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -30,22 +67,19 @@ impl Host for CallCtx {}
 
 impl HostBucket for CallCtx {
     async fn open(&mut self, name: String) -> StateResult<Resource<Bucket>> {
-        if !name.is_empty() {
-            return Err(StateError::AccessDenied(format!(
-                "bucket {:?} is not granted to this role",
-                crate::error::shown(&name).to_string()
-            )));
-        }
-        let bucket = Bucket {
-            namespace: self.role.namespace.clone(),
-        };
+        let namespace = self.namespace(&name, false)?;
+        let writable = self.namespace(&name, true).is_ok();
         self.table
-            .push(bucket)
+            .push(Bucket {
+                name,
+                namespace,
+                writable,
+            })
             .map_err(|e| StateError::Internal(format!("cannot open bucket: {e}")))
     }
 
     async fn get(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<Option<Vec<u8>>> {
-        let key = self.bucket(&bucket)?.key(&key)?;
+        let key = self.bucket_key(&bucket, &key, false)?;
         self.backend.get(&key).await
     }
 
@@ -56,18 +90,19 @@ impl HostBucket for CallCtx {
         value: Vec<u8>,
         ttl_ms: Option<u64>,
     ) -> StateResult<()> {
-        let key = self.bucket(&bucket)?.key(&key)?;
+        let key = self.bucket_key(&bucket, &key, true)?;
         self.check_value(&value)?;
-        self.backend.set(&key, &value, ttl(ttl_ms)?).await
+        let ttl = self.write_ttl(ttl_ms)?;
+        self.backend.set(&key, &value, ttl).await
     }
 
     async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<bool> {
-        let key = self.bucket(&bucket)?.key(&key)?;
+        let key = self.bucket_key(&bucket, &key, true)?;
         Ok(self.backend.delete_many(&[key]).await? > 0)
     }
 
     async fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<bool> {
-        let key = self.bucket(&bucket)?.key(&key)?;
+        let key = self.bucket_key(&bucket, &key, false)?;
         self.backend.exists(&key).await
     }
 
@@ -76,8 +111,7 @@ impl HostBucket for CallCtx {
         bucket: Resource<Bucket>,
         keys: Vec<String>,
     ) -> StateResult<Vec<Option<Vec<u8>>>> {
-        self.check_batch(keys.len())?;
-        let keys = self.bucket(&bucket)?.keys(&keys)?;
+        let keys = self.bucket_keys(&bucket, &keys, false)?;
         self.backend.get_many(&keys).await
     }
 
@@ -87,16 +121,15 @@ impl HostBucket for CallCtx {
         entries: Vec<Entry>,
         ttl_ms: Option<u64>,
     ) -> StateResult<()> {
-        self.check_batch(entries.len())?;
-        let bucket = self.bucket(&bucket)?;
-        let entries = entries
-            .into_iter()
-            .map(|Entry { key, value }| Ok((bucket.key(&key)?, value)))
-            .collect::<StateResult<Vec<_>>>()?;
-        for (_, value) in &entries {
+        let (keys, values): (Vec<String>, Vec<Vec<u8>>) =
+            entries.into_iter().map(|e| (e.key, e.value)).unzip();
+        let keys = self.bucket_keys(&bucket, &keys, true)?;
+        for value in &values {
             self.check_value(value)?;
         }
-        self.backend.set_many(&entries, ttl(ttl_ms)?).await
+        let ttl = self.write_ttl(ttl_ms)?;
+        let entries: Vec<(String, Vec<u8>)> = keys.into_iter().zip(values).collect();
+        self.backend.set_many(&entries, ttl).await
     }
 
     async fn delete_many(
@@ -104,14 +137,12 @@ impl HostBucket for CallCtx {
         bucket: Resource<Bucket>,
         keys: Vec<String>,
     ) -> StateResult<u32> {
-        self.check_batch(keys.len())?;
-        let keys = self.bucket(&bucket)?.keys(&keys)?;
-        let deleted = self.backend.delete_many(&keys).await?;
-        Ok(deleted as u32)
+        let keys = self.bucket_keys(&bucket, &keys, true)?;
+        Ok(self.backend.delete_many(&keys).await? as u32)
     }
 
     async fn expiry(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<Expiry> {
-        let key = self.bucket(&bucket)?.key(&key)?;
+        let key = self.bucket_key(&bucket, &key, false)?;
         Ok(self.backend.expiry(&key).await?.into())
     }
 
@@ -121,8 +152,9 @@ impl HostBucket for CallCtx {
         key: String,
         ttl_ms: Option<u64>,
     ) -> StateResult<bool> {
-        let key = self.bucket(&bucket)?.key(&key)?;
-        self.backend.expire(&key, ttl(ttl_ms)?).await
+        let key = self.bucket_key(&bucket, &key, true)?;
+        let ttl = self.expire_ttl(ttl_ms)?;
+        self.backend.expire(&key, ttl).await
     }
 
     async fn list_keys(
@@ -140,7 +172,10 @@ impl HostBucket for CallCtx {
     }
 
     async fn clear(&mut self, bucket: Resource<Bucket>) -> StateResult<u64> {
-        let pattern = self.bucket(&bucket)?.namespace.pattern(Space::Kv, None)?;
+        self.charge(1)?;
+        let bucket = self.bucket(&bucket)?;
+        bucket.check_write(true)?;
+        let pattern = bucket.namespace.pattern(Space::Kv, None)?;
         self.backend.delete_matching(&pattern).await
     }
 

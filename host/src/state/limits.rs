@@ -13,12 +13,16 @@ const MAX_WINDOW_MS: u64 = 365 * 24 * 3600 * 1000;
 impl Host for CallCtx {
     async fn check(
         &mut self,
+        namespace: String,
         key: String,
         limit: u64,
         window_ms: u64,
         cost: u64,
     ) -> StateResult<Decision> {
-        let key = self.role.namespace.key(Space::Rate, &key)?;
+        self.charge(1)?;
+        let key = self
+            .namespace(&namespace, cost > 0)?
+            .key(Space::Rate, &key)?;
         if limit == 0 || limit > u32::MAX as u64 {
             return Err(StateError::InvalidArgument(format!(
                 "limit must be 1 to {}",

@@ -76,12 +76,15 @@ impl Host for CallCtx {}
 impl HostLock for CallCtx {
     async fn acquire(
         &mut self,
+        namespace: String,
         name: String,
         ttl_ms: u64,
         wait_ms: u64,
     ) -> StateResult<Option<Resource<Lock>>> {
-        let key = self.role.namespace.key(Space::Lock, &name)?;
-        let fence = self.role.namespace.key(Space::Fence, &name)?;
+        self.charge(1)?;
+        let namespace = self.namespace(&namespace, true)?;
+        let key = namespace.key(Space::Lock, &name)?;
+        let fence = namespace.key(Space::Fence, &name)?;
         let ttl = ttl(Some(ttl_ms))?.unwrap_or_default();
         let owner = new_owner();
         let give_up =
@@ -91,6 +94,7 @@ impl HostLock for CallCtx {
             if let Some(token) = self.backend.lock_acquire(&key, &fence, &owner, ttl).await? {
                 break token;
             }
+            self.charge(1)?;
             let now = Instant::now();
             if now >= give_up {
                 return Ok(None);
@@ -121,6 +125,7 @@ impl HostLock for CallCtx {
     }
 
     async fn extend(&mut self, lock: Resource<Lock>, ttl_ms: u64) -> StateResult<bool> {
+        self.charge(1)?;
         let ttl = ttl(Some(ttl_ms))?.unwrap_or_default();
         let lock = self.lock(&lock)?;
         let (key, owner) = (lock.key.clone(), lock.owner.clone());
@@ -130,6 +135,7 @@ impl HostLock for CallCtx {
     }
 
     async fn release(&mut self, lock: Resource<Lock>) -> StateResult<bool> {
+        self.charge(1)?;
         CallCtx::release(self, &lock).await
     }
 

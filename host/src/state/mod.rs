@@ -10,18 +10,18 @@ pub(crate) mod log;
 pub(crate) mod subjects;
 mod types;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Resource, ResourceTable};
-use wasmtime::StoreLimits;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use self::kv::Bucket;
 use self::log::CallLog;
 use crate::backend::Backend;
-use crate::error::{StateError, StateResult};
-use crate::limits::RoleLimits;
+use crate::error::{shown, StateError, StateResult};
+use crate::limits::{Access, RoleLimits};
 use crate::namespace::{Namespace, Space};
 
 /// Longest TTL a guest may ask for: 100 years. Longer is surely a mistake
@@ -37,16 +37,53 @@ pub struct RoleInfo {
     pub namespace: Arc<Namespace>,
     /// Its limits.
     pub limits: RoleLimits,
+    /// Granted shared namespaces by name.
+    pub grants: BTreeMap<String, (Arc<Namespace>, Access)>,
+    /// The per-second budget of state operations, if limited.
+    pub op_rate: Option<Mutex<OpRate>>,
+}
+
+/// A token bucket of state operations per second, shared by a role's calls.
+#[derive(Debug)]
+pub struct OpRate {
+    per_second: u64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl OpRate {
+    /// A full bucket of `per_second` operations.
+    pub fn new(per_second: u64) -> Self {
+        Self {
+            per_second,
+            tokens: per_second as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, n: u64) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second as f64;
+        self.tokens = (self.tokens + refill).min(self.per_second as f64);
+        self.last = now;
+        if self.tokens < n as f64 {
+            return false;
+        }
+        self.tokens -= n as f64;
+        true
+    }
 }
 
 /// The data of one call's `Store`: everything a host function may touch.
 pub struct CallCtx {
     pub(crate) role: Arc<RoleInfo>,
     pub(crate) backend: Arc<dyn Backend>,
-    pub(crate) limiter: StoreLimits,
+    pub(crate) limiter: CallLimiter,
     pub(crate) log: CallLog,
     /// (key, owner) of every lock taken and not yet released.
     held_locks: Vec<(String, String)>,
+    /// State operations so far in this call.
+    ops: u64,
     table: ResourceTable,
     wasi: WasiCtx,
 }
@@ -55,7 +92,7 @@ impl CallCtx {
     pub(crate) fn new(
         role: Arc<RoleInfo>,
         backend: Arc<dyn Backend>,
-        limiter: StoreLimits,
+        limiter: CallLimiter,
         log: CallLog,
         wasi: WasiCtx,
     ) -> Self {
@@ -65,6 +102,7 @@ impl CallCtx {
             limiter,
             log,
             held_locks: Vec::new(),
+            ops: 0,
             table: ResourceTable::new(),
             wasi,
         }
@@ -77,6 +115,50 @@ impl CallCtx {
             .map_err(|e| StateError::Internal(format!("bad bucket handle: {e}")))
     }
 
+    // Guards: every state operation passes through these, so each limit
+    // and grant is enforced here and nowhere else.
+
+    /// The namespace a guest names: "" is the role's own, any other must
+    /// be granted, and for a write, granted read-write.
+    fn namespace(&self, name: &str, write: bool) -> StateResult<Arc<Namespace>> {
+        if name.is_empty() {
+            return Ok(self.role.namespace.clone());
+        }
+        match self.role.grants.get(name) {
+            None => Err(StateError::AccessDenied(format!(
+                "namespace {} is not granted to this role",
+                shown(name)
+            ))),
+            Some((_, Access::Read)) if write => Err(StateError::AccessDenied(format!(
+                "namespace {} is granted to this role for reading only",
+                shown(name)
+            ))),
+            Some((namespace, _)) => Ok(namespace.clone()),
+        }
+    }
+
+    /// Counts `n` state operations against the per-call and per-second quotas.
+    fn charge(&mut self, n: usize) -> StateResult<()> {
+        let n = n.max(1) as u64;
+        self.ops += n;
+        let max = self.role.limits.max_ops_per_call;
+        if self.ops > max {
+            return Err(StateError::QuotaExceeded(format!(
+                "more than {max} state operations in one call"
+            )));
+        }
+        if let Some(rate) = &self.role.op_rate {
+            let mut rate = rate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if !rate.take(n) {
+                return Err(StateError::QuotaExceeded(format!(
+                    "more than {} state operations per second",
+                    rate.per_second
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn check_value(&self, value: &[u8]) -> StateResult<()> {
         let max = self.role.limits.max_value_bytes;
         if value.len() > max {
@@ -86,6 +168,57 @@ impl CallCtx {
             )));
         }
         Ok(())
+    }
+
+    fn check_batch(&self, len: usize) -> StateResult<()> {
+        let max = self.role.limits.max_batch_entries;
+        if len > max {
+            return Err(StateError::TooLarge(format!(
+                "batch of {len} entries is over the limit of {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The TTL of a write: the guest's, checked against the role's maximum,
+    /// or the role's default when the guest gives none.
+    fn write_ttl(&self, ttl_ms: Option<u64>) -> StateResult<Option<Duration>> {
+        match ttl(ttl_ms)? {
+            None => Ok(self.default_ttl()),
+            Some(ttl) => {
+                if let Some(max) = self.role.limits.max_ttl_ms {
+                    if ttl > Duration::from_millis(max) {
+                        return Err(StateError::InvalidArgument(format!(
+                            "a TTL of {} ms is over this role's maximum of {max} ms",
+                            ttl.as_millis()
+                        )));
+                    }
+                }
+                Ok(Some(ttl))
+            }
+        }
+    }
+
+    /// The TTL for `expire`: none (persist) is refused when the role has a
+    /// maximum TTL.
+    fn expire_ttl(&self, ttl_ms: Option<u64>) -> StateResult<Option<Duration>> {
+        match (ttl_ms, self.role.limits.max_ttl_ms) {
+            (None, Some(max)) => Err(StateError::InvalidArgument(format!(
+                "this role's keys expire within {max} ms; they cannot be made persistent"
+            ))),
+            (None, None) => Ok(None),
+            (Some(_), _) => self.write_ttl(ttl_ms),
+        }
+    }
+
+    /// The TTL given to keys an operation leaves without one (increments,
+    /// subject writes).
+    fn default_ttl(&self) -> Option<Duration> {
+        let limits = &self.role.limits;
+        limits
+            .default_ttl_ms
+            .or(limits.max_ttl_ms)
+            .map(Duration::from_millis)
     }
 
     /// One page of local names in `space` matching a guest pattern.
@@ -103,6 +236,7 @@ impl CallCtx {
             ));
         }
         let limit = (limit as usize).min(self.role.limits.max_batch_entries);
+        self.charge(limit)?;
         let pattern = namespace.pattern(space, pattern.as_deref())?;
         let page = self
             .backend
@@ -115,16 +249,6 @@ impl CallCtx {
             .map(str::to_owned)
             .collect();
         Ok((names, page.cursor))
-    }
-
-    fn check_batch(&self, len: usize) -> StateResult<()> {
-        let max = self.role.limits.max_batch_entries;
-        if len > max {
-            return Err(StateError::TooLarge(format!(
-                "batch of {len} entries is over the limit of {max}"
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -139,6 +263,47 @@ fn ttl(ttl_ms: Option<u64>) -> StateResult<Option<Duration>> {
             "a TTL of {ms} ms is over the maximum of {MAX_TTL_MS} ms"
         ))),
         Some(ms) => Ok(Some(Duration::from_millis(ms))),
+    }
+}
+
+/// Limits an instance's memories and tables, and remembers a refused
+/// memory growth so an out-of-memory trap can be told apart.
+pub struct CallLimiter {
+    max_memory_bytes: usize,
+    pub(crate) memory_refused: bool,
+}
+
+/// Most elements of one table (function references, resource handles).
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl CallLimiter {
+    pub(crate) fn new(max_memory_bytes: usize) -> Self {
+        Self {
+            max_memory_bytes,
+            memory_refused: false,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for CallLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = desired <= self.max_memory_bytes;
+        self.memory_refused |= !ok;
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
 

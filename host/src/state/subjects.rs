@@ -7,17 +7,18 @@ use std::collections::BTreeMap;
 
 use wasmtime::component::Resource;
 
-use super::{ttl, CallCtx};
-use crate::backend::Expiry as BackendExpiry;
+use super::CallCtx;
 use crate::bindings::subjects::{Host, HostSubject, Kind, NamePage, Property, Snapshot};
 use crate::bindings::types::Expiry;
-use crate::error::{StateError, StateResult};
+use crate::error::{shown, StateError, StateResult};
 use crate::namespace::Space;
 
 /// An open subject and its buffered writes.
 pub struct Subject {
     name: String,
     key: String,
+    /// The granted namespace's name when it is read-only.
+    read_only: Option<String>,
     /// Field → new value, or none to remove it.
     pending: BTreeMap<String, Option<Vec<u8>>>,
 }
@@ -43,27 +44,59 @@ fn text(bytes: Vec<u8>) -> String {
 }
 
 impl CallCtx {
-    fn subject(&self, handle: &Resource<Subject>) -> StateResult<&Subject> {
-        self.table
-            .get(handle)
-            .map_err(|e| StateError::Internal(format!("bad subject handle: {e}")))
-    }
-
-    fn subject_mut(&mut self, handle: &Resource<Subject>) -> StateResult<&mut Subject> {
+    fn subject(&mut self, handle: &Resource<Subject>) -> StateResult<&mut Subject> {
         self.table
             .get_mut(handle)
             .map_err(|e| StateError::Internal(format!("bad subject handle: {e}")))
     }
 
-    /// The hash key and the checked field of a property.
+    /// The hash key of an operation on a subject, after the guards: one
+    /// operation charged, write access checked.
+    fn subject_key(&mut self, handle: &Resource<Subject>, write: bool) -> StateResult<String> {
+        self.charge(1)?;
+        let subject = self.subject(handle)?;
+        if let (true, Some(namespace)) = (write, &subject.read_only) {
+            return Err(StateError::AccessDenied(format!(
+                "namespace {} is granted to this role for reading only",
+                shown(namespace)
+            )));
+        }
+        Ok(subject.key.clone())
+    }
+
+    /// The hash key and the checked field of a property operation.
     fn property(
-        &self,
+        &mut self,
         handle: &Resource<Subject>,
         kind: Kind,
         property: &str,
+        write: bool,
     ) -> StateResult<(String, String)> {
         self.role.namespace.check_name("property", property)?;
-        Ok((self.subject(handle)?.key.clone(), field(kind, property)))
+        Ok((self.subject_key(handle, write)?, field(kind, property)))
+    }
+
+    /// Buffers a write (some value) or a removal (none) until `store`.
+    fn buffer(
+        &mut self,
+        handle: &Resource<Subject>,
+        kind: Kind,
+        property: &str,
+        value: Option<String>,
+    ) -> StateResult<()> {
+        let (_, field) = self.property(handle, kind, property, true)?;
+        if let Some(value) = &value {
+            self.check_property_value(value)?;
+        }
+        let max = self.role.limits.max_batch_entries;
+        let pending = &mut self.subject(handle)?.pending;
+        if !pending.contains_key(&field) && pending.len() >= max {
+            return Err(StateError::TooLarge(format!(
+                "more than {max} buffered writes; call store first"
+            )));
+        }
+        pending.insert(field, value.map(String::into_bytes));
+        Ok(())
     }
 
     fn check_property_value(&self, value: &str) -> StateResult<()> {
@@ -75,11 +108,12 @@ impl CallCtx {
 impl Host for CallCtx {
     async fn list_subjects(
         &mut self,
+        namespace: String,
         pattern: Option<String>,
         cursor: Option<String>,
         limit: u32,
     ) -> StateResult<NamePage> {
-        let namespace = self.role.namespace.clone();
+        let namespace = self.namespace(&namespace, false)?;
         let (names, cursor) = self
             .list_names(&namespace, Space::Subject, pattern, cursor, limit)
             .await?;
@@ -88,11 +122,18 @@ impl Host for CallCtx {
 }
 
 impl HostSubject for CallCtx {
-    async fn open(&mut self, name: String) -> StateResult<Resource<Subject>> {
-        let key = self.role.namespace.key(Space::Subject, &name)?;
+    async fn open(&mut self, namespace: String, name: String) -> StateResult<Resource<Subject>> {
+        let key = self
+            .namespace(&namespace, false)?
+            .key(Space::Subject, &name)?;
+        let read_only = self
+            .namespace(&namespace, true)
+            .is_err()
+            .then_some(namespace);
         let subject = Subject {
             name,
             key,
+            read_only,
             pending: BTreeMap::new(),
         };
         self.table
@@ -110,12 +151,12 @@ impl HostSubject for CallCtx {
         kind: Kind,
         property: String,
     ) -> StateResult<Option<String>> {
-        let (key, field) = self.property(&subject, kind, &property)?;
+        let (key, field) = self.property(&subject, kind, &property, false)?;
         Ok(self.backend.hash_get(&key, &field).await?.map(text))
     }
 
     async fn load(&mut self, subject: Resource<Subject>) -> StateResult<Snapshot> {
-        let key = self.subject(&subject)?.key.clone();
+        let key = self.subject_key(&subject, false)?;
         let mut snapshot = Snapshot {
             default: Vec::new(),
             extended: Vec::new(),
@@ -135,7 +176,7 @@ impl HostSubject for CallCtx {
     }
 
     async fn exists(&mut self, subject: Resource<Subject>) -> StateResult<bool> {
-        let key = self.subject(&subject)?.key.clone();
+        let key = self.subject_key(&subject, false)?;
         self.backend.exists(&key).await
     }
 
@@ -146,17 +187,7 @@ impl HostSubject for CallCtx {
         property: String,
         value: String,
     ) -> StateResult<()> {
-        let (_, field) = self.property(&subject, kind, &property)?;
-        self.check_property_value(&value)?;
-        let max = self.role.limits.max_batch_entries;
-        let pending = &mut self.subject_mut(&subject)?.pending;
-        if !pending.contains_key(&field) && pending.len() >= max {
-            return Err(StateError::TooLarge(format!(
-                "more than {max} buffered writes; call store first"
-            )));
-        }
-        pending.insert(field, Some(value.into_bytes()));
-        Ok(())
+        self.buffer(&subject, kind, &property, Some(value))
     }
 
     async fn remove(
@@ -165,16 +196,7 @@ impl HostSubject for CallCtx {
         kind: Kind,
         property: String,
     ) -> StateResult<()> {
-        let (_, field) = self.property(&subject, kind, &property)?;
-        let max = self.role.limits.max_batch_entries;
-        let pending = &mut self.subject_mut(&subject)?.pending;
-        if !pending.contains_key(&field) && pending.len() >= max {
-            return Err(StateError::TooLarge(format!(
-                "more than {max} buffered writes; call store first"
-            )));
-        }
-        pending.insert(field, None);
-        Ok(())
+        self.buffer(&subject, kind, &property, None)
     }
 
     async fn pending(&mut self, subject: Resource<Subject>) -> wasmtime::Result<u32> {
@@ -182,9 +204,9 @@ impl HostSubject for CallCtx {
     }
 
     async fn store(&mut self, subject: Resource<Subject>) -> StateResult<()> {
-        let subject = self.subject_mut(&subject)?;
-        let key = subject.key.clone();
-        let pending = std::mem::take(&mut subject.pending);
+        let key = self.subject_key(&subject, true)?;
+        let pending = std::mem::take(&mut self.subject(&subject)?.pending);
+        self.charge(pending.len())?;
         let mut set = Vec::new();
         let mut remove = Vec::new();
         for (field, value) in pending {
@@ -193,7 +215,9 @@ impl HostSubject for CallCtx {
                 None => remove.push(field),
             }
         }
-        self.backend.hash_apply(&key, &set, &remove).await
+        self.backend
+            .hash_apply(&key, &set, &remove, self.default_ttl())
+            .await
     }
 
     async fn discard(&mut self, subject: Resource<Subject>) -> wasmtime::Result<()> {
@@ -208,8 +232,10 @@ impl HostSubject for CallCtx {
         property: String,
         delta: i64,
     ) -> StateResult<i64> {
-        let (key, field) = self.property(&subject, kind, &property)?;
-        self.backend.hash_increment(&key, &field, delta).await
+        let (key, field) = self.property(&subject, kind, &property, true)?;
+        self.backend
+            .hash_increment(&key, &field, delta, self.default_ttl())
+            .await
     }
 
     async fn increment_float(
@@ -224,8 +250,10 @@ impl HostSubject for CallCtx {
                 "delta must be a finite number".into(),
             ));
         }
-        let (key, field) = self.property(&subject, kind, &property)?;
-        self.backend.hash_increment_float(&key, &field, delta).await
+        let (key, field) = self.property(&subject, kind, &property, true)?;
+        self.backend
+            .hash_increment_float(&key, &field, delta, self.default_ttl())
+            .await
     }
 
     async fn compare_and_set(
@@ -236,19 +264,19 @@ impl HostSubject for CallCtx {
         expected: Option<String>,
         new: Option<String>,
     ) -> StateResult<bool> {
-        let (key, field) = self.property(&subject, kind, &property)?;
+        let (key, field) = self.property(&subject, kind, &property, true)?;
         if let Some(new) = &new {
             self.check_property_value(new)?;
         }
         let expected = expected.as_deref().map(str::as_bytes);
         let new = new.as_deref().map(str::as_bytes);
         self.backend
-            .hash_compare_and_set(&key, &field, expected, new)
+            .hash_compare_and_set(&key, &field, expected, new, self.default_ttl())
             .await
     }
 
     async fn delete(&mut self, subject: Resource<Subject>) -> StateResult<bool> {
-        let key = self.subject(&subject)?.key.clone();
+        let key = self.subject_key(&subject, true)?;
         Ok(self.backend.delete_many(&[key]).await? > 0)
     }
 
@@ -257,12 +285,13 @@ impl HostSubject for CallCtx {
         subject: Resource<Subject>,
         ttl_ms: Option<u64>,
     ) -> StateResult<bool> {
-        let key = self.subject(&subject)?.key.clone();
-        self.backend.expire(&key, ttl(ttl_ms)?).await
+        let key = self.subject_key(&subject, true)?;
+        let ttl = self.expire_ttl(ttl_ms)?;
+        self.backend.expire(&key, ttl).await
     }
 
     async fn expiry(&mut self, subject: Resource<Subject>) -> StateResult<Expiry> {
-        let key = self.subject(&subject)?.key.clone();
+        let key = self.subject_key(&subject, false)?;
         Ok(self.backend.expiry(&key).await?.into())
     }
 
@@ -272,12 +301,13 @@ impl HostSubject for CallCtx {
     }
 }
 
-impl From<BackendExpiry> for Expiry {
-    fn from(expiry: BackendExpiry) -> Self {
+impl From<crate::backend::Expiry> for Expiry {
+    fn from(expiry: crate::backend::Expiry) -> Self {
+        use crate::backend::Expiry as E;
         match expiry {
-            BackendExpiry::Missing => Expiry::Missing,
-            BackendExpiry::Persistent => Expiry::Persistent,
-            BackendExpiry::ExpiresIn(left) => Expiry::ExpiresInMs(left.as_millis() as u64),
+            E::Missing => Expiry::Missing,
+            E::Persistent => Expiry::Persistent,
+            E::ExpiresIn(left) => Expiry::ExpiresInMs(left.as_millis() as u64),
         }
     }
 }

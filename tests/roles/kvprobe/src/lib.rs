@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rolehost_guest::{
-    export_role, from_json, rate_limit, to_json, Bucket, Error, Expiry, Kind, Lock, Result, Role,
-    Subject,
+    export_role, from_json, rate_limit_in, to_json, Bucket, Error, Expiry, Kind, Lock, Result,
+    Role, Subject,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -184,6 +184,39 @@ enum Op {
         #[serde(default = "one_u64")]
         cost: u64,
     },
+    Recurse {
+        depth: u64,
+    },
+    ReadEnv {
+        name: String,
+    },
+    ListEnv,
+    ReadFile {
+        path: String,
+    },
+    ListDir {
+        path: String,
+    },
+    Connect {
+        addr: String,
+    },
+}
+
+/// Fields every request may carry besides its operation.
+#[derive(Deserialize)]
+struct Envelope {
+    /// The namespace to work in: "" (the role's own) or a granted one.
+    #[serde(default)]
+    ns: String,
+}
+
+/// Recursion the optimizer cannot turn into a loop.
+fn recurse(depth: u64) -> u64 {
+    if depth == 0 {
+        return 0;
+    }
+    let frame = std::hint::black_box([depth; 64]);
+    recurse(depth - 1) + frame[(depth % 64) as usize] % 2
 }
 
 fn yes() -> bool {
@@ -216,7 +249,8 @@ fn ttl(ms: Option<u64>) -> Option<Duration> {
     ms.map(Duration::from_millis)
 }
 
-fn run(bucket: &Bucket, op: Op) -> Result<Value> {
+fn run(ns: &str, op: Op) -> Result<Value> {
+    let bucket = &Bucket::open(ns)?;
     Ok(match op {
         Op::Get { key } => text(bucket.get(&key)?),
         Op::Set {
@@ -337,12 +371,12 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
             subject,
             extended,
             prop,
-        } => json!(Subject::open(&subject)?.get_raw(kind(extended), &prop)?),
+        } => json!(Subject::open_in(ns, &subject)?.get_raw(kind(extended), &prop)?),
         Op::SubjectLoad { subject } => {
-            let snapshot = Subject::open(&subject)?.load()?;
+            let snapshot = Subject::open_in(ns, &subject)?.load()?;
             json!({ "default": snapshot.default, "extended": snapshot.extended })
         }
-        Op::SubjectExists { subject } => json!(Subject::open(&subject)?.exists()?),
+        Op::SubjectExists { subject } => json!(Subject::open_in(ns, &subject)?.exists()?),
         Op::SubjectStore {
             subject,
             set,
@@ -350,7 +384,7 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
             remove,
             store,
         } => {
-            let subject = Subject::open(&subject)?;
+            let subject = Subject::open_in(ns, &subject)?;
             for (prop, value) in &set {
                 subject.set(prop, value)?;
             }
@@ -372,7 +406,7 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
             json,
         } => {
             // Straight to the WIT call, so invalid JSON reaches the host.
-            let subject = Subject::open(&subject)?;
+            let subject = Subject::open_in(ns, &subject)?;
             subject.compare_and_set(Kind::Default, &prop, None, Some(&json))?;
             Value::Null
         }
@@ -383,7 +417,7 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
             delta,
             times,
         } => {
-            let subject = Subject::open(&subject)?;
+            let subject = Subject::open_in(ns, &subject)?;
             let mut last = 0;
             for _ in 0..times {
                 last = subject.increment(kind(extended), &prop, delta)?;
@@ -394,14 +428,14 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
             subject,
             prop,
             delta,
-        } => json!(Subject::open(&subject)?.increment_float(Kind::Default, &prop, delta)?),
+        } => json!(Subject::open_in(ns, &subject)?.increment_float(Kind::Default, &prop, delta)?),
         Op::SubjectCas {
             subject,
             prop,
             expected,
             new,
         } => {
-            json!(Subject::open(&subject)?.compare_and_set(
+            json!(Subject::open_in(ns, &subject)?.compare_and_set(
                 Kind::Default,
                 &prop,
                 expected.as_deref(),
@@ -413,7 +447,7 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
             prop,
             times,
         } => {
-            let subject = Subject::open(&subject)?;
+            let subject = Subject::open_in(ns, &subject)?;
             let mut last = None;
             for _ in 0..times {
                 last = subject.update(Kind::Default, &prop, |old: Option<i64>| {
@@ -422,18 +456,18 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
             }
             json!(last)
         }
-        Op::SubjectDelete { subject } => json!(Subject::open(&subject)?.delete()?),
+        Op::SubjectDelete { subject } => json!(Subject::open_in(ns, &subject)?.delete()?),
         Op::SubjectExpire { subject, ttl_ms } => match ttl_ms {
-            Some(ms) => json!(Subject::open(&subject)?.expire(Duration::from_millis(ms))?),
-            None => json!(Subject::open(&subject)?.persist()?),
+            Some(ms) => json!(Subject::open_in(ns, &subject)?.expire(Duration::from_millis(ms))?),
+            None => json!(Subject::open_in(ns, &subject)?.persist()?),
         },
-        Op::SubjectExpiry { subject } => match Subject::open(&subject)?.expiry()? {
+        Op::SubjectExpiry { subject } => match Subject::open_in(ns, &subject)?.expiry()? {
             Expiry::Missing => json!("missing"),
             Expiry::Persistent => json!("persistent"),
             Expiry::ExpiresIn(left) => json!(left.as_millis() as u64),
         },
         Op::SubjectList { pattern } => {
-            let mut names = Subject::list(pattern.as_deref())?;
+            let mut names = Subject::list_in(ns, pattern.as_deref())?;
             names.sort();
             json!(names)
         }
@@ -443,7 +477,8 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
             wait_ms,
             sleep_ms,
         } => {
-            match Lock::acquire(
+            match Lock::acquire_in(
+                ns,
                 &name,
                 Duration::from_millis(ttl_ms),
                 Duration::from_millis(wait_ms),
@@ -458,19 +493,21 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
         Op::LockTakeover { name } => {
             // The first grant expires, a second takes the lock, and the
             // first, no longer the owner, can neither extend nor release.
-            drop(Lock::acquire(
+            drop(Lock::acquire_in(
+                ns,
                 &name,
                 Duration::from_secs(60),
                 Duration::ZERO,
             )?);
-            let after_drop = Lock::acquire(&name, Duration::from_secs(60), Duration::ZERO)?
+            let after_drop = Lock::acquire_in(ns, &name, Duration::from_secs(60), Duration::ZERO)?
                 .map(|lock| lock.release())
                 .transpose()?;
-            let first = Lock::acquire(&name, Duration::from_millis(100), Duration::ZERO)?
+            let first = Lock::acquire_in(ns, &name, Duration::from_millis(100), Duration::ZERO)?
                 .ok_or_else(|| Error::Internal("lock was taken".into()))?;
-            let held = Lock::acquire(&name, Duration::from_secs(5), Duration::ZERO)?.is_some();
+            let held =
+                Lock::acquire_in(ns, &name, Duration::from_secs(5), Duration::ZERO)?.is_some();
             std::thread::sleep(Duration::from_millis(250));
-            let second = Lock::acquire(&name, Duration::from_secs(5), Duration::ZERO)?
+            let second = Lock::acquire_in(ns, &name, Duration::from_secs(5), Duration::ZERO)?
                 .ok_or_else(|| Error::Internal("expired lock could not be taken".into()))?;
             json!({
                 "released_by_drop": after_drop == Some(true),
@@ -489,7 +526,7 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
             window_ms,
             cost,
         } => {
-            let d = rate_limit(&key, limit, Duration::from_millis(window_ms), cost)?;
+            let d = rate_limit_in(ns, &key, limit, Duration::from_millis(window_ms), cost)?;
             json!({
                 "allowed": d.allowed,
                 "remaining": d.remaining,
@@ -497,12 +534,29 @@ fn run(bucket: &Bucket, op: Op) -> Result<Value> {
                 "retry_after_ms": d.retry_after.as_millis() as u64,
             })
         }
-        Op::Batch { ops } => Value::Array(ops.into_iter().map(|op| answer(bucket, op)).collect()),
+        Op::Batch { ops } => Value::Array(ops.into_iter().map(|op| answer(ns, op)).collect()),
+        Op::Recurse { depth } => json!(recurse(depth)),
+        Op::ReadEnv { name } => json!(std::env::var(&name).ok()),
+        Op::ListEnv => json!(std::env::vars().map(|(k, _)| k).collect::<Vec<_>>()),
+        Op::ReadFile { path } => match std::fs::read_to_string(&path) {
+            Ok(text) => json!(text),
+            Err(e) => return Err(Error::AccessDenied(format!("read {path}: {e}"))),
+        },
+        Op::ListDir { path } => match std::fs::read_dir(&path) {
+            Ok(entries) => json!(entries
+                .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()),
+            Err(e) => return Err(Error::AccessDenied(format!("list {path}: {e}"))),
+        },
+        Op::Connect { addr } => match std::net::TcpStream::connect(&addr) {
+            Ok(_) => json!("connected"),
+            Err(e) => return Err(Error::AccessDenied(format!("connect {addr}: {e}"))),
+        },
     })
 }
 
-fn answer(bucket: &Bucket, op: Op) -> Value {
-    match run(bucket, op) {
+fn answer(ns: &str, op: Op) -> Value {
+    match run(ns, op) {
         Ok(value) => json!({ "ok": value }),
         Err(error) => {
             let kind = match &error {
@@ -525,11 +579,11 @@ struct KvProbe;
 impl Role for KvProbe {
     fn handle(request: Vec<u8>) -> Result<Vec<u8>> {
         let op: Op = from_json(&request)?;
-        let bucket = Bucket::own()?;
+        let Envelope { ns } = from_json(&request)?;
         if let Op::Respond { len } = op {
             return Ok(vec![b'y'; len]);
         }
-        to_json(&answer(&bucket, op))
+        to_json(&answer(&ns, op))
     }
 }
 
