@@ -72,7 +72,10 @@ async fn memory_growth_stops_at_the_limit() {
         limits(),
     );
     let err = host.call("hog", br#"{"op":"grow"}"#).await.unwrap_err();
-    assert!(matches!(err, CallError::OutOfMemory { bytes, .. } if bytes == 16 << 20), "{err}");
+    assert!(
+        matches!(err, CallError::OutOfMemory { bytes, .. } if bytes == 16 << 20),
+        "{err}"
+    );
     // The next call gets a fresh instance and works.
     assert_eq!(
         probe(&host, "hog", json!({"op":"exists","key":"k"})).await,

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rolehost::backend::{Backend, MemoryBackend, RedisBackend, RedisOptions};
-use rolehost::{Host, RoleLimits, RoleSpec};
+use rolehost::{Grants, Host, HostOptions, RoleLimits, RoleSpec};
 use serde_json::Value;
 
 /// Databases each test server offers; tests that need a keyspace of their
@@ -220,6 +220,23 @@ pub fn host_with_limits(
     for (name, file) in roles {
         let mut spec = spec(name, file);
         spec.limits = limits.clone();
+        host.load(&spec).unwrap();
+    }
+    host
+}
+
+/// A host on `backend` with fully specified roles: (name, component file,
+/// limits, grants). Counts fuel, so roles may have a fuel limit.
+pub fn host_with_specs(
+    backend: Arc<dyn Backend>,
+    prefix: &str,
+    roles: Vec<(&str, &str, RoleLimits, Grants)>,
+) -> Host {
+    let mut host = Host::with_options(backend, prefix, HostOptions { fuel: true }).unwrap();
+    for (name, file, limits, grants) in roles {
+        let mut spec = spec(name, file);
+        spec.limits = limits;
+        spec.grants = grants;
         host.load(&spec).unwrap();
     }
     host

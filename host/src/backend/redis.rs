@@ -421,7 +421,9 @@ impl Backend for RedisBackend {
         fallback_ttl: Option<Duration>,
     ) -> StateResult<i64> {
         if fallback_ttl.is_none() {
-            return self.run(|mut c| async move { c.incr(key, delta).await }).await;
+            return self
+                .run(|mut c| async move { c.incr(key, delta).await })
+                .await;
         }
         let mut pipe = redis::pipe();
         pipe.atomic().incr(key, delta);
@@ -515,7 +517,9 @@ impl Backend for RedisBackend {
         fallback_ttl: Option<Duration>,
     ) -> StateResult<i64> {
         if fallback_ttl.is_none() {
-            return self.run(|mut c| async move { c.hincr(key, field, delta).await }).await;
+            return self
+                .run(|mut c| async move { c.hincr(key, field, delta).await })
+                .await;
         }
         let mut pipe = redis::pipe();
         pipe.atomic().hincr(key, field, delta);
