@@ -227,4 +227,56 @@ mod tests {
             assert!(validate_identity(bad).is_err(), "{bad:?}");
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Strings rich in glob metacharacters, separators and odd bytes.
+        fn nasty() -> impl Strategy<Value = String> {
+            prop::string::string_regex("[a-c*?\\[\\]\\\\:^!@./ \u{0}-\u{2}é-]{0,24}").unwrap()
+        }
+
+        proptest! {
+            #[test]
+            fn a_key_never_leaves_its_prefix(key in nasty(), other in "[a-z][a-z0-9_-]{0,8}") {
+                let a = ns("alice");
+                if let Ok(full) = a.key(Space::Kv, &key) {
+                    prop_assert!(full.starts_with("app[1]:alice:kv:"));
+                    prop_assert_eq!(a.local(Space::Kv, &full), Some(key.as_str()));
+                    if other != "alice" {
+                        prop_assert_eq!(ns(&other).local(Space::Kv, &full), None);
+                    }
+                }
+            }
+
+            #[test]
+            fn a_pattern_never_matches_outside_its_prefix(
+                pattern in nasty(),
+                other in "[a-z][a-z0-9_-]{0,8}",
+                rest in nasty(),
+                stray in nasty(),
+            ) {
+                let a = ns("alice");
+                if let Ok(full) = a.pattern(Space::Kv, Some(&pattern)) {
+                    prop_assert!(glob::literal_prefix(&full).starts_with("app[1]:alice:kv:"));
+                    if other != "alice" {
+                        let foreign = format!("app[1]:{other}:kv:{rest}");
+                        prop_assert!(!glob::matches(&full, &foreign), "{} matched {}", full, foreign);
+                    }
+                    for space in [Space::Subject, Space::Lock, Space::Fence, Space::Rate] {
+                        let elsewhere = a.space_prefix(space) + &rest;
+                        prop_assert!(!glob::matches(&full, &elsewhere));
+                    }
+                    if !stray.starts_with("app[1]:alice:kv:") {
+                        prop_assert!(!glob::matches(&full, &stray));
+                    }
+                    let shared = Namespace::shared("app[1]:", "alice", &RoleLimits::default());
+                    let shared_key = format!("{}kv:{rest}", shared.prefix());
+                    prop_assert!(!glob::matches(&full, &shared_key));
+                }
+            }
+        }
+    }
 }
