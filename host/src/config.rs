@@ -44,6 +44,21 @@ impl StateConfig {
         Ok(Self::Redis(options))
     }
 
+    /// The same backend, logged in as `role`'s ACL user with the password
+    /// derived from `ROLEHOST_ACL_SECRET`.
+    pub fn as_role(&self, role: &str) -> anyhow::Result<Self> {
+        let Self::Redis(options) = self else {
+            bail!("ACL users need a Redis backend");
+        };
+        let secret = std::env::var(crate::acl::SECRET_ENV).map_err(|_| {
+            anyhow::anyhow!("ACL users need the secret in {}", crate::acl::SECRET_ENV)
+        })?;
+        let mut options = options.clone();
+        options.username = Some(crate::acl::user(role));
+        options.password = Some(crate::acl::password(&secret, role));
+        Ok(Self::Redis(options))
+    }
+
     /// Builds the backend. Redis connects lazily, on first use.
     pub fn connect(&self) -> anyhow::Result<Arc<dyn Backend>> {
         Ok(match self {

@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod acl;
 pub mod backend;
 mod bindings;
 pub mod config;

@@ -12,7 +12,7 @@ use rolehost::backend::Expiry;
 use rolehost::config::{StateConfig, STATE_ENV};
 use rolehost::manifest::{Manifest, DEFAULT_GLOBAL_PREFIX};
 use rolehost::namespace::{Namespace, Space};
-use rolehost::{Host, HostOptions, RoleSpec};
+use rolehost::{acl, Host, HostOptions, RoleSpec};
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +71,16 @@ enum Command {
         body: Option<String>,
         #[command(flatten)]
         repeat: Repeat,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print (or apply) a Redis ACL user per role, confined to its keys.
+    Acl {
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Send the rules to Redis instead of printing them.
+        #[arg(long)]
+        apply: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -148,6 +158,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let host = host(&common, Some(&manifest), &specs)?;
             call(host, &role, body, repeat).await
         }
+        Command::Acl {
+            manifest,
+            apply,
+            common,
+        } => acl(&common, &Manifest::load(&manifest)?, apply).await,
         Command::Keys {
             manifest,
             role,
@@ -161,11 +176,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .find(|s| s.name == role)
                 .with_context(|| format!("the manifest has no role `{role}`"))?;
             let backend = state(&common, Some(&manifest))?.connect()?;
-            let prefix = common
-                .prefix
-                .clone()
-                .unwrap_or(manifest.global_prefix.clone());
-            let namespace = Namespace::new(&prefix, &spec.name, &spec.limits);
+            let namespace =
+                Namespace::new(&prefix(&common, Some(&manifest)), &spec.name, &spec.limits);
             let pattern = namespace.pattern(Space::Kv, pattern.as_deref())?;
             let mut out = std::io::stdout().lock();
             let mut cursor = None;
@@ -201,21 +213,65 @@ fn state(common: &Common, manifest: Option<&Manifest>) -> anyhow::Result<StateCo
     StateConfig::parse(&url, &redis)
 }
 
-fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> anyhow::Result<Host> {
-    let backend = state(common, manifest)?.connect()?;
-    let prefix = common
+/// The global prefix: flag or environment, then manifest, then default.
+fn prefix(common: &Common, manifest: Option<&Manifest>) -> String {
+    common
         .prefix
         .clone()
         .or_else(|| manifest.map(|m| m.global_prefix.clone()))
-        .unwrap_or_else(|| DEFAULT_GLOBAL_PREFIX.to_owned());
+        .unwrap_or_else(|| DEFAULT_GLOBAL_PREFIX.to_owned())
+}
+
+fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> anyhow::Result<Host> {
+    let state = state(common, manifest)?;
     let options = HostOptions {
         fuel: specs.iter().any(|s| s.limits.fuel.is_some()),
     };
-    let mut host = Host::with_options(backend, &prefix, options)?;
+    let mut host = Host::with_options(state.connect()?, &prefix(common, manifest), options)?;
+    let acl_users = manifest.is_some_and(|m| m.redis.acl_users);
     for spec in specs {
-        host.load(spec)?;
+        if acl_users {
+            host.load_with_backend(spec, state.as_role(&spec.name)?.connect()?)?;
+        } else {
+            host.load(spec)?;
+        }
     }
     Ok(host)
+}
+
+/// Prints, or applies with the admin connection, each role's ACL user.
+async fn acl(common: &Common, manifest: &Manifest, apply: bool) -> anyhow::Result<()> {
+    let secret = std::env::var(acl::SECRET_ENV).map_err(|_| {
+        anyhow::anyhow!(
+            "set {} to the secret role passwords derive from",
+            acl::SECRET_ENV
+        )
+    })?;
+    let prefix = prefix(common, Some(manifest));
+    let mut commands = Vec::new();
+    for spec in manifest.role_specs()? {
+        commands.push(acl::setuser_args(
+            &prefix,
+            &spec.name,
+            &spec.grants,
+            &secret,
+        ));
+    }
+    if !apply {
+        for args in &commands {
+            println!("ACL SETUSER {}", args.join(" "));
+        }
+        return Ok(());
+    }
+    let StateConfig::Redis(options) = state(common, Some(manifest))? else {
+        bail!("--apply needs a Redis backend (--state redis://…)");
+    };
+    let admin = rolehost::backend::RedisBackend::new(&options).map_err(anyhow::Error::msg)?;
+    for args in &commands {
+        admin.acl_setuser(args).await?;
+        println!("applied ACL user {}", args[0]);
+    }
+    Ok(())
 }
 
 /// Calls `role` once, or `--repeat` times with `--concurrency` in flight,

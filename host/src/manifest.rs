@@ -8,6 +8,7 @@
 //! [redis]                            # optional
 //! connect-timeout-ms = 1000
 //! op-timeout-ms = 2000
+//! acl-users = false                  # connect as each role's ACL user
 //!
 //! [[roles]]
 //! name = "counter"                   # default: the file stem
@@ -53,6 +54,9 @@ pub struct RedisSection {
     pub connect_timeout_ms: Option<u64>,
     /// Longest wait for one operation, in ms.
     pub op_timeout_ms: Option<u64>,
+    /// Talk to Redis as each role's own ACL user (see `rolehost acl`).
+    #[serde(default)]
+    pub acl_users: bool,
     /// Present only so a password here gets a clear refusal.
     password: Option<toml::Value>,
 }

@@ -14,6 +14,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
+use crate::acl::hex;
 use crate::backend::Backend;
 use crate::bindings::{Role as RoleWorld, RolePre};
 use crate::error::{CallError, StateError};
@@ -415,8 +416,4 @@ fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> anyhow::Result<(
         })
         .context("cannot start the epoch thread")?;
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -125,6 +125,8 @@ return {0, math.floor(math.max(span - (tat - now), 0) / interval), tat - now, ne
 pub struct RedisOptions {
     /// `redis://[user@]host:port[/db]`; the password comes from `password`.
     pub url: String,
+    /// A user to log in as, overriding the URL's.
+    pub username: Option<String>,
     /// The password, taken from `REDIS_PASSWORD` only.
     pub password: Option<String>,
     /// Longest wait for a connection.
@@ -138,6 +140,7 @@ impl RedisOptions {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            username: None,
             password: None,
             connect_timeout: Duration::from_secs(1),
             op_timeout: Duration::from_secs(2),
@@ -169,10 +172,14 @@ impl RedisBackend {
         if info.redis_settings().password().is_some() {
             return Err("the Redis URL holds a password; set REDIS_PASSWORD instead".into());
         }
-        if let Some(password) = &options.password {
-            let settings = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(settings);
+        let mut settings = info.redis_settings().clone();
+        if let Some(username) = &options.username {
+            settings = settings.set_username(username);
         }
+        if let Some(password) = &options.password {
+            settings = settings.set_password(password);
+        }
+        info = info.set_redis_settings(settings);
         let client =
             Client::open(info).map_err(|e| format!("invalid Redis URL {:?}: {e}", options.url))?;
         let config = ConnectionManagerConfig::new()
@@ -255,6 +262,20 @@ fn with_fallback_ttl(pipe: &mut redis::Pipeline, key: &str, ttl: Option<Duration
     }
 }
 
+impl RedisBackend {
+    /// Sends `ACL SETUSER args…` (operator use, on an admin connection).
+    pub async fn acl_setuser(&self, args: &[String]) -> StateResult<()> {
+        self.run(|mut c| async move {
+            redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg(args)
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+}
+
 /// Sorts Redis failures into the state API's errors.
 fn map_error(error: RedisError) -> StateError {
     let transient = error.is_io_error()
@@ -270,6 +291,9 @@ fn map_error(error: RedisError) -> StateError {
         );
     if transient {
         return StateError::Unavailable(format!("Redis: {error}"));
+    }
+    if error.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
+        return StateError::AccessDenied(format!("Redis refused: {error}"));
     }
     // Errors inside MULTI/EXEC come wrapped; look at the whole text.
     let detail = error.to_string();
