@@ -54,21 +54,13 @@ async fn binary_values_round_trip(b: Arc<dyn Backend>, p: String) {
     b.set(&k, &value, None).await.unwrap();
     assert_eq!(b.get(&k).await.unwrap(), Some(value.clone()));
     b.set(&k, b"", None).await.unwrap();
-    assert_eq!(
-        b.get(&k).await.unwrap(),
-        Some(Vec::new()),
-        "empty value is not absence"
-    );
+    assert_eq!(b.get(&k).await.unwrap(), Some(Vec::new()), "empty value is not absence");
 }
 
 async fn ttl_expires_keys(b: Arc<dyn Backend>, p: String) {
     let (short, long) = (format!("{p}short"), format!("{p}long"));
-    b.set(&short, b"x", Some(Duration::from_millis(150)))
-        .await
-        .unwrap();
-    b.set(&long, b"y", Some(Duration::from_secs(60)))
-        .await
-        .unwrap();
+    b.set(&short, b"x", Some(Duration::from_millis(150))).await.unwrap();
+    b.set(&long, b"y", Some(Duration::from_secs(60))).await.unwrap();
     match b.expiry(&short).await.unwrap() {
         Expiry::ExpiresIn(left) => assert!(left <= Duration::from_millis(150)),
         other => panic!("expected a TTL, got {other:?}"),
@@ -88,38 +80,22 @@ async fn ttl_expires_keys(b: Arc<dyn Backend>, p: String) {
 
 async fn batch_operations(b: Arc<dyn Backend>, p: String) {
     let keys: Vec<String> = (0..5).map(|i| format!("{p}k{i}")).collect();
-    let entries: Vec<(String, Vec<u8>)> = keys
-        .iter()
-        .map(|k| (k.clone(), k.as_bytes().to_vec()))
-        .collect();
+    let entries: Vec<(String, Vec<u8>)> = keys.iter().map(|k| (k.clone(), k.as_bytes().to_vec())).collect();
     b.set_many(&entries[..3], None).await.unwrap();
-    b.set_many(&entries[3..], Some(Duration::from_millis(150)))
-        .await
-        .unwrap();
+    b.set_many(&entries[3..], Some(Duration::from_millis(150))).await.unwrap();
     let values = b.get_many(&keys).await.unwrap();
     assert_eq!(values.len(), 5);
     for (key, value) in keys.iter().zip(&values) {
         assert_eq!(value.as_deref(), Some(key.as_bytes()));
     }
-    assert!(matches!(
-        b.expiry(&keys[4]).await.unwrap(),
-        Expiry::ExpiresIn(_)
-    ));
+    assert!(matches!(b.expiry(&keys[4]).await.unwrap(), Expiry::ExpiresIn(_)));
     assert_eq!(b.expiry(&keys[0]).await.unwrap(), Expiry::Persistent);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let values = b.get_many(&keys).await.unwrap();
     assert_eq!(values.iter().filter(|v| v.is_some()).count(), 3);
     let missing = format!("{p}missing");
-    assert_eq!(
-        b.delete_many(&[keys[0].clone(), keys[1].clone(), missing])
-            .await
-            .unwrap(),
-        2
-    );
-    assert_eq!(
-        b.get_many(&[]).await.unwrap(),
-        Vec::<Option<Vec<u8>>>::new()
-    );
+    assert_eq!(b.delete_many(&[keys[0].clone(), keys[1].clone(), missing]).await.unwrap(), 2);
+    assert_eq!(b.get_many(&[]).await.unwrap(), Vec::<Option<Vec<u8>>>::new());
     b.set_many(&[], None).await.unwrap();
     assert_eq!(b.delete_many(&[]).await.unwrap(), 0);
 }
@@ -129,10 +105,7 @@ async fn expire_and_persist(b: Arc<dyn Backend>, p: String) {
     assert!(!b.expire(&k, Some(Duration::from_secs(5))).await.unwrap());
     assert!(!b.expire(&k, None).await.unwrap());
     b.set(&k, b"v", None).await.unwrap();
-    assert!(
-        b.expire(&k, None).await.unwrap(),
-        "persist of an existing key without TTL"
-    );
+    assert!(b.expire(&k, None).await.unwrap(), "persist of an existing key without TTL");
     assert!(b.expire(&k, Some(Duration::from_secs(5))).await.unwrap());
     match b.expiry(&k).await.unwrap() {
         Expiry::ExpiresIn(left) => {
@@ -142,10 +115,7 @@ async fn expire_and_persist(b: Arc<dyn Backend>, p: String) {
     }
     assert!(b.expire(&k, None).await.unwrap());
     assert_eq!(b.expiry(&k).await.unwrap(), Expiry::Persistent);
-    assert!(b
-        .expire(&k, Some(Duration::from_millis(100)))
-        .await
-        .unwrap());
+    assert!(b.expire(&k, Some(Duration::from_millis(100))).await.unwrap());
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(b.get(&k).await.unwrap(), None);
 }
@@ -154,10 +124,7 @@ async fn expire_and_persist(b: Arc<dyn Backend>, p: String) {
 /// the cursor must resume inside a batch.
 async fn scan_pages_through_every_match_once(b: Arc<dyn Backend>, p: String) {
     let expected: BTreeSet<String> = (0..600).map(|i| format!("{p}item:{i:04}")).collect();
-    let entries: Vec<(String, Vec<u8>)> = expected
-        .iter()
-        .map(|k| (k.clone(), b"1".to_vec()))
-        .collect();
+    let entries: Vec<(String, Vec<u8>)> = expected.iter().map(|k| (k.clone(), b"1".to_vec())).collect();
     b.set_many(&entries, None).await.unwrap();
     b.set(&format!("{p}other"), b"1", None).await.unwrap();
     for limit in [1, 7, 100, 1000] {
@@ -165,15 +132,8 @@ async fn scan_pages_through_every_match_once(b: Arc<dyn Backend>, p: String) {
         let mut cursor: Option<String> = None;
         let mut pages = 0;
         loop {
-            let page = b
-                .scan(&format!("{p}item:*"), cursor.as_deref(), limit)
-                .await
-                .unwrap();
-            assert!(
-                page.keys.len() <= limit,
-                "page of {} over limit {limit}",
-                page.keys.len()
-            );
+            let page = b.scan(&format!("{p}item:*"), cursor.as_deref(), limit).await.unwrap();
+            assert!(page.keys.len() <= limit, "page of {} over limit {limit}", page.keys.len());
             if let Some(c) = &page.cursor {
                 assert!(!c.contains(&p), "cursor {c:?} shows the prefix");
             }
@@ -214,9 +174,7 @@ async fn scan_respects_patterns(b: Arc<dyn Backend>, p: String) {
 }
 
 async fn delete_matching_clears_only_matches(b: Arc<dyn Backend>, p: String) {
-    let entries: Vec<(String, Vec<u8>)> = (0..700)
-        .map(|i| (format!("{p}gone:{i}"), b"1".to_vec()))
-        .collect();
+    let entries: Vec<(String, Vec<u8>)> = (0..700).map(|i| (format!("{p}gone:{i}"), b"1".to_vec())).collect();
     b.set_many(&entries, None).await.unwrap();
     b.set(&format!("{p}kept"), b"1", None).await.unwrap();
     assert_eq!(b.delete_matching(&format!("{p}gone:*")).await.unwrap(), 700);
@@ -235,42 +193,21 @@ async fn increment_semantics(b: Arc<dyn Backend>, p: String) {
     assert!(matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)));
     let text = format!("{p}text");
     b.set(&text, b"ten", None).await.unwrap();
-    assert!(matches!(
-        b.increment(&text, 1, None).await,
-        Err(StateError::InvalidArgument(_))
-    ));
+    assert!(matches!(b.increment(&text, 1, None).await, Err(StateError::InvalidArgument(_))));
     let max = format!("{p}max");
-    b.set(&max, i64::MAX.to_string().as_bytes(), None)
-        .await
-        .unwrap();
-    assert!(matches!(
-        b.increment(&max, 1, None).await,
-        Err(StateError::InvalidArgument(_))
-    ));
-    assert_eq!(
-        b.get(&max).await.unwrap(),
-        Some(i64::MAX.to_string().into_bytes()),
-        "failed increment changed nothing"
-    );
+    b.set(&max, i64::MAX.to_string().as_bytes(), None).await.unwrap();
+    assert!(matches!(b.increment(&max, 1, None).await, Err(StateError::InvalidArgument(_))));
+    assert_eq!(b.get(&max).await.unwrap(), Some(i64::MAX.to_string().into_bytes()), "failed increment changed nothing");
 }
 
 async fn set_if_absent_and_get_and_delete(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}k");
-    assert!(b
-        .set_if_absent(&k, b"first", Some(Duration::from_millis(150)))
-        .await
-        .unwrap());
+    assert!(b.set_if_absent(&k, b"first", Some(Duration::from_millis(150))).await.unwrap());
     assert!(!b.set_if_absent(&k, b"second", None).await.unwrap());
     assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"first"[..]));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        b.set_if_absent(&k, b"third", None).await.unwrap(),
-        "expired key counts as absent"
-    );
-    assert_eq!(
-        b.get_and_delete(&k).await.unwrap().as_deref(),
-        Some(&b"third"[..])
-    );
+    assert!(b.set_if_absent(&k, b"third", None).await.unwrap(), "expired key counts as absent");
+    assert_eq!(b.get_and_delete(&k).await.unwrap().as_deref(), Some(&b"third"[..]));
     assert_eq!(b.get_and_delete(&k).await.unwrap(), None);
     assert!(!b.exists(&k).await.unwrap());
 }
@@ -278,51 +215,22 @@ async fn set_if_absent_and_get_and_delete(b: Arc<dyn Backend>, p: String) {
 async fn compare_and_swap_branches(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}k");
     // absent → value
-    assert!(!b
-        .compare_and_swap(&k, Some(b"x"), Some(b"y"), None)
-        .await
-        .unwrap());
-    assert!(b
-        .compare_and_swap(&k, None, Some(b"v1"), None)
-        .await
-        .unwrap());
-    assert!(!b
-        .compare_and_swap(&k, None, Some(b"v2"), None)
-        .await
-        .unwrap());
+    assert!(!b.compare_and_swap(&k, Some(b"x"), Some(b"y"), None).await.unwrap());
+    assert!(b.compare_and_swap(&k, None, Some(b"v1"), None).await.unwrap());
+    assert!(!b.compare_and_swap(&k, None, Some(b"v2"), None).await.unwrap());
     // value → value, with TTL
-    assert!(!b
-        .compare_and_swap(&k, Some(b"wrong"), Some(b"v2"), None)
-        .await
-        .unwrap());
-    assert!(b
-        .compare_and_swap(&k, Some(b"v1"), Some(b"v2"), Some(Duration::from_secs(30)))
-        .await
-        .unwrap());
+    assert!(!b.compare_and_swap(&k, Some(b"wrong"), Some(b"v2"), None).await.unwrap());
+    assert!(b.compare_and_swap(&k, Some(b"v1"), Some(b"v2"), Some(Duration::from_secs(30))).await.unwrap());
     assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v2"[..]));
     assert!(matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)));
     // value → delete
-    assert!(b
-        .compare_and_swap(&k, Some(b"v2"), None, None)
-        .await
-        .unwrap());
+    assert!(b.compare_and_swap(&k, Some(b"v2"), None, None).await.unwrap());
     assert!(!b.exists(&k).await.unwrap());
     // binary and empty values compare exactly
     assert!(b.compare_and_swap(&k, None, Some(b""), None).await.unwrap());
-    assert!(
-        !b.compare_and_swap(&k, None, Some(b"x"), None)
-            .await
-            .unwrap(),
-        "empty value is present"
-    );
-    assert!(b
-        .compare_and_swap(&k, Some(b""), Some(&[0, 255]), None)
-        .await
-        .unwrap());
-    assert!(b
-        .compare_and_swap(&k, Some(&[0, 255]), None, None)
-        .await
-        .unwrap());
+    assert!(!b.compare_and_swap(&k, None, Some(b"x"), None).await.unwrap(), "empty value is present");
+    assert!(b.compare_and_swap(&k, Some(b""), Some(&[0, 255]), None).await.unwrap());
+    assert!(b.compare_and_swap(&k, Some(&[0, 255]), None, None).await.unwrap());
 }
 
 const TASKS: usize = 8;
@@ -351,11 +259,7 @@ async fn concurrent_set_if_absent_has_one_winner(b: Arc<dyn Backend>, p: String)
         let tasks: Vec<_> = (0..TASKS)
             .map(|i| {
                 let (b, k) = (b.clone(), k.clone());
-                tokio::spawn(async move {
-                    b.set_if_absent(&k, i.to_string().as_bytes(), None)
-                        .await
-                        .unwrap()
-                })
+                tokio::spawn(async move { b.set_if_absent(&k, i.to_string().as_bytes(), None).await.unwrap() })
             })
             .collect();
         let mut winners = 0;
@@ -375,14 +279,9 @@ async fn concurrent_compare_and_swap_loses_no_update(b: Arc<dyn Backend>, p: Str
                 for _ in 0..25 {
                     loop {
                         let old = b.get(&k).await.unwrap();
-                        let n: u64 = old
-                            .as_deref()
-                            .map_or(0, |v| std::str::from_utf8(v).unwrap().parse().unwrap());
+                        let n: u64 = old.as_deref().map_or(0, |v| std::str::from_utf8(v).unwrap().parse().unwrap());
                         let new = (n + 1).to_string();
-                        if b.compare_and_swap(&k, old.as_deref(), Some(new.as_bytes()), None)
-                            .await
-                            .unwrap()
-                        {
+                        if b.compare_and_swap(&k, old.as_deref(), Some(new.as_bytes()), None).await.unwrap() {
                             break;
                         }
                     }
@@ -393,55 +292,28 @@ async fn concurrent_compare_and_swap_loses_no_update(b: Arc<dyn Backend>, p: Str
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(
-        b.get(&k).await.unwrap(),
-        Some((TASKS * 25).to_string().into_bytes())
-    );
+    assert_eq!(b.get(&k).await.unwrap(), Some((TASKS * 25).to_string().into_bytes()));
 }
 
 fn fields(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
-    pairs
-        .iter()
-        .map(|(f, v)| (f.to_string(), v.as_bytes().to_vec()))
-        .collect()
+    pairs.iter().map(|(f, v)| (f.to_string(), v.as_bytes().to_vec())).collect()
 }
 
 async fn hash_reads_and_atomic_writes(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}subject");
     assert_eq!(b.hash_get(&k, "pname").await.unwrap(), None);
     assert!(b.hash_get_all(&k).await.unwrap().is_empty());
-    b.hash_apply(
-        &k,
-        &fields(&[("pname", "\"ada\""), ("page", "36"), ("elogin", "1")]),
-        &[],
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        b.hash_get(&k, "page").await.unwrap().as_deref(),
-        Some(&b"36"[..])
-    );
-    b.hash_apply(
-        &k,
-        &fields(&[("page", "37")]),
-        &["elogin".to_owned(), "pmissing".to_owned()],
-        None,
-    )
-    .await
-    .unwrap();
+    b.hash_apply(&k, &fields(&[("pname", "\"ada\""), ("page", "36"), ("elogin", "1")]), &[], None).await.unwrap();
+    assert_eq!(b.hash_get(&k, "page").await.unwrap().as_deref(), Some(&b"36"[..]));
+    b.hash_apply(&k, &fields(&[("page", "37")]), &["elogin".to_owned(), "pmissing".to_owned()], None).await.unwrap();
     let mut all = b.hash_get_all(&k).await.unwrap();
     all.sort();
     assert_eq!(all, fields(&[("page", "37"), ("pname", "\"ada\"")]));
     // The TTL survives writes; removing the last field deletes the hash.
     assert!(b.expire(&k, Some(Duration::from_secs(30))).await.unwrap());
-    b.hash_apply(&k, &fields(&[("page", "38")]), &[], None)
-        .await
-        .unwrap();
+    b.hash_apply(&k, &fields(&[("page", "38")]), &[], None).await.unwrap();
     assert!(matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)));
-    b.hash_apply(&k, &[], &["page".to_owned(), "pname".to_owned()], None)
-        .await
-        .unwrap();
+    b.hash_apply(&k, &[], &["page".to_owned(), "pname".to_owned()], None).await.unwrap();
     assert!(!b.exists(&k).await.unwrap());
     b.hash_apply(&k, &[], &[], None).await.unwrap();
     assert!(!b.exists(&k).await.unwrap());
@@ -451,46 +323,16 @@ async fn hash_increments(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}subject");
     assert_eq!(b.hash_increment(&k, "pn", 3, None).await.unwrap(), 3);
     assert_eq!(b.hash_increment(&k, "pn", -5, None).await.unwrap(), -2);
-    assert_eq!(
-        b.hash_increment_float(&k, "pf", 1.5, None).await.unwrap(),
-        1.5
-    );
-    assert_eq!(
-        b.hash_increment_float(&k, "pf", 2.25, None).await.unwrap(),
-        3.75
-    );
-    assert_eq!(
-        b.hash_get(&k, "pf").await.unwrap().as_deref(),
-        Some(&b"3.75"[..])
-    );
-    assert_eq!(
-        b.hash_increment_float(&k, "pn", 0.5, None).await.unwrap(),
-        -1.5
-    );
-    assert_eq!(
-        b.hash_increment_float(&k, "pw", 2.0, None).await.unwrap(),
-        2.0
-    );
-    assert_eq!(
-        b.hash_get(&k, "pw").await.unwrap().as_deref(),
-        Some(&b"2"[..]),
-        "whole floats stored as integers"
-    );
-    b.hash_apply(&k, &fields(&[("ptext", "\"x\"")]), &[], None)
-        .await
-        .unwrap();
-    assert!(matches!(
-        b.hash_increment(&k, "ptext", 1, None).await,
-        Err(StateError::InvalidArgument(_))
-    ));
-    assert!(matches!(
-        b.hash_increment(&k, "pf", 1, None).await,
-        Err(StateError::InvalidArgument(_))
-    ));
-    assert!(matches!(
-        b.hash_increment_float(&k, "ptext", 1.0, None).await,
-        Err(StateError::InvalidArgument(_))
-    ));
+    assert_eq!(b.hash_increment_float(&k, "pf", 1.5, None).await.unwrap(), 1.5);
+    assert_eq!(b.hash_increment_float(&k, "pf", 2.25, None).await.unwrap(), 3.75);
+    assert_eq!(b.hash_get(&k, "pf").await.unwrap().as_deref(), Some(&b"3.75"[..]));
+    assert_eq!(b.hash_increment_float(&k, "pn", 0.5, None).await.unwrap(), -1.5);
+    assert_eq!(b.hash_increment_float(&k, "pw", 2.0, None).await.unwrap(), 2.0);
+    assert_eq!(b.hash_get(&k, "pw").await.unwrap().as_deref(), Some(&b"2"[..]), "whole floats stored as integers");
+    b.hash_apply(&k, &fields(&[("ptext", "\"x\"")]), &[], None).await.unwrap();
+    assert!(matches!(b.hash_increment(&k, "ptext", 1, None).await, Err(StateError::InvalidArgument(_))));
+    assert!(matches!(b.hash_increment(&k, "pf", 1, None).await, Err(StateError::InvalidArgument(_))));
+    assert!(matches!(b.hash_increment_float(&k, "ptext", 1.0, None).await, Err(StateError::InvalidArgument(_))));
     // A failed increment on a new hash leaves nothing behind.
     let fresh = format!("{p}fresh");
     b.set(&format!("{p}other"), b"1", None).await.unwrap();
@@ -499,85 +341,29 @@ async fn hash_increments(b: Arc<dyn Backend>, p: String) {
 
 async fn hash_compare_and_set_branches(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}subject");
-    assert!(!b
-        .hash_compare_and_set(&k, "pa", Some(b"1"), Some(b"2"), None)
-        .await
-        .unwrap());
-    assert!(b
-        .hash_compare_and_set(&k, "pa", None, Some(b"1"), None)
-        .await
-        .unwrap());
-    assert!(!b
-        .hash_compare_and_set(&k, "pa", None, Some(b"9"), None)
-        .await
-        .unwrap());
-    assert!(b
-        .hash_compare_and_set(&k, "pa", Some(b"1"), Some(b"2"), None)
-        .await
-        .unwrap());
-    assert_eq!(
-        b.hash_get(&k, "pa").await.unwrap().as_deref(),
-        Some(&b"2"[..])
-    );
-    assert!(b
-        .hash_compare_and_set(&k, "pa", Some(b"2"), None, None)
-        .await
-        .unwrap());
-    assert!(
-        !b.exists(&k).await.unwrap(),
-        "the last field removed deletes the hash"
-    );
+    assert!(!b.hash_compare_and_set(&k, "pa", Some(b"1"), Some(b"2"), None).await.unwrap());
+    assert!(b.hash_compare_and_set(&k, "pa", None, Some(b"1"), None).await.unwrap());
+    assert!(!b.hash_compare_and_set(&k, "pa", None, Some(b"9"), None).await.unwrap());
+    assert!(b.hash_compare_and_set(&k, "pa", Some(b"1"), Some(b"2"), None).await.unwrap());
+    assert_eq!(b.hash_get(&k, "pa").await.unwrap().as_deref(), Some(&b"2"[..]));
+    assert!(b.hash_compare_and_set(&k, "pa", Some(b"2"), None, None).await.unwrap());
+    assert!(!b.exists(&k).await.unwrap(), "the last field removed deletes the hash");
 }
 
 async fn locks_fence_and_expire(b: Arc<dyn Backend>, p: String) {
     let (lock, fence) = (format!("{p}lock"), format!("{p}fence"));
     let ttl = Duration::from_millis(150);
-    assert_eq!(
-        b.lock_acquire(&lock, &fence, "a", ttl).await.unwrap(),
-        Some(1)
-    );
+    assert_eq!(b.lock_acquire(&lock, &fence, "a", ttl).await.unwrap(), Some(1));
     assert_eq!(b.lock_acquire(&lock, &fence, "b", ttl).await.unwrap(), None);
-    assert!(!b
-        .expire_if_equal(&lock, b"b", Duration::from_secs(5))
-        .await
-        .unwrap());
-    assert!(b
-        .expire_if_equal(&lock, b"a", Duration::from_millis(150))
-        .await
-        .unwrap());
-    assert!(
-        !b.compare_and_swap(&lock, Some(b"b"), None, None)
-            .await
-            .unwrap(),
-        "non-owner release"
-    );
+    assert!(!b.expire_if_equal(&lock, b"b", Duration::from_secs(5)).await.unwrap());
+    assert!(b.expire_if_equal(&lock, b"a", Duration::from_millis(150)).await.unwrap());
+    assert!(!b.compare_and_swap(&lock, Some(b"b"), None, None).await.unwrap(), "non-owner release");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        b.lock_acquire(&lock, &fence, "b", Duration::from_secs(5))
-            .await
-            .unwrap(),
-        Some(2)
-    );
-    assert!(
-        !b.compare_and_swap(&lock, Some(b"a"), None, None)
-            .await
-            .unwrap(),
-        "stale owner release"
-    );
-    assert!(
-        !b.expire_if_equal(&lock, b"a", Duration::from_secs(5))
-            .await
-            .unwrap(),
-        "stale owner extend"
-    );
-    assert!(b
-        .compare_and_swap(&lock, Some(b"b"), None, None)
-        .await
-        .unwrap());
-    assert_eq!(
-        b.lock_acquire(&lock, &fence, "c", ttl).await.unwrap(),
-        Some(3)
-    );
+    assert_eq!(b.lock_acquire(&lock, &fence, "b", Duration::from_secs(5)).await.unwrap(), Some(2));
+    assert!(!b.compare_and_swap(&lock, Some(b"a"), None, None).await.unwrap(), "stale owner release");
+    assert!(!b.expire_if_equal(&lock, b"a", Duration::from_secs(5)).await.unwrap(), "stale owner extend");
+    assert!(b.compare_and_swap(&lock, Some(b"b"), None, None).await.unwrap());
+    assert_eq!(b.lock_acquire(&lock, &fence, "c", ttl).await.unwrap(), Some(3));
 }
 
 async fn concurrent_lock_acquire_has_one_winner(b: Arc<dyn Backend>, p: String) {
@@ -585,11 +371,9 @@ async fn concurrent_lock_acquire_has_one_winner(b: Arc<dyn Backend>, p: String) 
     let tasks: Vec<_> = (0..TASKS)
         .map(|i| {
             let (b, lock, fence) = (b.clone(), lock.clone(), fence.clone());
-            tokio::spawn(async move {
-                b.lock_acquire(&lock, &fence, &i.to_string(), Duration::from_secs(5))
-                    .await
-                    .unwrap()
-            })
+            tokio::spawn(
+                async move { b.lock_acquire(&lock, &fence, &i.to_string(), Duration::from_secs(5)).await.unwrap() },
+            )
         })
         .collect();
     let mut tokens = Vec::new();
@@ -606,22 +390,13 @@ async fn rate_limit_admits_the_limit_then_refills(b: Arc<dyn Backend>, p: String
         let (b, k) = (b.clone(), k.clone());
         async move { b.rate_check(&k, 3, hour, cost).await.unwrap() }
     };
-    let remaining: Vec<u64> = [check(1).await, check(1).await, check(1).await]
-        .iter()
-        .map(|d| d.remaining)
-        .collect();
+    let remaining: Vec<u64> = [check(1).await, check(1).await, check(1).await].iter().map(|d| d.remaining).collect();
     assert_eq!(remaining, [2, 1, 0]);
     let denied: RateDecision = check(1).await;
     assert!(!denied.allowed);
     assert_eq!(denied.remaining, 0);
-    assert!(
-        denied.retry_after > Duration::ZERO && denied.retry_after <= hour / 3,
-        "{denied:?}"
-    );
-    assert!(
-        denied.reset_after <= hour && denied.reset_after > hour - Duration::from_secs(60),
-        "{denied:?}"
-    );
+    assert!(denied.retry_after > Duration::ZERO && denied.retry_after <= hour / 3, "{denied:?}");
+    assert!(denied.reset_after <= hour && denied.reset_after > hour - Duration::from_secs(60), "{denied:?}");
     let look = check(0).await;
     assert_eq!(look.remaining, 0, "cost 0 only looks");
     // A short window refills smoothly: one unit every 100 ms.
@@ -645,11 +420,7 @@ async fn concurrent_rate_checks_admit_exactly_the_limit(b: Arc<dyn Backend>, p: 
             tokio::spawn(async move {
                 let mut allowed = 0;
                 for _ in 0..25 {
-                    allowed += b
-                        .rate_check(&k, 50, Duration::from_secs(3600), 1)
-                        .await
-                        .unwrap()
-                        .allowed as u64;
+                    allowed += b.rate_check(&k, 50, Duration::from_secs(3600), 1).await.unwrap().allowed as u64;
                 }
                 allowed
             })
@@ -674,25 +445,16 @@ async fn fallback_ttl_applies_only_to_keys_without_one(b: Arc<dyn Backend>, p: S
         Expiry::ExpiresIn(left) => assert!(left <= Duration::from_secs(5)),
         other => panic!("{other:?}"),
     }
-    b.hash_apply(&h, &fields(&[("pa", "1")]), &[], ttl)
-        .await
-        .unwrap();
+    b.hash_apply(&h, &fields(&[("pa", "1")]), &[], ttl).await.unwrap();
     assert!(matches!(b.expiry(&h).await.unwrap(), Expiry::ExpiresIn(_)));
     for (key, write) in [("i", 0), ("f", 1), ("c", 2)] {
         let k = format!("{p}{key}");
         match write {
             0 => drop(b.hash_increment(&k, "pn", 1, ttl).await.unwrap()),
             1 => drop(b.hash_increment_float(&k, "pn", 1.5, ttl).await.unwrap()),
-            _ => drop(
-                b.hash_compare_and_set(&k, "pn", None, Some(b"1"), ttl)
-                    .await
-                    .unwrap(),
-            ),
+            _ => drop(b.hash_compare_and_set(&k, "pn", None, Some(b"1"), ttl).await.unwrap()),
         }
-        assert!(
-            matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)),
-            "{key}"
-        );
+        assert!(matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)), "{key}");
     }
     let plain = format!("{p}plain");
     b.increment(&plain, 1, None).await.unwrap();

@@ -26,212 +26,89 @@ on_both_backends!(
 async fn subject_reads_writes_and_buffering(b: Arc<dyn Backend>, p: String) {
     let host = host(b, &p, &[("alice", "kvprobe")]);
     let op = |v: Value| probe(&host, "alice", v);
-    assert_eq!(
-        op(json!({"op":"subject_exists","subject":"u1"})).await,
-        Ok(json!(false))
-    );
+    assert_eq!(op(json!({"op":"subject_exists","subject":"u1"})).await, Ok(json!(false)));
     // Buffered writes are invisible until store, and discarded if not stored.
-    let unstored =
-        op(json!({"op":"subject_store","subject":"u1","set":{"name":"Ada"},"store":false})).await;
+    let unstored = op(json!({"op":"subject_store","subject":"u1","set":{"name":"Ada"},"store":false})).await;
     assert_eq!(unstored, Ok(json!({"pending":1,"after_store":1})));
-    assert_eq!(
-        op(json!({"op":"subject_exists","subject":"u1"})).await,
-        Ok(json!(false))
-    );
-    let stored = op(json!({"op":"subject_store","subject":"u1","set":{"name":"Ada","age":36},"extended":{"name":"ext"}})).await;
+    assert_eq!(op(json!({"op":"subject_exists","subject":"u1"})).await, Ok(json!(false)));
+    let stored =
+        op(json!({"op":"subject_store","subject":"u1","set":{"name":"Ada","age":36},"extended":{"name":"ext"}})).await;
     assert_eq!(stored, Ok(json!({"pending":3,"after_store":0})));
-    assert_eq!(
-        op(json!({"op":"subject_get","subject":"u1","prop":"name"})).await,
-        Ok(json!("\"Ada\""))
-    );
+    assert_eq!(op(json!({"op":"subject_get","subject":"u1","prop":"name"})).await, Ok(json!("\"Ada\"")));
     assert_eq!(
         op(json!({"op":"subject_get","subject":"u1","prop":"name","extended":true})).await,
         Ok(json!("\"ext\""))
     );
-    assert_eq!(
-        op(json!({"op":"subject_get","subject":"u1","prop":"nope"})).await,
-        Ok(json!(null))
-    );
+    assert_eq!(op(json!({"op":"subject_get","subject":"u1","prop":"nope"})).await, Ok(json!(null)));
     assert_eq!(
         op(json!({"op":"subject_load","subject":"u1"})).await,
         Ok(json!({"default":{"name":"Ada","age":36},"extended":{"name":"ext"}}))
     );
-    op(json!({"op":"subject_store","subject":"u1","remove":["age"]}))
-        .await
-        .unwrap();
-    assert_eq!(
-        op(json!({"op":"subject_load","subject":"u1"}))
-            .await
-            .unwrap()["default"],
-        json!({"name":"Ada"})
-    );
+    op(json!({"op":"subject_store","subject":"u1","remove":["age"]})).await.unwrap();
+    assert_eq!(op(json!({"op":"subject_load","subject":"u1"})).await.unwrap()["default"], json!({"name":"Ada"}));
     for name in ["u2", "u3", "order-1"] {
-        op(json!({"op":"subject_incr","subject":name,"prop":"n","delta":1}))
-            .await
-            .unwrap();
+        op(json!({"op":"subject_incr","subject":name,"prop":"n","delta":1})).await.unwrap();
     }
-    assert_eq!(
-        op(json!({"op":"subject_list","pattern":"u*"})).await,
-        Ok(json!(["u1", "u2", "u3"]))
-    );
-    assert_eq!(
-        op(json!({"op":"subject_list"}))
-            .await
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .len(),
-        4
-    );
+    assert_eq!(op(json!({"op":"subject_list","pattern":"u*"})).await, Ok(json!(["u1", "u2", "u3"])));
+    assert_eq!(op(json!({"op":"subject_list"})).await.unwrap().as_array().unwrap().len(), 4);
     // Subjects and kv keys of the same name do not collide.
-    op(json!({"op":"set","key":"u1","value":"kv"}))
-        .await
-        .unwrap();
-    assert_eq!(
-        op(json!({"op":"subject_exists","subject":"u1"})).await,
-        Ok(json!(true))
-    );
+    op(json!({"op":"set","key":"u1","value":"kv"})).await.unwrap();
+    assert_eq!(op(json!({"op":"subject_exists","subject":"u1"})).await, Ok(json!(true)));
     assert_eq!(op(json!({"op":"get","key":"u1"})).await, Ok(json!("kv")));
-    assert_eq!(
-        op(json!({"op":"subject_expire","subject":"u1","ttl_ms":150})).await,
-        Ok(json!(true))
-    );
-    assert!(op(json!({"op":"subject_expiry","subject":"u1"}))
-        .await
-        .unwrap()
-        .is_u64());
+    assert_eq!(op(json!({"op":"subject_expire","subject":"u1","ttl_ms":150})).await, Ok(json!(true)));
+    assert!(op(json!({"op":"subject_expiry","subject":"u1"})).await.unwrap().is_u64());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        op(json!({"op":"subject_exists","subject":"u1"})).await,
-        Ok(json!(false))
-    );
-    assert_eq!(
-        op(json!({"op":"subject_delete","subject":"u2"})).await,
-        Ok(json!(true))
-    );
-    assert_eq!(
-        op(json!({"op":"subject_delete","subject":"u2"})).await,
-        Ok(json!(false))
-    );
-    assert_eq!(
-        op(json!({"op":"subject_list","pattern":"u*"})).await,
-        Ok(json!(["u3"]))
-    );
+    assert_eq!(op(json!({"op":"subject_exists","subject":"u1"})).await, Ok(json!(false)));
+    assert_eq!(op(json!({"op":"subject_delete","subject":"u2"})).await, Ok(json!(true)));
+    assert_eq!(op(json!({"op":"subject_delete","subject":"u2"})).await, Ok(json!(false)));
+    assert_eq!(op(json!({"op":"subject_list","pattern":"u*"})).await, Ok(json!(["u3"])));
 }
 
 async fn subject_atomic_operations(b: Arc<dyn Backend>, p: String) {
     let host = host(b, &p, &[("alice", "kvprobe")]);
     let op = |v: Value| probe(&host, "alice", v);
-    assert_eq!(
-        op(json!({"op":"subject_incr","subject":"s","prop":"n","delta":5})).await,
-        Ok(json!(5))
-    );
-    assert_eq!(
-        op(json!({"op":"subject_incr","subject":"s","prop":"n","delta":-2})).await,
-        Ok(json!(3))
-    );
-    assert_eq!(
-        op(json!({"op":"subject_incr","subject":"s","prop":"n","delta":1,"extended":true})).await,
-        Ok(json!(1))
-    );
-    assert_eq!(
-        op(json!({"op":"subject_incr_float","subject":"s","prop":"f","delta":0.5})).await,
-        Ok(json!(0.5))
-    );
-    assert_eq!(
-        op(json!({"op":"subject_incr_float","subject":"s","prop":"f","delta":1.25})).await,
-        Ok(json!(1.75))
-    );
+    assert_eq!(op(json!({"op":"subject_incr","subject":"s","prop":"n","delta":5})).await, Ok(json!(5)));
+    assert_eq!(op(json!({"op":"subject_incr","subject":"s","prop":"n","delta":-2})).await, Ok(json!(3)));
+    assert_eq!(op(json!({"op":"subject_incr","subject":"s","prop":"n","delta":1,"extended":true})).await, Ok(json!(1)));
+    assert_eq!(op(json!({"op":"subject_incr_float","subject":"s","prop":"f","delta":0.5})).await, Ok(json!(0.5)));
+    assert_eq!(op(json!({"op":"subject_incr_float","subject":"s","prop":"f","delta":1.25})).await, Ok(json!(1.75)));
     let cas = |expected: Value, new: Value| {
         op(json!({"op":"subject_cas","subject":"s","prop":"c","expected":expected,"new":new}))
     };
     assert_eq!(cas(json!("1"), json!("2")).await, Ok(json!(false)));
     assert_eq!(cas(Value::Null, json!("{\"a\":1}")).await, Ok(json!(true)));
     assert_eq!(cas(Value::Null, json!("2")).await, Ok(json!(false)));
-    assert_eq!(
-        cas(json!("{\"a\":1}"), json!("[1,2]")).await,
-        Ok(json!(true))
-    );
+    assert_eq!(cas(json!("{\"a\":1}"), json!("[1,2]")).await, Ok(json!(true)));
     assert_eq!(cas(json!("[1,2]"), Value::Null).await, Ok(json!(true)));
-    assert_eq!(
-        op(json!({"op":"subject_get","subject":"s","prop":"c"})).await,
-        Ok(json!(null))
-    );
-    assert_eq!(
-        op(json!({"op":"subject_update","subject":"s","prop":"n","times":4})).await,
-        Ok(json!(7))
-    );
-    assert_eq!(
-        op(json!({"op":"subject_get","subject":"s","prop":"n"})).await,
-        Ok(json!("7"))
-    );
+    assert_eq!(op(json!({"op":"subject_get","subject":"s","prop":"c"})).await, Ok(json!(null)));
+    assert_eq!(op(json!({"op":"subject_update","subject":"s","prop":"n","times":4})).await, Ok(json!(7)));
+    assert_eq!(op(json!({"op":"subject_get","subject":"s","prop":"n"})).await, Ok(json!("7")));
 }
 
 async fn subject_bad_input(b: Arc<dyn Backend>, p: String) {
-    let limits = RoleLimits {
-        max_batch_entries: 5,
-        ..RoleLimits::default()
-    };
+    let limits = RoleLimits { max_batch_entries: 5, ..RoleLimits::default() };
     let host = host_with_limits(b, &p, &[("alice", "kvprobe")], limits);
     let err = |v: Value| {
         let host = &host;
         async move { probe(host, "alice", v).await.unwrap_err() }
     };
-    assert_eq!(
-        err(json!({"op":"subject_exists","subject":""})).await,
-        "invalid-key"
-    );
-    assert_eq!(
-        err(json!({"op":"subject_get","subject":"s","prop":""})).await,
-        "invalid-key"
-    );
-    assert_eq!(
-        err(json!({"op":"subject_get","subject":"s","prop":"a\nb"})).await,
-        "invalid-key"
-    );
+    assert_eq!(err(json!({"op":"subject_exists","subject":""})).await, "invalid-key");
+    assert_eq!(err(json!({"op":"subject_get","subject":"s","prop":""})).await, "invalid-key");
+    assert_eq!(err(json!({"op":"subject_get","subject":"s","prop":"a\nb"})).await, "invalid-key");
     assert_eq!(
         err(json!({"op":"subject_set_raw","subject":"s","prop":"p","json":"{not json"})).await,
         "invalid-argument"
     );
     let huge = json!({"op":"subject_incr_float","subject":"f","prop":"p","delta":1e308});
     probe(&host, "alice", huge.clone()).await.unwrap();
-    assert_eq!(
-        err(huge).await,
-        "invalid-argument",
-        "an infinite result is refused"
-    );
+    assert_eq!(err(huge).await, "invalid-argument", "an infinite result is refused");
     let six: serde_json::Map<String, Value> = (0..6).map(|i| (format!("p{i}"), json!(i))).collect();
-    assert_eq!(
-        err(json!({"op":"subject_store","subject":"s","set":six})).await,
-        "too-large"
-    );
-    assert_eq!(
-        err(json!({"op":"subject_list","pattern":"[x"})).await,
-        "invalid-key"
-    );
-    probe(
-        &host,
-        "alice",
-        json!({"op":"subject_store","subject":"s","set":{"word":"ten"}}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        err(json!({"op":"subject_incr","subject":"s","prop":"word","delta":1})).await,
-        "invalid-argument"
-    );
-    let kept = probe(
-        &host,
-        "alice",
-        json!({"op":"subject_get","subject":"f","prop":"p"}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        kept.as_str().unwrap().parse::<f64>().unwrap(),
-        1e308,
-        "the refused increment changed nothing"
-    );
+    assert_eq!(err(json!({"op":"subject_store","subject":"s","set":six})).await, "too-large");
+    assert_eq!(err(json!({"op":"subject_list","pattern":"[x"})).await, "invalid-key");
+    probe(&host, "alice", json!({"op":"subject_store","subject":"s","set":{"word":"ten"}})).await.unwrap();
+    assert_eq!(err(json!({"op":"subject_incr","subject":"s","prop":"word","delta":1})).await, "invalid-argument");
+    let kept = probe(&host, "alice", json!({"op":"subject_get","subject":"f","prop":"p"})).await.unwrap();
+    assert_eq!(kept.as_str().unwrap().parse::<f64>().unwrap(), 1e308, "the refused increment changed nothing");
 }
 
 /// A writer stores {a: i, b: i} again and again while readers load the
@@ -243,13 +120,7 @@ async fn subject_store_is_all_or_nothing(b: Arc<dyn Backend>, p: String) {
         tokio::spawn(async move {
             for i in 0..150 {
                 let set = json!({"a": i, "b": i, "c": i});
-                probe(
-                    &host,
-                    "alice",
-                    json!({"op":"subject_store","subject":"pair","set":set}),
-                )
-                .await
-                .unwrap();
+                probe(&host, "alice", json!({"op":"subject_store","subject":"pair","set":set})).await.unwrap();
             }
         })
     };
@@ -259,13 +130,7 @@ async fn subject_store_is_all_or_nothing(b: Arc<dyn Backend>, p: String) {
             tokio::spawn(async move {
                 let mut seen = 0;
                 for _ in 0..100 {
-                    let snapshot = probe(
-                        &host,
-                        "alice",
-                        json!({"op":"subject_load","subject":"pair"}),
-                    )
-                    .await
-                    .unwrap();
+                    let snapshot = probe(&host, "alice", json!({"op":"subject_load","subject":"pair"})).await.unwrap();
                     let d = &snapshot["default"];
                     assert!(d["a"] == d["b"] && d["b"] == d["c"], "half a store: {d}");
                     seen += d.as_object().is_some_and(|o| !o.is_empty()) as u32;
@@ -300,47 +165,23 @@ async fn subject_updates_lose_nothing(b: Arc<dyn Backend>, p: String) {
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(
-        probe(
-            &host,
-            "alice",
-            json!({"op":"subject_get","subject":"hot","prop":"n"})
-        )
-        .await,
-        Ok(json!("200"))
-    );
+    assert_eq!(probe(&host, "alice", json!({"op":"subject_get","subject":"hot","prop":"n"})).await, Ok(json!("200")));
 }
 
 async fn lock_takeover_fences_the_stale_holder(b: Arc<dyn Backend>, p: String) {
     let host = host(b, &p, &[("alice", "kvprobe")]);
-    let result = probe(&host, "alice", json!({"op":"lock_takeover","name":"job"}))
-        .await
-        .unwrap();
+    let result = probe(&host, "alice", json!({"op":"lock_takeover","name":"job"})).await.unwrap();
     assert_eq!(result["released_by_drop"], true, "{result}");
     assert_eq!(result["taken_while_held"], false);
-    assert!(
-        result["second"].as_u64() > result["first"].as_u64(),
-        "{result}"
-    );
+    assert!(result["second"].as_u64() > result["first"].as_u64(), "{result}");
     assert_eq!(result["stale_extend"], false, "{result}");
     assert_eq!(result["stale_release"], false, "{result}");
     assert_eq!(result["owner_extend"], true, "{result}");
     assert_eq!(result["owner_release"], true, "{result}");
     // A lock still held when a call ends is released then.
-    let token = probe(
-        &host,
-        "alice",
-        json!({"op":"lock_hold","name":"held","ttl_ms":60000,"wait_ms":0}),
-    )
-    .await
-    .unwrap();
-    let next = probe(
-        &host,
-        "alice",
-        json!({"op":"lock_hold","name":"held","ttl_ms":60000,"wait_ms":0}),
-    )
-    .await
-    .unwrap();
+    let token =
+        probe(&host, "alice", json!({"op":"lock_hold","name":"held","ttl_ms":60000,"wait_ms":0})).await.unwrap();
+    let next = probe(&host, "alice", json!({"op":"lock_hold","name":"held","ttl_ms":60000,"wait_ms":0})).await.unwrap();
     assert!(next.as_u64() > token.as_u64(), "{token} then {next}");
 }
 
@@ -354,35 +195,21 @@ async fn locks_exclude_concurrent_workers(b: Arc<dyn Backend>, p: String) {
         .collect();
     let mut tokens = Vec::new();
     for task in tasks {
-        tokens.push(
-            String::from_utf8(task.await.unwrap())
-                .unwrap()
-                .parse::<u64>()
-                .unwrap(),
-        );
+        tokens.push(String::from_utf8(task.await.unwrap()).unwrap().parse::<u64>().unwrap());
     }
     tokens.sort();
     tokens.dedup();
     assert_eq!(tokens.len(), 16, "tokens are unique");
     let log = read_worker_log(&host, &p).await;
-    assert_eq!(
-        log, tokens,
-        "the log holds every token once, in increasing order"
-    );
+    assert_eq!(log, tokens, "the log holds every token once, in increasing order");
 }
 
 /// The worker role's `log` key, read by a kvprobe loaded under the identity
 /// `worker` (same identity, same namespace).
 async fn read_worker_log(host: &Host, p: &str) -> Vec<u64> {
     let peek = rolehost_tests::host(host.backend().clone(), p, &[("worker", "kvprobe")]);
-    let log = probe(&peek, "worker", json!({"op":"get","key":"log"}))
-        .await
-        .unwrap();
-    log.as_str()
-        .unwrap()
-        .split(',')
-        .map(|t| t.parse().unwrap())
-        .collect()
+    let log = probe(&peek, "worker", json!({"op":"get","key":"log"})).await.unwrap();
+    log.as_str().unwrap().split(',').map(|t| t.parse().unwrap()).collect()
 }
 
 async fn rate_limits_are_exact_under_concurrency(b: Arc<dyn Backend>, p: String) {
@@ -393,13 +220,10 @@ async fn rate_limits_are_exact_under_concurrency(b: Arc<dyn Backend>, p: String)
             tokio::spawn(async move {
                 let mut allowed = 0;
                 for _ in 0..10 {
-                    let d = probe(
-                        &host,
-                        "alice",
-                        json!({"op":"rate_check","key":"api","limit":37,"window_ms":3_600_000}),
-                    )
-                    .await
-                    .unwrap();
+                    let d =
+                        probe(&host, "alice", json!({"op":"rate_check","key":"api","limit":37,"window_ms":3_600_000}))
+                            .await
+                            .unwrap();
                     allowed += d["allowed"].as_bool().unwrap() as u32;
                 }
                 allowed
@@ -415,148 +239,63 @@ async fn rate_limits_are_exact_under_concurrency(b: Arc<dyn Backend>, p: String)
         let host = host.clone();
         async move { probe(&host, "alice", v).await.unwrap_err() }
     };
-    assert_eq!(
-        err(json!({"op":"rate_check","key":"x","limit":0,"window_ms":1000})).await,
-        "invalid-argument"
-    );
-    assert_eq!(
-        err(json!({"op":"rate_check","key":"x","limit":5,"window_ms":0})).await,
-        "invalid-argument"
-    );
-    assert_eq!(
-        err(json!({"op":"rate_check","key":"x","limit":5,"window_ms":1000,"cost":6})).await,
-        "invalid-argument"
-    );
-    assert_eq!(
-        err(json!({"op":"rate_check","key":"","limit":5,"window_ms":1000})).await,
-        "invalid-key"
-    );
+    assert_eq!(err(json!({"op":"rate_check","key":"x","limit":0,"window_ms":1000})).await, "invalid-argument");
+    assert_eq!(err(json!({"op":"rate_check","key":"x","limit":5,"window_ms":0})).await, "invalid-argument");
+    assert_eq!(err(json!({"op":"rate_check","key":"x","limit":5,"window_ms":1000,"cost":6})).await, "invalid-argument");
+    assert_eq!(err(json!({"op":"rate_check","key":"","limit":5,"window_ms":1000})).await, "invalid-key");
 }
 
 async fn subjects_and_locks_are_per_role(b: Arc<dyn Backend>, p: String) {
     let host = Arc::new(host(b, &p, &[("alice", "kvprobe"), ("bob", "kvprobe")]));
-    probe(
-        &host,
-        "alice",
-        json!({"op":"subject_store","subject":"secret","set":{"pin":1234}}),
-    )
-    .await
-    .unwrap();
-    for pattern in [
-        json!(null),
-        json!("*"),
-        json!("*:*"),
-        json!(format!("{p}alice:s:*")),
-        json!("alice*"),
-    ] {
+    probe(&host, "alice", json!({"op":"subject_store","subject":"secret","set":{"pin":1234}})).await.unwrap();
+    for pattern in [json!(null), json!("*"), json!("*:*"), json!(format!("{p}alice:s:*")), json!("alice*")] {
         assert_eq!(
             probe(&host, "bob", json!({"op":"subject_list","pattern":pattern})).await,
             Ok(json!([])),
             "{pattern}"
         );
     }
+    assert_eq!(probe(&host, "bob", json!({"op":"subject_exists","subject":"secret"})).await, Ok(json!(false)));
+    assert_eq!(probe(&host, "bob", json!({"op":"subject_delete","subject":"secret"})).await, Ok(json!(false)));
     assert_eq!(
-        probe(
-            &host,
-            "bob",
-            json!({"op":"subject_exists","subject":"secret"})
-        )
-        .await,
-        Ok(json!(false))
-    );
-    assert_eq!(
-        probe(
-            &host,
-            "bob",
-            json!({"op":"subject_delete","subject":"secret"})
-        )
-        .await,
-        Ok(json!(false))
-    );
-    assert_eq!(
-        probe(
-            &host,
-            "alice",
-            json!({"op":"subject_get","subject":"secret","prop":"pin"})
-        )
-        .await,
+        probe(&host, "alice", json!({"op":"subject_get","subject":"secret","prop":"pin"})).await,
         Ok(json!("1234"))
     );
     // Alice holds lock `job` for a while; Bob's lock `job` is another lock.
     let holding = {
         let host = host.clone();
         tokio::spawn(async move {
-            probe(
-                &host,
-                "alice",
-                json!({"op":"lock_hold","name":"job","ttl_ms":10000,"wait_ms":0,"sleep_ms":600}),
-            )
-            .await
+            probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":10000,"wait_ms":0,"sleep_ms":600}))
+                .await
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        probe(
-            &host,
-            "alice",
-            json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})
-        )
-        .await,
+        probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})).await,
         Ok(json!(null))
     );
     assert_eq!(
-        probe(
-            &host,
-            "bob",
-            json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})
-        )
-        .await,
+        probe(&host, "bob", json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})).await,
         Ok(json!(1))
     );
     assert_eq!(holding.await.unwrap(), Ok(json!(1)));
     // Rate limits too.
-    probe(
-        &host,
-        "alice",
-        json!({"op":"rate_check","key":"api","limit":1,"window_ms":3_600_000}),
-    )
-    .await
-    .unwrap();
-    let bob = probe(
-        &host,
-        "bob",
-        json!({"op":"rate_check","key":"api","limit":1,"window_ms":3_600_000}),
-    )
-    .await
-    .unwrap();
+    probe(&host, "alice", json!({"op":"rate_check","key":"api","limit":1,"window_ms":3_600_000})).await.unwrap();
+    let bob =
+        probe(&host, "bob", json!({"op":"rate_check","key":"api","limit":1,"window_ms":3_600_000})).await.unwrap();
     assert_eq!(bob["allowed"], true);
 }
 
 async fn example_profile_counts_logins(b: Arc<dyn Backend>, p: String) {
     let host = host(b, &p, &[("profile", "profile")]);
     for expected in 1..=3 {
-        assert_eq!(
-            host.call("profile", br#"{"user":"u1"}"#).await.unwrap(),
-            expected.to_string().into_bytes()
-        );
+        assert_eq!(host.call("profile", br#"{"user":"u1"}"#).await.unwrap(), expected.to_string().into_bytes());
     }
-    assert_eq!(
-        host.call("profile", br#"{"user":"u2"}"#).await.unwrap(),
-        b"1"
-    );
+    assert_eq!(host.call("profile", br#"{"user":"u2"}"#).await.unwrap(), b"1");
     let peek = rolehost_tests::host(host.backend().clone(), &p, &[("profile", "kvprobe")]);
-    let snapshot = probe(
-        &peek,
-        "profile",
-        json!({"op":"subject_load","subject":"user-u1"}),
-    )
-    .await
-    .unwrap();
+    let snapshot = probe(&peek, "profile", json!({"op":"subject_load","subject":"user-u1"})).await.unwrap();
     assert_eq!(snapshot["default"]["login_count"], 3);
-    assert!(
-        snapshot["extended"]["last_login"].as_u64().unwrap() > 1_700_000_000,
-        "{snapshot}"
-    );
+    assert!(snapshot["extended"]["last_login"].as_u64().unwrap() > 1_700_000_000, "{snapshot}");
 }
 
 async fn example_rate_limiter_denies_past_the_limit(b: Arc<dyn Backend>, p: String) {
@@ -565,26 +304,12 @@ async fn example_rate_limiter_denies_past_the_limit(b: Arc<dyn Backend>, p: Stri
     let mut answers = Vec::new();
     for _ in 0..5 {
         let answer = call_json(&host, "rate-limiter", request.clone()).await;
-        answers.push((
-            answer["result"].as_str().unwrap().to_owned(),
-            answer["remaining"].as_u64().unwrap(),
-        ));
+        answers.push((answer["result"].as_str().unwrap().to_owned(), answer["remaining"].as_u64().unwrap()));
     }
-    let expected: Vec<(String, u64)> = [
-        ("allowed", 2),
-        ("allowed", 1),
-        ("allowed", 0),
-        ("denied", 0),
-        ("denied", 0),
-    ]
-    .map(|(r, n)| (r.to_owned(), n))
-    .to_vec();
+    let expected: Vec<(String, u64)> = [("allowed", 2), ("allowed", 1), ("allowed", 0), ("denied", 0), ("denied", 0)]
+        .map(|(r, n)| (r.to_owned(), n))
+        .to_vec();
     assert_eq!(answers, expected);
-    let other = call_json(
-        &host,
-        "rate-limiter",
-        json!({"client":"c2","limit":3,"window_ms":60000}),
-    )
-    .await;
+    let other = call_json(&host, "rate-limiter", json!({"client":"c2","limit":3,"window_ms":60000})).await;
     assert_eq!(other["result"], "allowed", "clients are limited separately");
 }

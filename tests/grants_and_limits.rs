@@ -20,10 +20,7 @@ on_both_backends!(
 
 fn grants(namespaces: &[(&str, Access)]) -> Grants {
     Grants {
-        namespaces: namespaces
-            .iter()
-            .map(|(n, a)| (n.to_string(), *a))
-            .collect::<BTreeMap<_, _>>(),
+        namespaces: namespaces.iter().map(|(n, a)| (n.to_string(), *a)).collect::<BTreeMap<_, _>>(),
         ..Grants::default()
     }
 }
@@ -35,18 +32,8 @@ fn catalog_host(b: Arc<dyn Backend>, p: &str) -> rolehost::Host {
         b,
         p,
         vec![
-            (
-                "bob",
-                "kvprobe",
-                limits(),
-                grants(&[("catalog", Access::ReadWrite)]),
-            ),
-            (
-                "alice",
-                "kvprobe",
-                limits(),
-                grants(&[("catalog", Access::Read)]),
-            ),
+            ("bob", "kvprobe", limits(), grants(&[("catalog", Access::ReadWrite)])),
+            ("alice", "kvprobe", limits(), grants(&[("catalog", Access::Read)])),
             ("carol", "kvprobe", limits(), Grants::default()),
         ],
     )
@@ -60,69 +47,29 @@ fn in_catalog(mut op: Value) -> Value {
 async fn shared_namespaces_follow_their_grants(b: Arc<dyn Backend>, p: String) {
     let host = catalog_host(b.clone(), &p);
     let bob = |op: Value| probe(&host, "bob", in_catalog(op));
-    bob(json!({"op":"set","key":"item","value":"from bob"}))
-        .await
-        .unwrap();
-    bob(json!({"op":"subject_store","subject":"sku-1","set":{"price":5}}))
-        .await
-        .unwrap();
-    assert_eq!(
-        bob(json!({"op":"lock_hold","name":"l","ttl_ms":1000,"wait_ms":0})).await,
-        Ok(json!(1))
-    );
+    bob(json!({"op":"set","key":"item","value":"from bob"})).await.unwrap();
+    bob(json!({"op":"subject_store","subject":"sku-1","set":{"price":5}})).await.unwrap();
+    assert_eq!(bob(json!({"op":"lock_hold","name":"l","ttl_ms":1000,"wait_ms":0})).await, Ok(json!(1)));
     // Bob's own namespace is separate from the shared one.
-    assert_eq!(
-        probe(&host, "bob", json!({"op":"get","key":"item"})).await,
-        Ok(json!(null))
-    );
+    assert_eq!(probe(&host, "bob", json!({"op":"get","key":"item"})).await, Ok(json!(null)));
     let alice = |op: Value| probe(&host, "alice", in_catalog(op));
-    assert_eq!(
-        alice(json!({"op":"get","key":"item"})).await,
-        Ok(json!("from bob"))
-    );
+    assert_eq!(alice(json!({"op":"get","key":"item"})).await, Ok(json!("from bob")));
     assert_eq!(alice(json!({"op":"list_all"})).await, Ok(json!(["item"])));
-    assert_eq!(
-        alice(json!({"op":"subject_get","subject":"sku-1","prop":"price"})).await,
-        Ok(json!("5"))
-    );
-    assert_eq!(
-        alice(json!({"op":"subject_list"})).await,
-        Ok(json!(["sku-1"]))
-    );
-    let look = alice(json!({"op":"rate_check","key":"api","limit":5,"window_ms":60000,"cost":0}))
-        .await
-        .unwrap();
+    assert_eq!(alice(json!({"op":"subject_get","subject":"sku-1","prop":"price"})).await, Ok(json!("5")));
+    assert_eq!(alice(json!({"op":"subject_list"})).await, Ok(json!(["sku-1"])));
+    let look = alice(json!({"op":"rate_check","key":"api","limit":5,"window_ms":60000,"cost":0})).await.unwrap();
     assert_eq!(look["allowed"], true);
     // Shared data lives under `{prefix}@catalog:`, under no role's prefix.
     let page = b.scan(&format!("{p}*"), None, 100).await.unwrap();
     let mut keys = page.keys;
     keys.sort();
-    assert_eq!(
-        keys,
-        [
-            format!("{p}@catalog:fence:l"),
-            format!("{p}@catalog:kv:item"),
-            format!("{p}@catalog:s:sku-1")
-        ]
-    );
+    assert_eq!(keys, [format!("{p}@catalog:fence:l"), format!("{p}@catalog:kv:item"), format!("{p}@catalog:s:sku-1")]);
 }
 
 async fn read_only_grants_refuse_every_write(b: Arc<dyn Backend>, p: String) {
     let host = catalog_host(b, &p);
-    probe(
-        &host,
-        "bob",
-        in_catalog(json!({"op":"set","key":"k","value":"v"})),
-    )
-    .await
-    .unwrap();
-    probe(
-        &host,
-        "bob",
-        in_catalog(json!({"op":"subject_store","subject":"s","set":{"a":1}})),
-    )
-    .await
-    .unwrap();
+    probe(&host, "bob", in_catalog(json!({"op":"set","key":"k","value":"v"}))).await.unwrap();
+    probe(&host, "bob", in_catalog(json!({"op":"subject_store","subject":"s","set":{"a":1}}))).await.unwrap();
     let writes = [
         json!({"op":"set","key":"k","value":"x"}),
         json!({"op":"delete","key":"k"}),
@@ -147,34 +94,16 @@ async fn read_only_grants_refuse_every_write(b: Arc<dyn Backend>, p: String) {
         json!({"op":"rate_check","key":"api","limit":5,"window_ms":60000}),
     ];
     for op in writes {
-        assert_eq!(
-            probe(&host, "alice", in_catalog(op.clone())).await,
-            Err("access-denied".into()),
-            "{op}"
-        );
+        assert_eq!(probe(&host, "alice", in_catalog(op.clone())).await, Err("access-denied".into()), "{op}");
     }
     // Nothing changed.
+    assert_eq!(probe(&host, "bob", in_catalog(json!({"op":"get","key":"k"}))).await, Ok(json!("v")));
+    assert_eq!(probe(&host, "bob", in_catalog(json!({"op":"expiry","key":"k"}))).await, Ok(json!("persistent")));
     assert_eq!(
-        probe(&host, "bob", in_catalog(json!({"op":"get","key":"k"}))).await,
-        Ok(json!("v"))
-    );
-    assert_eq!(
-        probe(&host, "bob", in_catalog(json!({"op":"expiry","key":"k"}))).await,
-        Ok(json!("persistent"))
-    );
-    assert_eq!(
-        probe(
-            &host,
-            "bob",
-            in_catalog(json!({"op":"subject_get","subject":"s","prop":"a"}))
-        )
-        .await,
+        probe(&host, "bob", in_catalog(json!({"op":"subject_get","subject":"s","prop":"a"}))).await,
         Ok(json!("1"))
     );
-    assert_eq!(
-        probe(&host, "bob", in_catalog(json!({"op":"list_all"}))).await,
-        Ok(json!(["k"]))
-    );
+    assert_eq!(probe(&host, "bob", in_catalog(json!({"op":"list_all"}))).await, Ok(json!(["k"])));
 }
 
 async fn ungranted_namespaces_are_denied_everywhere(b: Arc<dyn Backend>, p: String) {
@@ -201,82 +130,42 @@ async fn ungranted_namespaces_are_denied_everywhere(b: Arc<dyn Backend>, p: Stri
 }
 
 async fn default_and_max_ttl_apply_to_every_write(b: Arc<dyn Backend>, p: String) {
-    let default = RoleLimits {
-        default_ttl_ms: Some(60_000),
-        ..RoleLimits::default()
-    };
-    let capped = RoleLimits {
-        max_ttl_ms: Some(5_000),
-        ..RoleLimits::default()
-    };
+    let default = RoleLimits { default_ttl_ms: Some(60_000), ..RoleLimits::default() };
+    let capped = RoleLimits { max_ttl_ms: Some(5_000), ..RoleLimits::default() };
     let host = host_with_specs(
         b,
         &p,
-        vec![
-            ("def", "kvprobe", default, Grants::default()),
-            ("cap", "kvprobe", capped, Grants::default()),
-        ],
+        vec![("def", "kvprobe", default, Grants::default()), ("cap", "kvprobe", capped, Grants::default())],
     );
     let expiry = |role: &'static str, key: &str| {
         let host = &host;
         let op = json!({"op":"expiry","key":key});
         async move { probe(host, role, op).await.unwrap() }
     };
-    let ms = |v: Value| {
-        v.as_u64()
-            .unwrap_or_else(|| panic!("expected a TTL, got {v}"))
-    };
+    let ms = |v: Value| v.as_u64().unwrap_or_else(|| panic!("expected a TTL, got {v}"));
     for role in ["def", "cap"] {
         let op = |v: Value| probe(&host, role, v);
-        op(json!({"op":"set","key":"plain","value":"v"}))
-            .await
-            .unwrap();
+        op(json!({"op":"set","key":"plain","value":"v"})).await.unwrap();
         op(json!({"op":"incr","key":"n","delta":1})).await.unwrap();
-        op(json!({"op":"set_many","entries":{"m":"1"}}))
-            .await
-            .unwrap();
-        op(json!({"op":"set_if_absent","key":"nx","value":"1"}))
-            .await
-            .unwrap();
+        op(json!({"op":"set_many","entries":{"m":"1"}})).await.unwrap();
+        op(json!({"op":"set_if_absent","key":"nx","value":"1"})).await.unwrap();
         op(json!({"op":"cas","key":"c","new":"1"})).await.unwrap();
         for key in ["plain", "n", "m", "nx", "c"] {
             let left = ms(expiry(role, key).await);
             let max = if role == "def" { 60_000 } else { 5_000 };
             assert!(left > max - 5_000 && left <= max, "{role}/{key}: {left}");
         }
-        op(json!({"op":"subject_store","subject":"s","set":{"a":1}}))
-            .await
-            .unwrap();
-        op(json!({"op":"subject_incr","subject":"t","prop":"a","delta":1}))
-            .await
-            .unwrap();
+        op(json!({"op":"subject_store","subject":"s","set":{"a":1}})).await.unwrap();
+        op(json!({"op":"subject_incr","subject":"t","prop":"a","delta":1})).await.unwrap();
         for subject in ["s", "t"] {
-            assert!(
-                op(json!({"op":"subject_expiry","subject":subject}))
-                    .await
-                    .unwrap()
-                    .is_u64(),
-                "{role}/{subject}"
-            );
+            assert!(op(json!({"op":"subject_expiry","subject":subject})).await.unwrap().is_u64(), "{role}/{subject}");
         }
     }
     // A role's own TTL is kept under the default; the cap refuses longer ones and persistence.
-    probe(
-        &host,
-        "def",
-        json!({"op":"set","key":"short","value":"v","ttl_ms":1000}),
-    )
-    .await
-    .unwrap();
+    probe(&host, "def", json!({"op":"set","key":"short","value":"v","ttl_ms":1000})).await.unwrap();
     assert!(ms(expiry("def", "short").await) <= 1000);
-    probe(&host, "def", json!({"op":"expire","key":"short"}))
-        .await
-        .unwrap();
-    assert_eq!(
-        expiry("def", "short").await,
-        json!("persistent"),
-        "persist is allowed without a cap"
-    );
+    probe(&host, "def", json!({"op":"expire","key":"short"})).await.unwrap();
+    assert_eq!(expiry("def", "short").await, json!("persistent"), "persist is allowed without a cap");
     let refused = [
         json!({"op":"set","key":"long","value":"v","ttl_ms":5001}),
         json!({"op":"expire","key":"plain","ttl_ms":6000}),
@@ -284,113 +173,54 @@ async fn default_and_max_ttl_apply_to_every_write(b: Arc<dyn Backend>, p: String
         json!({"op":"subject_expire","subject":"s"}),
     ];
     for op in refused {
-        assert_eq!(
-            probe(&host, "cap", op.clone()).await,
-            Err("invalid-argument".into()),
-            "{op}"
-        );
+        assert_eq!(probe(&host, "cap", op.clone()).await, Err("invalid-argument".into()), "{op}");
     }
-    probe(
-        &host,
-        "cap",
-        json!({"op":"set","key":"ok","value":"v","ttl_ms":5000}),
-    )
-    .await
-    .unwrap();
+    probe(&host, "cap", json!({"op":"set","key":"ok","value":"v","ttl_ms":5000})).await.unwrap();
 }
 
 async fn operation_quotas_per_call_and_per_second(b: Arc<dyn Backend>, p: String) {
-    let per_call = RoleLimits {
-        max_ops_per_call: 10,
-        ..RoleLimits::default()
-    };
-    let per_second = RoleLimits {
-        max_ops_per_second: Some(30),
-        ..RoleLimits::default()
-    };
+    let per_call = RoleLimits { max_ops_per_call: 10, ..RoleLimits::default() };
+    let per_second = RoleLimits { max_ops_per_second: Some(30), ..RoleLimits::default() };
     let host = host_with_specs(
         b,
         &p,
-        vec![
-            ("call", "kvprobe", per_call, Grants::default()),
-            ("rate", "kvprobe", per_second, Grants::default()),
-        ],
+        vec![("call", "kvprobe", per_call, Grants::default()), ("rate", "kvprobe", per_second, Grants::default())],
     );
-    let ops: Vec<Value> = (0..12)
-        .map(|i| json!({"op":"set","key":format!("k{i}"),"value":"v"}))
-        .collect();
-    let answers = probe(&host, "call", json!({"op":"batch","ops":ops}))
-        .await
-        .unwrap();
+    let ops: Vec<Value> = (0..12).map(|i| json!({"op":"set","key":format!("k{i}"),"value":"v"})).collect();
+    // The probe opens a bucket for the batch and one per operation: 1 + 2 per
+    // set, so 4 sets fit in 10.
+    let answers = probe(&host, "call", json!({"op":"batch","ops":ops})).await.unwrap();
     let kinds: Vec<&str> = answers
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| {
-            if a.get("ok").is_some() {
-                "ok"
-            } else {
-                a["err"]["kind"].as_str().unwrap()
-            }
-        })
+        .map(|a| if a.get("ok").is_some() { "ok" } else { a["err"]["kind"].as_str().unwrap() })
         .collect();
-    assert_eq!(
-        kinds.iter().filter(|k| **k == "ok").count(),
-        10,
-        "{kinds:?}"
-    );
-    assert!(
-        kinds[10..].iter().all(|k| *k == "quota-exceeded"),
-        "{kinds:?}"
-    );
+    assert_eq!(kinds.iter().filter(|k| **k == "ok").count(), 4, "{kinds:?}");
+    assert!(kinds[4..].iter().all(|k| *k == "quota-exceeded"), "{kinds:?}");
     // A batch counts one operation per key.
-    let big = probe(
-        &host,
-        "call",
-        json!({"op":"set_many","entries":{},"count":11}),
-    )
-    .await;
+    let big = probe(&host, "call", json!({"op":"set_many","entries":{},"count":11})).await;
     assert_eq!(big, Err("quota-exceeded".into()));
     // The next call has a fresh per-call budget.
-    assert_eq!(
-        probe(&host, "call", json!({"op":"get","key":"k0"})).await,
-        Ok(json!("v"))
-    );
-    // Per second: a burst of 40 operations against 30 a second. The first
-    // 30 pass; the bucket refills only 0.03 operations a millisecond, so
-    // most of the rest are refused.
-    let ops: Vec<Value> = (0..40)
-        .map(|i| json!({"op":"set","key":format!("r{i}"),"value":"v"}))
-        .collect();
-    let answers = probe(&host, "rate", json!({"op":"batch","ops":ops}))
-        .await
-        .unwrap();
-    let passed: Vec<bool> = answers
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.get("ok").is_some())
-        .collect();
-    assert!(passed[..30].iter().all(|p| *p), "{passed:?}");
-    assert!(
-        passed[30..].iter().filter(|p| !**p).count() >= 5,
-        "{passed:?}"
-    );
+    assert_eq!(probe(&host, "call", json!({"op":"get","key":"k0"})).await, Ok(json!("v")));
+    // Per second: a burst of 40 probe operations (80 state operations: the
+    // probe opens a bucket for the batch and for each) against 30 a second.
+    // The first 14 pass; the bucket refills only 0.03 operations a millisecond, so most
+    // of the rest are refused.
+    let ops: Vec<Value> = (0..40).map(|i| json!({"op":"set","key":format!("r{i}"),"value":"v"})).collect();
+    let answers = probe(&host, "rate", json!({"op":"batch","ops":ops})).await.unwrap();
+    let passed: Vec<bool> = answers.as_array().unwrap().iter().map(|a| a.get("ok").is_some()).collect();
+    assert!(passed[..14].iter().all(|p| *p), "{passed:?}");
+    assert!(passed[14..].iter().filter(|p| !**p).count() >= 5, "{passed:?}");
     // The budget belongs to the role, not the call, and refills with time.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert_eq!(
-        probe(&host, "rate", json!({"op":"get","key":"r0"})).await,
-        Ok(json!("v"))
-    );
+    assert_eq!(probe(&host, "rate", json!({"op":"get","key":"r0"})).await, Ok(json!("v")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fuel_and_stack_overflow_fail_only_their_call() {
     let backend = rolehost_tests::backend("memory").unwrap();
-    let fueled = RoleLimits {
-        fuel: Some(5_000_000),
-        ..RoleLimits::default()
-    };
+    let fueled = RoleLimits { fuel: Some(5_000_000), ..RoleLimits::default() };
     let host = host_with_specs(
         backend,
         "t:",
@@ -400,32 +230,14 @@ async fn fuel_and_stack_overflow_fail_only_their_call() {
         ],
     );
     let err = host.call("fueled", br#"{"op":"spin"}"#).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            CallError::OutOfFuel {
-                fuel: 5_000_000,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert_eq!(
-        probe(&host, "fueled", json!({"op":"incr","key":"n","delta":1})).await,
-        Ok(json!(1))
-    );
-    let err = host
-        .call("deep", br#"{"op":"recurse","depth":100000000}"#)
-        .await
-        .unwrap_err();
+    assert!(matches!(err, CallError::OutOfFuel { fuel: 5_000_000, .. }), "{err}");
+    assert_eq!(probe(&host, "fueled", json!({"op":"incr","key":"n","delta":1})).await, Ok(json!(1)));
+    let err = host.call("deep", br#"{"op":"recurse","depth":100000000}"#).await.unwrap_err();
     match &err {
         CallError::Trap { message, .. } => assert!(message.contains("stack"), "{err}"),
         other => panic!("expected a stack overflow trap, got {other}"),
     }
-    assert_eq!(
-        probe(&host, "deep", json!({"op":"recurse","depth":100})).await,
-        Ok(json!(50))
-    );
+    assert_eq!(probe(&host, "deep", json!({"op":"recurse","depth":100})).await, Ok(json!(50)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -450,57 +262,18 @@ async fn wasi_grants_expose_only_what_is_named() {
         ],
     );
     let op = |role: &'static str, v: Value| probe(&host, role, v);
-    assert_eq!(
-        op(
-            "granted",
-            json!({"op":"read_env","name":"ROLEHOST_TEST_GRANTED"})
-        )
-        .await,
-        Ok(json!("visible"))
-    );
-    assert_eq!(
-        op(
-            "granted",
-            json!({"op":"read_env","name":"ROLEHOST_TEST_SECRET"})
-        )
-        .await,
-        Ok(json!(null))
-    );
-    assert_eq!(
-        op("granted", json!({"op":"list_env"})).await,
-        Ok(json!(["ROLEHOST_TEST_GRANTED"]))
-    );
+    assert_eq!(op("granted", json!({"op":"read_env","name":"ROLEHOST_TEST_GRANTED"})).await, Ok(json!("visible")));
+    assert_eq!(op("granted", json!({"op":"read_env","name":"ROLEHOST_TEST_SECRET"})).await, Ok(json!(null)));
+    assert_eq!(op("granted", json!({"op":"list_env"})).await, Ok(json!(["ROLEHOST_TEST_GRANTED"])));
     assert_eq!(op("bare", json!({"op":"list_env"})).await, Ok(json!([])));
     assert_eq!(
-        op(
-            "granted",
-            json!({"op":"read_file","path":"/data/hello.txt"})
-        )
-        .await,
+        op("granted", json!({"op":"read_file","path":"/data/hello.txt"})).await,
         Ok(json!("hello from the host"))
     );
-    assert_eq!(
-        op("granted", json!({"op":"list_dir","path":"/data"})).await,
-        Ok(json!(["hello.txt"]))
-    );
-    for path in [
-        "/etc/passwd",
-        "/data/../../etc/passwd",
-        "../hello.txt",
-        "/proc/self/environ",
-    ] {
-        assert_eq!(
-            op("granted", json!({"op":"read_file","path":path})).await,
-            Err("access-denied".into()),
-            "{path}"
-        );
+    assert_eq!(op("granted", json!({"op":"list_dir","path":"/data"})).await, Ok(json!(["hello.txt"])));
+    for path in ["/etc/passwd", "/data/../../etc/passwd", "../hello.txt", "/proc/self/environ"] {
+        assert_eq!(op("granted", json!({"op":"read_file","path":path})).await, Err("access-denied".into()), "{path}");
     }
-    assert_eq!(
-        op("bare", json!({"op":"read_file","path":"/data/hello.txt"})).await,
-        Err("access-denied".into())
-    );
-    assert_eq!(
-        op("bare", json!({"op":"list_dir","path":"/"})).await,
-        Err("access-denied".into())
-    );
+    assert_eq!(op("bare", json!({"op":"read_file","path":"/data/hello.txt"})).await, Err("access-denied".into()));
+    assert_eq!(op("bare", json!({"op":"list_dir","path":"/"})).await, Err("access-denied".into()));
 }

@@ -13,44 +13,21 @@ use serde_json::{json, Value};
 on_both_backends!(a_hostile_role_changes_nothing_it_does_not_own);
 
 async fn a_hostile_role_changes_nothing_it_does_not_own(b: Arc<dyn Backend>, p: String) {
-    let public = |access| Grants {
-        namespaces: [("public".to_owned(), access)].into(),
-        ..Grants::default()
-    };
-    let mallory_limits = RoleLimits {
-        max_memory_bytes: 256 << 20,
-        deadline_ms: 3_000,
-        ..RoleLimits::default()
-    };
+    let public = |access| Grants { namespaces: [("public".to_owned(), access)].into(), ..Grants::default() };
+    let mallory_limits = RoleLimits { max_memory_bytes: 256 << 20, deadline_ms: 3_000, ..RoleLimits::default() };
     let host = host_with_specs(
         b.clone(),
         &p,
         vec![
-            (
-                "counter",
-                "counter",
-                RoleLimits::default(),
-                Grants::default(),
-            ),
-            (
-                "victim",
-                "kvprobe",
-                RoleLimits::default(),
-                public(Access::ReadWrite),
-            ),
+            ("counter", "counter", RoleLimits::default(), Grants::default()),
+            ("victim", "kvprobe", RoleLimits::default(), public(Access::ReadWrite)),
             ("mallory", "kvprobe", mallory_limits, public(Access::Read)),
         ],
     );
     let victim = |op: Value| probe(&host, "victim", op);
-    victim(json!({"op":"set","key":"secret","value":"victim's secret"}))
-        .await
-        .unwrap();
-    victim(json!({"op":"subject_store","subject":"account","set":{"balance":100}}))
-        .await
-        .unwrap();
-    victim(json!({"op":"set","key":"notice","value":"read me","ns":"public"}))
-        .await
-        .unwrap();
+    victim(json!({"op":"set","key":"secret","value":"victim's secret"})).await.unwrap();
+    victim(json!({"op":"subject_store","subject":"account","set":{"balance":100}})).await.unwrap();
+    victim(json!({"op":"set","key":"notice","value":"read me","ns":"public"})).await.unwrap();
     assert_eq!(host.call("counter", b"").await.unwrap(), b"1");
 
     let mallory = |op: Value| probe(&host, "mallory", op);
@@ -72,156 +49,64 @@ async fn a_hostile_role_changes_nothing_it_does_not_own(b: Arc<dyn Backend>, p: 
         "@public:kv:notice",
     ];
     for key in other_keys {
-        assert_eq!(
-            mallory(json!({"op":"get","key":key})).await,
-            Ok(json!(null)),
-            "{key}"
-        );
-        assert_eq!(
-            mallory(json!({"op":"delete","key":key})).await,
-            Ok(json!(false)),
-            "{key}"
-        );
-        assert_eq!(
-            mallory(json!({"op":"subject_exists","subject":key})).await,
-            Ok(json!(false)),
-            "{key}"
-        );
+        assert_eq!(mallory(json!({"op":"get","key":key})).await, Ok(json!(null)), "{key}");
+        assert_eq!(mallory(json!({"op":"delete","key":key})).await, Ok(json!(false)), "{key}");
+        assert_eq!(mallory(json!({"op":"subject_exists","subject":key})).await, Ok(json!(false)), "{key}");
     }
-    for pattern in [
-        "*",
-        "*:*",
-        "[a-z]*",
-        "\\*",
-        "..",
-        "victim*",
-        "*secret*",
-        format!("{p}*").leak(),
-        "@public*",
-    ] {
-        assert_eq!(
-            mallory(json!({"op":"list_all","pattern":pattern})).await,
-            Ok(json!([])),
-            "{pattern}"
-        );
-        assert_eq!(
-            mallory(json!({"op":"subject_list","pattern":pattern})).await,
-            Ok(json!([])),
-            "{pattern}"
-        );
+    for pattern in ["*", "*:*", "[a-z]*", "\\*", "..", "victim*", "*secret*", format!("{p}*").leak(), "@public*"] {
+        assert_eq!(mallory(json!({"op":"list_all","pattern":pattern})).await, Ok(json!([])), "{pattern}");
+        assert_eq!(mallory(json!({"op":"subject_list","pattern":pattern})).await, Ok(json!([])), "{pattern}");
     }
     for pattern in ["[abc", "abc\\", "*a*b*c*d*e*f*g*h*i*"] {
-        expect(
-            json!({"op":"list","pattern":pattern,"limit":10}),
-            "invalid-key",
-        )
-        .await;
+        expect(json!({"op":"list","pattern":pattern,"limit":10}), "invalid-key").await;
     }
     // Namespaces: ungranted ones are closed, the read-only one refuses writes.
     for ns in ["victim", "counter", "private", "@public"] {
         expect(json!({"op":"get","key":"secret","ns":ns}), "access-denied").await;
     }
-    assert_eq!(
-        mallory(json!({"op":"get","key":"notice","ns":"public"})).await,
-        Ok(json!("read me"))
-    );
-    expect(
-        json!({"op":"set","key":"notice","value":"defaced","ns":"public"}),
-        "access-denied",
-    )
-    .await;
+    assert_eq!(mallory(json!({"op":"get","key":"notice","ns":"public"})).await, Ok(json!("read me")));
+    expect(json!({"op":"set","key":"notice","value":"defaced","ns":"public"}), "access-denied").await;
     expect(json!({"op":"clear","ns":"public"}), "access-denied").await;
-    expect(
-        json!({"op":"lock_hold","name":"x","ttl_ms":1000,"wait_ms":0,"ns":"public"}),
-        "access-denied",
-    )
-    .await;
+    expect(json!({"op":"lock_hold","name":"x","ttl_ms":1000,"wait_ms":0,"ns":"public"}), "access-denied").await;
     // Size attacks.
-    expect(
-        json!({"op":"set","key":"big","len":100_000_000}),
-        "too-large",
-    )
-    .await;
-    expect(
-        json!({"op":"set_many","entries":{},"count":1_000_000}),
-        "too-large",
-    )
-    .await;
-    let err = host
-        .call("mallory", br#"{"op":"respond","len":20000000}"#)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, CallError::Role { error, .. } if error.kind() == "too-large"),
-        "{err}"
-    );
+    expect(json!({"op":"set","key":"big","len":100_000_000}), "too-large").await;
+    expect(json!({"op":"set_many","entries":{},"count":1_000_000}), "too-large").await;
+    let err = host.call("mallory", br#"{"op":"respond","len":20000000}"#).await.unwrap_err();
+    assert!(matches!(&err, CallError::Role { error, .. } if error.kind() == "too-large"), "{err}");
     // Resource attacks fail only the attacking call.
     let err = host.call("mallory", br#"{"op":"spin"}"#).await.unwrap_err();
     assert!(matches!(err, CallError::DeadlineExceeded { .. }), "{err}");
     let err = host.call("mallory", br#"{"op":"grow"}"#).await.unwrap_err();
     assert!(matches!(err, CallError::OutOfMemory { .. }), "{err}");
-    let err = host
-        .call("mallory", br#"{"op":"recurse","depth":100000000}"#)
-        .await
-        .unwrap_err();
+    let err = host.call("mallory", br#"{"op":"recurse","depth":100000000}"#).await.unwrap_err();
     assert!(matches!(err, CallError::Trap { .. }), "{err}");
-    let err = host
-        .call("mallory", br#"{"op":"panic"}"#)
-        .await
-        .unwrap_err();
+    let err = host.call("mallory", br#"{"op":"panic"}"#).await.unwrap_err();
     assert!(matches!(err, CallError::Trap { .. }), "{err}");
-    assert_eq!(
-        mallory(json!({"op":"print","message":"spam","times":20000})).await,
-        Ok(json!(null))
-    );
+    assert_eq!(mallory(json!({"op":"print","message":"spam","times":20000})).await, Ok(json!(null)));
     // WASI: no environment, no files, no network.
     assert_eq!(mallory(json!({"op":"list_env"})).await, Ok(json!([])));
-    assert_eq!(
-        mallory(json!({"op":"read_env","name":"PATH"})).await,
-        Ok(json!(null))
-    );
+    assert_eq!(mallory(json!({"op":"read_env","name":"PATH"})).await, Ok(json!(null)));
     for path in ["/etc/passwd", "/proc/self/environ", ".", "/"] {
         expect(json!({"op":"read_file","path":path}), "access-denied").await;
         expect(json!({"op":"list_dir","path":path}), "access-denied").await;
     }
-    expect(
-        json!({"op":"connect","addr":"127.0.0.1:6379"}),
-        "access-denied",
-    )
-    .await;
+    expect(json!({"op":"connect","addr":"127.0.0.1:6379"}), "access-denied").await;
     expect(json!({"op":"connect","addr":"1.1.1.1:80"}), "access-denied").await;
 
     // Afterwards: the host serves, the victim's data and counter's count are intact.
     assert_eq!(host.call("counter", b"").await.unwrap(), b"2");
-    assert_eq!(
-        victim(json!({"op":"get","key":"secret"})).await,
-        Ok(json!("victim's secret"))
-    );
-    assert_eq!(
-        victim(json!({"op":"subject_get","subject":"account","prop":"balance"})).await,
-        Ok(json!("100"))
-    );
-    assert_eq!(
-        victim(json!({"op":"get","key":"notice","ns":"public"})).await,
-        Ok(json!("read me"))
-    );
+    assert_eq!(victim(json!({"op":"get","key":"secret"})).await, Ok(json!("victim's secret")));
+    assert_eq!(victim(json!({"op":"subject_get","subject":"account","prop":"balance"})).await, Ok(json!("100")));
+    assert_eq!(victim(json!({"op":"get","key":"notice","ns":"public"})).await, Ok(json!("read me")));
     // A key named like the victim's lands in mallory's own namespace.
-    mallory(json!({"op":"set","key":"victim:kv:secret","value":"forged"}))
-        .await
-        .unwrap();
-    assert_eq!(
-        victim(json!({"op":"get","key":"secret"})).await,
-        Ok(json!("victim's secret"))
-    );
+    mallory(json!({"op":"set","key":"victim:kv:secret","value":"forged"})).await.unwrap();
+    assert_eq!(victim(json!({"op":"get","key":"secret"})).await, Ok(json!("victim's secret")));
     // Every key in the store is under a documented prefix.
     let page = b.scan("*", None, 10_000).await.unwrap();
     assert!(page.cursor.is_none());
     let prefixes = ["counter:", "victim:", "mallory:", "@public:"].map(|r| format!("{p}{r}"));
     for key in &page.keys {
-        assert!(
-            prefixes.iter().any(|prefix| key.starts_with(prefix)),
-            "stray key {key:?}"
-        );
+        assert!(prefixes.iter().any(|prefix| key.starts_with(prefix)), "stray key {key:?}");
     }
     let forged = format!("{p}mallory:kv:victim:kv:secret");
     assert!(page.keys.contains(&forged), "{:?}", page.keys);

@@ -20,20 +20,13 @@ fn limits() -> RoleLimits {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_panic_is_a_trap_and_the_host_keeps_serving() {
-    let host = host_with_limits(
-        backend("memory").unwrap(),
-        "t:",
-        &[("bad", "kvprobe"), ("counter", "counter")],
-        limits(),
-    );
+    let host =
+        host_with_limits(backend("memory").unwrap(), "t:", &[("bad", "kvprobe"), ("counter", "counter")], limits());
     let err = host.call("bad", br#"{"op":"panic"}"#).await.unwrap_err();
     assert!(matches!(err, CallError::Trap { .. }), "{err}");
     assert!(err.to_string().contains("bad"), "{err}");
     assert_eq!(host.call("counter", b"").await.unwrap(), b"1");
-    assert_eq!(
-        probe(&host, "bad", json!({"op":"incr","key":"n","delta":1})).await,
-        Ok(json!(1))
-    );
+    assert_eq!(probe(&host, "bad", json!({"op":"incr","key":"n","delta":1})).await, Ok(json!(1)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -50,94 +43,41 @@ async fn an_endless_loop_hits_the_deadline_while_others_run() {
     };
     // Other calls complete while the loop runs.
     for expected in 1..=3 {
-        assert_eq!(
-            host.call("counter", b"").await.unwrap(),
-            expected.to_string().into_bytes()
-        );
+        assert_eq!(host.call("counter", b"").await.unwrap(), expected.to_string().into_bytes());
     }
     let err = spinning.await.unwrap().unwrap_err();
-    assert!(
-        matches!(err, CallError::DeadlineExceeded { millis: 500, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, CallError::DeadlineExceeded { millis: 500, .. }), "{err}");
     assert_eq!(host.call("counter", b"").await.unwrap(), b"4");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_growth_stops_at_the_limit() {
-    let host = host_with_limits(
-        backend("memory").unwrap(),
-        "t:",
-        &[("hog", "kvprobe")],
-        limits(),
-    );
+    let host = host_with_limits(backend("memory").unwrap(), "t:", &[("hog", "kvprobe")], limits());
     let err = host.call("hog", br#"{"op":"grow"}"#).await.unwrap_err();
-    assert!(
-        matches!(err, CallError::OutOfMemory { bytes, .. } if bytes == 16 << 20),
-        "{err}"
-    );
+    assert!(matches!(err, CallError::OutOfMemory { bytes, .. } if bytes == 16 << 20), "{err}");
     // The next call gets a fresh instance and works.
-    assert_eq!(
-        probe(&host, "hog", json!({"op":"exists","key":"k"})).await,
-        Ok(json!(false))
-    );
+    assert_eq!(probe(&host, "hog", json!({"op":"exists","key":"k"})).await, Ok(json!(false)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversized_responses_and_log_floods_are_contained() {
-    let limits = RoleLimits {
-        deadline_ms: 30_000,
-        ..limits()
-    };
-    let host = host_with_limits(
-        backend("memory").unwrap(),
-        "t:",
-        &[("loud", "kvprobe")],
-        limits,
-    );
-    let err = host
-        .call("loud", br#"{"op":"respond","len":1001}"#)
-        .await
-        .unwrap_err();
+    let limits = RoleLimits { deadline_ms: 30_000, ..limits() };
+    let host = host_with_limits(backend("memory").unwrap(), "t:", &[("loud", "kvprobe")], limits);
+    let err = host.call("loud", br#"{"op":"respond","len":1001}"#).await.unwrap_err();
     match err {
         CallError::Role { error, .. } => assert_eq!(error.kind(), "too-large"),
         other => panic!("expected a too-large role error, got {other}"),
     }
-    assert_eq!(
-        host.call("loud", br#"{"op":"respond","len":1000}"#)
-            .await
-            .unwrap()
-            .len(),
-        1000
-    );
+    assert_eq!(host.call("loud", br#"{"op":"respond","len":1000}"#).await.unwrap().len(), 1000);
     // Far past the log budget: output is dropped, the call still succeeds.
-    assert_eq!(
-        probe(
-            &host,
-            "loud",
-            json!({"op":"print","message":"spam","times":20000})
-        )
-        .await,
-        Ok(json!(null))
-    );
-    assert_eq!(
-        probe(
-            &host,
-            "loud",
-            json!({"op":"log","message":"spam","times":20000})
-        )
-        .await,
-        Ok(json!(null))
-    );
+    assert_eq!(probe(&host, "loud", json!({"op":"print","message":"spam","times":20000})).await, Ok(json!(null)));
+    assert_eq!(probe(&host, "loud", json!({"op":"log","message":"spam","times":20000})).await, Ok(json!(null)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_roles_and_bad_requests_are_errors() {
     let host = host(backend("memory").unwrap(), "t:", &[("probe", "kvprobe")]);
-    assert!(matches!(
-        host.call("nope", b"").await,
-        Err(CallError::UnknownRole(_))
-    ));
+    assert!(matches!(host.call("nope", b"").await, Err(CallError::UnknownRole(_))));
     let err = host.call("probe", b"not json").await.unwrap_err();
     match err {
         CallError::Role { error, .. } => assert_eq!(error.kind(), "invalid-argument"),
@@ -149,16 +89,12 @@ async fn unknown_roles_and_bad_requests_are_errors() {
 async fn redis_down_is_unavailable_and_the_host_recovers() {
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}/0");
-    let backend = std::sync::Arc::new(
-        rolehost::backend::RedisBackend::new(&rolehost::backend::RedisOptions::new(&url)).unwrap(),
-    );
+    let backend =
+        std::sync::Arc::new(rolehost::backend::RedisBackend::new(&rolehost::backend::RedisOptions::new(&url)).unwrap());
     let host = host(backend, "t:", &[("probe", "kvprobe")]);
     // Nothing listens yet.
     let op = json!({"op":"incr","key":"n","delta":1});
-    assert_eq!(
-        probe(&host, "probe", op.clone()).await,
-        Err("unavailable".to_owned())
-    );
+    assert_eq!(probe(&host, "probe", op.clone()).await, Err("unavailable".to_owned()));
     let Some(mut server) = RedisServer::start_on(port, &[]) else {
         return;
     };
@@ -172,10 +108,7 @@ async fn redis_down_is_unavailable_and_the_host_recovers() {
     }
     assert!(recovered, "calls did not succeed after Redis came up");
     server.kill();
-    assert_eq!(
-        probe(&host, "probe", op.clone()).await,
-        Err("unavailable".to_owned())
-    );
+    assert_eq!(probe(&host, "probe", op.clone()).await, Err("unavailable".to_owned()));
     let Some(_server) = RedisServer::start_on(port, &[]) else {
         return;
     };

@@ -72,10 +72,7 @@ pub enum Error {
 impl Error {
     /// True when the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::Unavailable(_) | Self::QuotaExceeded(_) | Self::Conflict(_)
-        )
+        matches!(self, Self::Unavailable(_) | Self::QuotaExceeded(_) | Self::Conflict(_))
     }
 }
 
@@ -253,18 +250,9 @@ impl Bucket {
     }
 
     /// Writes every entry in one atomic step, all with the same TTL.
-    pub fn set_many<K: AsRef<str>, V: AsRef<[u8]>>(
-        &self,
-        entries: &[(K, V)],
-        ttl: Option<Duration>,
-    ) -> Result<()> {
-        let entries: Vec<kv::Entry> = entries
-            .iter()
-            .map(|(k, v)| kv::Entry {
-                key: k.as_ref().to_owned(),
-                value: v.as_ref().to_vec(),
-            })
-            .collect();
+    pub fn set_many<K: AsRef<str>, V: AsRef<[u8]>>(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
+        let entries: Vec<kv::Entry> =
+            entries.iter().map(|(k, v)| kv::Entry { key: k.as_ref().to_owned(), value: v.as_ref().to_vec() }).collect();
         Ok(self.0.set_many(&entries, ttl_ms(ttl))?)
     }
 
@@ -290,17 +278,9 @@ impl Bucket {
     }
 
     /// One page of keys matching a glob `pattern` (none: all keys).
-    pub fn list_keys_page(
-        &self,
-        pattern: Option<&str>,
-        cursor: Option<&str>,
-        limit: u32,
-    ) -> Result<KeyPage> {
+    pub fn list_keys_page(&self, pattern: Option<&str>, cursor: Option<&str>, limit: u32) -> Result<KeyPage> {
         let page = self.0.list_keys(pattern, cursor, limit)?;
-        Ok(KeyPage {
-            keys: page.keys,
-            cursor: page.cursor,
-        })
+        Ok(KeyPage { keys: page.keys, cursor: page.cursor })
     }
 
     /// Every key matching a glob `pattern` (none: all keys), all pages.
@@ -325,13 +305,7 @@ impl Bucket {
         for chunk in keys.chunks(PAGE as usize) {
             let values = self.get_many(chunk)?;
             // A key deleted between the listing and the read is skipped.
-            out.extend(
-                chunk
-                    .iter()
-                    .cloned()
-                    .zip(values)
-                    .filter_map(|(k, v)| Some((k, v?))),
-            );
+            out.extend(chunk.iter().cloned().zip(values).filter_map(|(k, v)| Some((k, v?))));
         }
         Ok(out)
     }
@@ -345,19 +319,14 @@ impl Bucket {
     pub fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         match self.get(key)? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                Error::Internal(format!("value of {key:?} is not the expected JSON: {e}"))
-            }),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Internal(format!("value of {key:?} is not the expected JSON: {e}"))),
         }
     }
 
     /// Writes `value` as JSON, with an optional TTL.
-    pub fn set_json<T: Serialize + ?Sized>(
-        &self,
-        key: &str,
-        value: &T,
-        ttl: Option<Duration>,
-    ) -> Result<()> {
+    pub fn set_json<T: Serialize + ?Sized>(&self, key: &str, value: &T, ttl: Option<Duration>) -> Result<()> {
         Ok(self.0.set(key, &to_json(value)?, ttl_ms(ttl))?)
     }
 
@@ -367,18 +336,8 @@ impl Bucket {
     }
 
     /// Writes `value` only if `key` is absent; true when written.
-    pub fn set_if_absent(
-        &self,
-        key: &str,
-        value: impl AsRef<[u8]>,
-        ttl: Option<Duration>,
-    ) -> Result<bool> {
-        Ok(atomics::set_if_absent(
-            &self.0,
-            key,
-            value.as_ref(),
-            ttl_ms(ttl),
-        )?)
+    pub fn set_if_absent(&self, key: &str, value: impl AsRef<[u8]>, ttl: Option<Duration>) -> Result<bool> {
+        Ok(atomics::set_if_absent(&self.0, key, value.as_ref(), ttl_ms(ttl))?)
     }
 
     /// When `key` holds `expected` (none: absent), writes `new` (none:
@@ -390,13 +349,7 @@ impl Bucket {
         new: Option<&[u8]>,
         ttl: Option<Duration>,
     ) -> Result<bool> {
-        Ok(atomics::compare_and_swap(
-            &self.0,
-            key,
-            expected,
-            new,
-            ttl_ms(ttl),
-        )?)
+        Ok(atomics::compare_and_swap(&self.0, key, expected, new, ttl_ms(ttl))?)
     }
 
     /// The value of `key`, deleted in the same step.
@@ -432,8 +385,7 @@ fn backoff(attempt: usize) {
 }
 
 fn decode<T: DeserializeOwned>(what: &str, json: &str) -> Result<T> {
-    serde_json::from_str(json)
-        .map_err(|e| Error::Internal(format!("{what} is not the expected JSON: {e}")))
+    serde_json::from_str(json).map_err(|e| Error::Internal(format!("{what} is not the expected JSON: {e}")))
 }
 
 /// A subject: a named entity with default and extended properties, stored
@@ -487,18 +439,10 @@ impl Subject {
         let decode_all = |props: Vec<subjects::Property>| {
             props
                 .into_iter()
-                .map(|p| {
-                    Ok((
-                        p.name.clone(),
-                        decode(&format!("property {:?}", p.name), &p.value)?,
-                    ))
-                })
+                .map(|p| Ok((p.name.clone(), decode(&format!("property {:?}", p.name), &p.value)?)))
                 .collect::<Result<_>>()
         };
-        Ok(Snapshot {
-            default: decode_all(snapshot.default)?,
-            extended: decode_all(snapshot.extended)?,
-        })
+        Ok(Snapshot { default: decode_all(snapshot.default)?, extended: decode_all(snapshot.extended)? })
     }
 
     /// True when the subject has any property.
@@ -517,14 +461,8 @@ impl Subject {
     }
 
     /// Buffers a property write of either kind.
-    pub fn set_kind<T: Serialize + ?Sized>(
-        &self,
-        kind: Kind,
-        property: &str,
-        value: &T,
-    ) -> Result<()> {
-        let json = serde_json::to_string(value)
-            .map_err(|e| Error::Internal(format!("cannot serialize JSON: {e}")))?;
+    pub fn set_kind<T: Serialize + ?Sized>(&self, kind: Kind, property: &str, value: &T) -> Result<()> {
+        let json = serde_json::to_string(value).map_err(|e| Error::Internal(format!("cannot serialize JSON: {e}")))?;
         Ok(self.0.set(kind, property, &json)?)
     }
 
@@ -589,14 +527,10 @@ impl Subject {
             let new_json = match &new {
                 None => None,
                 Some(value) => Some(
-                    serde_json::to_string(value)
-                        .map_err(|e| Error::Internal(format!("cannot serialize JSON: {e}")))?,
+                    serde_json::to_string(value).map_err(|e| Error::Internal(format!("cannot serialize JSON: {e}")))?,
                 ),
             };
-            if self
-                .0
-                .compare_and_set(kind, property, old_json.as_deref(), new_json.as_deref())?
-            {
+            if self.0.compare_and_set(kind, property, old_json.as_deref(), new_json.as_deref())? {
                 return Ok(new);
             }
             backoff(attempt);
@@ -657,17 +591,9 @@ impl Lock {
     }
 
     /// Like [`Lock::acquire`], for a lock of a granted shared `namespace`.
-    pub fn acquire_in(
-        namespace: &str,
-        name: &str,
-        ttl: Duration,
-        wait: Duration,
-    ) -> Result<Option<Self>> {
+    pub fn acquire_in(namespace: &str, name: &str, ttl: Duration, wait: Duration) -> Result<Option<Self>> {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        Ok(
-            locks::Lock::acquire(namespace, name, ttl_ms(Some(ttl)).unwrap_or(0), wait_ms)?
-                .map(Self),
-        )
+        Ok(locks::Lock::acquire(namespace, name, ttl_ms(Some(ttl)).unwrap_or(0), wait_ms)?.map(Self))
     }
 
     /// The fencing token: strictly greater than any earlier grant's.
@@ -711,13 +637,7 @@ pub fn rate_limit(key: &str, limit: u64, window: Duration, cost: u64) -> Result<
 }
 
 /// Like [`rate_limit`], for a limit shared through a granted `namespace`.
-pub fn rate_limit_in(
-    namespace: &str,
-    key: &str,
-    limit: u64,
-    window: Duration,
-    cost: u64,
-) -> Result<Decision> {
+pub fn rate_limit_in(namespace: &str, key: &str, limit: u64, window: Duration, cost: u64) -> Result<Decision> {
     let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
     let d = limits::check(namespace, key, limit, window_ms, cost)?;
     Ok(Decision {

@@ -19,9 +19,12 @@ pub const SECRET_ENV: &str = "ROLEHOST_ACL_SECRET";
 /// the commands they call are listed too).
 const COMMANDS: &[&str] = &[
     "ping",
+    "info",
     "select",
     "get",
     "set",
+    "psetex",
+    "hmset",
     "del",
     "exists",
     "mget",
@@ -62,10 +65,7 @@ pub fn password(secret: &str, role: &str) -> String {
 pub fn setuser_args(global_prefix: &str, role: &str, grants: &Grants, secret: &str) -> Vec<String> {
     let mut args = vec![user(role), "reset".into(), "on".into()];
     args.push(format!("#{}", hex(&Sha256::digest(password(secret, role)))));
-    args.push(format!(
-        "~{}*",
-        glob::escape(&format!("{global_prefix}{role}:"))
-    ));
+    args.push(format!("~{}*", glob::escape(&format!("{global_prefix}{role}:"))));
     for (name, access) in &grants.namespaces {
         let keys = format!("{}*", glob::escape(&format!("{global_prefix}@{name}:")));
         args.push(match access {
@@ -88,15 +88,8 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
         block[..key.len()].copy_from_slice(key);
     }
     let pad = |byte: u8| block.map(|b| b ^ byte);
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize()
-        .into()
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(message).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
@@ -111,39 +104,21 @@ mod tests {
     fn hmac_matches_rfc_4231() {
         // RFC 4231, test case 2.
         let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(
-            hex(&mac),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
+        assert_eq!(hex(&mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
     }
 
     #[test]
     fn rules_confine_each_role() {
         let grants = Grants {
-            namespaces: [
-                ("public".to_owned(), Access::Read),
-                ("jobs".to_owned(), Access::ReadWrite),
-            ]
-            .into(),
+            namespaces: [("public".to_owned(), Access::Read), ("jobs".to_owned(), Access::ReadWrite)].into(),
             ..Grants::default()
         };
         let args = setuser_args("app[1]:", "counter", &grants, "s3cret");
         assert_eq!(args[0], "rolehost-counter");
-        assert!(
-            args.contains(&"~app\\[1\\]:counter:*".to_owned()),
-            "{args:?}"
-        );
-        assert!(
-            args.contains(&"%R~app\\[1\\]:@public:*".to_owned()),
-            "{args:?}"
-        );
+        assert!(args.contains(&"~app\\[1\\]:counter:*".to_owned()), "{args:?}");
+        assert!(args.contains(&"%R~app\\[1\\]:@public:*".to_owned()), "{args:?}");
         assert!(args.contains(&"~app\\[1\\]:@jobs:*".to_owned()), "{args:?}");
-        assert!(
-            !args
-                .iter()
-                .any(|a| a.contains(&password("s3cret", "counter"))),
-            "no plain password"
-        );
+        assert!(!args.iter().any(|a| a.contains(&password("s3cret", "counter"))), "no plain password");
         assert_ne!(password("s3cret", "counter"), password("s3cret", "other"));
     }
 }

@@ -50,9 +50,8 @@ impl StateConfig {
         let Self::Redis(options) = self else {
             bail!("ACL users need a Redis backend");
         };
-        let secret = std::env::var(crate::acl::SECRET_ENV).map_err(|_| {
-            anyhow::anyhow!("ACL users need the secret in {}", crate::acl::SECRET_ENV)
-        })?;
+        let secret = std::env::var(crate::acl::SECRET_ENV)
+            .map_err(|_| anyhow::anyhow!("ACL users need the secret in {}", crate::acl::SECRET_ENV))?;
         let mut options = options.clone();
         options.username = Some(crate::acl::user(role));
         options.password = Some(crate::acl::password(&secret, role));
@@ -63,9 +62,7 @@ impl StateConfig {
     pub fn connect(&self) -> anyhow::Result<Arc<dyn Backend>> {
         Ok(match self {
             Self::Memory => Arc::new(MemoryBackend::new()),
-            Self::Redis(options) => {
-                Arc::new(RedisBackend::new(options).map_err(anyhow::Error::msg)?)
-            }
+            Self::Redis(options) => Arc::new(RedisBackend::new(options).map_err(anyhow::Error::msg)?),
         })
     }
 }

@@ -38,10 +38,7 @@ pub enum StateError {
 impl StateError {
     /// True when the same call may succeed later without any change.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::Unavailable(_) | Self::QuotaExceeded(_) | Self::Conflict(_)
-        )
+        matches!(self, Self::Unavailable(_) | Self::QuotaExceeded(_) | Self::Conflict(_))
     }
 
     /// The short name of the variant, as in the WIT (`invalid-key`, …).
@@ -68,6 +65,12 @@ pub enum CallError {
     /// No role of that name is loaded.
     #[error("unknown role `{0}`")]
     UnknownRole(String),
+    /// The role or the host is running as many calls as it may; try later.
+    #[error("role `{role}` is busy; too many calls at once")]
+    Busy {
+        /// The role's name.
+        role: String,
+    },
     /// The role's handler returned an error.
     #[error("role `{role}` returned an error: {error}")]
     Role {
@@ -115,6 +118,7 @@ impl CallError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::UnknownRole(_) => "unknown-role",
+            Self::Busy { .. } => "busy",
             Self::Role { .. } => "role-error",
             Self::DeadlineExceeded { .. } => "deadline",
             Self::OutOfFuel { .. } => "out-of-fuel",

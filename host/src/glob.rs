@@ -35,22 +35,10 @@ pub fn validate(pattern: &str) -> StateResult<()> {
             b'\\' if i + 1 == bytes.len() => return invalid("ends with an unescaped `\\`"),
             b'\\' => i += 1,
             b'*' => stars += 1,
-            b'[' => {
-                i += 1;
-                if bytes.get(i) == Some(&b'^') {
-                    i += 1;
-                }
-                let start = i;
-                loop {
-                    match bytes.get(i) {
-                        None => return invalid("unclosed `[`"),
-                        Some(b']') if i == start => return invalid("empty `[]`"),
-                        Some(b']') => break,
-                        Some(b'\\') if i + 1 < bytes.len() => i += 2,
-                        Some(_) => i += 1,
-                    }
-                }
-            }
+            b'[' => match class(bytes, i, 0) {
+                Some((_, end)) => i = end - 1,
+                None => return invalid("malformed or unclosed `[`"),
+            },
             _ => {}
         }
         i += 1;
@@ -107,7 +95,7 @@ pub fn matches(pattern: &str, text: &str) -> bool {
             None => return false,
         }
     }
-    p[pi..].iter().all(|&b| b == b'*')
+    p.get(pi..).is_some_and(|rest| rest.iter().all(|&b| b == b'*'))
 }
 
 /// Matches one non-star token at `p[pi]` against byte `c`; on success the
@@ -116,29 +104,44 @@ fn match_one(p: &[u8], pi: usize, c: u8) -> Option<usize> {
     match p[pi] {
         b'?' => Some(pi + 1),
         b'\\' if pi + 1 < p.len() => (p[pi + 1] == c).then_some(pi + 2),
-        b'[' => {
-            let mut i = pi + 1;
-            let negate = p.get(i) == Some(&b'^');
-            if negate {
+        b'[' => class(p, pi, c).and_then(|(hit, end)| hit.then_some(end)),
+        literal => (literal == c).then_some(pi + 1),
+    }
+}
+
+/// Reads the class `[...]` starting at `p[start]` and tests byte `c`
+/// against it: whether it matches, and the index after `]`. None when the
+/// class is unclosed, empty or has a range ending in an escape. The one
+/// parser of classes, for validation and matching alike.
+fn class(p: &[u8], start: usize, c: u8) -> Option<(bool, usize)> {
+    let mut i = start + 1;
+    let negate = p.get(i) == Some(&b'^');
+    if negate {
+        i += 1;
+    }
+    let first = i;
+    let mut hit = false;
+    loop {
+        match *p.get(i)? {
+            b']' if i > first => return Some((hit != negate, i + 1)),
+            b']' => return None,
+            b'\\' => {
+                hit |= *p.get(i + 1)? == c;
+                i += 2;
+            }
+            lo if p.get(i + 1) == Some(&b'-') && p.get(i + 2).is_some_and(|&b| b != b']') => {
+                let hi = p[i + 2];
+                if hi == b'\\' {
+                    return None;
+                }
+                hit |= (lo.min(hi)..=lo.max(hi)).contains(&c);
+                i += 3;
+            }
+            byte => {
+                hit |= byte == c;
                 i += 1;
             }
-            let mut hit = false;
-            while i < p.len() && p[i] != b']' {
-                if p[i] == b'\\' && i + 1 < p.len() {
-                    hit |= p[i + 1] == c;
-                    i += 2;
-                } else if i + 2 < p.len() && p[i + 1] == b'-' && p[i + 2] != b']' {
-                    let (lo, hi) = (p[i].min(p[i + 2]), p[i].max(p[i + 2]));
-                    hit |= (lo..=hi).contains(&c);
-                    i += 3;
-                } else {
-                    hit |= p[i] == c;
-                    i += 1;
-                }
-            }
-            (hit != negate).then_some(i + 1)
         }
-        literal => (literal == c).then_some(pi + 1),
     }
 }
 
@@ -186,11 +189,8 @@ mod tests {
 
     #[test]
     fn rejects_malformed_patterns() {
-        for bad in ["[abc", "abc\\", "[]", "a\u{1}b", "*********x"] {
-            assert!(
-                matches!(validate(bad), Err(StateError::InvalidKey(_))),
-                "{bad:?}"
-            );
+        for bad in ["[abc", "abc\\", "[]", "a\u{1}b", "*********x", "[a-\\\\]", "[^]", "[\\"] {
+            assert!(matches!(validate(bad), Err(StateError::InvalidKey(_))), "{bad:?}");
         }
         for good in ["*", "[a-z]*", "\\*", "..", "user:*:x"] {
             validate(good).unwrap();

@@ -21,6 +21,7 @@ pub mod error;
 mod glob;
 pub mod limits;
 pub mod manifest;
+pub mod metrics;
 pub mod namespace;
 mod runtime;
 mod state;

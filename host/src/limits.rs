@@ -23,6 +23,9 @@ pub struct RoleLimits {
     /// Most state operations per second across all calls of the role in
     /// this process (default: no limit).
     pub max_ops_per_second: Option<u64>,
+    /// Calls of this role running at once; past it a call is refused as
+    /// busy rather than queued (default 256).
+    pub max_concurrency: usize,
     /// Largest response body a handler may return (default 16 MiB).
     pub max_response_bytes: usize,
     /// Largest linear memory of one instance, in bytes (default 64 MiB).
@@ -50,6 +53,7 @@ impl Default for RoleLimits {
             max_batch_entries: 1000,
             max_ops_per_call: 100_000,
             max_ops_per_second: None,
+            max_concurrency: 256,
             max_response_bytes: 16 << 20,
             max_memory_bytes: 64 << 20,
             deadline_ms: 10_000,

@@ -15,11 +15,7 @@ use rolehost::namespace::{Namespace, Space};
 use rolehost::{acl, Host, HostOptions, RoleSpec};
 
 #[derive(Parser)]
-#[command(
-    name = "rolehost",
-    version,
-    about = "Run WebAssembly roles with private, prefixed state"
-)]
+#[command(name = "rolehost", version, about = "Run WebAssembly roles with private, prefixed state")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -125,13 +121,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run {
-            wasm,
-            body,
-            name,
-            repeat,
-            common,
-        } => {
+        Command::Run { wasm, body, name, repeat, common } => {
             let mut spec = RoleSpec::from_path(wasm)?;
             if let Some(name) = name {
                 spec.name = name;
@@ -139,36 +129,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let host = host(&common, None, &[spec.clone()])?;
             call(host, &spec.name, body, repeat).await
         }
-        Command::Call {
-            manifest,
-            role,
-            body,
-            repeat,
-            common,
-        } => {
+        Command::Call { manifest, role, body, repeat, common } => {
             let manifest = Manifest::load(&manifest)?;
-            let specs: Vec<RoleSpec> = manifest
-                .role_specs()?
-                .into_iter()
-                .filter(|s| s.name == role)
-                .collect();
+            let specs: Vec<RoleSpec> = manifest.role_specs()?.into_iter().filter(|s| s.name == role).collect();
             if specs.is_empty() {
                 bail!("the manifest has no role `{role}`");
             }
             let host = host(&common, Some(&manifest), &specs)?;
             call(host, &role, body, repeat).await
         }
-        Command::Acl {
-            manifest,
-            apply,
-            common,
-        } => acl(&common, &Manifest::load(&manifest)?, apply).await,
-        Command::Keys {
-            manifest,
-            role,
-            pattern,
-            common,
-        } => {
+        Command::Acl { manifest, apply, common } => acl(&common, &Manifest::load(&manifest)?, apply).await,
+        Command::Keys { manifest, role, pattern, common } => {
             let manifest = Manifest::load(&manifest)?;
             let spec = manifest
                 .role_specs()?
@@ -176,8 +147,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .find(|s| s.name == role)
                 .with_context(|| format!("the manifest has no role `{role}`"))?;
             let backend = state(&common, Some(&manifest))?.connect()?;
-            let namespace =
-                Namespace::new(&prefix(&common, Some(&manifest)), &spec.name, &spec.limits);
+            let namespace = Namespace::new(&prefix(&common, Some(&manifest)), &spec.name, &spec.limits);
             let pattern = namespace.pattern(Space::Kv, pattern.as_deref())?;
             let mut out = std::io::stdout().lock();
             let mut cursor = None;
@@ -204,11 +174,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 fn state(common: &Common, manifest: Option<&Manifest>) -> anyhow::Result<StateConfig> {
-    let url = common
-        .state
-        .clone()
-        .or_else(|| manifest.and_then(|m| m.state.clone()))
-        .unwrap_or_else(|| "memory".to_owned());
+    let url =
+        common.state.clone().or_else(|| manifest.and_then(|m| m.state.clone())).unwrap_or_else(|| "memory".to_owned());
     let redis = manifest.map(|m| m.redis.clone()).unwrap_or_default();
     StateConfig::parse(&url, &redis)
 }
@@ -224,10 +191,8 @@ fn prefix(common: &Common, manifest: Option<&Manifest>) -> String {
 
 fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> anyhow::Result<Host> {
     let state = state(common, manifest)?;
-    let options = HostOptions {
-        fuel: specs.iter().any(|s| s.limits.fuel.is_some()),
-    };
-    let mut host = Host::with_options(state.connect()?, &prefix(common, manifest), options)?;
+    let options = HostOptions { fuel: specs.iter().any(|s| s.limits.fuel.is_some()), ..HostOptions::default() };
+    let host = Host::with_options(state.connect()?, &prefix(common, manifest), options)?;
     let acl_users = manifest.is_some_and(|m| m.redis.acl_users);
     for spec in specs {
         if acl_users {
@@ -241,21 +206,12 @@ fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> any
 
 /// Prints, or applies with the admin connection, each role's ACL user.
 async fn acl(common: &Common, manifest: &Manifest, apply: bool) -> anyhow::Result<()> {
-    let secret = std::env::var(acl::SECRET_ENV).map_err(|_| {
-        anyhow::anyhow!(
-            "set {} to the secret role passwords derive from",
-            acl::SECRET_ENV
-        )
-    })?;
+    let secret = std::env::var(acl::SECRET_ENV)
+        .map_err(|_| anyhow::anyhow!("set {} to the secret role passwords derive from", acl::SECRET_ENV))?;
     let prefix = prefix(common, Some(manifest));
     let mut commands = Vec::new();
     for spec in manifest.role_specs()? {
-        commands.push(acl::setuser_args(
-            &prefix,
-            &spec.name,
-            &spec.grants,
-            &secret,
-        ));
+        commands.push(acl::setuser_args(&prefix, &spec.name, &spec.grants, &secret));
     }
     if !apply {
         for args in &commands {
@@ -281,9 +237,7 @@ async fn call(host: Host, role: &str, body: Option<String>, repeat: Repeat) -> a
     let request: Arc<[u8]> = match body.as_deref() {
         Some("-") => {
             let mut buf = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut buf)
-                .context("cannot read the request from stdin")?;
+            std::io::stdin().read_to_end(&mut buf).context("cannot read the request from stdin")?;
             buf.into()
         }
         Some(body) => body.as_bytes().into(),
@@ -297,13 +251,8 @@ async fn call(host: Host, role: &str, body: Option<String>, repeat: Repeat) -> a
     let failed = Arc::new(AtomicUsize::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..repeat.concurrency.clamp(1, repeat.repeat) {
-        let (host, next, failed, request, role) = (
-            host.clone(),
-            next.clone(),
-            failed.clone(),
-            request.clone(),
-            role.to_owned(),
-        );
+        let (host, next, failed, request, role) =
+            (host.clone(), next.clone(), failed.clone(), request.clone(), role.to_owned());
         workers.spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < repeat.repeat {
                 match host.call(&role, &request).await {

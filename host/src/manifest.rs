@@ -86,10 +86,8 @@ fn default_global_prefix() -> String {
 impl Manifest {
     /// Reads and checks a manifest file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read manifest {}", path.display()))?;
-        let mut manifest =
-            Self::parse(&text).with_context(|| format!("bad manifest {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read manifest {}", path.display()))?;
+        let mut manifest = Self::parse(&text).with_context(|| format!("bad manifest {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for role in &mut manifest.roles {
             for path in std::iter::once(&mut role.wasm).chain(role.grants.dir.as_mut()) {
@@ -103,18 +101,14 @@ impl Manifest {
 
     /// Parses manifest text; paths stay as written.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let manifest: Manifest =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        let manifest: Manifest = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
         if manifest.redis.password.is_some() {
             bail!("a Redis password in the manifest is refused; set the REDIS_PASSWORD environment variable instead");
         }
         let mut names = std::collections::BTreeSet::new();
         for spec in manifest.role_specs()? {
             if !names.insert(spec.name.clone()) {
-                bail!(
-                    "role `{}` appears twice; role names must be unique",
-                    spec.name
-                );
+                bail!("role `{}` appears twice; role names must be unique", spec.name);
             }
         }
         Ok(manifest)
@@ -161,10 +155,7 @@ mod tests {
         assert_eq!(specs[0].name, "counter");
         assert_eq!(specs[1].name, "cache");
         assert_eq!(specs[1].limits.max_value_bytes, 10);
-        assert_eq!(
-            specs[1].limits.max_key_bytes,
-            RoleLimits::default().max_key_bytes
-        );
+        assert_eq!(specs[1].limits.max_key_bytes, RoleLimits::default().max_key_bytes);
     }
 
     #[test]
@@ -176,15 +167,9 @@ mod tests {
     #[test]
     fn refuses_duplicate_and_bad_names() {
         let dup = "[[roles]]\nwasm = \"a.wasm\"\n[[roles]]\nwasm = \"x/a.wasm\"\n";
-        assert!(Manifest::parse(dup)
-            .unwrap_err()
-            .to_string()
-            .contains("twice"));
+        assert!(Manifest::parse(dup).unwrap_err().to_string().contains("twice"));
         let bad = "[[roles]]\nname = \"Bad:Name\"\nwasm = \"a.wasm\"\n";
-        assert!(Manifest::parse(bad)
-            .unwrap_err()
-            .to_string()
-            .contains("invalid role name"));
+        assert!(Manifest::parse(bad).unwrap_err().to_string().contains("invalid role name"));
         assert!(Manifest::parse("unknown = 1").is_err());
     }
 }

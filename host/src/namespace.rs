@@ -49,9 +49,7 @@ pub fn validate_identity(identity: &str) -> Result<(), String> {
     let ok = !bytes.is_empty()
         && bytes.len() <= MAX_IDENTITY_BYTES
         && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-');
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-');
     if ok {
         Ok(())
     } else {
@@ -64,9 +62,7 @@ pub fn validate_identity(identity: &str) -> Result<(), String> {
 /// Checks a deployment's global prefix: at most 64 bytes, no control
 /// characters, no whitespace.
 pub fn validate_global_prefix(prefix: &str) -> Result<(), String> {
-    if prefix.len() > MAX_GLOBAL_PREFIX_BYTES
-        || prefix.chars().any(|c| c.is_control() || c.is_whitespace())
-    {
+    if prefix.len() > MAX_GLOBAL_PREFIX_BYTES || prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(format!(
             "invalid global prefix {prefix:?}: at most {MAX_GLOBAL_PREFIX_BYTES} bytes, no spaces or control characters"
         ));
@@ -87,10 +83,7 @@ impl Namespace {
     /// be valid ([`validate_identity`], [`validate_global_prefix`]).
     pub fn new(global_prefix: &str, identity: &str, limits: &RoleLimits) -> Self {
         debug_assert!(validate_identity(identity).is_ok());
-        Self {
-            prefix: format!("{global_prefix}{identity}:"),
-            max_key_bytes: limits.max_key_bytes,
-        }
+        Self { prefix: format!("{global_prefix}{identity}:"), max_key_bytes: limits.max_key_bytes }
     }
 
     /// The shared namespace `name` (same rule as identities), at
@@ -98,10 +91,7 @@ impl Namespace {
     /// data can never land under a role's prefix.
     pub fn shared(global_prefix: &str, name: &str, limits: &RoleLimits) -> Self {
         debug_assert!(validate_identity(name).is_ok());
-        Self {
-            prefix: format!("{global_prefix}@{name}:"),
-            max_key_bytes: limits.max_key_bytes,
-        }
+        Self { prefix: format!("{global_prefix}@{name}:"), max_key_bytes: limits.max_key_bytes }
     }
 
     /// `{global_prefix}{identity}:` or `{global_prefix}@{name}:`.
@@ -135,10 +125,7 @@ impl Namespace {
             )));
         }
         if name.chars().any(char::is_control) {
-            return Err(StateError::InvalidKey(format!(
-                "{what} {} contains a control character",
-                shown(name)
-            )));
+            return Err(StateError::InvalidKey(format!("{what} {} contains a control character", shown(name))));
         }
         Ok(())
     }
@@ -148,23 +135,15 @@ impl Namespace {
     pub fn pattern(&self, space: Space, local: Option<&str>) -> StateResult<String> {
         let local = local.unwrap_or("*");
         if local.len() > self.max_key_bytes {
-            return Err(StateError::InvalidKey(format!(
-                "pattern is longer than {} bytes",
-                self.max_key_bytes
-            )));
+            return Err(StateError::InvalidKey(format!("pattern is longer than {} bytes", self.max_key_bytes)));
         }
         glob::validate(local)?;
-        Ok(format!(
-            "{}{local}",
-            glob::escape(&self.space_prefix(space))
-        ))
+        Ok(format!("{}{local}", glob::escape(&self.space_prefix(space))))
     }
 
     /// The local part of a full key of this space; none for a key outside it.
     pub fn local<'a>(&self, space: Space, full: &'a str) -> Option<&'a str> {
-        full.strip_prefix(&self.prefix)?
-            .strip_prefix(space.tag())?
-            .strip_prefix(':')
+        full.strip_prefix(&self.prefix)?.strip_prefix(space.tag())?.strip_prefix(':')
     }
 }
 
@@ -178,10 +157,7 @@ mod tests {
 
     #[test]
     fn keys_carry_the_documented_prefix() {
-        assert_eq!(
-            ns("counter").key(Space::Kv, "count").unwrap(),
-            "app[1]:counter:kv:count"
-        );
+        assert_eq!(ns("counter").key(Space::Kv, "count").unwrap(), "app[1]:counter:kv:count");
         let full = ns("counter").key(Space::Kv, "a:b*").unwrap();
         assert_eq!(ns("counter").local(Space::Kv, &full), Some("a:b*"));
         assert_eq!(ns("other").local(Space::Kv, &full), None);
@@ -196,23 +172,14 @@ mod tests {
             assert!(!glob::matches(&pattern, "app[1]:b:kv:x"));
             assert!(!glob::matches(&pattern, "app1:a:kv:x"));
         }
-        assert!(glob::matches(
-            &a.pattern(Space::Kv, None).unwrap(),
-            "app[1]:a:kv:x"
-        ));
+        assert!(glob::matches(&a.pattern(Space::Kv, None).unwrap(), "app[1]:a:kv:x"));
     }
 
     #[test]
     fn bad_keys_are_refused() {
         let a = ns("a");
-        assert!(matches!(
-            a.key(Space::Kv, ""),
-            Err(StateError::InvalidKey(_))
-        ));
-        assert!(matches!(
-            a.key(Space::Kv, "x\ny"),
-            Err(StateError::InvalidKey(_))
-        ));
+        assert!(matches!(a.key(Space::Kv, ""), Err(StateError::InvalidKey(_))));
+        assert!(matches!(a.key(Space::Kv, "x\ny"), Err(StateError::InvalidKey(_))));
         let long = "k".repeat(1 << 20);
         let err = a.key(Space::Kv, &long).unwrap_err();
         assert!(err.to_string().len() < 200, "{err}");

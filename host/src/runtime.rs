@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use sha2::{Digest, Sha256};
@@ -15,7 +15,8 @@ use wasmtime::{Config, Engine, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use crate::acl::hex;
-use crate::backend::Backend;
+use crate::backend::{Backend, Metered};
+use crate::metrics::Metrics;
 use crate::bindings::{Role as RoleWorld, RolePre};
 use crate::error::{CallError, StateError};
 use crate::limits::{Grants, RoleLimits};
@@ -53,24 +54,23 @@ impl RoleSpec {
             .and_then(|s| s.to_str())
             .with_context(|| format!("cannot name a role after {}", wasm.display()))?
             .to_owned();
-        Ok(Self {
-            name,
-            wasm,
-            sha256: None,
-            limits: RoleLimits::default(),
-            grants: Grants::default(),
-        })
+        Ok(Self { name, wasm, sha256: None, limits: RoleLimits::default(), grants: Grants::default() })
     }
 }
 
 /// A loaded role, ready to be called.
 pub struct Role {
     info: Arc<RoleInfo>,
+    spec: RoleSpec,
     pre: RolePre<CallCtx>,
     sha256: String,
+    /// The backend as given (for reloads) and as the role uses it (metered).
     backend: Arc<dyn Backend>,
+    metered: Arc<dyn Backend>,
     env: Vec<(String, String)>,
     dir: Option<PathBuf>,
+    /// Calls this role may run at once.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Role {
@@ -94,14 +94,16 @@ impl Role {
         &self.info.namespace
     }
 
+    /// What it was loaded from.
+    pub fn spec(&self) -> &RoleSpec {
+        &self.spec
+    }
+
     /// A fresh WASI context: the role's log as stdout and stderr, and only
     /// the granted environment variables and directory.
     fn wasi(&self, log: &CallLog) -> anyhow::Result<WasiCtx> {
         let mut builder = WasiCtxBuilder::new();
-        builder
-            .stdout(log.sink(Stream::Stdout))
-            .stderr(log.sink(Stream::Stderr))
-            .envs(&self.env);
+        builder.stdout(log.sink(Stream::Stdout)).stderr(log.sink(Stream::Stderr)).envs(&self.env);
         if let Some(dir) = &self.dir {
             builder.preopened_dir(dir, GUEST_DIR, FsPerms::ReadOnly)?;
         }
@@ -110,11 +112,20 @@ impl Role {
 }
 
 /// Engine-wide settings, fixed when the host is made.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct HostOptions {
     /// Count fuel, so roles can have a `fuel` limit. Slows every call a
     /// little, so it is off unless a role needs it.
     pub fuel: bool,
+    /// Calls running at once across all roles; past it a call is refused
+    /// as busy rather than queued (default 1024).
+    pub max_concurrency: usize,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        Self { fuel: false, max_concurrency: 1024 }
+    }
 }
 
 /// Roles loaded into one engine, sharing one backend.
@@ -124,7 +135,10 @@ pub struct Host {
     backend: Arc<dyn Backend>,
     global_prefix: String,
     options: HostOptions,
-    roles: BTreeMap<String, Role>,
+    /// Swapped whole on reload; a call keeps the `Arc<Role>` it started with.
+    roles: RwLock<BTreeMap<String, Arc<Role>>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<Metrics>,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -135,17 +149,10 @@ impl Host {
     }
 
     /// Like [`Host::new`], with engine options.
-    pub fn with_options(
-        backend: Arc<dyn Backend>,
-        global_prefix: &str,
-        options: HostOptions,
-    ) -> anyhow::Result<Self> {
+    pub fn with_options(backend: Arc<dyn Backend>, global_prefix: &str, options: HostOptions) -> anyhow::Result<Self> {
         validate_global_prefix(global_prefix).map_err(anyhow::Error::msg)?;
         let mut config = Config::new();
-        config
-            .wasm_component_model(true)
-            .epoch_interruption(true)
-            .consume_fuel(options.fuel);
+        config.wasm_component_model(true).epoch_interruption(true).consume_fuel(options.fuel);
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -158,9 +165,21 @@ impl Host {
             backend,
             global_prefix: global_prefix.to_owned(),
             options,
-            roles: BTreeMap::new(),
+            roles: RwLock::new(BTreeMap::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(options.max_concurrency)),
+            metrics: Arc::new(Metrics::new()),
             ticker_stop,
         })
+    }
+
+    /// The metrics of every role.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The global prefix of every key.
+    pub fn global_prefix(&self) -> &str {
+        &self.global_prefix
     }
 
     /// The backend every role's state lives in (unless loaded with its own).
@@ -169,39 +188,55 @@ impl Host {
     }
 
     /// The loaded roles, by name.
-    pub fn roles(&self) -> impl Iterator<Item = &Role> {
-        self.roles.values()
+    pub fn roles(&self) -> Vec<Arc<Role>> {
+        self.read_roles().values().cloned().collect()
+    }
+
+    fn read_roles(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Role>>> {
+        self.roles.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Loads a role: checks its name, pin and grants, compiles it and links
     /// it against the `role` world.
-    pub fn load(&mut self, spec: &RoleSpec) -> anyhow::Result<&Role> {
-        let backend = self.backend.clone();
-        self.load_with_backend(spec, backend)
+    pub fn load(&self, spec: &RoleSpec) -> anyhow::Result<Arc<Role>> {
+        self.load_with_backend(spec, self.backend.clone())
     }
 
     /// Like [`Host::load`], with a backend of the role's own (for example a
     /// Redis connection as the role's ACL user).
-    pub fn load_with_backend(
-        &mut self,
-        spec: &RoleSpec,
-        backend: Arc<dyn Backend>,
-    ) -> anyhow::Result<&Role> {
+    pub fn load_with_backend(&self, spec: &RoleSpec, backend: Arc<dyn Backend>) -> anyhow::Result<Arc<Role>> {
+        if self.read_roles().contains_key(&spec.name) {
+            bail!("role `{}` is loaded twice; role names must be unique", spec.name);
+        }
+        let role = Arc::new(self.compile(spec, backend)?);
+        let mut roles = self.roles.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if roles.contains_key(&spec.name) {
+            bail!("role `{}` is loaded twice; role names must be unique", spec.name);
+        }
+        roles.insert(spec.name.clone(), role.clone());
+        Ok(role)
+    }
+
+    /// Loads the role's component again from its file and swaps it in:
+    /// calls in flight finish on the old version, new calls get the new
+    /// one, state stays (same identity). A file that fails to load or fails
+    /// its pin is refused and the old version keeps serving.
+    pub fn reload(&self, name: &str) -> anyhow::Result<Arc<Role>> {
+        let old = self.role(name).with_context(|| format!("no role `{name}` is loaded"))?;
+        let new = Arc::new(self.compile(&old.spec, old.backend.clone())?);
+        let mut roles = self.roles.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        roles.insert(name.to_owned(), new.clone());
+        Ok(new)
+    }
+
+    /// Checks, compiles and links one role.
+    fn compile(&self, spec: &RoleSpec, backend: Arc<dyn Backend>) -> anyhow::Result<Role> {
         validate_identity(&spec.name).map_err(anyhow::Error::msg)?;
-        if self.roles.contains_key(&spec.name) {
-            bail!(
-                "role `{}` is loaded twice; role names must be unique",
-                spec.name
-            );
-        }
         if spec.limits.fuel.is_some() && !self.options.fuel {
-            bail!(
-                "role `{}` has a fuel limit, but the host does not count fuel",
-                spec.name
-            );
+            bail!("role `{}` has a fuel limit, but the host does not count fuel", spec.name);
         }
-        let bytes = std::fs::read(&spec.wasm)
-            .with_context(|| format!("cannot read role component {}", spec.wasm.display()))?;
+        let bytes =
+            std::fs::read(&spec.wasm).with_context(|| format!("cannot read role component {}", spec.wasm.display()))?;
         let sha256 = hex(&Sha256::digest(&bytes));
         if let Some(pin) = &spec.sha256 {
             if !pin.eq_ignore_ascii_case(&sha256) {
@@ -212,82 +247,71 @@ impl Host {
                 );
             }
         }
-        let component = Component::from_binary(&self.engine, &bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "{} is not a valid WebAssembly component: {e}",
-                spec.wasm.display()
-            )
+        let component = Component::from_binary(&self.engine, &bytes)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid WebAssembly component: {e}", spec.wasm.display()))?;
+        let pre = self.linker.instantiate_pre(&component).and_then(RolePre::new).map_err(|e| {
+            anyhow::anyhow!("{} does not fit the rolehost:state/role world: {e:#}", spec.wasm.display())
         })?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .and_then(RolePre::new)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{} does not fit the rolehost:state/role world: {e:#}",
-                    spec.wasm.display()
-                )
-            })?;
-        let role = Role {
+        Ok(Role {
             info: Arc::new(self.role_info(spec)?),
+            spec: spec.clone(),
             pre,
             sha256,
+            metered: Arc::new(Metered::new(backend.clone(), &spec.name, self.metrics.clone())),
             backend,
             env: granted_env(&spec.grants.env),
             dir: checked_dir(spec.grants.dir.as_deref())?,
-        };
-        Ok(self.roles.entry(spec.name.clone()).or_insert(role))
+            slots: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_concurrency)),
+        })
     }
 
     fn role_info(&self, spec: &RoleSpec) -> anyhow::Result<RoleInfo> {
         let mut grants = BTreeMap::new();
         for (name, access) in &spec.grants.namespaces {
-            validate_identity(name)
-                .map_err(|e| anyhow::anyhow!("role `{}`: bad namespace grant: {e}", spec.name))?;
+            validate_identity(name).map_err(|e| anyhow::anyhow!("role `{}`: bad namespace grant: {e}", spec.name))?;
             let namespace = Arc::new(Namespace::shared(&self.global_prefix, name, &spec.limits));
             grants.insert(name.clone(), (namespace, *access));
         }
         Ok(RoleInfo {
             name: spec.name.clone(),
-            namespace: Arc::new(Namespace::new(
-                &self.global_prefix,
-                &spec.name,
-                &spec.limits,
-            )),
+            namespace: Arc::new(Namespace::new(&self.global_prefix, &spec.name, &spec.limits)),
             limits: spec.limits.clone(),
             grants,
-            op_rate: spec
-                .limits
-                .max_ops_per_second
-                .map(|n| Mutex::new(OpRate::new(n))),
+            op_rate: spec.limits.max_ops_per_second.map(|n| Mutex::new(OpRate::new(n))),
         })
     }
 
     /// Looks up a loaded role.
-    pub fn role(&self, name: &str) -> Option<&Role> {
-        self.roles.get(name)
+    pub fn role(&self, name: &str) -> Option<Arc<Role>> {
+        self.read_roles().get(name).cloned()
     }
 
-    /// Calls `role`'s handler once with `request` in a fresh instance.
+    /// Calls `role`'s handler once with `request` in a fresh instance,
+    /// unless the role or the host is at its concurrency limit (busy).
     pub async fn call(&self, role: &str, request: &[u8]) -> Result<Vec<u8>, CallError> {
-        let role = self
-            .role(role)
-            .ok_or_else(|| CallError::UnknownRole(role.to_owned()))?;
+        let role = self.role(role).ok_or_else(|| CallError::UnknownRole(role.to_owned()))?;
+        let busy = || CallError::Busy { role: role.info.name.clone() };
+        let _host_slot = self.slots.try_acquire().map_err(|_| busy())?;
+        let _role_slot = role.slots.try_acquire().map_err(|_| busy())?;
+        let labels = [role.info.name.as_str()];
+        let in_flight = self.metrics.in_flight.with_label_values(&labels);
+        in_flight.inc();
+        let start = Instant::now();
+        let result = self.run(&role, request).await;
+        in_flight.dec();
+        self.metrics.call_seconds.with_label_values(&labels).observe(start.elapsed().as_secs_f64());
+        let outcome = result.as_ref().map_or_else(CallError::kind, |_| "ok");
+        self.metrics.calls.with_label_values(&[labels[0], outcome]).inc();
+        result
+    }
+
+    async fn run(&self, role: &Role, request: &[u8]) -> Result<Vec<u8>, CallError> {
         let name = || role.info.name.clone();
         let limits = &role.info.limits;
         let log = CallLog::new(&role.info.name, limits.max_log_bytes);
-        let wasi = role.wasi(&log).map_err(|e| CallError::Trap {
-            role: name(),
-            message: format!("{e:#}"),
-        })?;
+        let wasi = role.wasi(&log).map_err(|e| CallError::Trap { role: name(), message: format!("{e:#}") })?;
         let limiter = CallLimiter::new(limits.max_memory_bytes);
-        let ctx = CallCtx::new(
-            role.info.clone(),
-            role.backend.clone(),
-            limiter,
-            log.clone(),
-            wasi,
-        );
+        let ctx = CallCtx::new(role.info.clone(), role.metered.clone(), limiter, log.clone(), wasi);
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|ctx| &mut ctx.limiter);
         let deadline = Duration::from_millis(limits.deadline_ms);
@@ -296,36 +320,20 @@ impl Host {
         if self.options.fuel {
             store
                 .set_fuel(limits.fuel.unwrap_or(u64::MAX))
-                .map_err(|e| CallError::Trap {
-                    role: name(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| CallError::Trap { role: name(), message: e.to_string() })?;
         }
 
         let run = async {
             let instance = role.pre.instantiate_async(&mut store).await?;
-            instance
-                .rolehost_state_handler()
-                .call_handle(&mut store, request)
-                .await
+            instance.rolehost_state_handler().call_handle(&mut store, request).await
         };
         let outcome = tokio::time::timeout(deadline + EPOCH_TICK * 2, run).await;
         store.data_mut().release_held_locks().await;
         log.finish();
         let response = match outcome {
-            Err(_) => {
-                return Err(CallError::DeadlineExceeded {
-                    role: name(),
-                    millis: limits.deadline_ms,
-                })
-            }
+            Err(_) => return Err(CallError::DeadlineExceeded { role: name(), millis: limits.deadline_ms }),
             Ok(Err(trap)) => return Err(classify_trap(&trap, store.data(), limits, name())),
-            Ok(Ok(Err(error))) => {
-                return Err(CallError::Role {
-                    role: name(),
-                    error: error.into(),
-                })
-            }
+            Ok(Ok(Err(error))) => return Err(CallError::Role { role: name(), error: error.into() }),
             Ok(Ok(Ok(response))) => response,
         };
         if response.len() > limits.max_response_bytes {
@@ -334,10 +342,7 @@ impl Host {
                 response.len(),
                 limits.max_response_bytes
             ));
-            return Err(CallError::Role {
-                role: name(),
-                error,
-            });
+            return Err(CallError::Role { role: name(), error });
         }
         Ok(response)
     }
@@ -351,56 +356,26 @@ impl Drop for Host {
 
 /// Tells the kinds of trap apart: deadline, fuel, memory, or another trap
 /// (with one line saying which; the backtrace goes to the debug log).
-fn classify_trap(
-    trap: &wasmtime::Error,
-    ctx: &CallCtx,
-    limits: &RoleLimits,
-    role: String,
-) -> CallError {
+fn classify_trap(trap: &wasmtime::Error, ctx: &CallCtx, limits: &RoleLimits, role: String) -> CallError {
     tracing::debug!(role = %role, "trap: {trap:?}");
     match trap.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => CallError::DeadlineExceeded {
-            role,
-            millis: limits.deadline_ms,
-        },
-        Some(Trap::OutOfFuel) => CallError::OutOfFuel {
-            role,
-            fuel: limits.fuel.unwrap_or_default(),
-        },
-        _ if ctx.limiter.memory_refused => CallError::OutOfMemory {
-            role,
-            bytes: limits.max_memory_bytes,
-        },
-        Some(trap) => CallError::Trap {
-            role,
-            message: trap.to_string(),
-        },
-        None => CallError::Trap {
-            role,
-            message: format!("{trap:#}")
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
-        },
+        Some(Trap::Interrupt) => CallError::DeadlineExceeded { role, millis: limits.deadline_ms },
+        Some(Trap::OutOfFuel) => CallError::OutOfFuel { role, fuel: limits.fuel.unwrap_or_default() },
+        _ if ctx.limiter.memory_refused => CallError::OutOfMemory { role, bytes: limits.max_memory_bytes },
+        Some(trap) => CallError::Trap { role, message: trap.to_string() },
+        None => CallError::Trap { role, message: format!("{trap:#}").lines().next().unwrap_or_default().to_owned() },
     }
 }
 
 /// The granted variables that are set in the host's environment.
 fn granted_env(names: &[String]) -> Vec<(String, String)> {
-    names
-        .iter()
-        .filter_map(|name| Some((name.clone(), std::env::var(name).ok()?)))
-        .collect()
+    names.iter().filter_map(|name| Some((name.clone(), std::env::var(name).ok()?))).collect()
 }
 
 fn checked_dir(dir: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
     let Some(dir) = dir else { return Ok(None) };
     if !dir.is_dir() {
-        bail!(
-            "granted directory {} does not exist or is not a directory",
-            dir.display()
-        );
+        bail!("granted directory {} does not exist or is not a directory", dir.display());
     }
     Ok(Some(dir.to_path_buf()))
 }

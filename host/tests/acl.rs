@@ -20,21 +20,12 @@ fn rolehost(args: &[&str]) -> Output {
 }
 
 fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 /// A raw connection as `user`; the result of one command.
-fn as_user(
-    port: u16,
-    user: &str,
-    password: &str,
-    cmd: &mut redis::Cmd,
-) -> redis::RedisResult<redis::Value> {
+fn as_user(port: u16, user: &str, password: &str, cmd: &mut redis::Cmd) -> redis::RedisResult<redis::Value> {
     let client = redis::Client::open(format!("redis://{user}:{password}@127.0.0.1:{port}/0"))?;
     let mut conn = client.get_connection()?;
     cmd.query(&mut conn)
@@ -64,73 +55,30 @@ fn acl_users_confine_each_role_inside_redis() {
     let manifest = manifest.to_str().unwrap();
 
     let printed = ok(rolehost(&["acl", "--manifest", manifest]));
-    assert!(
-        printed.contains("ACL SETUSER rolehost-counter reset on #"),
-        "{printed}"
-    );
+    assert!(printed.contains("ACL SETUSER rolehost-counter reset on #"), "{printed}");
     assert!(printed.contains("~rolehost:counter:*"), "{printed}");
     assert!(printed.contains("%R~rolehost:@public:*"), "{printed}");
-    assert!(
-        !printed.contains(&rolehost::acl::password(SECRET, "counter")),
-        "the password itself is never printed"
-    );
+    assert!(!printed.contains(&rolehost::acl::password(SECRET, "counter")), "the password itself is never printed");
     ok(rolehost(&["acl", "--manifest", manifest, "--apply"]));
 
     // The host now talks to Redis as each role's user.
     std::fs::write(dir.join("roles.toml"), roles(true)).unwrap();
-    assert_eq!(
-        ok(rolehost(&["call", "--manifest", manifest, "counter"])),
-        "1"
-    );
-    assert_eq!(
-        ok(rolehost(&["call", "--manifest", manifest, "counter"])),
-        "2"
-    );
+    assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "counter"])), "1");
+    assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "counter"])), "2");
     let set_public = r#"{"op":"set","key":"notice","value":"hi","ns":"public"}"#;
-    assert_eq!(
-        ok(rolehost(&[
-            "call",
-            "--manifest",
-            manifest,
-            "writer",
-            set_public
-        ])),
-        r#"{"ok":null}"#
-    );
+    assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "writer", set_public])), r#"{"ok":null}"#);
     let get_public = r#"{"op":"get","key":"notice","ns":"public"}"#;
-    assert_eq!(
-        ok(rolehost(&[
-            "call",
-            "--manifest",
-            manifest,
-            "reader",
-            get_public
-        ])),
-        r#"{"ok":"hi"}"#
-    );
+    assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "reader", get_public])), r#"{"ok":"hi"}"#);
     let subject = r#"{"op":"subject_store","subject":"s","set":{"a":1}}"#;
-    ok(rolehost(&[
-        "call",
-        "--manifest",
-        manifest,
-        "writer",
-        subject,
-    ]));
+    assert!(ok(rolehost(&["call", "--manifest", manifest, "writer", subject])).starts_with(r#"{"ok":"#));
+    let with_ttl = r#"{"op":"set","key":"t","value":"v","ttl_ms":60000}"#;
+    assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "writer", with_ttl])), r#"{"ok":null}"#);
     let lock = r#"{"op":"lock_takeover","name":"l"}"#;
-    assert!(
-        ok(rolehost(&["call", "--manifest", manifest, "writer", lock]))
-            .contains(r#""owner_release":true"#)
-    );
+    assert!(ok(rolehost(&["call", "--manifest", manifest, "writer", lock])).contains(r#""owner_release":true"#));
     let rate = r#"{"op":"rate_check","key":"api","limit":2,"window_ms":60000}"#;
-    assert!(
-        ok(rolehost(&["call", "--manifest", manifest, "writer", rate]))
-            .contains(r#""allowed":true"#)
-    );
+    assert!(ok(rolehost(&["call", "--manifest", manifest, "writer", rate])).contains(r#""allowed":true"#));
     let float = r#"{"op":"subject_incr_float","subject":"s","prop":"f","delta":0.5}"#;
-    assert_eq!(
-        ok(rolehost(&["call", "--manifest", manifest, "writer", float])),
-        r#"{"ok":0.5}"#
-    );
+    assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "writer", float])), r#"{"ok":0.5}"#);
 
     // The calls above ran as the role users: with another secret they fail.
     let wrong = Command::new(env!("CARGO_BIN_EXE_rolehost"))
@@ -141,9 +89,7 @@ fn acl_users_confine_each_role_inside_redis() {
         .unwrap();
     assert!(!wrong.status.success());
     assert!(
-        String::from_utf8_lossy(&wrong.stderr)
-            .to_lowercase()
-            .contains("pass"),
+        String::from_utf8_lossy(&wrong.stderr).to_lowercase().contains("pass"),
         "{}",
         String::from_utf8_lossy(&wrong.stderr)
     );
@@ -153,61 +99,20 @@ fn acl_users_confine_each_role_inside_redis() {
     let counter_pw = rolehost::acl::password(SECRET, "counter");
     let reader_pw = rolehost::acl::password(SECRET, "reader");
     let get = |key: &str| redis::cmd("GET").arg(key).clone();
-    assert!(as_user(
-        port,
-        "rolehost-counter",
-        &counter_pw,
-        &mut get("rolehost:counter:kv:count")
-    )
-    .is_ok());
-    for key in [
-        "rolehost:writer:kv:x",
-        "rolehost:@public:kv:notice",
-        "other",
-    ] {
+    assert!(as_user(port, "rolehost-counter", &counter_pw, &mut get("rolehost:counter:kv:count")).is_ok());
+    for key in ["rolehost:writer:kv:x", "rolehost:@public:kv:notice", "other"] {
         let err = as_user(port, "rolehost-counter", &counter_pw, &mut get(key)).unwrap_err();
-        assert!(
-            err.to_string().to_lowercase().contains("noperm"),
-            "{key}: {err}"
-        );
+        assert!(err.to_string().to_lowercase().contains("noperm"), "{key}: {err}");
     }
-    assert!(as_user(
-        port,
-        "rolehost-reader",
-        &reader_pw,
-        &mut get("rolehost:@public:kv:notice")
-    )
-    .is_ok());
+    assert!(as_user(port, "rolehost-reader", &reader_pw, &mut get("rolehost:@public:kv:notice")).is_ok());
     let write = as_user(
         port,
         "rolehost-reader",
         &reader_pw,
-        &mut redis::cmd("SET")
-            .arg("rolehost:@public:kv:notice")
-            .arg("defaced")
-            .clone(),
+        &mut redis::cmd("SET").arg("rolehost:@public:kv:notice").arg("defaced").clone(),
     );
-    assert!(write
-        .unwrap_err()
-        .to_string()
-        .to_lowercase()
-        .contains("noperm"));
-    let flush = as_user(
-        port,
-        "rolehost-counter",
-        &counter_pw,
-        &mut redis::cmd("FLUSHALL").clone(),
-    );
-    assert!(flush
-        .unwrap_err()
-        .to_string()
-        .to_lowercase()
-        .contains("noperm"));
-    assert!(as_user(
-        port,
-        "rolehost-counter",
-        "wrong password",
-        &mut get("rolehost:counter:kv:count")
-    )
-    .is_err());
+    assert!(write.unwrap_err().to_string().to_lowercase().contains("noperm"));
+    let flush = as_user(port, "rolehost-counter", &counter_pw, &mut redis::cmd("FLUSHALL").clone());
+    assert!(flush.unwrap_err().to_string().to_lowercase().contains("noperm"));
+    assert!(as_user(port, "rolehost-counter", "wrong password", &mut get("rolehost:counter:kv:count")).is_err());
 }

@@ -38,22 +38,14 @@ fn stdout(output: &Output) -> String {
 /// Asserts a failure with a one-line `rolehost:` error containing `needle`.
 fn assert_fails_with(output: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success(),
-        "expected failure, got success; stderr: {stderr}"
-    );
-    let host_panic = stderr
-        .lines()
-        .any(|l| l.contains("panicked at") && !l.contains("role="));
+    assert!(!output.status.success(), "expected failure, got success; stderr: {stderr}");
+    let host_panic = stderr.lines().any(|l| l.contains("panicked at") && !l.contains("role="));
     assert!(!host_panic, "the host panicked: {stderr}");
     let line = stderr
         .lines()
         .find(|l| l.starts_with("rolehost: "))
         .unwrap_or_else(|| panic!("no `rolehost:` error line in {stderr:?}"));
-    assert!(
-        line.contains(needle),
-        "error line {line:?} does not mention {needle:?}"
-    );
+    assert!(line.contains(needle), "error line {line:?} does not mention {needle:?}");
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -79,31 +71,20 @@ fn run_counts_on_redis_and_keys_carry_the_prefix() {
     let url = server.url(db);
     for expected in ["1", "2"] {
         let out = rolehost(&["run", &counter(), "--state", &url]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(stdout(&out), expected);
     }
     let out = rolehost(&["run", &counter(), "--name", "tally", "--state", &url]);
     assert_eq!(stdout(&out), "1", "another identity has its own count");
     let keys = server.all_keys(db);
-    assert_eq!(
-        keys,
-        ["rolehost:counter:kv:count", "rolehost:tally:kv:count"]
-    );
+    assert_eq!(keys, ["rolehost:counter:kv:count", "rolehost:tally:kv:count"]);
 }
 
 #[test]
 fn run_on_memory_starts_fresh_each_process() {
     for _ in 0..2 {
         let out = rolehost(&["run", &counter()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(stdout(&out), "1");
     }
 }
@@ -111,11 +92,7 @@ fn run_on_memory_starts_fresh_each_process() {
 #[test]
 fn run_passes_the_body_and_prints_the_response() {
     let probe = role_path("kvprobe");
-    let out = rolehost(&[
-        "run",
-        probe.to_str().unwrap(),
-        r#"{"op":"incr","key":"n","delta":41}"#,
-    ]);
+    let out = rolehost(&["run", probe.to_str().unwrap(), r#"{"op":"incr","key":"n","delta":41}"#]);
     assert_eq!(stdout(&out), r#"{"ok":41}"#);
 }
 
@@ -133,89 +110,35 @@ fn call_and_keys_use_the_manifest() {
             counter()
         ),
     );
-    assert_eq!(
-        stdout(&rolehost(&["call", "--manifest", &manifest, "hits"])),
-        "1"
-    );
-    assert_eq!(
-        stdout(&rolehost(&["call", "--manifest", &manifest, "hits"])),
-        "2"
-    );
+    assert_eq!(stdout(&rolehost(&["call", "--manifest", &manifest, "hits"])), "1");
+    assert_eq!(stdout(&rolehost(&["call", "--manifest", &manifest, "hits"])), "2");
     let keys = rolehost(&["keys", "--manifest", &manifest, "hits"]);
     assert_eq!(stdout(&keys), "count\tpersistent");
-    assert_eq!(
-        stdout(&rolehost(&[
-            "keys",
-            "--manifest",
-            &manifest,
-            "hits",
-            "nomatch*"
-        ])),
-        ""
-    );
-    assert_fails_with(
-        &rolehost(&["call", "--manifest", &manifest, "nope"]),
-        "no role `nope`",
-    );
+    assert_eq!(stdout(&rolehost(&["keys", "--manifest", &manifest, "hits", "nomatch*"])), "");
+    assert_fails_with(&rolehost(&["call", "--manifest", &manifest, "nope"]), "no role `nope`");
     // The flag beats the manifest: memory starts at 1 again.
-    assert_eq!(
-        stdout(&rolehost(&[
-            "call",
-            "--manifest",
-            &manifest,
-            "hits",
-            "--state",
-            "memory"
-        ])),
-        "1"
-    );
+    assert_eq!(stdout(&rolehost(&["call", "--manifest", &manifest, "hits", "--state", "memory"])), "1");
 }
 
 #[test]
 fn a_wrong_pin_is_refused() {
     let dir = temp_dir("pin");
-    let manifest = write(
-        &dir,
-        "roles.toml",
-        format!(
-            "[[roles]]\nwasm = \"{}\"\nsha256 = \"{}\"\n",
-            counter(),
-            "0".repeat(64)
-        ),
-    );
-    assert_fails_with(
-        &rolehost(&["call", "--manifest", &manifest, "counter"]),
-        "pins role `counter`",
-    );
+    let manifest =
+        write(&dir, "roles.toml", format!("[[roles]]\nwasm = \"{}\"\nsha256 = \"{}\"\n", counter(), "0".repeat(64)));
+    assert_fails_with(&rolehost(&["call", "--manifest", &manifest, "counter"]), "pins role `counter`");
 }
 
 #[test]
 fn bad_components_are_refused_clearly() {
     let dir = temp_dir("components");
-    assert_fails_with(
-        &rolehost(&["run", "/no/such/role.wasm"]),
-        "cannot read role component",
-    );
+    assert_fails_with(&rolehost(&["run", "/no/such/role.wasm"]), "cannot read role component");
     let junk = write(&dir, "junk.wasm", b"definitely not wasm");
-    assert_fails_with(
-        &rolehost(&["run", &junk]),
-        "not a valid WebAssembly component",
-    );
+    assert_fails_with(&rolehost(&["run", &junk]), "not a valid WebAssembly component");
     let module = write(&dir, "module.wasm", wat::parse_str("(module)").unwrap());
-    assert_fails_with(
-        &rolehost(&["run", &module]),
-        "not a valid WebAssembly component",
-    );
+    assert_fails_with(&rolehost(&["run", &module]), "not a valid WebAssembly component");
     let other_world = write(&dir, "other.wasm", wat::parse_str("(component)").unwrap());
-    assert_fails_with(
-        &rolehost(&["run", &other_world]),
-        "does not fit the rolehost:state/role world",
-    );
-    let bad_name = write(
-        &dir,
-        "Bad Name.wasm",
-        std::fs::read(role_path("counter")).unwrap(),
-    );
+    assert_fails_with(&rolehost(&["run", &other_world]), "does not fit the rolehost:state/role world");
+    let bad_name = write(&dir, "Bad Name.wasm", std::fs::read(role_path("counter")).unwrap());
     assert_fails_with(&rolehost(&["run", &bad_name]), "invalid role name");
 }
 
@@ -223,45 +146,26 @@ fn bad_components_are_refused_clearly() {
 fn bad_manifests_are_refused_clearly() {
     let dir = temp_dir("manifests");
     let syntax = write(&dir, "syntax.toml", "[[roles]\nwasm = ");
-    assert_fails_with(
-        &rolehost(&["call", "--manifest", &syntax, "x"]),
-        "bad manifest",
-    );
+    assert_fails_with(&rolehost(&["call", "--manifest", &syntax, "x"]), "bad manifest");
     let password = write(&dir, "password.toml", "[redis]\npassword = \"hunter2\"\n");
-    assert_fails_with(
-        &rolehost(&["call", "--manifest", &password, "x"]),
-        "REDIS_PASSWORD",
-    );
+    assert_fails_with(&rolehost(&["call", "--manifest", &password, "x"]), "REDIS_PASSWORD");
     let missing = dir.join("missing.toml");
-    assert_fails_with(
-        &rolehost(&["call", "--manifest", missing.to_str().unwrap(), "x"]),
-        "cannot read manifest",
-    );
+    assert_fails_with(&rolehost(&["call", "--manifest", missing.to_str().unwrap(), "x"]), "cannot read manifest");
     let url_password = rolehost(&["run", &counter(), "--state", "redis://:hunter2@127.0.0.1:1"]);
     assert_fails_with(&url_password, "REDIS_PASSWORD");
-    assert_fails_with(
-        &rolehost(&["run", &counter(), "--state", "mongodb://x"]),
-        "unknown state backend",
-    );
+    assert_fails_with(&rolehost(&["run", &counter(), "--state", "mongodb://x"]), "unknown state backend");
 }
 
 #[test]
 fn unreachable_redis_and_traps_fail_the_call_not_the_host() {
     let port = rolehost_tests::free_port();
-    let out = rolehost(&[
-        "run",
-        &counter(),
-        "--state",
-        &format!("redis://127.0.0.1:{port}"),
-    ]);
+    let out = rolehost(&["run", &counter(), "--state", &format!("redis://127.0.0.1:{port}")]);
     assert_fails_with(&out, "unavailable");
     let probe = role_path("kvprobe");
     let out = rolehost(&["run", probe.to_str().unwrap(), r#"{"op":"panic"}"#]);
     assert_fails_with(&out, "trapped");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let logged = stderr
-        .lines()
-        .find(|l| l.contains("kvprobe was asked to panic"));
+    let logged = stderr.lines().find(|l| l.contains("kvprobe was asked to panic"));
     assert!(
         logged.is_some_and(|l| l.contains("role=\"kvprobe\"")),
         "the guest's stderr is logged with its role: {stderr}"
@@ -270,9 +174,5 @@ fn unreachable_redis_and_traps_fail_the_call_not_the_host() {
 
 fn sha256_of(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
 }

@@ -34,14 +34,7 @@ fn spawn(manifest: &PathBuf, role: &str, body: &str, repeat: usize, concurrency:
         .arg("call")
         .arg("--manifest")
         .arg(manifest)
-        .args([
-            role,
-            body,
-            "--repeat",
-            &repeat.to_string(),
-            "--concurrency",
-            &concurrency.to_string(),
-        ])
+        .args([role, body, "--repeat", &repeat.to_string(), "--concurrency", &concurrency.to_string()])
         .env_remove("ROLEHOST_STATE")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -51,31 +44,13 @@ fn spawn(manifest: &PathBuf, role: &str, body: &str, repeat: usize, concurrency:
 }
 
 /// Runs the same calls in two processes at once; their stdout lines.
-fn in_two_processes(
-    manifest: &PathBuf,
-    role: &str,
-    body: &str,
-    repeat: usize,
-    concurrency: usize,
-) -> Vec<String> {
-    let children = [
-        spawn(manifest, role, body, repeat, concurrency),
-        spawn(manifest, role, body, repeat, concurrency),
-    ];
+fn in_two_processes(manifest: &PathBuf, role: &str, body: &str, repeat: usize, concurrency: usize) -> Vec<String> {
+    let children = [spawn(manifest, role, body, repeat, concurrency), spawn(manifest, role, body, repeat, concurrency)];
     let mut lines = Vec::new();
     for child in children {
         let out: Output = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "a process failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        lines.extend(
-            String::from_utf8(out.stdout)
-                .unwrap()
-                .lines()
-                .map(str::to_owned),
-        );
+        assert!(out.status.success(), "a process failed: {}", String::from_utf8_lossy(&out.stderr));
+        lines.extend(String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned));
     }
     lines
 }
@@ -88,29 +63,15 @@ async fn subject_increments_are_exact_across_processes() {
     let incr = r#"{"op":"subject_incr","subject":"hot","prop":"n","delta":1,"times":500}"#;
     let lines = in_two_processes(&manifest, "shared", incr, 16, 16);
     assert_eq!(lines.len(), 32);
-    assert!(
-        lines.iter().all(|l| l.starts_with(r#"{"ok":"#)),
-        "every increment call succeeded: {lines:?}"
-    );
+    assert!(lines.iter().all(|l| l.starts_with(r#"{"ok":"#)), "every increment call succeeded: {lines:?}");
     let update = r#"{"op":"subject_update","subject":"hot","prop":"m","times":500}"#;
     let lines = in_two_processes(&manifest, "shared", update, 16, 16);
     assert_eq!(lines.len(), 32);
-    assert!(
-        lines.iter().all(|l| l.starts_with(r#"{"ok":"#)),
-        "every update call succeeded: {lines:?}"
-    );
+    assert!(lines.iter().all(|l| l.starts_with(r#"{"ok":"#)), "every update call succeeded: {lines:?}");
     let host = rolehost_tests::host(server.backend(db), "rolehost:", &[("shared", "kvprobe")]);
     let get = |prop: &str| json!({"op":"subject_get","subject":"hot","prop":prop});
-    assert_eq!(
-        probe(&host, "shared", get("n")).await,
-        Ok(json!("16000")),
-        "HINCRBY path"
-    );
-    assert_eq!(
-        probe(&host, "shared", get("m")).await,
-        Ok(json!("16000")),
-        "compare-and-set path"
-    );
+    assert_eq!(probe(&host, "shared", get("n")).await, Ok(json!("16000")), "HINCRBY path");
+    assert_eq!(probe(&host, "shared", get("m")).await, Ok(json!("16000")), "compare-and-set path");
 }
 
 #[test]
@@ -120,14 +81,8 @@ fn rate_limit_is_exact_across_processes() {
     let body = r#"{"client":"c1","limit":50,"window_ms":3600000}"#;
     let lines = in_two_processes(&manifest, "rate-limiter", body, 100, 100);
     assert_eq!(lines.len(), 200);
-    let allowed = lines
-        .iter()
-        .filter(|l| l.contains(r#""result":"allowed""#))
-        .count();
-    let denied = lines
-        .iter()
-        .filter(|l| l.contains(r#""result":"denied""#))
-        .count();
+    let allowed = lines.iter().filter(|l| l.contains(r#""result":"allowed""#)).count();
+    let denied = lines.iter().filter(|l| l.contains(r#""result":"denied""#)).count();
     assert_eq!((allowed, denied), (50, 150));
 }
 
@@ -141,21 +96,10 @@ async fn locks_exclude_across_processes() {
     let lines = in_two_processes(&manifest, "worker", "", 20, 8);
     let mut tokens: Vec<u64> = lines.iter().map(|l| l.parse().unwrap()).collect();
     tokens.sort();
-    assert_eq!(
-        tokens,
-        (1..=40).collect::<Vec<u64>>(),
-        "tokens are unique and dense"
-    );
+    assert_eq!(tokens, (1..=40).collect::<Vec<u64>>(), "tokens are unique and dense");
     let host = rolehost_tests::host(server.backend(db), "rolehost:", &[("worker", "kvprobe")]);
-    let log = probe(&host, "worker", json!({"op":"get","key":"log"}))
-        .await
-        .unwrap();
-    let logged: Vec<u64> = log
-        .as_str()
-        .unwrap()
-        .split(',')
-        .map(|t| t.parse().unwrap())
-        .collect();
+    let log = probe(&host, "worker", json!({"op":"get","key":"log"})).await.unwrap();
+    let logged: Vec<u64> = log.as_str().unwrap().split(',').map(|t| t.parse().unwrap()).collect();
     assert_eq!(logged, tokens, "appended in token order, none lost");
 }
 
@@ -171,35 +115,16 @@ async fn a_crashed_holders_lock_is_freed_by_its_ttl() {
     // Wait until the other process holds the lock.
     let start = Instant::now();
     loop {
-        if server
-            .all_keys(db)
-            .iter()
-            .any(|k| k == "rolehost:shared:lock:job")
-        {
+        if server.all_keys(db).iter().any(|k| k == "rolehost:shared:lock:job") {
             break;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the holder never took the lock"
-        );
+        assert!(start.elapsed() < Duration::from_secs(30), "the holder never took the lock");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        probe(&host, "shared", try_lock.clone()).await,
-        Ok(json!(null)),
-        "held by the other process"
-    );
+    assert_eq!(probe(&host, "shared", try_lock.clone()).await, Ok(json!(null)), "held by the other process");
     holder.kill().unwrap(); // SIGKILL: no chance to release
     holder.wait().unwrap();
-    assert_eq!(
-        probe(&host, "shared", try_lock.clone()).await,
-        Ok(json!(null)),
-        "still held until the TTL ends"
-    );
+    assert_eq!(probe(&host, "shared", try_lock.clone()).await, Ok(json!(null)), "still held until the TTL ends");
     let wait = json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":5000});
-    assert_eq!(
-        probe(&host, "shared", wait).await,
-        Ok(json!(2)),
-        "taken after the TTL, with the next token"
-    );
+    assert_eq!(probe(&host, "shared", wait).await, Ok(json!(2)), "taken after the TTL, with the next token");
 }

@@ -34,11 +34,7 @@ fn redis_required() -> bool {
 
 /// A free loopback port (free when asked; the caller binds it soon after).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl RedisServer {
@@ -52,16 +48,7 @@ impl RedisServer {
     pub fn start_on(port: u16, extra: &[&str]) -> Option<Self> {
         let mut command = Command::new("redis-server");
         command
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--databases", &DATABASES.to_string()])
             .args(extra)
             .stdout(Stdio::null())
@@ -82,11 +69,7 @@ impl RedisServer {
             }
             Err(e) => panic!("redis-server is required (CI) but cannot start: {e}"),
         };
-        let server = Self {
-            port,
-            child: Some(child),
-            next_db: AtomicU32::new(1),
-        };
+        let server = Self { port, child: Some(child), next_db: AtomicU32::new(1) };
         server.wait_ready();
         Some(server)
     }
@@ -95,9 +78,7 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                let ping = Command::new("redis-cli")
-                    .args(["-p", &self.port.to_string(), "ping"])
-                    .output();
+                let ping = Command::new("redis-cli").args(["-p", &self.port.to_string(), "ping"]).output();
                 match ping {
                     Ok(out) if String::from_utf8_lossy(&out.stdout).contains("PONG") => return,
                     Err(_) => return, // no redis-cli: the open port will do
@@ -186,14 +167,8 @@ pub fn unique(name: &str) -> String {
 
 /// The built component of a role (`cargo xtask build` puts it there).
 pub fn role_path(file: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/roles")
-        .join(format!("{file}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo xtask build` first",
-        path.display()
-    );
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/roles").join(format!("{file}.wasm"));
+    assert!(path.exists(), "{} is missing: run `cargo xtask build` first", path.display());
     path
 }
 
@@ -210,13 +185,8 @@ pub fn host(backend: Arc<dyn Backend>, prefix: &str, roles: &[(&str, &str)]) -> 
 }
 
 /// Like [`host`], with the same limits for every role.
-pub fn host_with_limits(
-    backend: Arc<dyn Backend>,
-    prefix: &str,
-    roles: &[(&str, &str)],
-    limits: RoleLimits,
-) -> Host {
-    let mut host = Host::new(backend, prefix).unwrap();
+pub fn host_with_limits(backend: Arc<dyn Backend>, prefix: &str, roles: &[(&str, &str)], limits: RoleLimits) -> Host {
+    let host = Host::new(backend, prefix).unwrap();
     for (name, file) in roles {
         let mut spec = spec(name, file);
         spec.limits = limits.clone();
@@ -227,12 +197,8 @@ pub fn host_with_limits(
 
 /// A host on `backend` with fully specified roles: (name, component file,
 /// limits, grants). Counts fuel, so roles may have a fuel limit.
-pub fn host_with_specs(
-    backend: Arc<dyn Backend>,
-    prefix: &str,
-    roles: Vec<(&str, &str, RoleLimits, Grants)>,
-) -> Host {
-    let mut host = Host::with_options(backend, prefix, HostOptions { fuel: true }).unwrap();
+pub fn host_with_specs(backend: Arc<dyn Backend>, prefix: &str, roles: Vec<(&str, &str, RoleLimits, Grants)>) -> Host {
+    let host = Host::with_options(backend, prefix, HostOptions { fuel: true, ..HostOptions::default() }).unwrap();
     for (name, file, limits, grants) in roles {
         let mut spec = spec(name, file);
         spec.limits = limits;

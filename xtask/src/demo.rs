@@ -20,18 +20,14 @@ async fn call(host: &Host, role: &str, request: &str) -> anyhow::Result<String> 
     if request.is_empty() {
         println!("  {role} ← (empty) → {response}");
     } else {
-        println!(
-            "  {role} ← {request}\n  {:width$} → {response}",
-            "",
-            width = role.len()
-        );
+        println!("  {role} ← {request}\n  {:width$} → {response}", "", width = role.len());
     }
     Ok(response)
 }
 
 async fn scenario(root: &Path, state: &str) -> anyhow::Result<()> {
     let backend = StateConfig::parse(state, &RedisSection::default())?.connect()?;
-    let mut host = Host::new(backend.clone(), DEFAULT_GLOBAL_PREFIX)?;
+    let host = Host::new(backend.clone(), DEFAULT_GLOBAL_PREFIX)?;
     let roles = root.join("target/roles");
     for (name, file) in [
         ("counter", "counter"),
@@ -44,14 +40,8 @@ async fn scenario(root: &Path, state: &str) -> anyhow::Result<()> {
     ] {
         let mut spec = RoleSpec::from_path(roles.join(format!("{file}.wasm")))?;
         spec.name = name.to_owned();
-        let role = host
-            .load(&spec)
-            .with_context(|| format!("loading {name}"))?;
-        println!(
-            "loaded role {:14} from {file}.wasm (sha256 {}…)",
-            role.name(),
-            &role.sha256()[..12]
-        );
+        let role = host.load(&spec).with_context(|| format!("loading {name}"))?;
+        println!("loaded role {:14} from {file}.wasm (sha256 {}…)", role.name(), &role.sha256()[..12]);
     }
     println!("state backend: {}\n", backend.kind());
 
@@ -60,19 +50,12 @@ async fn scenario(root: &Path, state: &str) -> anyhow::Result<()> {
         call(&host, "counter", "").await?;
     }
 
-    println!(
-        "\n2. `visits` runs the same component under another identity; its `count` is its own:"
-    );
+    println!("\n2. `visits` runs the same component under another identity; its `count` is its own:");
     call(&host, "visits", "").await?;
     call(&host, "counter", "").await?;
 
     println!("\n3. session-cache keeps a session for 300 ms:");
-    call(
-        &host,
-        "session-cache",
-        r#"{"op":"put","id":"s1","session":{"user":"ada"},"ttl_ms":300}"#,
-    )
-    .await?;
+    call(&host, "session-cache", r#"{"op":"put","id":"s1","session":{"user":"ada"},"ttl_ms":300}"#).await?;
     call(&host, "session-cache", r#"{"op":"get","id":"s1"}"#).await?;
     println!("  … waiting 400 ms …");
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -90,12 +73,7 @@ async fn scenario(root: &Path, state: &str) -> anyhow::Result<()> {
     )
     .await?;
     call(&host, "notes", r#"{"op":"list","prefix":"2024-"}"#).await?;
-    call(
-        &host,
-        "notes",
-        r#"{"op":"delete","ids":["2024-01","2024-02","2025-01"]}"#,
-    )
-    .await?;
+    call(&host, "notes", r#"{"op":"delete","ids":["2024-01","2024-02","2025-01"]}"#).await?;
 
     println!("\n6. profile records logins on the subject `user-u1` (an atomic increment, a buffered store):");
     call(&host, "profile", r#"{"user":"u1"}"#).await?;
@@ -103,12 +81,7 @@ async fn scenario(root: &Path, state: &str) -> anyhow::Result<()> {
 
     println!("\n7. rate-limiter admits 3 calls a minute per client (GCRA, exact across hosts):");
     for _ in 0..4 {
-        call(
-            &host,
-            "rate-limiter",
-            r#"{"client":"c1","limit":3,"window_ms":60000}"#,
-        )
-        .await?;
+        call(&host, "rate-limiter", r#"{"client":"c1","limit":3,"window_ms":60000}"#).await?;
     }
 
     println!("\n8. four workers at once take the lock `job`; each answers its fencing token:");
@@ -122,9 +95,7 @@ async fn scenario(root: &Path, state: &str) -> anyhow::Result<()> {
     println!("\n9. every key lives under its role's prefix `{DEFAULT_GLOBAL_PREFIX}{{role}}:{{space}}:`:");
     let mut cursor = None;
     loop {
-        let page = backend
-            .scan(&format!("{DEFAULT_GLOBAL_PREFIX}*"), cursor.as_deref(), 100)
-            .await?;
+        let page = backend.scan(&format!("{DEFAULT_GLOBAL_PREFIX}*"), cursor.as_deref(), 100).await?;
         for key in &page.keys {
             println!("  {key}");
         }
@@ -157,8 +128,5 @@ async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) 
         }
     })
     .await;
-    outputs
-        .into_iter()
-        .map(|o| o.expect("every future finished"))
-        .collect()
+    outputs.into_iter().map(|o| o.expect("every future finished")).collect()
 }

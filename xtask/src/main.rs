@@ -8,15 +8,7 @@ use anyhow::{bail, Context as _};
 mod demo;
 
 /// Guest crates built for wasm32-wasip2: examples, then test roles.
-const ROLES: &[&str] = &[
-    "counter",
-    "session-cache",
-    "notes",
-    "profile",
-    "rate-limiter",
-    "worker",
-    "kvprobe",
-];
+const ROLES: &[&str] = &["counter", "session-cache", "notes", "profile", "rate-limiter", "worker", "kvprobe"];
 const WASM_TARGET: &str = "wasm32-wasip2";
 
 fn main() -> anyhow::Result<()> {
@@ -45,10 +37,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -56,9 +45,7 @@ fn cargo() -> Command {
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("cannot start {command:?}"))?;
+    let status = command.status().with_context(|| format!("cannot start {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed with {status}");
     }
@@ -67,17 +54,9 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
 
 /// Adds the wasm target with rustup when it is missing.
 fn ensure_wasm_target() -> anyhow::Result<()> {
-    let output = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output();
+    let output = Command::new("rustup").args(["target", "list", "--installed"]).output();
     match output {
-        Ok(out)
-            if String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .any(|l| l.trim() == WASM_TARGET) =>
-        {
-            Ok(())
-        }
+        Ok(out) if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == WASM_TARGET) => Ok(()),
         Ok(_) => run(Command::new("rustup").args(["target", "add", WASM_TARGET])),
         Err(_) => {
             eprintln!("xtask: rustup not found; assuming the {WASM_TARGET} target is installed");
@@ -90,9 +69,7 @@ fn ensure_wasm_target() -> anyhow::Result<()> {
 fn build(root: &Path) -> anyhow::Result<()> {
     ensure_wasm_target()?;
     let mut command = cargo();
-    command
-        .current_dir(root)
-        .args(["build", "--release", "--target", WASM_TARGET]);
+    command.current_dir(root).args(["build", "--release", "--target", WASM_TARGET]);
     for role in ROLES {
         command.args(["-p", role]);
     }
@@ -100,11 +77,8 @@ fn build(root: &Path) -> anyhow::Result<()> {
     let out_dir = root.join("target/roles");
     std::fs::create_dir_all(&out_dir)?;
     for role in ROLES {
-        let built = root
-            .join("target")
-            .join(WASM_TARGET)
-            .join("release")
-            .join(format!("{}.wasm", role.replace('-', "_")));
+        let built =
+            root.join("target").join(WASM_TARGET).join("release").join(format!("{}.wasm", role.replace('-', "_")));
         let dest = out_dir.join(format!("{role}.wasm"));
         std::fs::copy(&built, &dest)
             .with_context(|| format!("cannot copy {} to {}", built.display(), dest.display()))?;
@@ -117,11 +91,7 @@ fn build(root: &Path) -> anyhow::Result<()> {
 /// redis-server, so one must be installed; here its absence is an error.
 fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     build(root)?;
-    if Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if Command::new("redis-server").arg("--version").output().is_err() {
         bail!("redis-server is not installed; the Redis tests need it (Debian: apt-get install redis-server)");
     }
     run(cargo()

@@ -34,8 +34,9 @@ enum Request {
 fn decode(bytes: Option<Vec<u8>>) -> Result<Value> {
     match bytes {
         None => Ok(Value::Null),
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Internal(format!("stored note is not JSON: {e}"))),
+        Some(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|e| Error::Internal(format!("stored note is not JSON: {e}")))
+        }
     }
 }
 
@@ -55,11 +56,7 @@ impl Role for Notes {
             }
             Request::Get { ids } => {
                 let keys: Vec<String> = ids.iter().map(|id| format!("{NOTE}{id}")).collect();
-                let notes = bucket
-                    .get_many(&keys)?
-                    .into_iter()
-                    .map(decode)
-                    .collect::<Result<Vec<_>>>()?;
+                let notes = bucket.get_many(&keys)?.into_iter().map(decode).collect::<Result<Vec<_>>>()?;
                 json!({ "notes": notes })
             }
             Request::List { prefix } => {

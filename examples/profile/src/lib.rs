@@ -23,10 +23,7 @@ impl Role for Profile {
         }
         let subject = Subject::open(&format!("user-{}", login.user))?;
         let count = subject.increment(Kind::Default, "login_count", 1)?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         subject.set_extended("last_login", &now)?;
         subject.store()?;
         Ok(count.to_string().into_bytes())

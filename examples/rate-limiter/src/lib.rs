@@ -31,12 +31,8 @@ struct RateLimiter;
 impl Role for RateLimiter {
     fn handle(request: Vec<u8>) -> Result<Vec<u8>> {
         let request: Request = from_json(&request)?;
-        let decision = rate_limit(
-            &format!("api:{}", request.client),
-            request.limit,
-            Duration::from_millis(request.window_ms),
-            1,
-        )?;
+        let decision =
+            rate_limit(&format!("api:{}", request.client), request.limit, Duration::from_millis(request.window_ms), 1)?;
         to_json(&json!({
             "result": if decision.allowed { "allowed" } else { "denied" },
             "remaining": decision.remaining,

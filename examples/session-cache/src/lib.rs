@@ -17,20 +17,10 @@ const ORIGIN_TTL: Duration = Duration::from_secs(300);
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 enum Request {
-    Put {
-        id: String,
-        session: Value,
-        ttl_ms: Option<u64>,
-    },
-    Get {
-        id: String,
-    },
-    Delete {
-        id: String,
-    },
-    Fetch {
-        id: String,
-    },
+    Put { id: String, session: Value, ttl_ms: Option<u64> },
+    Get { id: String },
+    Delete { id: String },
+    Fetch { id: String },
 }
 
 fn key(id: &str) -> String {
@@ -43,11 +33,7 @@ impl Role for SessionCache {
     fn handle(request: Vec<u8>) -> Result<Vec<u8>> {
         let bucket = Bucket::own()?;
         let response = match from_json(&request)? {
-            Request::Put {
-                id,
-                session,
-                ttl_ms,
-            } => {
+            Request::Put { id, session, ttl_ms } => {
                 bucket.set_json(&key(&id), &session, ttl_ms.map(Duration::from_millis))?;
                 json!({ "stored": true })
             }

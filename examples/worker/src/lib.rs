@@ -17,9 +17,7 @@ impl Role for Worker {
         let token = lock.token();
         let bucket = Bucket::own()?;
         if !bucket.set_if_absent("holder", token.to_string(), Some(Duration::from_secs(5)))? {
-            return Err(Error::Internal(format!(
-                "token {token}: another worker holds the lock too"
-            )));
+            return Err(Error::Internal(format!("token {token}: another worker holds the lock too")));
         }
         let mut log = bucket.get("log")?.unwrap_or_default();
         if !log.is_empty() {
@@ -29,9 +27,7 @@ impl Role for Worker {
         bucket.set("log", &log)?;
         bucket.delete("holder")?;
         if !lock.release()? {
-            return Err(Error::Internal(format!(
-                "token {token}: lost the lock before releasing it"
-            )));
+            return Err(Error::Internal(format!("token {token}: lost the lock before releasing it")));
         }
         Ok(token.to_string().into_bytes())
     }

@@ -8,10 +8,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-use super::{gcra, Backend, Expiry, RateDecision, ScanPage};
+use super::{gcra, Backend, Expiry, Health, RateDecision, ScanPage};
 use crate::error::{StateError, StateResult};
 use crate::glob;
 
+/// Most entries one scan page looks at.
+const MAX_SCAN_EXAMINED: usize = 10_000;
 /// Operations between sweeps of expired entries that nobody touched.
 const SWEEP_EVERY: u64 = 4096;
 
@@ -27,10 +29,7 @@ struct Entry {
 
 impl Entry {
     fn new(value: Value, ttl: Option<Duration>) -> Self {
-        Self {
-            value,
-            expires_at: ttl.map(|ttl| Instant::now() + ttl),
-        }
+        Self { value, expires_at: ttl.map(|ttl| Instant::now() + ttl) }
     }
 
     fn is_live(&self, now: Instant) -> bool {
@@ -67,10 +66,8 @@ impl Map {
 
     /// The hash at `key` for writing, created empty when absent.
     fn hash_mut(&mut self, key: &str) -> StateResult<&mut BTreeMap<String, Vec<u8>>> {
-        let entry = self
-            .entries
-            .entry(key.to_owned())
-            .or_insert_with(|| Entry::new(Value::Hash(BTreeMap::new()), None));
+        let entry =
+            self.entries.entry(key.to_owned()).or_insert_with(|| Entry::new(Value::Hash(BTreeMap::new()), None));
         match &mut entry.value {
             Value::Hash(hash) => Ok(hash),
             Value::Bytes(_) => Err(wrong_type()),
@@ -80,8 +77,7 @@ impl Map {
     /// After a write: deletes the hash at `key` if it has no fields left,
     /// as Redis does, and gives a key without a TTL the fallback TTL.
     fn settle(&mut self, key: &str, fallback_ttl: Option<Duration>) {
-        if matches!(self.entries.get(key), Some(Entry { value: Value::Hash(h), .. }) if h.is_empty())
-        {
+        if matches!(self.entries.get(key), Some(Entry { value: Value::Hash(h), .. }) if h.is_empty()) {
             self.entries.remove(key);
         }
         if let (Some(entry), Some(ttl)) = (self.entries.get_mut(key), fallback_ttl) {
@@ -90,10 +86,7 @@ impl Map {
     }
 
     fn put(&mut self, key: &str, value: &[u8], ttl: Option<Duration>) {
-        self.entries.insert(
-            key.to_owned(),
-            Entry::new(Value::Bytes(value.to_vec()), ttl),
-        );
+        self.entries.insert(key.to_owned(), Entry::new(Value::Bytes(value.to_vec()), ttl));
     }
 }
 
@@ -112,9 +105,7 @@ impl MemoryBackend {
     fn lock(&self) -> MutexGuard<'_, Map> {
         // A panic while holding the lock cannot leave an entry half-written,
         // so a poisoned map is still consistent.
-        self.map
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `f` on the map after dropping `keys` if they have expired, so
@@ -124,11 +115,7 @@ impl MemoryBackend {
         let mut map = self.lock();
         let now = Instant::now();
         for key in keys {
-            if map
-                .entries
-                .get(*key)
-                .is_some_and(|entry| !entry.is_live(now))
-            {
+            if map.entries.get(*key).is_some_and(|entry| !entry.is_live(now)) {
                 map.entries.remove(*key);
             }
         }
@@ -144,6 +131,11 @@ impl MemoryBackend {
 impl Backend for MemoryBackend {
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    async fn health(&self) -> StateResult<Health> {
+        let keys = self.lock().entries.len();
+        Ok(Health { kind: "memory", details: [("keys".to_owned(), keys.to_string())].into() })
     }
 
     async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
@@ -163,18 +155,11 @@ impl Backend for MemoryBackend {
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         self.with(&refs, |map| {
             // MGET answers nil for a key of another type.
-            Ok(refs
-                .iter()
-                .map(|k| map.bytes(k).ok().flatten().cloned())
-                .collect())
+            Ok(refs.iter().map(|k| map.bytes(k).ok().flatten().cloned()).collect())
         })
     }
 
-    async fn set_many(
-        &self,
-        entries: &[(String, Vec<u8>)],
-        ttl: Option<Duration>,
-    ) -> StateResult<()> {
+    async fn set_many(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()> {
         self.with(&[], |map| {
             for (key, value) in entries {
                 map.put(key, value, ttl);
@@ -185,24 +170,15 @@ impl Backend for MemoryBackend {
 
     async fn delete_many(&self, keys: &[String]) -> StateResult<u64> {
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        Ok(self.with(&refs, |map| {
-            refs.iter()
-                .filter(|k| map.entries.remove(**k).is_some())
-                .count() as u64
-        }))
+        Ok(self.with(&refs, |map| refs.iter().filter(|k| map.entries.remove(**k).is_some()).count() as u64))
     }
 
     async fn expiry(&self, key: &str) -> StateResult<Expiry> {
         let now = Instant::now();
         Ok(self.with(&[key], |map| match map.entries.get(key) {
             None => Expiry::Missing,
-            Some(Entry {
-                expires_at: None, ..
-            }) => Expiry::Persistent,
-            Some(Entry {
-                expires_at: Some(at),
-                ..
-            }) => Expiry::ExpiresIn(at.saturating_duration_since(now)),
+            Some(Entry { expires_at: None, .. }) => Expiry::Persistent,
+            Some(Entry { expires_at: Some(at), .. }) => Expiry::ExpiresIn(at.saturating_duration_since(now)),
         }))
     }
 
@@ -216,12 +192,7 @@ impl Backend for MemoryBackend {
         }))
     }
 
-    async fn scan(
-        &self,
-        pattern: &str,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> StateResult<ScanPage> {
+    async fn scan(&self, pattern: &str, cursor: Option<&str>, limit: usize) -> StateResult<ScanPage> {
         // Every match starts with the pattern's literal prefix, so only that
         // range of the sorted map is visited. The cursor is the part of the
         // last key after that prefix: it never shows the role's prefix.
@@ -232,27 +203,28 @@ impl Backend for MemoryBackend {
         };
         let now = Instant::now();
         let map = self.lock();
-        let mut matching = map
+        let candidates = map
             .entries
             .range::<String, _>((start, Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(&literal))
-            .filter(|(key, entry)| entry.is_live(now) && glob::matches(pattern, key))
-            .map(|(key, _)| key);
-        let keys: Vec<String> = matching.by_ref().take(limit).cloned().collect();
-        let more = matching.next().is_some();
-        let cursor = match keys.last() {
-            Some(last) if more => Some(last[literal.len()..].to_owned()),
-            _ => None,
-        };
+            .take_while(|(key, _)| key.starts_with(&literal));
+        // A page also ends after MAX_SCAN_EXAMINED candidates, so one call
+        // never holds the lock for long, whatever the pattern.
+        let (mut keys, mut cursor, mut examined, mut last) = (Vec::new(), None, 0, None::<&String>);
+        for (key, entry) in candidates {
+            if keys.len() == limit || examined == MAX_SCAN_EXAMINED {
+                cursor = last.map(|last| last[literal.len()..].to_owned());
+                break;
+            }
+            examined += 1;
+            last = Some(key);
+            if entry.is_live(now) && glob::matches(pattern, key) {
+                keys.push(key.clone());
+            }
+        }
         Ok(ScanPage { keys, cursor })
     }
 
-    async fn increment(
-        &self,
-        key: &str,
-        delta: i64,
-        fallback_ttl: Option<Duration>,
-    ) -> StateResult<i64> {
+    async fn increment(&self, key: &str, delta: i64, fallback_ttl: Option<Duration>) -> StateResult<i64> {
         self.with(&[key], |map| {
             let next = add_integer(map.bytes(key)?.map(Vec::as_slice), delta)?;
             let value = next.to_string().into_bytes();
@@ -265,12 +237,7 @@ impl Backend for MemoryBackend {
         })
     }
 
-    async fn set_if_absent(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Option<Duration>,
-    ) -> StateResult<bool> {
+    async fn set_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool> {
         Ok(self.with(&[key], |map| {
             if map.entries.contains_key(key) {
                 return false;
@@ -312,17 +279,12 @@ impl Backend for MemoryBackend {
     }
 
     async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>> {
-        self.with(&[key], |map| {
-            Ok(map.hash(key)?.and_then(|h| h.get(field).cloned()))
-        })
+        self.with(&[key], |map| Ok(map.hash(key)?.and_then(|h| h.get(field).cloned())))
     }
 
     async fn hash_get_all(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
         self.with(&[key], |map| {
-            Ok(map
-                .hash(key)?
-                .map(|h| h.iter().map(|(f, v)| (f.clone(), v.clone())).collect())
-                .unwrap_or_default())
+            Ok(map.hash(key)?.map(|h| h.iter().map(|(f, v)| (f.clone(), v.clone())).collect()).unwrap_or_default())
         })
     }
 
@@ -373,10 +335,12 @@ impl Backend for MemoryBackend {
     ) -> StateResult<f64> {
         self.with(&[key], |map| {
             let hash = map.hash_mut(key)?;
-            let next = add_float(hash.get(field).map(Vec::as_slice), delta);
-            if let Ok(next) = next {
-                hash.insert(field.to_owned(), format_float(next).into_bytes());
-            }
+            // Answer what was stored, as Redis does, so both round alike.
+            let next = add_float(hash.get(field).map(Vec::as_slice), delta).map(|n| {
+                let text = format_float(n);
+                hash.insert(field.to_owned(), text.clone().into_bytes());
+                text.parse().unwrap_or(n)
+            });
             map.settle(key, fallback_ttl);
             next
         })
@@ -404,13 +368,7 @@ impl Backend for MemoryBackend {
         })
     }
 
-    async fn lock_acquire(
-        &self,
-        key: &str,
-        fence_key: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> StateResult<Option<u64>> {
+    async fn lock_acquire(&self, key: &str, fence_key: &str, owner: &str, ttl: Duration) -> StateResult<Option<u64>> {
         self.with(&[key, fence_key], |map| {
             if map.entries.contains_key(key) {
                 return Ok(None);
@@ -434,21 +392,10 @@ impl Backend for MemoryBackend {
         })
     }
 
-    async fn rate_check(
-        &self,
-        key: &str,
-        limit: u64,
-        window: Duration,
-        cost: u64,
-    ) -> StateResult<RateDecision> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros() as u64;
+    async fn rate_check(&self, key: &str, limit: u64, window: Duration, cost: u64) -> StateResult<RateDecision> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
         self.with(&[key], |map| {
-            let tat = map
-                .bytes(key)?
-                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+            let tat = map.bytes(key)?.and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
             let (decision, new_tat) = gcra(tat, now, limit, window.as_micros() as u64, cost);
             if let Some(new_tat) = new_tat {
                 let ttl = Duration::from_micros(new_tat - now).max(Duration::from_millis(1));
@@ -493,18 +440,12 @@ fn add_float(value: Option<&[u8]>, delta: f64) -> StateResult<f64> {
         None => 0.0,
         Some(value) => {
             let text = std::str::from_utf8(value).map_err(|_| not_float())?;
-            text.trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|f| f.is_finite() && text.trim() == text)
-                .ok_or_else(not_float)?
+            text.trim().parse::<f64>().ok().filter(|f| f.is_finite() && text.trim() == text).ok_or_else(not_float)?
         }
     };
     let next = current + delta;
     if !next.is_finite() {
-        return Err(StateError::InvalidArgument(
-            "increment would produce NaN or Infinity".into(),
-        ));
+        return Err(StateError::InvalidArgument("increment would produce NaN or Infinity".into()));
     }
     Ok(next)
 }

@@ -5,11 +5,14 @@
 //! conformance suite runs against all of them.
 
 mod memory;
+mod metered;
 mod redis;
 
 pub use self::memory::MemoryBackend;
+pub use self::metered::Metered;
 pub use self::redis::{RedisBackend, RedisOptions};
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -50,12 +53,25 @@ pub struct RateDecision {
     pub retry_after: Duration,
 }
 
+/// What a backend says about itself when asked for health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// `memory` or `redis`.
+    pub kind: &'static str,
+    /// Server facts: for Redis `redis_version`, `used_memory`,
+    /// `used_memory_human`, `connected_clients`, `rdb_last_save_time`.
+    pub details: BTreeMap<String, String>,
+}
+
 /// A state store. Every method is atomic on its own; batch methods are
 /// atomic as a whole (all or nothing).
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// A short name for logs: `memory`, `redis`.
     fn kind(&self) -> &'static str;
+
+    /// Reaches the store and reports on it; `unavailable` when it cannot.
+    async fn health(&self) -> StateResult<Health>;
 
     /// The value of `key`.
     async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>>;
@@ -66,11 +82,7 @@ pub trait Backend: Send + Sync + 'static {
     /// One answer per key, in order.
     async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>>;
     /// Writes every entry in one atomic step.
-    async fn set_many(
-        &self,
-        entries: &[(String, Vec<u8>)],
-        ttl: Option<Duration>,
-    ) -> StateResult<()>;
+    async fn set_many(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()>;
     /// Deletes the keys; the number that existed.
     async fn delete_many(&self, keys: &[String]) -> StateResult<u64>;
     /// The remaining lifetime of `key`.
@@ -80,29 +92,14 @@ pub trait Backend: Send + Sync + 'static {
     /// At most `limit` keys matching the glob `pattern`, from `cursor` on.
     /// A key present for the whole scan is returned exactly once… at least
     /// once on Redis, whose SCAN gives that weaker promise.
-    async fn scan(
-        &self,
-        pattern: &str,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> StateResult<ScanPage>;
+    async fn scan(&self, pattern: &str, cursor: Option<&str>, limit: usize) -> StateResult<ScanPage>;
 
     /// Adds `delta` to the integer at `key` (absent: 0), keeping its TTL.
     /// Operations that take a `fallback_ttl` give it to a key they leave
     /// without a TTL (a role's default TTL).
-    async fn increment(
-        &self,
-        key: &str,
-        delta: i64,
-        fallback_ttl: Option<Duration>,
-    ) -> StateResult<i64>;
+    async fn increment(&self, key: &str, delta: i64, fallback_ttl: Option<Duration>) -> StateResult<i64>;
     /// Writes only when `key` is absent; true when written.
-    async fn set_if_absent(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Option<Duration>,
-    ) -> StateResult<bool>;
+    async fn set_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool>;
     /// When the value equals `expected` (none: absent), writes `new` (none:
     /// deletes); true when it did.
     async fn compare_and_swap(
@@ -157,24 +154,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Takes the lock at `key` for `owner` when it is free, and returns the
     /// next value of the fencing counter at `fence_key`, in one atomic step.
-    async fn lock_acquire(
-        &self,
-        key: &str,
-        fence_key: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> StateResult<Option<u64>>;
+    async fn lock_acquire(&self, key: &str, fence_key: &str, owner: &str, ttl: Duration) -> StateResult<Option<u64>>;
     /// Resets the TTL of `key` when it still holds `value`; true when it did.
     async fn expire_if_equal(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<bool>;
 
     /// GCRA: takes `cost` units of `limit` per `window` from the limiter at `key`.
-    async fn rate_check(
-        &self,
-        key: &str,
-        limit: u64,
-        window: Duration,
-        cost: u64,
-    ) -> StateResult<RateDecision>;
+    async fn rate_check(&self, key: &str, limit: u64, window: Duration, cost: u64) -> StateResult<RateDecision>;
 
     /// Deletes every key matching `pattern`; the number deleted.
     async fn delete_matching(&self, pattern: &str) -> StateResult<u64> {
@@ -201,13 +186,7 @@ pub trait Backend: Send + Sync + 'static {
 /// arrival time (TAT) may run at most `limit * interval` ahead of now, so a
 /// full limit can be spent at once and refills smoothly. Returns the
 /// decision and, when units were taken, the new TAT.
-pub(crate) fn gcra(
-    tat: Option<u64>,
-    now: u64,
-    limit: u64,
-    window: u64,
-    cost: u64,
-) -> (RateDecision, Option<u64>) {
+pub(crate) fn gcra(tat: Option<u64>, now: u64, limit: u64, window: u64, cost: u64) -> (RateDecision, Option<u64>) {
     let interval = window.div_ceil(limit).max(1);
     let span = limit.saturating_mul(interval);
     let tat = tat.unwrap_or(now).max(now);

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, ErrorKind, RedisError, Script, ServerErrorKind};
 
-use super::{Backend, Expiry, RateDecision, ScanPage};
+use super::{Backend, Expiry, Health, RateDecision, ScanPage};
 use crate::error::{StateError, StateResult};
 
 /// Keys asked of each SCAN step. Fixed, so a cursor replays the same batch.
@@ -166,9 +166,8 @@ impl RedisBackend {
     /// again after any failure, so a Redis that is down at start or goes
     /// away later is an `unavailable` error, not a dead host.
     pub fn new(options: &RedisOptions) -> Result<Self, String> {
-        let mut info: redis::ConnectionInfo =
-            redis::IntoConnectionInfo::into_connection_info(options.url.as_str())
-                .map_err(|e| format!("invalid Redis URL {:?}: {e}", options.url))?;
+        let mut info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(options.url.as_str())
+            .map_err(|e| format!("invalid Redis URL {:?}: {e}", options.url))?;
         if info.redis_settings().password().is_some() {
             return Err("the Redis URL holds a password; set REDIS_PASSWORD instead".into());
         }
@@ -180,8 +179,7 @@ impl RedisBackend {
             settings = settings.set_password(password);
         }
         info = info.set_redis_settings(settings);
-        let client =
-            Client::open(info).map_err(|e| format!("invalid Redis URL {:?}: {e}", options.url))?;
+        let client = Client::open(info).map_err(|e| format!("invalid Redis URL {:?}: {e}", options.url))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             .set_response_timeout(Some(options.op_timeout))
@@ -212,10 +210,9 @@ impl RedisBackend {
     {
         match tokio::time::timeout(self.op_timeout, op(self.conn.clone())).await {
             Ok(result) => result.map_err(map_error),
-            Err(_) => Err(StateError::Unavailable(format!(
-                "Redis did not answer within {} ms",
-                self.op_timeout.as_millis()
-            ))),
+            Err(_) => {
+                Err(StateError::Unavailable(format!("Redis did not answer within {} ms", self.op_timeout.as_millis())))
+            }
         }
     }
 
@@ -234,10 +231,7 @@ impl RedisBackend {
             })
             .await?;
         // Keys rolehost writes are UTF-8; anything else is not ours.
-        let keys = raw
-            .into_iter()
-            .filter_map(|k| String::from_utf8(k).ok())
-            .collect();
+        let keys = raw.into_iter().filter_map(|k| String::from_utf8(k).ok()).collect();
         Ok((next, keys))
     }
 }
@@ -254,25 +248,14 @@ fn script_ttl(ttl: Option<Duration>) -> String {
 /// Adds `PEXPIRE key ttl NX` (only if the key has no TTL) to a pipeline.
 fn with_fallback_ttl(pipe: &mut redis::Pipeline, key: &str, ttl: Option<Duration>) {
     if let Some(ttl) = ttl {
-        pipe.cmd("PEXPIRE")
-            .arg(key)
-            .arg(ttl_ms(ttl))
-            .arg("NX")
-            .ignore();
+        pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms(ttl)).arg("NX").ignore();
     }
 }
 
 impl RedisBackend {
     /// Sends `ACL SETUSER args…` (operator use, on an admin connection).
     pub async fn acl_setuser(&self, args: &[String]) -> StateResult<()> {
-        self.run(|mut c| async move {
-            redis::cmd("ACL")
-                .arg("SETUSER")
-                .arg(args)
-                .query_async(&mut c)
-                .await
-        })
-        .await
+        self.run(|mut c| async move { redis::cmd("ACL").arg("SETUSER").arg(args).query_async(&mut c).await }).await
     }
 }
 
@@ -325,6 +308,19 @@ impl Backend for RedisBackend {
         "redis"
     }
 
+    async fn health(&self) -> StateResult<Health> {
+        const FIELDS: &[&str] =
+            &["redis_version", "used_memory", "used_memory_human", "connected_clients", "rdb_last_save_time"];
+        let info: String = self.run(|mut c| async move { redis::cmd("INFO").query_async(&mut c).await }).await?;
+        let details = info
+            .lines()
+            .filter_map(|line| line.trim().split_once(':'))
+            .filter(|(name, _)| FIELDS.contains(name))
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect();
+        Ok(Health { kind: "redis", details })
+    }
+
     async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
         self.run(|mut c| async move { c.get(key).await }).await
     }
@@ -347,15 +343,10 @@ impl Backend for RedisBackend {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        self.run(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await })
-            .await
+        self.run(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await }).await
     }
 
-    async fn set_many(
-        &self,
-        entries: &[(String, Vec<u8>)],
-        ttl: Option<Duration>,
-    ) -> StateResult<()> {
+    async fn set_many(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -367,8 +358,7 @@ impl Backend for RedisBackend {
                 None => pipe.set(key, value).ignore(),
             };
         }
-        self.run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await
+        self.run(|mut c| async move { pipe.query_async(&mut c).await }).await
     }
 
     async fn delete_many(&self, keys: &[String]) -> StateResult<u64> {
@@ -391,23 +381,16 @@ impl Backend for RedisBackend {
         match ttl {
             Some(ttl) => {
                 let ms = ttl_ms(ttl) as i64;
-                self.run(|mut c| async move { c.pexpire(key, ms).await })
-                    .await
+                self.run(|mut c| async move { c.pexpire(key, ms).await }).await
             }
             None => {
                 let script = &self.persist;
-                self.run(|mut c| async move { script.key(key).invoke_async(&mut c).await })
-                    .await
+                self.run(|mut c| async move { script.key(key).invoke_async(&mut c).await }).await
             }
         }
     }
 
-    async fn scan(
-        &self,
-        pattern: &str,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> StateResult<ScanPage> {
+    async fn scan(&self, pattern: &str, cursor: Option<&str>, limit: usize) -> StateResult<ScanPage> {
         // A SCAN batch can hold more keys than the page has room for; the
         // cursor then records the batch's start and how many of it were
         // returned, and the next page replays that batch and skips them.
@@ -432,38 +415,21 @@ impl Backend for RedisBackend {
                 break;
             }
         }
-        Ok(ScanPage {
-            keys,
-            cursor: Some(format!("{scan_cursor}:0")),
-        })
+        Ok(ScanPage { keys, cursor: Some(format!("{scan_cursor}:0")) })
     }
 
-    async fn increment(
-        &self,
-        key: &str,
-        delta: i64,
-        fallback_ttl: Option<Duration>,
-    ) -> StateResult<i64> {
+    async fn increment(&self, key: &str, delta: i64, fallback_ttl: Option<Duration>) -> StateResult<i64> {
         if fallback_ttl.is_none() {
-            return self
-                .run(|mut c| async move { c.incr(key, delta).await })
-                .await;
+            return self.run(|mut c| async move { c.incr(key, delta).await }).await;
         }
         let mut pipe = redis::pipe();
         pipe.atomic().incr(key, delta);
         with_fallback_ttl(&mut pipe, key, fallback_ttl);
-        let (value,): (i64,) = self
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
+        let (value,): (i64,) = self.run(|mut c| async move { pipe.query_async(&mut c).await }).await?;
         Ok(value)
     }
 
-    async fn set_if_absent(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Option<Duration>,
-    ) -> StateResult<bool> {
+    async fn set_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool> {
         self.run(|mut c| async move {
             let mut cmd = redis::cmd("SET");
             cmd.arg(key).arg(value).arg("NX");
@@ -502,8 +468,7 @@ impl Backend for RedisBackend {
     }
 
     async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>> {
-        self.run(|mut c| async move { c.hget(key, field).await })
-            .await
+        self.run(|mut c| async move { c.hget(key, field).await }).await
     }
 
     async fn hash_get_all(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
@@ -529,8 +494,7 @@ impl Backend for RedisBackend {
             return Ok(());
         }
         with_fallback_ttl(&mut pipe, key, fallback_ttl);
-        self.run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await
+        self.run(|mut c| async move { pipe.query_async(&mut c).await }).await
     }
 
     async fn hash_increment(
@@ -541,16 +505,12 @@ impl Backend for RedisBackend {
         fallback_ttl: Option<Duration>,
     ) -> StateResult<i64> {
         if fallback_ttl.is_none() {
-            return self
-                .run(|mut c| async move { c.hincr(key, field, delta).await })
-                .await;
+            return self.run(|mut c| async move { c.hincr(key, field, delta).await }).await;
         }
         let mut pipe = redis::pipe();
         pipe.atomic().hincr(key, field, delta);
         with_fallback_ttl(&mut pipe, key, fallback_ttl);
-        let (value,): (i64,) = self
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
+        let (value,): (i64,) = self.run(|mut c| async move { pipe.query_async(&mut c).await }).await?;
         Ok(value)
     }
 
@@ -563,13 +523,7 @@ impl Backend for RedisBackend {
     ) -> StateResult<f64> {
         let script = &self.hash_incr_float;
         self.run(|mut c| async move {
-            script
-                .key(key)
-                .arg(field)
-                .arg(delta)
-                .arg(script_ttl(fallback_ttl))
-                .invoke_async(&mut c)
-                .await
+            script.key(key).arg(field).arg(delta).arg(script_ttl(fallback_ttl)).invoke_async(&mut c).await
         })
         .await
     }
@@ -597,58 +551,24 @@ impl Backend for RedisBackend {
         .await
     }
 
-    async fn lock_acquire(
-        &self,
-        key: &str,
-        fence_key: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> StateResult<Option<u64>> {
+    async fn lock_acquire(&self, key: &str, fence_key: &str, owner: &str, ttl: Duration) -> StateResult<Option<u64>> {
         let script = &self.lock_acquire;
         self.run(|mut c| async move {
-            script
-                .key(key)
-                .key(fence_key)
-                .arg(owner)
-                .arg(ttl_ms(ttl))
-                .invoke_async(&mut c)
-                .await
+            script.key(key).key(fence_key).arg(owner).arg(ttl_ms(ttl)).invoke_async(&mut c).await
         })
         .await
     }
 
     async fn expire_if_equal(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<bool> {
         let script = &self.expire_if_equal;
-        self.run(|mut c| async move {
-            script
-                .key(key)
-                .arg(value)
-                .arg(ttl_ms(ttl))
-                .invoke_async(&mut c)
-                .await
-        })
-        .await
+        self.run(|mut c| async move { script.key(key).arg(value).arg(ttl_ms(ttl)).invoke_async(&mut c).await }).await
     }
 
-    async fn rate_check(
-        &self,
-        key: &str,
-        limit: u64,
-        window: Duration,
-        cost: u64,
-    ) -> StateResult<RateDecision> {
+    async fn rate_check(&self, key: &str, limit: u64, window: Duration, cost: u64) -> StateResult<RateDecision> {
         let script = &self.rate;
         let window_us = window.as_micros() as u64;
         let (allowed, remaining, reset_us, retry_us): (i64, u64, u64, u64) = self
-            .run(|mut c| async move {
-                script
-                    .key(key)
-                    .arg(limit)
-                    .arg(window_us)
-                    .arg(cost)
-                    .invoke_async(&mut c)
-                    .await
-            })
+            .run(|mut c| async move { script.key(key).arg(limit).arg(window_us).arg(cost).invoke_async(&mut c).await })
             .await?;
         Ok(RateDecision {
             allowed: allowed == 1,

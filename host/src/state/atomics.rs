@@ -9,16 +9,9 @@ use crate::error::StateResult;
 use crate::state::kv::Bucket;
 
 impl Host for CallCtx {
-    async fn increment(
-        &mut self,
-        bucket: Resource<Bucket>,
-        key: String,
-        delta: i64,
-    ) -> StateResult<i64> {
+    async fn increment(&mut self, bucket: Resource<Bucket>, key: String, delta: i64) -> StateResult<i64> {
         let key = self.bucket_key(&bucket, &key, true)?;
-        self.backend
-            .increment(&key, delta, self.default_ttl())
-            .await
+        self.backend.increment(&key, delta, self.default_ttl()).await
     }
 
     async fn set_if_absent(
@@ -47,16 +40,10 @@ impl Host for CallCtx {
             self.check_value(value)?;
         }
         let ttl = self.write_ttl(ttl_ms)?;
-        self.backend
-            .compare_and_swap(&key, expected.as_deref(), new.as_deref(), ttl)
-            .await
+        self.backend.compare_and_swap(&key, expected.as_deref(), new.as_deref(), ttl).await
     }
 
-    async fn get_and_delete(
-        &mut self,
-        bucket: Resource<Bucket>,
-        key: String,
-    ) -> StateResult<Option<Vec<u8>>> {
+    async fn get_and_delete(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<Option<Vec<u8>>> {
         let key = self.bucket_key(&bucket, &key, true)?;
         self.backend.get_and_delete(&key).await
     }

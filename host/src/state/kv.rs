@@ -21,12 +21,7 @@ pub struct Bucket {
 impl CallCtx {
     /// The full key of one operation on a bucket, after the guards: one
     /// operation charged, write access checked, the key validated.
-    pub(crate) fn bucket_key(
-        &mut self,
-        bucket: &Resource<Bucket>,
-        key: &str,
-        write: bool,
-    ) -> StateResult<String> {
+    pub(crate) fn bucket_key(&mut self, bucket: &Resource<Bucket>, key: &str, write: bool) -> StateResult<String> {
         self.charge(1)?;
         let bucket = self.bucket(bucket)?;
         bucket.check_write(write)?;
@@ -35,19 +30,12 @@ impl CallCtx {
 
     /// The full keys of a batch: checked against the batch limit, charged
     /// one operation per key.
-    fn bucket_keys(
-        &mut self,
-        bucket: &Resource<Bucket>,
-        keys: &[String],
-        write: bool,
-    ) -> StateResult<Vec<String>> {
+    fn bucket_keys(&mut self, bucket: &Resource<Bucket>, keys: &[String], write: bool) -> StateResult<Vec<String>> {
         self.check_batch(keys.len())?;
         self.charge(keys.len())?;
         let bucket = self.bucket(bucket)?;
         bucket.check_write(write)?;
-        keys.iter()
-            .map(|k| bucket.namespace.key(Space::Kv, k))
-            .collect()
+        keys.iter().map(|k| bucket.namespace.key(Space::Kv, k)).collect()
     }
 }
 
@@ -67,14 +55,11 @@ impl Host for CallCtx {}
 
 impl HostBucket for CallCtx {
     async fn open(&mut self, name: String) -> StateResult<Resource<Bucket>> {
+        self.charge(1)?;
         let namespace = self.namespace(&name, false)?;
         let writable = self.namespace(&name, true).is_ok();
         self.table
-            .push(Bucket {
-                name,
-                namespace,
-                writable,
-            })
+            .push(Bucket { name, namespace, writable })
             .map_err(|e| StateError::Internal(format!("cannot open bucket: {e}")))
     }
 
@@ -106,11 +91,7 @@ impl HostBucket for CallCtx {
         self.backend.exists(&key).await
     }
 
-    async fn get_many(
-        &mut self,
-        bucket: Resource<Bucket>,
-        keys: Vec<String>,
-    ) -> StateResult<Vec<Option<Vec<u8>>>> {
+    async fn get_many(&mut self, bucket: Resource<Bucket>, keys: Vec<String>) -> StateResult<Vec<Option<Vec<u8>>>> {
         let keys = self.bucket_keys(&bucket, &keys, false)?;
         self.backend.get_many(&keys).await
     }
@@ -121,8 +102,7 @@ impl HostBucket for CallCtx {
         entries: Vec<Entry>,
         ttl_ms: Option<u64>,
     ) -> StateResult<()> {
-        let (keys, values): (Vec<String>, Vec<Vec<u8>>) =
-            entries.into_iter().map(|e| (e.key, e.value)).unzip();
+        let (keys, values): (Vec<String>, Vec<Vec<u8>>) = entries.into_iter().map(|e| (e.key, e.value)).unzip();
         let keys = self.bucket_keys(&bucket, &keys, true)?;
         for value in &values {
             self.check_value(value)?;
@@ -132,11 +112,7 @@ impl HostBucket for CallCtx {
         self.backend.set_many(&entries, ttl).await
     }
 
-    async fn delete_many(
-        &mut self,
-        bucket: Resource<Bucket>,
-        keys: Vec<String>,
-    ) -> StateResult<u32> {
+    async fn delete_many(&mut self, bucket: Resource<Bucket>, keys: Vec<String>) -> StateResult<u32> {
         let keys = self.bucket_keys(&bucket, &keys, true)?;
         Ok(self.backend.delete_many(&keys).await? as u32)
     }
@@ -146,12 +122,7 @@ impl HostBucket for CallCtx {
         Ok(self.backend.expiry(&key).await?.into())
     }
 
-    async fn expire(
-        &mut self,
-        bucket: Resource<Bucket>,
-        key: String,
-        ttl_ms: Option<u64>,
-    ) -> StateResult<bool> {
+    async fn expire(&mut self, bucket: Resource<Bucket>, key: String, ttl_ms: Option<u64>) -> StateResult<bool> {
         let key = self.bucket_key(&bucket, &key, true)?;
         let ttl = self.expire_ttl(ttl_ms)?;
         self.backend.expire(&key, ttl).await
@@ -165,9 +136,7 @@ impl HostBucket for CallCtx {
         limit: u32,
     ) -> StateResult<KeyPage> {
         let namespace = self.bucket(&bucket)?.namespace.clone();
-        let (keys, cursor) = self
-            .list_names(&namespace, Space::Kv, pattern, cursor, limit)
-            .await?;
+        let (keys, cursor) = self.list_names(&namespace, Space::Kv, pattern, cursor, limit).await?;
         Ok(KeyPage { keys, cursor })
     }
 

@@ -20,37 +20,24 @@ impl Host for CallCtx {
         cost: u64,
     ) -> StateResult<Decision> {
         self.charge(1)?;
-        let key = self
-            .namespace(&namespace, cost > 0)?
-            .key(Space::Rate, &key)?;
+        let key = self.namespace(&namespace, cost > 0)?.key(Space::Rate, &key)?;
         if limit == 0 || limit > u32::MAX as u64 {
-            return Err(StateError::InvalidArgument(format!(
-                "limit must be 1 to {}",
-                u32::MAX
-            )));
+            return Err(StateError::InvalidArgument(format!("limit must be 1 to {}", u32::MAX)));
         }
         if window_ms == 0 || window_ms > MAX_WINDOW_MS {
-            return Err(StateError::InvalidArgument(format!(
-                "window must be 1 to {MAX_WINDOW_MS} ms"
-            )));
+            return Err(StateError::InvalidArgument(format!("window must be 1 to {MAX_WINDOW_MS} ms")));
         }
         if cost > limit {
             return Err(StateError::InvalidArgument(format!(
                 "cost {cost} is over the limit {limit}; it could never pass"
             )));
         }
-        let decision = self
-            .backend
-            .rate_check(&key, limit, Duration::from_millis(window_ms), cost)
-            .await?;
+        let decision = self.backend.rate_check(&key, limit, Duration::from_millis(window_ms), cost).await?;
         Ok(Decision {
             allowed: decision.allowed,
             remaining: decision.remaining,
             reset_after_ms: decision.reset_after.as_millis() as u64,
-            retry_after_ms: decision
-                .retry_after
-                .as_millis()
-                .max(u128::from(!decision.allowed)) as u64,
+            retry_after_ms: decision.retry_after.as_millis().max(u128::from(!decision.allowed)) as u64,
         })
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::Resource;
 
-use super::{ttl, CallCtx};
+use super::CallCtx;
 use crate::bindings::locks::{Host, HostLock};
 use crate::error::{StateError, StateResult};
 use crate::namespace::Space;
@@ -29,33 +29,21 @@ pub struct Lock {
 
 /// An owner id unique across processes: random per process, then a counter.
 fn new_owner() -> String {
-    static PROCESS: LazyLock<u64> =
-        LazyLock::new(|| RandomState::new().hash_one(std::process::id()));
+    static PROCESS: LazyLock<u64> = LazyLock::new(|| RandomState::new().hash_one(std::process::id()));
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{:016x}-{}-{}",
-        *PROCESS,
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{:016x}-{}-{}", *PROCESS, std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 impl CallCtx {
     fn lock(&self, handle: &Resource<Lock>) -> StateResult<&Lock> {
-        self.table
-            .get(handle)
-            .map_err(|e| StateError::Internal(format!("bad lock handle: {e}")))
+        self.table.get(handle).map_err(|e| StateError::Internal(format!("bad lock handle: {e}")))
     }
 
     /// Releases every lock this call still holds; run when the call ends,
     /// however it ended.
     pub(crate) async fn release_held_locks(&mut self) {
         for (key, owner) in std::mem::take(&mut self.held_locks) {
-            if let Err(e) = self
-                .backend
-                .compare_and_swap(&key, Some(owner.as_bytes()), None, None)
-                .await
-            {
+            if let Err(e) = self.backend.compare_and_swap(&key, Some(owner.as_bytes()), None, None).await {
                 tracing::warn!(role = %self.role.name, "cannot release a lock at the end of the call: {e}");
             }
         }
@@ -65,9 +53,14 @@ impl CallCtx {
         let lock = self.lock(handle)?;
         let (key, owner) = (lock.key.clone(), lock.owner.clone());
         self.held_locks.retain(|(k, o)| !(k == &key && o == &owner));
-        self.backend
-            .compare_and_swap(&key, Some(owner.as_bytes()), None, None)
-            .await
+        self.backend.compare_and_swap(&key, Some(owner.as_bytes()), None, None).await
+    }
+}
+
+impl CallCtx {
+    /// A lock's TTL: required, and within the role's maximum TTL.
+    fn lock_ttl(&self, ttl_ms: u64) -> StateResult<Duration> {
+        Ok(self.write_ttl(Some(ttl_ms))?.unwrap_or_default())
     }
 }
 
@@ -85,10 +78,9 @@ impl HostLock for CallCtx {
         let namespace = self.namespace(&namespace, true)?;
         let key = namespace.key(Space::Lock, &name)?;
         let fence = namespace.key(Space::Fence, &name)?;
-        let ttl = ttl(Some(ttl_ms))?.unwrap_or_default();
+        let ttl = self.lock_ttl(ttl_ms)?;
         let owner = new_owner();
-        let give_up =
-            Instant::now() + Duration::from_millis(wait_ms.min(self.role.limits.deadline_ms));
+        let give_up = Instant::now() + Duration::from_millis(wait_ms.min(self.role.limits.deadline_ms));
         let mut delay = Duration::from_millis(2);
         let token = loop {
             if let Some(token) = self.backend.lock_acquire(&key, &fence, &owner, ttl).await? {
@@ -103,16 +95,8 @@ impl HostLock for CallCtx {
             delay = (delay * 2).min(MAX_RETRY_DELAY);
         };
         self.held_locks.push((key.clone(), owner.clone()));
-        let lock = Lock {
-            name,
-            key,
-            owner,
-            token,
-        };
-        let handle = self
-            .table
-            .push(lock)
-            .map_err(|e| StateError::Internal(format!("cannot hold lock: {e}")))?;
+        let lock = Lock { name, key, owner, token };
+        let handle = self.table.push(lock).map_err(|e| StateError::Internal(format!("cannot hold lock: {e}")))?;
         Ok(Some(handle))
     }
 
@@ -126,12 +110,10 @@ impl HostLock for CallCtx {
 
     async fn extend(&mut self, lock: Resource<Lock>, ttl_ms: u64) -> StateResult<bool> {
         self.charge(1)?;
-        let ttl = ttl(Some(ttl_ms))?.unwrap_or_default();
+        let ttl = self.lock_ttl(ttl_ms)?;
         let lock = self.lock(&lock)?;
         let (key, owner) = (lock.key.clone(), lock.owner.clone());
-        self.backend
-            .expire_if_equal(&key, owner.as_bytes(), ttl)
-            .await
+        self.backend.expire_if_equal(&key, owner.as_bytes(), ttl).await
     }
 
     async fn release(&mut self, lock: Resource<Lock>) -> StateResult<bool> {

@@ -48,9 +48,7 @@ impl CallLog {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, LogState> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn line(&self, level: Level, message: &str) {
@@ -63,10 +61,7 @@ impl CallLog {
 
     /// A stdout or stderr sink for the WASI context.
     pub(crate) fn sink(&self, stream: Stream) -> LogSink {
-        LogSink {
-            log: self.clone(),
-            stream,
-        }
+        LogSink { log: self.clone(), stream }
     }
 
     fn write(&self, stream: Stream, mut bytes: &[u8]) {
@@ -158,17 +153,11 @@ impl IsTerminal for LogSink {
 
 impl StdoutStream for LogSink {
     fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(LogSink {
-            log: self.log.clone(),
-            stream: self.stream,
-        })
+        Box::new(LogSink { log: self.log.clone(), stream: self.stream })
     }
 
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LogSink {
-            log: self.log.clone(),
-            stream: self.stream,
-        })
+        Box::new(LogSink { log: self.log.clone(), stream: self.stream })
     }
 }
 
@@ -193,11 +182,7 @@ impl OutputStream for LogSink {
 }
 
 impl AsyncWrite for LogSink {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.log.write(self.stream, buf);
         Poll::Ready(Ok(buf.len()))
     }

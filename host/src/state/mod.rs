@@ -54,11 +54,7 @@ pub struct OpRate {
 impl OpRate {
     /// A full bucket of `per_second` operations.
     pub fn new(per_second: u64) -> Self {
-        Self {
-            per_second,
-            tokens: per_second as f64,
-            last: Instant::now(),
-        }
+        Self { per_second, tokens: per_second as f64, last: Instant::now() }
     }
 
     fn take(&mut self, n: u64) -> bool {
@@ -96,23 +92,12 @@ impl CallCtx {
         log: CallLog,
         wasi: WasiCtx,
     ) -> Self {
-        Self {
-            role,
-            backend,
-            limiter,
-            log,
-            held_locks: Vec::new(),
-            ops: 0,
-            table: ResourceTable::new(),
-            wasi,
-        }
+        Self { role, backend, limiter, log, held_locks: Vec::new(), ops: 0, table: ResourceTable::new(), wasi }
     }
 
     /// The bucket behind a guest handle.
     fn bucket(&self, handle: &Resource<Bucket>) -> StateResult<&Bucket> {
-        self.table
-            .get(handle)
-            .map_err(|e| StateError::Internal(format!("bad bucket handle: {e}")))
+        self.table.get(handle).map_err(|e| StateError::Internal(format!("bad bucket handle: {e}")))
     }
 
     // Guards: every state operation passes through these, so each limit
@@ -125,10 +110,7 @@ impl CallCtx {
             return Ok(self.role.namespace.clone());
         }
         match self.role.grants.get(name) {
-            None => Err(StateError::AccessDenied(format!(
-                "namespace {} is not granted to this role",
-                shown(name)
-            ))),
+            None => Err(StateError::AccessDenied(format!("namespace {} is not granted to this role", shown(name)))),
             Some((_, Access::Read)) if write => Err(StateError::AccessDenied(format!(
                 "namespace {} is granted to this role for reading only",
                 shown(name)
@@ -140,15 +122,19 @@ impl CallCtx {
     /// Counts `n` state operations against the per-call and per-second quotas.
     fn charge(&mut self, n: usize) -> StateResult<()> {
         let n = n.max(1) as u64;
-        self.ops += n;
         let max = self.role.limits.max_ops_per_call;
-        if self.ops > max {
-            return Err(StateError::QuotaExceeded(format!(
-                "more than {max} state operations in one call"
-            )));
+        if self.ops + n > max {
+            return Err(StateError::QuotaExceeded(format!("more than {max} state operations in one call")));
         }
         if let Some(rate) = &self.role.op_rate {
             let mut rate = rate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if n > rate.per_second {
+                // Waiting would never help: say so rather than "retry later".
+                return Err(StateError::TooLarge(format!(
+                    "{n} operations at once are more than this role's {} per second",
+                    rate.per_second
+                )));
+            }
             if !rate.take(n) {
                 return Err(StateError::QuotaExceeded(format!(
                     "more than {} state operations per second",
@@ -156,6 +142,7 @@ impl CallCtx {
                 )));
             }
         }
+        self.ops += n;
         Ok(())
     }
 
@@ -173,9 +160,7 @@ impl CallCtx {
     fn check_batch(&self, len: usize) -> StateResult<()> {
         let max = self.role.limits.max_batch_entries;
         if len > max {
-            return Err(StateError::TooLarge(format!(
-                "batch of {len} entries is over the limit of {max}"
-            )));
+            return Err(StateError::TooLarge(format!("batch of {len} entries is over the limit of {max}")));
         }
         Ok(())
     }
@@ -215,10 +200,7 @@ impl CallCtx {
     /// subject writes).
     fn default_ttl(&self) -> Option<Duration> {
         let limits = &self.role.limits;
-        limits
-            .default_ttl_ms
-            .or(limits.max_ttl_ms)
-            .map(Duration::from_millis)
+        limits.default_ttl_ms.or(limits.max_ttl_ms).map(Duration::from_millis)
     }
 
     /// One page of local names in `space` matching a guest pattern.
@@ -231,23 +213,13 @@ impl CallCtx {
         limit: u32,
     ) -> StateResult<(Vec<String>, Option<String>)> {
         if limit == 0 {
-            return Err(StateError::InvalidArgument(
-                "limit must be at least 1".into(),
-            ));
+            return Err(StateError::InvalidArgument("limit must be at least 1".into()));
         }
         let limit = (limit as usize).min(self.role.limits.max_batch_entries);
         self.charge(limit)?;
         let pattern = namespace.pattern(space, pattern.as_deref())?;
-        let page = self
-            .backend
-            .scan(&pattern, cursor.as_deref(), limit)
-            .await?;
-        let names = page
-            .keys
-            .iter()
-            .filter_map(|full| namespace.local(space, full))
-            .map(str::to_owned)
-            .collect();
+        let page = self.backend.scan(&pattern, cursor.as_deref(), limit).await?;
+        let names = page.keys.iter().filter_map(|full| namespace.local(space, full)).map(str::to_owned).collect();
         Ok((names, page.cursor))
     }
 }
@@ -256,12 +228,10 @@ impl CallCtx {
 fn ttl(ttl_ms: Option<u64>) -> StateResult<Option<Duration>> {
     match ttl_ms {
         None => Ok(None),
-        Some(0) => Err(StateError::InvalidArgument(
-            "a TTL must be at least 1 ms".into(),
-        )),
-        Some(ms) if ms > MAX_TTL_MS => Err(StateError::InvalidArgument(format!(
-            "a TTL of {ms} ms is over the maximum of {MAX_TTL_MS} ms"
-        ))),
+        Some(0) => Err(StateError::InvalidArgument("a TTL must be at least 1 ms".into())),
+        Some(ms) if ms > MAX_TTL_MS => {
+            Err(StateError::InvalidArgument(format!("a TTL of {ms} ms is over the maximum of {MAX_TTL_MS} ms")))
+        }
         Some(ms) => Ok(Some(Duration::from_millis(ms))),
     }
 }
@@ -278,40 +248,24 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl CallLimiter {
     pub(crate) fn new(max_memory_bytes: usize) -> Self {
-        Self {
-            max_memory_bytes,
-            memory_refused: false,
-        }
+        Self { max_memory_bytes, memory_refused: false }
     }
 }
 
 impl wasmtime::ResourceLimiter for CallLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let ok = desired <= self.max_memory_bytes;
         self.memory_refused |= !ok;
         Ok(ok)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
 
 impl WasiView for CallCtx {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }

@@ -45,9 +45,7 @@ fn text(bytes: Vec<u8>) -> String {
 
 impl CallCtx {
     fn subject(&mut self, handle: &Resource<Subject>) -> StateResult<&mut Subject> {
-        self.table
-            .get_mut(handle)
-            .map_err(|e| StateError::Internal(format!("bad subject handle: {e}")))
+        self.table.get_mut(handle).map_err(|e| StateError::Internal(format!("bad subject handle: {e}")))
     }
 
     /// The hash key of an operation on a subject, after the guards: one
@@ -91,9 +89,7 @@ impl CallCtx {
         let max = self.role.limits.max_batch_entries;
         let pending = &mut self.subject(handle)?.pending;
         if !pending.contains_key(&field) && pending.len() >= max {
-            return Err(StateError::TooLarge(format!(
-                "more than {max} buffered writes; call store first"
-            )));
+            return Err(StateError::TooLarge(format!("more than {max} buffered writes; call store first")));
         }
         pending.insert(field, value.map(String::into_bytes));
         Ok(())
@@ -114,63 +110,39 @@ impl Host for CallCtx {
         limit: u32,
     ) -> StateResult<NamePage> {
         let namespace = self.namespace(&namespace, false)?;
-        let (names, cursor) = self
-            .list_names(&namespace, Space::Subject, pattern, cursor, limit)
-            .await?;
+        let (names, cursor) = self.list_names(&namespace, Space::Subject, pattern, cursor, limit).await?;
         Ok(NamePage { names, cursor })
     }
 }
 
 impl HostSubject for CallCtx {
     async fn open(&mut self, namespace: String, name: String) -> StateResult<Resource<Subject>> {
-        let key = self
-            .namespace(&namespace, false)?
-            .key(Space::Subject, &name)?;
-        let read_only = self
-            .namespace(&namespace, true)
-            .is_err()
-            .then_some(namespace);
-        let subject = Subject {
-            name,
-            key,
-            read_only,
-            pending: BTreeMap::new(),
-        };
-        self.table
-            .push(subject)
-            .map_err(|e| StateError::Internal(format!("cannot open subject: {e}")))
+        self.charge(1)?;
+        let key = self.namespace(&namespace, false)?.key(Space::Subject, &name)?;
+        let read_only = self.namespace(&namespace, true).is_err().then_some(namespace);
+        let subject = Subject { name, key, read_only, pending: BTreeMap::new() };
+        self.table.push(subject).map_err(|e| StateError::Internal(format!("cannot open subject: {e}")))
     }
 
     async fn name(&mut self, subject: Resource<Subject>) -> wasmtime::Result<String> {
         Ok(self.table.get(&subject)?.name.clone())
     }
 
-    async fn get(
-        &mut self,
-        subject: Resource<Subject>,
-        kind: Kind,
-        property: String,
-    ) -> StateResult<Option<String>> {
+    async fn get(&mut self, subject: Resource<Subject>, kind: Kind, property: String) -> StateResult<Option<String>> {
         let (key, field) = self.property(&subject, kind, &property, false)?;
         Ok(self.backend.hash_get(&key, &field).await?.map(text))
     }
 
     async fn load(&mut self, subject: Resource<Subject>) -> StateResult<Snapshot> {
         let key = self.subject_key(&subject, false)?;
-        let mut snapshot = Snapshot {
-            default: Vec::new(),
-            extended: Vec::new(),
-        };
+        let mut snapshot = Snapshot { default: Vec::new(), extended: Vec::new() };
         for (field, value) in self.backend.hash_get_all(&key).await? {
             let (list, name) = match field.split_at_checked(1) {
                 Some(("p", name)) => (&mut snapshot.default, name),
                 Some(("e", name)) => (&mut snapshot.extended, name),
                 _ => continue, // not written by this interface
             };
-            list.push(Property {
-                name: name.to_owned(),
-                value: text(value),
-            });
+            list.push(Property { name: name.to_owned(), value: text(value) });
         }
         Ok(snapshot)
     }
@@ -190,12 +162,7 @@ impl HostSubject for CallCtx {
         self.buffer(&subject, kind, &property, Some(value))
     }
 
-    async fn remove(
-        &mut self,
-        subject: Resource<Subject>,
-        kind: Kind,
-        property: String,
-    ) -> StateResult<()> {
+    async fn remove(&mut self, subject: Resource<Subject>, kind: Kind, property: String) -> StateResult<()> {
         self.buffer(&subject, kind, &property, None)
     }
 
@@ -203,21 +170,23 @@ impl HostSubject for CallCtx {
         Ok(self.table.get(&subject)?.pending.len() as u32)
     }
 
-    async fn store(&mut self, subject: Resource<Subject>) -> StateResult<()> {
-        let key = self.subject_key(&subject, true)?;
-        let pending = std::mem::take(&mut self.subject(&subject)?.pending);
-        self.charge(pending.len())?;
+    async fn store(&mut self, handle: Resource<Subject>) -> StateResult<()> {
+        let key = self.subject_key(&handle, true)?;
+        let pending = self.subject(&handle)?.pending.len();
+        self.charge(pending)?;
         let mut set = Vec::new();
         let mut remove = Vec::new();
-        for (field, value) in pending {
+        for (field, value) in &self.subject(&handle)?.pending {
             match value {
-                Some(value) => set.push((field, value)),
-                None => remove.push(field),
+                Some(value) => set.push((field.clone(), value.clone())),
+                None => remove.push(field.clone()),
             }
         }
-        self.backend
-            .hash_apply(&key, &set, &remove, self.default_ttl())
-            .await
+        // The buffer empties only once the writes landed, so a store that
+        // failed (say, Redis unavailable) can be retried.
+        self.backend.hash_apply(&key, &set, &remove, self.default_ttl()).await?;
+        self.subject(&handle)?.pending.clear();
+        Ok(())
     }
 
     async fn discard(&mut self, subject: Resource<Subject>) -> wasmtime::Result<()> {
@@ -233,9 +202,7 @@ impl HostSubject for CallCtx {
         delta: i64,
     ) -> StateResult<i64> {
         let (key, field) = self.property(&subject, kind, &property, true)?;
-        self.backend
-            .hash_increment(&key, &field, delta, self.default_ttl())
-            .await
+        self.backend.hash_increment(&key, &field, delta, self.default_ttl()).await
     }
 
     async fn increment_float(
@@ -246,14 +213,10 @@ impl HostSubject for CallCtx {
         delta: f64,
     ) -> StateResult<f64> {
         if !delta.is_finite() {
-            return Err(StateError::InvalidArgument(
-                "delta must be a finite number".into(),
-            ));
+            return Err(StateError::InvalidArgument("delta must be a finite number".into()));
         }
         let (key, field) = self.property(&subject, kind, &property, true)?;
-        self.backend
-            .hash_increment_float(&key, &field, delta, self.default_ttl())
-            .await
+        self.backend.hash_increment_float(&key, &field, delta, self.default_ttl()).await
     }
 
     async fn compare_and_set(
@@ -270,9 +233,7 @@ impl HostSubject for CallCtx {
         }
         let expected = expected.as_deref().map(str::as_bytes);
         let new = new.as_deref().map(str::as_bytes);
-        self.backend
-            .hash_compare_and_set(&key, &field, expected, new, self.default_ttl())
-            .await
+        self.backend.hash_compare_and_set(&key, &field, expected, new, self.default_ttl()).await
     }
 
     async fn delete(&mut self, subject: Resource<Subject>) -> StateResult<bool> {
@@ -280,11 +241,7 @@ impl HostSubject for CallCtx {
         Ok(self.backend.delete_many(&[key]).await? > 0)
     }
 
-    async fn expire(
-        &mut self,
-        subject: Resource<Subject>,
-        ttl_ms: Option<u64>,
-    ) -> StateResult<bool> {
+    async fn expire(&mut self, subject: Resource<Subject>, ttl_ms: Option<u64>) -> StateResult<bool> {
         let key = self.subject_key(&subject, true)?;
         let ttl = self.expire_ttl(ttl_ms)?;
         self.backend.expire(&key, ttl).await

@@ -7,8 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rolehost_guest::{
-    export_role, from_json, rate_limit_in, to_json, Bucket, Error, Expiry, Kind, Lock, Result,
-    Role, Subject,
+    export_role, from_json, rate_limit_in, to_json, Bucket, Error, Expiry, Kind, Lock, Result, Role, Subject,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -241,9 +240,7 @@ fn kind(extended: bool) -> Kind {
 }
 
 fn text(bytes: Option<Vec<u8>>) -> Value {
-    bytes.map_or(Value::Null, |b| {
-        Value::String(String::from_utf8_lossy(&b).into_owned())
-    })
+    bytes.map_or(Value::Null, |b| Value::String(String::from_utf8_lossy(&b).into_owned()))
 }
 
 fn ttl(ms: Option<u64>) -> Option<Duration> {
@@ -254,12 +251,7 @@ fn run(ns: &str, op: Op) -> Result<Value> {
     let bucket = &Bucket::open(ns)?;
     Ok(match op {
         Op::Get { key } => text(bucket.get(&key)?),
-        Op::Set {
-            key,
-            value,
-            len,
-            ttl_ms,
-        } => {
+        Op::Set { key, value, len, ttl_ms } => {
             let value = match len {
                 Some(len) => vec![b'x'; len],
                 None => value.into_bytes(),
@@ -274,14 +266,8 @@ fn run(ns: &str, op: Op) -> Result<Value> {
         }
         Op::Delete { key } => json!(bucket.delete(&key)?),
         Op::Exists { key } => json!(bucket.exists(&key)?),
-        Op::GetMany { keys } => {
-            Value::Array(bucket.get_many(&keys)?.into_iter().map(text).collect())
-        }
-        Op::SetMany {
-            entries,
-            ttl_ms,
-            count,
-        } => {
+        Op::GetMany { keys } => Value::Array(bucket.get_many(&keys)?.into_iter().map(text).collect()),
+        Op::SetMany { entries, ttl_ms, count } => {
             let mut entries: Vec<(String, String)> = entries.into_iter().collect();
             for i in 0..count.unwrap_or(0) {
                 entries.push((format!("bulk:{i}"), i.to_string()));
@@ -299,11 +285,7 @@ fn run(ns: &str, op: Op) -> Result<Value> {
             Some(ms) => json!(bucket.expire(&key, Duration::from_millis(ms))?),
             None => json!(bucket.persist(&key)?),
         },
-        Op::List {
-            pattern,
-            cursor,
-            limit,
-        } => {
+        Op::List { pattern, cursor, limit } => {
             let page = bucket.list_keys_page(pattern.as_deref(), cursor.as_deref(), limit)?;
             json!({ "keys": page.keys, "cursor": page.cursor })
         }
@@ -313,11 +295,8 @@ fn run(ns: &str, op: Op) -> Result<Value> {
             json!(keys)
         }
         Op::ByPrefix { prefix } => {
-            let pairs: Vec<(String, Value)> = bucket
-                .get_by_prefix(&prefix)?
-                .into_iter()
-                .map(|(k, v)| (k, text(Some(v))))
-                .collect();
+            let pairs: Vec<(String, Value)> =
+                bucket.get_by_prefix(&prefix)?.into_iter().map(|(k, v)| (k, text(Some(v)))).collect();
             json!(pairs)
         }
         Op::Clear => json!(bucket.clear()?),
@@ -325,12 +304,7 @@ fn run(ns: &str, op: Op) -> Result<Value> {
         Op::SetIfAbsent { key, value, ttl_ms } => {
             json!(bucket.set_if_absent(&key, value, ttl(ttl_ms))?)
         }
-        Op::Cas {
-            key,
-            expected,
-            new,
-            ttl_ms,
-        } => json!(bucket.compare_and_swap(
+        Op::Cas { key, expected, new, ttl_ms } => json!(bucket.compare_and_swap(
             &key,
             expected.as_deref().map(str::as_bytes),
             new.as_deref().map(str::as_bytes),
@@ -368,23 +342,15 @@ fn run(ns: &str, op: Op) -> Result<Value> {
                 std::hint::black_box(&hoard);
             }
         }
-        Op::SubjectGet {
-            subject,
-            extended,
-            prop,
-        } => json!(Subject::open_in(ns, &subject)?.get_raw(kind(extended), &prop)?),
+        Op::SubjectGet { subject, extended, prop } => {
+            json!(Subject::open_in(ns, &subject)?.get_raw(kind(extended), &prop)?)
+        }
         Op::SubjectLoad { subject } => {
             let snapshot = Subject::open_in(ns, &subject)?.load()?;
             json!({ "default": snapshot.default, "extended": snapshot.extended })
         }
         Op::SubjectExists { subject } => json!(Subject::open_in(ns, &subject)?.exists()?),
-        Op::SubjectStore {
-            subject,
-            set,
-            extended,
-            remove,
-            store,
-        } => {
+        Op::SubjectStore { subject, set, extended, remove, store } => {
             let subject = Subject::open_in(ns, &subject)?;
             for (prop, value) in &set {
                 subject.set(prop, value)?;
@@ -401,23 +367,13 @@ fn run(ns: &str, op: Op) -> Result<Value> {
             }
             json!({ "pending": pending, "after_store": subject.pending() })
         }
-        Op::SubjectSetRaw {
-            subject,
-            prop,
-            json,
-        } => {
+        Op::SubjectSetRaw { subject, prop, json } => {
             // Straight to the WIT call, so invalid JSON reaches the host.
             let subject = Subject::open_in(ns, &subject)?;
             subject.compare_and_set(Kind::Default, &prop, None, Some(&json))?;
             Value::Null
         }
-        Op::SubjectIncr {
-            subject,
-            extended,
-            prop,
-            delta,
-            times,
-        } => {
+        Op::SubjectIncr { subject, extended, prop, delta, times } => {
             let subject = Subject::open_in(ns, &subject)?;
             let mut last = 0;
             for _ in 0..times {
@@ -425,17 +381,10 @@ fn run(ns: &str, op: Op) -> Result<Value> {
             }
             json!(last)
         }
-        Op::SubjectIncrFloat {
-            subject,
-            prop,
-            delta,
-        } => json!(Subject::open_in(ns, &subject)?.increment_float(Kind::Default, &prop, delta)?),
-        Op::SubjectCas {
-            subject,
-            prop,
-            expected,
-            new,
-        } => {
+        Op::SubjectIncrFloat { subject, prop, delta } => {
+            json!(Subject::open_in(ns, &subject)?.increment_float(Kind::Default, &prop, delta)?)
+        }
+        Op::SubjectCas { subject, prop, expected, new } => {
             json!(Subject::open_in(ns, &subject)?.compare_and_set(
                 Kind::Default,
                 &prop,
@@ -443,17 +392,11 @@ fn run(ns: &str, op: Op) -> Result<Value> {
                 new.as_deref()
             )?)
         }
-        Op::SubjectUpdate {
-            subject,
-            prop,
-            times,
-        } => {
+        Op::SubjectUpdate { subject, prop, times } => {
             let subject = Subject::open_in(ns, &subject)?;
             let mut last = None;
             for _ in 0..times {
-                last = subject.update(Kind::Default, &prop, |old: Option<i64>| {
-                    Some(old.unwrap_or(0) + 1)
-                })?;
+                last = subject.update(Kind::Default, &prop, |old: Option<i64>| Some(old.unwrap_or(0) + 1))?;
             }
             json!(last)
         }
@@ -472,18 +415,8 @@ fn run(ns: &str, op: Op) -> Result<Value> {
             names.sort();
             json!(names)
         }
-        Op::LockHold {
-            name,
-            ttl_ms,
-            wait_ms,
-            sleep_ms,
-        } => {
-            match Lock::acquire_in(
-                ns,
-                &name,
-                Duration::from_millis(ttl_ms),
-                Duration::from_millis(wait_ms),
-            )? {
+        Op::LockHold { name, ttl_ms, wait_ms, sleep_ms } => {
+            match Lock::acquire_in(ns, &name, Duration::from_millis(ttl_ms), Duration::from_millis(wait_ms))? {
                 None => Value::Null,
                 Some(lock) => {
                     std::thread::sleep(Duration::from_millis(sleep_ms));
@@ -494,19 +427,13 @@ fn run(ns: &str, op: Op) -> Result<Value> {
         Op::LockTakeover { name } => {
             // The first grant expires, a second takes the lock, and the
             // first, no longer the owner, can neither extend nor release.
-            drop(Lock::acquire_in(
-                ns,
-                &name,
-                Duration::from_secs(60),
-                Duration::ZERO,
-            )?);
+            drop(Lock::acquire_in(ns, &name, Duration::from_secs(60), Duration::ZERO)?);
             let after_drop = Lock::acquire_in(ns, &name, Duration::from_secs(60), Duration::ZERO)?
                 .map(|lock| lock.release())
                 .transpose()?;
             let first = Lock::acquire_in(ns, &name, Duration::from_millis(100), Duration::ZERO)?
                 .ok_or_else(|| Error::Internal("lock was taken".into()))?;
-            let held =
-                Lock::acquire_in(ns, &name, Duration::from_secs(5), Duration::ZERO)?.is_some();
+            let held = Lock::acquire_in(ns, &name, Duration::from_secs(5), Duration::ZERO)?.is_some();
             std::thread::sleep(Duration::from_millis(250));
             let second = Lock::acquire_in(ns, &name, Duration::from_secs(5), Duration::ZERO)?
                 .ok_or_else(|| Error::Internal("expired lock could not be taken".into()))?;
@@ -521,12 +448,7 @@ fn run(ns: &str, op: Op) -> Result<Value> {
                 "owner_release": second.release()?,
             })
         }
-        Op::RateCheck {
-            key,
-            limit,
-            window_ms,
-            cost,
-        } => {
+        Op::RateCheck { key, limit, window_ms, cost } => {
             let d = rate_limit_in(ns, &key, limit, Duration::from_millis(window_ms), cost)?;
             json!({
                 "allowed": d.allowed,

@@ -1,0 +1,79 @@
+//! Prometheus metrics: calls per role, state operations per role and
+//! operation, backend latency, instances in flight.
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// Every metric rolehost exports, in one registry.
+pub struct Metrics {
+    registry: Registry,
+    /// Calls by role and outcome (`ok` or a `CallError` kind).
+    pub calls: IntCounterVec,
+    /// Call latency by role, seconds.
+    pub call_seconds: HistogramVec,
+    /// Calls running now, by role.
+    pub in_flight: IntGaugeVec,
+    /// State operations by role and operation.
+    pub ops: IntCounterVec,
+    /// Reads that found a value, by role and operation.
+    pub hits: IntCounterVec,
+    /// Reads that found nothing, by role and operation.
+    pub misses: IntCounterVec,
+    /// Failed state operations by role, operation and error kind.
+    pub op_errors: IntCounterVec,
+    /// Value bytes read, by role.
+    pub bytes_read: IntCounterVec,
+    /// Value bytes written, by role.
+    pub bytes_written: IntCounterVec,
+    /// Backend latency by operation, seconds.
+    pub backend_seconds: HistogramVec,
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let metric =
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let call_buckets = vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+        let backend_buckets = vec![0.00002, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.25, 1.0];
+        let in_flight = IntGaugeVec::new(Opts::new("rolehost_calls_in_flight", "Calls running now"), &["role"])
+            .expect("valid metric");
+        registry.register(Box::new(in_flight.clone())).expect("unique metric");
+        Self {
+            calls: counter("rolehost_calls_total", "Role calls by outcome", &["role", "outcome"]),
+            call_seconds: histogram("rolehost_call_seconds", "Role call latency", &["role"], call_buckets),
+            in_flight,
+            ops: counter("rolehost_state_ops_total", "State operations", &["role", "op"]),
+            hits: counter("rolehost_state_hits_total", "Reads that found a value", &["role", "op"]),
+            misses: counter("rolehost_state_misses_total", "Reads that found nothing", &["role", "op"]),
+            op_errors: counter("rolehost_state_errors_total", "Failed state operations", &["role", "op", "kind"]),
+            bytes_read: counter("rolehost_state_read_bytes_total", "Value bytes read", &["role"]),
+            bytes_written: counter("rolehost_state_written_bytes_total", "Value bytes written", &["role"]),
+            backend_seconds: histogram("rolehost_backend_seconds", "Backend latency", &["op"], backend_buckets),
+            registry,
+        }
+    }
+
+    /// Everything in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding our own well-formed metrics into memory cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
