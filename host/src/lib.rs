@@ -16,6 +16,7 @@
 pub mod acl;
 pub mod backend;
 mod bindings;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 mod glob;
@@ -24,6 +25,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod namespace;
 mod runtime;
+pub mod serve;
 mod state;
 
 pub use error::{CallError, StateError, StateResult};

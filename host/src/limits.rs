@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// What one role may do. Every field has a documented default.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RoleLimits {
     /// Longest local key (or subject, property, lock name), in bytes (default 1024).
@@ -66,7 +66,7 @@ impl Default for RoleLimits {
 }
 
 /// How a role may use a shared namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Access {
     /// Reads only; every write is `access-denied`.
@@ -76,7 +76,7 @@ pub enum Access {
 }
 
 /// What a role is granted beyond its own namespace. Nothing by default.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Grants {
     /// Shared namespaces by name, with the access to each.

@@ -1,18 +1,21 @@
 //! The `rolehost` command: thin over the library.
 
 use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
+use rolehost::backend::Backend;
 use rolehost::backend::Expiry;
 use rolehost::config::{StateConfig, STATE_ENV};
 use rolehost::manifest::{Manifest, DEFAULT_GLOBAL_PREFIX};
 use rolehost::namespace::{Namespace, Space};
-use rolehost::{acl, Host, HostOptions, RoleSpec};
+use rolehost::serve::{serve, ServeOptions, ADMIN_TOKEN_ENV};
+use rolehost::{acl, checkpoint, Host, HostOptions, RoleSpec};
+use sha2::Digest as _;
 
 #[derive(Parser)]
 #[command(name = "rolehost", version, about = "Run WebAssembly roles with private, prefixed state")]
@@ -43,6 +46,76 @@ struct Repeat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve every role of a manifest over HTTP until SIGINT/SIGTERM.
+    Serve {
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Largest request body in bytes (past it: 413).
+        #[arg(long, default_value_t = 1 << 20)]
+        max_body_bytes: usize,
+        /// Seconds calls in flight may finish after a shutdown signal.
+        #[arg(long, default_value_t = 10)]
+        shutdown_grace_secs: u64,
+        /// Watch role files and reload changed ones.
+        #[arg(long)]
+        watch: bool,
+        /// Calls at once across all roles (past it: 503).
+        #[arg(long, default_value_t = 1024)]
+        max_concurrency: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List the manifest's roles: identity, prefix, digest, limits, grants.
+    Roles {
+        #[arg(long)]
+        manifest: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print one kv value of a role.
+    Get {
+        #[arg(long)]
+        manifest: PathBuf,
+        role: String,
+        key: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Delete every key of a role (kv, subjects, locks, limits).
+    Clear {
+        #[arg(long)]
+        manifest: PathBuf,
+        role: String,
+        /// Really delete.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Write a role's kv keys and subjects, with TTLs, to a JSON file.
+    Checkpoint {
+        #[arg(long)]
+        manifest: PathBuf,
+        role: String,
+        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Restore a checkpoint file into a role.
+    Restore {
+        #[arg(long)]
+        manifest: PathBuf,
+        role: String,
+        file: PathBuf,
+        /// Restore a checkpoint taken from another role.
+        #[arg(long)]
+        rename: bool,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Load one component as a role and call its handler once.
     Run {
         /// The component file.
@@ -139,6 +212,87 @@ async fn run(command: Command) -> anyhow::Result<()> {
             call(host, &role, body, repeat).await
         }
         Command::Acl { manifest, apply, common } => acl(&common, &Manifest::load(&manifest)?, apply).await,
+        Command::Serve { manifest, listen, max_body_bytes, shutdown_grace_secs, watch, max_concurrency, common } => {
+            let manifest = Manifest::load(&manifest)?;
+            let specs = manifest.role_specs()?;
+            let host = host_with(&common, Some(&manifest), &specs, max_concurrency)?;
+            let options = ServeOptions {
+                listen,
+                max_body_bytes,
+                shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
+                watch: watch.then_some(std::time::Duration::from_secs(1)),
+                admin_token: std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+            };
+            serve(host, options, |address| println!("listening on http://{address}")).await
+        }
+        Command::Roles { manifest, common } => {
+            let manifest = Manifest::load(&manifest)?;
+            let prefix = prefix(&common, Some(&manifest));
+            for spec in manifest.role_specs()? {
+                let digest = match std::fs::read(&spec.wasm) {
+                    Ok(bytes) => rolehost::acl::hex(&sha2::Sha256::digest(bytes)),
+                    Err(e) => format!("unreadable ({e})"),
+                };
+                let namespace = Namespace::new(&prefix, &spec.name, &spec.limits);
+                println!(
+                    "{}\n  prefix  {}\n  wasm    {}\n  sha256  {digest}",
+                    spec.name,
+                    namespace.prefix(),
+                    spec.wasm.display()
+                );
+                if let Some(pin) = &spec.sha256 {
+                    println!("  pinned  {pin}");
+                }
+                println!("  limits  {}", serde_json::to_string(&spec.limits)?);
+                println!("  grants  {}", serde_json::to_string(&spec.grants)?);
+            }
+            Ok(())
+        }
+        Command::Get { manifest, role, key, common } => {
+            let (backend, namespace, _) = role_state(&common, &manifest, &role)?;
+            match backend.get(&namespace.key(Space::Kv, &key)?).await? {
+                Some(value) => print_response(&value),
+                None => bail!("role `{role}` has no key {key:?}"),
+            }
+        }
+        Command::Clear { manifest, role, yes, common } => {
+            if !yes {
+                bail!("this deletes every key of role `{role}`; add --yes to do it");
+            }
+            let (backend, namespace, _) = role_state(&common, &manifest, &role)?;
+            let pattern = format!("{}*", rolehost::namespace::escape_glob(namespace.prefix()));
+            println!("deleted {} keys of role `{role}`", backend.delete_matching(&pattern).await?);
+            Ok(())
+        }
+        Command::Checkpoint { manifest, role, file, common } => {
+            let (backend, namespace, _) = role_state(&common, &manifest, &role)?;
+            let checkpoint = checkpoint::take(backend.as_ref(), &namespace, &role).await?;
+            std::fs::write(&file, serde_json::to_vec_pretty(&checkpoint)?)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            println!(
+                "{} kv keys and {} subjects of role `{role}` written to {}",
+                checkpoint.kv.len(),
+                checkpoint.subjects.len(),
+                file.display()
+            );
+            Ok(())
+        }
+        Command::Restore { manifest, role, file, rename, common } => {
+            let text = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let checkpoint: checkpoint::Checkpoint =
+                serde_json::from_slice(&text).with_context(|| format!("{} is not a checkpoint", file.display()))?;
+            if checkpoint.role != role && !rename {
+                bail!(
+                    "{} holds role `{}`, not `{role}`; add --rename to restore it into `{role}`",
+                    file.display(),
+                    checkpoint.role
+                );
+            }
+            let (backend, namespace, _) = role_state(&common, &manifest, &role)?;
+            let (kv, subjects) = checkpoint::restore(backend.as_ref(), &namespace, &checkpoint).await?;
+            println!("restored {kv} kv keys and {subjects} subjects into role `{role}`");
+            Ok(())
+        }
         Command::Keys { manifest, role, pattern, common } => {
             let manifest = Manifest::load(&manifest)?;
             let spec = manifest
@@ -190,8 +344,31 @@ fn prefix(common: &Common, manifest: Option<&Manifest>) -> String {
 }
 
 fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> anyhow::Result<Host> {
+    host_with(common, manifest, specs, HostOptions::default().max_concurrency)
+}
+
+/// The backend and namespace of one role of a manifest, for the operator
+/// commands that work on state directly.
+fn role_state(common: &Common, manifest: &Path, role: &str) -> anyhow::Result<(Arc<dyn Backend>, Namespace, RoleSpec)> {
+    let manifest = Manifest::load(manifest)?;
+    let spec = manifest
+        .role_specs()?
+        .into_iter()
+        .find(|s| s.name == role)
+        .with_context(|| format!("the manifest has no role `{role}`"))?;
+    let backend = state(common, Some(&manifest))?.connect()?;
+    let namespace = Namespace::new(&prefix(common, Some(&manifest)), &spec.name, &spec.limits);
+    Ok((backend, namespace, spec))
+}
+
+fn host_with(
+    common: &Common,
+    manifest: Option<&Manifest>,
+    specs: &[RoleSpec],
+    max_concurrency: usize,
+) -> anyhow::Result<Host> {
     let state = state(common, manifest)?;
-    let options = HostOptions { fuel: specs.iter().any(|s| s.limits.fuel.is_some()), ..HostOptions::default() };
+    let options = HostOptions { fuel: specs.iter().any(|s| s.limits.fuel.is_some()), max_concurrency };
     let host = Host::with_options(state.connect()?, &prefix(common, manifest), options)?;
     let acl_users = manifest.is_some_and(|m| m.redis.acl_users);
     for spec in specs {

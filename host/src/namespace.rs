@@ -8,6 +8,7 @@
 
 use crate::error::{shown, StateError, StateResult};
 use crate::glob;
+pub use crate::glob::escape as escape_glob;
 use crate::limits::RoleLimits;
 
 /// Longest global prefix, in bytes.

@@ -16,10 +16,10 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use crate::acl::hex;
 use crate::backend::{Backend, Metered};
-use crate::metrics::Metrics;
 use crate::bindings::{Role as RoleWorld, RolePre};
 use crate::error::{CallError, StateError};
 use crate::limits::{Grants, RoleLimits};
+use crate::metrics::Metrics;
 use crate::namespace::{validate_global_prefix, validate_identity, Namespace};
 use crate::state::log::{CallLog, Stream};
 use crate::state::{CallCtx, CallLimiter, OpRate, RoleInfo};

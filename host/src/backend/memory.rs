@@ -203,10 +203,8 @@ impl Backend for MemoryBackend {
         };
         let now = Instant::now();
         let map = self.lock();
-        let candidates = map
-            .entries
-            .range::<String, _>((start, Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(&literal));
+        let candidates =
+            map.entries.range::<String, _>((start, Bound::Unbounded)).take_while(|(key, _)| key.starts_with(&literal));
         // A page also ends after MAX_SCAN_EXAMINED candidates, so one call
         // never holds the lock for long, whatever the pattern.
         let (mut keys, mut cursor, mut examined, mut last) = (Vec::new(), None, 0, None::<&String>);

@@ -1,0 +1,137 @@
+//! Checkpoints: one role's kv keys and subjects, with remaining TTLs, in a
+//! portable JSON file that restores into any backend.
+//!
+//! ```json
+//! { "format": "rolehost-checkpoint/1", "role": "counter", "created_unix_ms": 1795318192000,
+//!   "kv": [ { "key": "count", "value_base64": "Mw==", "ttl_ms": null } ],
+//!   "subjects": [ { "name": "user-u1", "ttl_ms": 60000,
+//!                   "fields": { "plogin_count": "3", "elast_login": "1795318192" } } ] }
+//! ```
+//! Keys are local names; subject fields keep their `p`/`e` prefixes. Locks,
+//! fencing counters and rate limiters are transient and not included.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, Expiry};
+use crate::error::{StateError, StateResult};
+use crate::namespace::{Namespace, Space};
+
+/// The format tag of this version.
+pub const FORMAT: &str = "rolehost-checkpoint/1";
+
+/// One role's state at a point in time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// The role it was taken from.
+    pub role: String,
+    /// When it was taken.
+    pub created_unix_ms: u64,
+    /// Every kv key.
+    pub kv: Vec<KvEntry>,
+    /// Every subject.
+    pub subjects: Vec<SubjectEntry>,
+}
+
+/// A kv key with its value and remaining TTL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvEntry {
+    /// The local key.
+    pub key: String,
+    /// The value, base64.
+    pub value_base64: String,
+    /// Remaining TTL; none: persistent.
+    pub ttl_ms: Option<u64>,
+}
+
+/// A subject with its fields and remaining TTL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubjectEntry {
+    /// The subject's name.
+    pub name: String,
+    /// Remaining TTL; none: persistent.
+    pub ttl_ms: Option<u64>,
+    /// Hash fields as stored (`p…` default, `e…` extended), JSON text.
+    pub fields: BTreeMap<String, String>,
+}
+
+async fn all_keys(backend: &dyn Backend, namespace: &Namespace, space: Space) -> StateResult<Vec<String>> {
+    let pattern = namespace.pattern(space, None)?;
+    let mut keys = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = backend.scan(&pattern, cursor.as_deref(), 1000).await?;
+        keys.extend(page.keys);
+        match page.cursor {
+            Some(next) => cursor = Some(next),
+            None => return Ok(keys),
+        }
+    }
+}
+
+fn ttl_ms(expiry: Expiry) -> Option<Option<u64>> {
+    match expiry {
+        Expiry::Missing => None,
+        Expiry::Persistent => Some(None),
+        Expiry::ExpiresIn(left) => Some(Some(left.as_millis().max(1) as u64)),
+    }
+}
+
+/// Reads every kv key and subject of `role` (whose namespace is `namespace`).
+pub async fn take(backend: &dyn Backend, namespace: &Namespace, role: &str) -> StateResult<Checkpoint> {
+    let mut kv = Vec::new();
+    for full in all_keys(backend, namespace, Space::Kv).await? {
+        let (Some(value), Some(ttl)) = (backend.get(&full).await?, ttl_ms(backend.expiry(&full).await?)) else {
+            continue; // expired or deleted meanwhile
+        };
+        let key = namespace.local(Space::Kv, &full).unwrap_or_default().to_owned();
+        kv.push(KvEntry { key, value_base64: base64::engine::general_purpose::STANDARD.encode(value), ttl_ms: ttl });
+    }
+    let mut subjects = Vec::new();
+    for full in all_keys(backend, namespace, Space::Subject).await? {
+        let fields = backend.hash_get_all(&full).await?;
+        let Some(ttl) = ttl_ms(backend.expiry(&full).await?) else { continue };
+        if fields.is_empty() {
+            continue;
+        }
+        let fields = fields.into_iter().map(|(f, v)| (f, String::from_utf8_lossy(&v).into_owned())).collect();
+        let name = namespace.local(Space::Subject, &full).unwrap_or_default().to_owned();
+        subjects.push(SubjectEntry { name, ttl_ms: ttl, fields });
+    }
+    let created_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    Ok(Checkpoint { format: FORMAT.to_owned(), role: role.to_owned(), created_unix_ms, kv, subjects })
+}
+
+/// Writes every key and subject of `checkpoint` into `namespace`, replacing
+/// what is there under the same names and keeping the rest. Returns the
+/// number of kv keys and subjects written.
+pub async fn restore(
+    backend: &dyn Backend,
+    namespace: &Namespace,
+    checkpoint: &Checkpoint,
+) -> StateResult<(usize, usize)> {
+    if checkpoint.format != FORMAT {
+        return Err(StateError::InvalidArgument(format!("unknown checkpoint format {:?}", checkpoint.format)));
+    }
+    let ttl = |ms: Option<u64>| ms.map(Duration::from_millis);
+    for entry in &checkpoint.kv {
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(&entry.value_base64)
+            .map_err(|e| StateError::InvalidArgument(format!("bad base64 for key {:?}: {e}", entry.key)))?;
+        backend.set(&namespace.key(Space::Kv, &entry.key)?, &value, ttl(entry.ttl_ms)).await?;
+    }
+    for subject in &checkpoint.subjects {
+        let key = namespace.key(Space::Subject, &subject.name)?;
+        backend.delete_many(std::slice::from_ref(&key)).await?;
+        let fields: Vec<(String, Vec<u8>)> =
+            subject.fields.iter().map(|(f, v)| (f.clone(), v.clone().into_bytes())).collect();
+        backend.hash_apply(&key, &fields, &[], None).await?;
+        backend.expire(&key, ttl(subject.ttl_ms)).await?;
+    }
+    Ok((checkpoint.kv.len(), checkpoint.subjects.len()))
+}

@@ -1,0 +1,231 @@
+//! `rolehost serve`: every role of a manifest over HTTP, with health,
+//! metrics, hot reload and graceful shutdown.
+//!
+//! - `POST /roles/{role}`: the body goes to the role's handler; 200 with
+//!   the response body, or a JSON error `{"error":kind,"message":…}`.
+//! - `GET /healthz` (alive), `GET /readyz` (backend reachable),
+//!   `GET /health` (details), `GET /metrics` (Prometheus text).
+//! - `POST /admin/roles/{role}/reload` with `Authorization: Bearer TOKEN`
+//!   (`ROLEHOST_ADMIN_TOKEN`); disabled when the variable is unset.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::error::CallError;
+use crate::runtime::Host;
+
+/// Environment variable holding the admin token for reloads.
+pub const ADMIN_TOKEN_ENV: &str = "ROLEHOST_ADMIN_TOKEN";
+
+/// How `serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body; past it, 413.
+    pub max_body_bytes: usize,
+    /// How long in-flight calls may run after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Poll role files this often and reload changed ones (none: never).
+    pub watch: Option<Duration>,
+    /// The admin token; none disables the admin routes.
+    pub admin_token: Option<String>,
+}
+
+struct App {
+    host: Host,
+    admin_token: Option<String>,
+    next_request: AtomicU64,
+}
+
+/// Serves until SIGINT or SIGTERM, then lets calls in flight finish (up to
+/// the grace period). `ready` receives the bound address.
+pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    let app = Arc::new(App { host, admin_token: options.admin_token.clone(), next_request: AtomicU64::new(1) });
+    let router = Router::new()
+        .route("/roles/{role}", post(call_role))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/admin/roles/{role}/reload", post(reload))
+        .layer(DefaultBodyLimit::max(options.max_body_bytes))
+        .with_state(app.clone());
+    let listener = tokio::net::TcpListener::bind(options.listen).await?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, roles = app.host.roles().len(), "serving");
+    ready(address);
+    if let Some(every) = options.watch {
+        tokio::spawn(watch_files(app.clone(), every));
+    }
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new connections; finishing calls in flight");
+        let _ = stopping_tx.send(());
+    });
+    let grace = options.shutdown_grace;
+    tokio::select! {
+        result = server => result?,
+        _ = async { let _ = stopping_rx.await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "calls still in flight after the grace period; stopping anyway");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// The HTTP status for each way a call can fail.
+fn status(error: &CallError) -> StatusCode {
+    match error {
+        CallError::UnknownRole(_) => StatusCode::NOT_FOUND,
+        CallError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        CallError::Role { error, .. } => match error.kind() {
+            "quota-exceeded" => StatusCode::TOO_MANY_REQUESTS,
+            "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        },
+        CallError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+        CallError::OutOfFuel { .. } | CallError::OutOfMemory { .. } | CallError::Trap { .. } => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+fn error_body(kind: &str, message: &str) -> Json<serde_json::Value> {
+    Json(json!({ "error": kind, "message": message }))
+}
+
+async fn call_role(State(app): State<Arc<App>>, Path(role): Path<String>, body: Bytes) -> Response {
+    let id = app.next_request.fetch_add(1, Ordering::Relaxed);
+    let start = Instant::now();
+    let result = app.host.call(&role, &body).await;
+    let response = match &result {
+        Ok(response) => (StatusCode::OK, response.clone()).into_response(),
+        Err(error) => {
+            let kind = match error {
+                CallError::Role { error, .. } => error.kind(),
+                other => other.kind(),
+            };
+            let mut response = (status(error), error_body(kind, &error.to_string())).into_response();
+            if matches!(error, CallError::Busy { .. }) || kind == "quota-exceeded" || kind == "unavailable" {
+                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            response
+        }
+    };
+    tracing::info!(
+        request = id,
+        role = %role,
+        status = response.status().as_u16(),
+        duration_us = start.elapsed().as_micros() as u64,
+        "call"
+    );
+    response
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    match app.host.backend().health().await {
+        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
+    }
+}
+
+async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let backend = app.host.backend();
+    let (connected, details, error) = match backend.health().await {
+        Ok(health) => (true, health.details, None),
+        Err(e) => (false, BTreeMap::new(), Some(e.to_string())),
+    };
+    let roles: Vec<_> = app
+        .host
+        .roles()
+        .iter()
+        .map(|role| json!({ "name": role.name(), "sha256": role.sha256(), "prefix": role.namespace().prefix() }))
+        .collect();
+    Json(json!({
+        "backend": { "kind": backend.kind(), "connected": connected, "details": details, "error": error },
+        "roles": roles,
+    }))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.host.metrics().render()).into_response()
+}
+
+async fn reload(State(app): State<Arc<App>>, Path(role): Path<String>, headers: HeaderMap) -> Response {
+    let Some(token) = &app.admin_token else {
+        return (StatusCode::NOT_FOUND, error_body("not-found", "admin routes are off (no ROLEHOST_ADMIN_TOKEN)"))
+            .into_response();
+    };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if !given.is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())) {
+        return (StatusCode::UNAUTHORIZED, error_body("unauthorized", "missing or wrong admin token")).into_response();
+    }
+    if app.host.role(&role).is_none() {
+        return (StatusCode::NOT_FOUND, error_body("unknown-role", &format!("unknown role `{role}`"))).into_response();
+    }
+    match app.host.reload(&role) {
+        Ok(new) => {
+            tracing::info!(role = %role, sha256 = new.sha256(), "reloaded");
+            Json(json!({ "role": role, "sha256": new.sha256() })).into_response()
+        }
+        Err(e) => {
+            tracing::error!(role = %role, "reload refused, the old version keeps serving: {e:#}");
+            (StatusCode::UNPROCESSABLE_ENTITY, error_body("reload-refused", &format!("{e:#}"))).into_response()
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reloads a role when its file's modification time changes.
+async fn watch_files(app: Arc<App>, every: Duration) {
+    let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut seen: BTreeMap<String, Option<SystemTime>> =
+        app.host.roles().iter().map(|r| (r.name().to_owned(), modified(&r.spec().wasm))).collect();
+    loop {
+        tokio::time::sleep(every).await;
+        for role in app.host.roles() {
+            let now = modified(&role.spec().wasm);
+            let before = seen.insert(role.name().to_owned(), now);
+            if before.is_some_and(|before| before != now) {
+                match app.host.reload(role.name()) {
+                    Ok(new) => tracing::info!(role = role.name(), sha256 = new.sha256(), "file changed; reloaded"),
+                    Err(e) => tracing::error!(
+                        role = role.name(),
+                        "file changed but the reload was refused; the old version keeps serving: {e:#}"
+                    ),
+                }
+            }
+        }
+    }
+}
