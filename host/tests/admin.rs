@@ -1,0 +1,115 @@
+//! Operator commands that work on a role's state directly: roles, get,
+//! clear, checkpoint and restore, on a real redis-server; and checkpoints
+//! moving between backends.
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use rolehost::backend::{Backend, MemoryBackend};
+use rolehost::checkpoint;
+use rolehost::namespace::Namespace;
+use rolehost::RoleLimits;
+use rolehost_tests::{host, probe, role_path, shared_redis};
+use serde_json::json;
+
+fn rolehost(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rolehost"))
+        .args(args)
+        .env_remove("ROLEHOST_STATE")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn fails(out: Output, needle: &str) {
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+}
+
+#[test]
+fn roles_get_clear_checkpoint_restore_on_redis() {
+    let Some(server) = shared_redis() else { return };
+    let dir = std::env::temp_dir().join(format!("rolehost-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write_manifest = |name: &str, db: u32| {
+        let path = dir.join(name);
+        let text = format!(
+            "state = \"{}\"\n[[roles]]\nname = \"app\"\nwasm = \"{probe}\"\n[[roles]]\nname = \"other\"\nwasm = \"{probe}\"\n",
+            server.url(db),
+            probe = role_path("kvprobe").display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let source = write_manifest("source.toml", server.fresh_db());
+    let target = write_manifest("target.toml", server.fresh_db());
+    let call = |manifest: &str, role: &str, body: &str| ok(rolehost(&["call", "--manifest", manifest, role, body]));
+    call(&source, "app", r#"{"op":"set","key":"greeting","value":"hello"}"#);
+    call(&source, "app", r#"{"op":"set","key":"session","value":"s","ttl_ms":600000}"#);
+    call(&source, "app", r#"{"op":"subject_store","subject":"u1","set":{"n":1},"extended":{"seen":true}}"#);
+    call(&source, "other", r#"{"op":"set","key":"greeting","value":"not app's"}"#);
+
+    let roles = ok(rolehost(&["roles", "--manifest", &source]));
+    assert!(roles.contains("app\n  prefix  rolehost:app:"), "{roles}");
+    assert!(roles.contains("sha256  "), "{roles}");
+    assert!(roles.contains("max-value-bytes"), "{roles}");
+    assert_eq!(ok(rolehost(&["get", "--manifest", &source, "app", "greeting"])), "hello");
+    fails(rolehost(&["get", "--manifest", &source, "app", "nope"]), "no key");
+
+    let file = dir.join("app.json");
+    let file = file.to_str().unwrap();
+    ok(rolehost(&["checkpoint", "--manifest", &source, "app", file]));
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    assert_eq!(saved["format"], "rolehost-checkpoint/1");
+    assert_eq!(saved["kv"].as_array().unwrap().len(), 2, "only app's keys: {saved}");
+    fails(rolehost(&["restore", "--manifest", &target, "other", file]), "--rename");
+    ok(rolehost(&["restore", "--manifest", &target, "app", file]));
+    assert_eq!(ok(rolehost(&["get", "--manifest", &target, "app", "greeting"])), "hello");
+    let session = call(&target, "app", r#"{"op":"expiry","key":"session"}"#);
+    assert!(session.contains(r#""ok":5"#) || session.contains(r#""ok":6"#), "TTL kept: {session}");
+    let subject = call(&target, "app", r#"{"op":"subject_load","subject":"u1"}"#);
+    assert_eq!(subject, r#"{"ok":{"default":{"n":1},"extended":{"seen":true}}}"#);
+    ok(rolehost(&["restore", "--manifest", &target, "other", file, "--rename"]));
+    assert_eq!(ok(rolehost(&["get", "--manifest", &target, "other", "greeting"])), "hello");
+
+    fails(rolehost(&["clear", "--manifest", &source, "app"]), "--yes");
+    assert!(ok(rolehost(&["clear", "--manifest", &source, "app", "--yes"])).contains("deleted 3 keys"));
+    fails(rolehost(&["get", "--manifest", &source, "app", "greeting"]), "no key");
+    assert_eq!(ok(rolehost(&["get", "--manifest", &source, "other", "greeting"])), "not app's");
+}
+
+/// A checkpoint taken on one backend restores into the other, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_move_between_memory_and_redis() {
+    let Some(server) = shared_redis() else { return };
+    let memory: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let redis = server.backend(server.fresh_db());
+    let namespace = Namespace::new("rolehost:", "app", &RoleLimits::default());
+    let on_memory = host(memory.clone(), "rolehost:", &[("app", "kvprobe")]);
+    probe(&on_memory, "app", json!({"op":"set","key":"bin","value":"\u{0}\u{ff}text"})).await.unwrap();
+    probe(&on_memory, "app", json!({"op":"set","key":"short","value":"v","ttl_ms":600000})).await.unwrap();
+    probe(&on_memory, "app", json!({"op":"subject_store","subject":"s","set":{"a":[1,2]}})).await.unwrap();
+    let first = checkpoint::take(memory.as_ref(), &namespace, "app").await.unwrap();
+    checkpoint::restore(redis.as_ref(), &namespace, &first).await.unwrap();
+    let on_redis = host(redis.clone(), "rolehost:", &[("app", "kvprobe")]);
+    assert_eq!(probe(&on_redis, "app", json!({"op":"get","key":"bin"})).await, Ok(json!("\u{0}\u{ff}text")));
+    assert!(probe(&on_redis, "app", json!({"op":"expiry","key":"short"})).await.unwrap().as_u64().unwrap() > 590_000);
+    let second = checkpoint::take(redis.as_ref(), &namespace, "app").await.unwrap();
+    let back: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    checkpoint::restore(back.as_ref(), &namespace, &second).await.unwrap();
+    let third = checkpoint::take(back.as_ref(), &namespace, "app").await.unwrap();
+    let strip = |c: &checkpoint::Checkpoint| {
+        let mut c = c.clone();
+        c.created_unix_ms = 0;
+        c.kv.iter_mut().for_each(|e| e.ttl_ms = e.ttl_ms.map(|_| 1));
+        c.kv.sort_by(|a, b| a.key.cmp(&b.key));
+        c
+    };
+    assert_eq!(strip(&first), strip(&third), "memory → redis → memory keeps everything");
+}

@@ -1,0 +1,256 @@
+//! `rolehost serve` as a real process on a free port, driven by a real HTTP
+//! client; Redis tests use a real redis-server.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rolehost_tests::{role_path, shared_redis, RedisServer};
+
+const TOKEN: &str = "admin-token-for-tests";
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    /// Starts `rolehost serve` with `manifest` and extra flags, and waits for
+    /// its "listening on" line.
+    fn start(manifest: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rolehost"))
+            .args(["serve", "--manifest", manifest.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env_remove("ROLEHOST_STATE")
+            .env("ROLEHOST_ADMIN_TOKEN", TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let base =
+            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}")).to_owned();
+        Self { child, base }
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder().http_status_as_error(false).build().into()
+    }
+
+    /// POST `body` to `path`: (status, body, Retry-After).
+    fn post(&self, path: &str, body: &str) -> (u16, String, Option<String>) {
+        self.post_with(path, body, None)
+    }
+
+    fn post_with(&self, path: &str, body: &str, token: Option<&str>) -> (u16, String, Option<String>) {
+        let mut request = Self::agent().post(format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let mut response = request.send(body).unwrap();
+        let retry = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+        (response.status().as_u16(), response.body_mut().read_to_string().unwrap(), retry)
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut response = Self::agent().get(format!("{}{path}", self.base)).call().unwrap();
+        (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rolehost-serve-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A manifest in `dir` with `roles` as (name, wasm path, extra TOML).
+fn manifest(dir: &Path, state: &str, roles: &[(&str, &Path, &str)]) -> PathBuf {
+    let mut text = format!("state = \"{state}\"\n");
+    for (name, wasm, extra) in roles {
+        text += &format!("[[roles]]\nname = \"{name}\"\nwasm = \"{}\"\n{extra}\n", wasm.display());
+    }
+    let path = dir.join("roles.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn calls_map_to_status_codes() {
+    let dir = dir("status");
+    let probe = role_path("kvprobe");
+    let manifest = manifest(
+        &dir,
+        "memory",
+        &[
+            ("counter", &role_path("counter"), ""),
+            ("probe", &probe, "limits = { deadline-ms = 300, max-ops-per-call = 3 }"),
+            ("tight", &role_path("counter"), "limits = { max-ops-per-call = 1 }"),
+        ],
+    );
+    let server = Server::start(&manifest, &["--max-body-bytes", "1000"]);
+    assert_eq!(server.post("/roles/counter", ""), (200, "1".into(), None));
+    assert_eq!(server.post("/roles/counter", ""), (200, "2".into(), None));
+    let (status, body, _) = server.post("/roles/nope", "");
+    assert_eq!(status, 404);
+    assert!(body.contains(r#""error":"unknown-role""#), "{body}");
+    let (status, body, _) = server.post("/roles/probe", "not json");
+    assert_eq!((status, body.contains(r#""error":"invalid-argument""#)), (422, true), "{body}");
+    assert_eq!(server.post("/roles/probe", &"x".repeat(1001)).0, 413);
+    let (status, body, _) = server.post("/roles/probe", r#"{"op":"panic"}"#);
+    assert_eq!((status, body.contains(r#""error":"trap""#)), (500, true), "{body}");
+    let (status, body, _) = server.post("/roles/probe", r#"{"op":"spin"}"#);
+    assert_eq!((status, body.contains(r#""error":"deadline""#)), (504, true), "{body}");
+    // A role error in the response body is still a 200 from the probe; the
+    // quota is the role's own error when the handler itself fails.
+    let (status, body, _) = server.post("/roles/probe", r#"{"op":"set_many","entries":{},"count":5}"#);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("quota-exceeded"), "{body}");
+    let (status, body, retry) = server.post("/roles/tight", "");
+    assert_eq!((status, retry.as_deref()), (429, Some("1")), "{body}");
+    assert!(body.contains(r#""error":"quota-exceeded""#), "{body}");
+    assert_eq!(server.post("/roles/counter", ""), (200, "3".into(), None), "the host kept serving");
+}
+
+#[test]
+fn busy_roles_answer_503_with_retry_after() {
+    let dir = dir("busy");
+    let manifest = manifest(&dir, "memory", &[("slow", &role_path("kvprobe"), "limits = { max-concurrency = 1 }")]);
+    let server = Server::start(&manifest, &[]);
+    let hold = r#"{"op":"lock_hold","name":"l","ttl_ms":5000,"wait_ms":0,"sleep_ms":1500}"#;
+    let base = server.base.clone();
+    let first = std::thread::spawn(move || {
+        let mut response = Server::agent().post(format!("{base}/roles/slow")).send(hold).unwrap();
+        (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let (status, body, retry) = server.post("/roles/slow", r#"{"op":"exists","key":"k"}"#);
+    assert_eq!((status, retry.as_deref()), (503, Some("1")), "{body}");
+    assert!(body.contains(r#""error":"busy""#), "{body}");
+    assert_eq!(first.join().unwrap(), (200, r#"{"ok":1}"#.to_owned()));
+    assert_eq!(server.post("/roles/slow", r#"{"op":"exists","key":"k"}"#).0, 200);
+}
+
+#[test]
+fn health_readiness_and_metrics_on_redis() {
+    let Some(_) = shared_redis() else { return };
+    let Some(mut redis) = RedisServer::start() else { return };
+    let dir = dir("health");
+    let counter = role_path("counter");
+    let manifest = manifest(&dir, &redis.url(0), &[("counter", &counter, "")]);
+    let server = Server::start(&manifest, &[]);
+    assert_eq!(server.get("/healthz"), (200, "ok\n".into()));
+    assert_eq!(server.get("/readyz").0, 200);
+    assert_eq!(server.post("/roles/counter", ""), (200, "1".into(), None));
+    let (status, health) = server.get("/health");
+    assert_eq!(status, 200);
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["backend"]["kind"], "redis");
+    assert_eq!(health["backend"]["connected"], true);
+    assert!(health["backend"]["details"]["redis_version"].as_str().unwrap().starts_with('7'), "{health}");
+    assert!(health["backend"]["details"]["used_memory"].is_string(), "{health}");
+    assert!(health["backend"]["details"]["connected_clients"].is_string(), "{health}");
+    assert_eq!(health["roles"][0]["name"], "counter");
+    assert_eq!(health["roles"][0]["sha256"].as_str().unwrap().len(), 64);
+    let (_, metrics) = server.get("/metrics");
+    for needle in [
+        r#"rolehost_calls_total{outcome="ok",role="counter"} 1"#,
+        r#"rolehost_state_ops_total{op="increment",role="counter"} 1"#,
+        "rolehost_call_seconds_bucket",
+        "rolehost_backend_seconds_bucket",
+        "rolehost_calls_in_flight",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
+    }
+    // Redis goes away: not ready, calls fail with 503; it returns: ready again.
+    redis.kill();
+    assert_eq!(server.get("/healthz").0, 200);
+    assert_eq!(server.get("/readyz").0, 503);
+    let (status, body, retry) = server.post("/roles/counter", "");
+    assert_eq!((status, retry.as_deref()), (503, Some("1")), "{body}");
+    let Some(_redis) = RedisServer::start_on(redis.port, &[]) else { return };
+    let start = Instant::now();
+    while server.get("/readyz").0 != 200 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never ready again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.post("/roles/counter", "").0, 200);
+}
+
+#[test]
+fn reload_swaps_versions_and_refuses_bad_ones() {
+    let dir = dir("reload");
+    let wasm = dir.join("role.wasm");
+    std::fs::copy(role_path("counter"), &wasm).unwrap();
+    let manifest = manifest(&dir, "memory", &[("app", &wasm, "")]);
+    let server = Server::start(&manifest, &["--watch"]);
+    assert_eq!(server.post("/roles/app", "").1, "1");
+    assert_eq!(server.post("/roles/app", "").1, "2");
+    let reload = "/admin/roles/app/reload";
+    assert_eq!(server.post(reload, "").0, 401, "no token");
+    assert_eq!(server.post_with(reload, "", Some("wrong")).0, 401);
+    assert_eq!(server.post_with("/admin/roles/nope/reload", "", Some(TOKEN)).0, 404);
+    // A broken file is refused; the old version keeps serving.
+    std::fs::write(&wasm, b"not a component").unwrap();
+    let (status, body, _) = server.post_with(reload, "", Some(TOKEN));
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(server.post("/roles/app", "").1, "3");
+    // A new version is swapped in and keeps the identity's state.
+    std::fs::copy(role_path("kvprobe"), &wasm).unwrap();
+    let (status, body, _) = server.post_with(reload, "", Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(server.post("/roles/app", r#"{"op":"get","key":"count"}"#).1, r#"{"ok":"3"}"#);
+    // --watch notices a changed file by itself.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::copy(role_path("counter"), &wasm).unwrap();
+    let start = Instant::now();
+    loop {
+        if server.post("/roles/app", "").1 == "4" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the watcher never reloaded the file");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn sigterm_lets_calls_in_flight_finish() {
+    let dir = dir("shutdown");
+    let manifest = manifest(&dir, "memory", &[("probe", &role_path("kvprobe"), "")]);
+    let mut server = Server::start(&manifest, &["--shutdown-grace-secs", "10"]);
+    let base = server.base.clone();
+    let call = std::thread::spawn(move || {
+        let body = r#"{"op":"lock_hold","name":"l","ttl_ms":5000,"wait_ms":0,"sleep_ms":1500}"#;
+        let mut response = Server::agent().post(format!("{base}/roles/probe")).send(body).unwrap();
+        (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    unsafe { libc_kill(server.child.id() as i32, 15) };
+    assert_eq!(call.join().unwrap(), (200, r#"{"ok":1}"#.to_owned()), "the call in flight finished");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the server did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    // New connections are refused once it stopped.
+    assert!(Server::agent().post(format!("{}/roles/probe", server.base)).send("").is_err());
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}
