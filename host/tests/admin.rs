@@ -78,9 +78,19 @@ fn roles_get_clear_checkpoint_restore_on_redis() {
     ok(rolehost(&["restore", "--manifest", &target, "other", file, "--rename"]));
     assert_eq!(ok(rolehost(&["get", "--manifest", &target, "other", "greeting"])), "hello");
 
+    // checkpoint → clear → restore round-trips values and TTLs.
+    let saved_ttl = saved["kv"].as_array().unwrap().iter().find(|e| e["key"] == "session").unwrap()["ttl_ms"].as_u64();
     fails(rolehost(&["clear", "--manifest", &source, "app"]), "--yes");
     assert!(ok(rolehost(&["clear", "--manifest", &source, "app", "--yes"])).contains("deleted 3 keys"));
     fails(rolehost(&["get", "--manifest", &source, "app", "greeting"]), "no key");
+    ok(rolehost(&["restore", "--manifest", &source, "app", file]));
+    assert_eq!(ok(rolehost(&["get", "--manifest", &source, "app", "greeting"])), "hello");
+    let after = call(&source, "app", r#"{"op":"expiry","key":"session"}"#);
+    let ms = |answer: &str| serde_json::from_str::<serde_json::Value>(answer).unwrap()["ok"].as_u64().unwrap();
+    let saved_ttl = saved_ttl.unwrap();
+    assert!(saved_ttl.abs_diff(ms(&after)) < 1000, "TTL {saved_ttl} at checkpoint, {after} after restore");
+
+    assert!(ok(rolehost(&["clear", "--manifest", &source, "app", "--yes"])).contains("deleted 3 keys"));
     assert_eq!(ok(rolehost(&["get", "--manifest", &source, "other", "greeting"])), "not app's");
 }
 

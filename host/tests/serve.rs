@@ -254,3 +254,54 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;
 }
+
+#[test]
+fn reload_under_a_steady_stream_of_calls_loses_none() {
+    let dir = dir("stream");
+    let wasm = dir.join("role.wasm");
+    std::fs::copy(role_path("counter"), &wasm).unwrap();
+    let manifest = manifest(&dir, "memory", &[("app", &wasm, "")]);
+    let server = Server::start(&manifest, &[]);
+    let base = server.base.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (base, stop) = (base.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let response = Server::agent().post(format!("{base}/roles/app")).send("").unwrap();
+                    statuses.push(response.status().as_u16());
+                }
+                statuses
+            })
+        })
+        .collect();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(server.post_with("/admin/roles/app/reload", "", Some(TOKEN)).0, 200);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut calls = 0;
+    for caller in callers {
+        let statuses = caller.join().unwrap();
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        calls += statuses.len();
+    }
+    // Every call counted once: the state carried over every reload.
+    assert_eq!(server.post("/roles/app", "").1, (calls + 1).to_string());
+}
+
+#[test]
+fn the_example_manifest_serves_counter_on_both_backends() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/roles.toml");
+    let server = Server::start(&manifest, &["--state", "memory"]);
+    assert_eq!(server.post("/roles/counter", "").1, "1");
+    assert_eq!(server.post("/roles/counter", "").1, "2");
+    drop(server);
+    let Some(redis) = shared_redis() else { return };
+    let url = redis.url(redis.fresh_db());
+    let server = Server::start(&manifest, &["--state", &url]);
+    assert_eq!(server.post("/roles/counter", "").1, "1");
+    assert_eq!(server.post("/roles/counter", "").1, "2");
+}
