@@ -456,6 +456,16 @@ async fn fallback_ttl_applies_only_to_keys_without_one(b: Arc<dyn Backend>, p: S
         }
         assert!(matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)), "{key}");
     }
+    // A failed write sets no TTL.
+    let word = format!("{p}word");
+    b.set(&word, b"ten", None).await.unwrap();
+    assert!(b.increment(&word, 1, ttl).await.is_err());
+    assert_eq!(b.expiry(&word).await.unwrap(), Expiry::Persistent);
+    let text = format!("{p}text");
+    b.hash_apply(&text, &fields(&[("pt", "\"x\"")]), &[], None).await.unwrap();
+    assert!(b.hash_increment(&text, "pt", 1, ttl).await.is_err());
+    assert!(b.hash_increment_float(&text, "pt", 1.0, ttl).await.is_err());
+    assert_eq!(b.expiry(&text).await.unwrap(), Expiry::Persistent);
     let plain = format!("{p}plain");
     b.increment(&plain, 1, None).await.unwrap();
     assert_eq!(b.expiry(&plain).await.unwrap(), Expiry::Persistent);

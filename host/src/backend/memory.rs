@@ -319,7 +319,7 @@ impl Backend for MemoryBackend {
             if let Ok(next) = next {
                 hash.insert(field.to_owned(), next.to_string().into_bytes());
             }
-            map.settle(key, fallback_ttl);
+            map.settle(key, fallback_ttl.filter(|_| next.is_ok()));
             next
         })
     }
@@ -339,7 +339,7 @@ impl Backend for MemoryBackend {
                 hash.insert(field.to_owned(), text.clone().into_bytes());
                 text.parse().unwrap_or(n)
             });
-            map.settle(key, fallback_ttl);
+            map.settle(key, fallback_ttl.filter(|_| next.is_ok()));
             next
         })
     }
@@ -361,7 +361,7 @@ impl Backend for MemoryBackend {
                 Some(value) => hash.insert(field.to_owned(), value.to_vec()),
                 None => hash.remove(field),
             };
-            map.settle(key, fallback_ttl);
+            map.settle(key, new.and(fallback_ttl));
             Ok(true)
         })
     }

@@ -81,6 +81,19 @@ if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX') end
 return value
 "#;
 
+/// INCRBY (no field) or HINCRBY (a field), then the fallback TTL if the key
+/// has none; a failed increment sets nothing. ARGV: field or "", delta, ttl-ms.
+const INCR_WITH_TTL_SCRIPT: &str = r#"
+local value
+if ARGV[1] == '' then
+  value = redis.call('INCRBY', KEYS[1], ARGV[2])
+else
+  value = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX')
+return value
+"#;
+
 /// Takes a free lock and draws a fencing token in one step.
 /// KEYS: lock, fence counter. ARGV: owner, ttl-ms.
 const LOCK_ACQUIRE_SCRIPT: &str = r#"
@@ -156,6 +169,7 @@ pub struct RedisBackend {
     persist: Script,
     hash_cas: Script,
     hash_incr_float: Script,
+    incr_with_ttl: Script,
     lock_acquire: Script,
     expire_if_equal: Script,
     rate: Script,
@@ -195,6 +209,7 @@ impl RedisBackend {
             persist: Script::new(PERSIST_SCRIPT),
             hash_cas: Script::new(HASH_CAS_SCRIPT),
             hash_incr_float: Script::new(HASH_INCR_FLOAT_SCRIPT),
+            incr_with_ttl: Script::new(INCR_WITH_TTL_SCRIPT),
             lock_acquire: Script::new(LOCK_ACQUIRE_SCRIPT),
             expire_if_equal: Script::new(EXPIRE_IF_EQUAL_SCRIPT),
             rate: Script::new(RATE_SCRIPT),
@@ -422,11 +437,8 @@ impl Backend for RedisBackend {
         if fallback_ttl.is_none() {
             return self.run(|mut c| async move { c.incr(key, delta).await }).await;
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic().incr(key, delta);
-        with_fallback_ttl(&mut pipe, key, fallback_ttl);
-        let (value,): (i64,) = self.run(|mut c| async move { pipe.query_async(&mut c).await }).await?;
-        Ok(value)
+        let (script, ttl) = (&self.incr_with_ttl, script_ttl(fallback_ttl));
+        self.run(|mut c| async move { script.key(key).arg("").arg(delta).arg(ttl).invoke_async(&mut c).await }).await
     }
 
     async fn set_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool> {
@@ -507,11 +519,8 @@ impl Backend for RedisBackend {
         if fallback_ttl.is_none() {
             return self.run(|mut c| async move { c.hincr(key, field, delta).await }).await;
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic().hincr(key, field, delta);
-        with_fallback_ttl(&mut pipe, key, fallback_ttl);
-        let (value,): (i64,) = self.run(|mut c| async move { pipe.query_async(&mut c).await }).await?;
-        Ok(value)
+        let (script, ttl) = (&self.incr_with_ttl, script_ttl(fallback_ttl));
+        self.run(|mut c| async move { script.key(key).arg(field).arg(delta).arg(ttl).invoke_async(&mut c).await }).await
     }
 
     async fn hash_increment_float(
