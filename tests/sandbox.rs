@@ -122,3 +122,29 @@ async fn redis_down_is_unavailable_and_the_host_recovers() {
     }
     assert!(recovered, "calls did not succeed after Redis came back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_roles_come_from_the_cache_and_damage_is_survived() {
+    let dir = std::env::temp_dir().join(format!("rolehost-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options =
+        || rolehost::HostOptions { cache: Some(rolehost::cache::CompileCache::new(&dir)), ..Default::default() };
+    let load = || {
+        let host = rolehost::Host::with_options(backend("memory").unwrap(), "t:", options()).unwrap();
+        let role = host.load(&rolehost_tests::spec("probe", "kvprobe")).unwrap();
+        (role.from_cache(), host)
+    };
+    let (cached, _) = load();
+    assert!(!cached, "the first load compiles");
+    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let (cached, host) = load();
+    assert!(cached, "the second load uses the cache");
+    assert_eq!(probe(&host, "probe", json!({"op":"incr","key":"n","delta":2})).await, Ok(json!(2)));
+    // A damaged entry is compiled again, and rewritten.
+    std::fs::write(&entries[0], b"garbage").unwrap();
+    let (cached, host) = load();
+    assert!(!cached);
+    assert_eq!(probe(&host, "probe", json!({"op":"incr","key":"n","delta":2})).await, Ok(json!(2)));
+    assert!(load().0, "the entry was rewritten");
+}

@@ -16,6 +16,7 @@
 pub mod acl;
 pub mod backend;
 mod bindings;
+pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

@@ -10,6 +10,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use rolehost::backend::Backend;
 use rolehost::backend::Expiry;
+use rolehost::cache::CompileCache;
 use rolehost::config::{StateConfig, STATE_ENV};
 use rolehost::manifest::{Manifest, DEFAULT_GLOBAL_PREFIX};
 use rolehost::namespace::{Namespace, Space};
@@ -334,6 +335,16 @@ fn state(common: &Common, manifest: Option<&Manifest>) -> anyhow::Result<StateCo
     StateConfig::parse(&url, &redis)
 }
 
+/// The compile cache: `ROLEHOST_CACHE` names its directory, or `off`;
+/// by default `~/.cache/rolehost`.
+fn cache() -> Option<CompileCache> {
+    match std::env::var("ROLEHOST_CACHE") {
+        Ok(value) if value == "off" => None,
+        Ok(dir) if !dir.is_empty() => Some(CompileCache::new(dir)),
+        _ => CompileCache::default_dir().map(CompileCache::new),
+    }
+}
+
 /// The global prefix: flag or environment, then manifest, then default.
 fn prefix(common: &Common, manifest: Option<&Manifest>) -> String {
     common
@@ -368,7 +379,7 @@ fn host_with(
     max_concurrency: usize,
 ) -> anyhow::Result<Host> {
     let state = state(common, manifest)?;
-    let options = HostOptions { fuel: specs.iter().any(|s| s.limits.fuel.is_some()), max_concurrency };
+    let options = HostOptions { fuel: specs.iter().any(|s| s.limits.fuel.is_some()), max_concurrency, cache: cache() };
     let host = Host::with_options(state.connect()?, &prefix(common, manifest), options)?;
     let acl_users = manifest.is_some_and(|m| m.redis.acl_users);
     for spec in specs {

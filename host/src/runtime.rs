@@ -17,6 +17,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 use crate::acl::hex;
 use crate::backend::{Backend, Metered};
 use crate::bindings::{Role as RoleWorld, RolePre};
+use crate::cache::CompileCache;
 use crate::error::{CallError, StateError};
 use crate::limits::{Grants, RoleLimits};
 use crate::metrics::Metrics;
@@ -64,6 +65,7 @@ pub struct Role {
     spec: RoleSpec,
     pre: RolePre<CallCtx>,
     sha256: String,
+    from_cache: bool,
     /// The backend as given (for reloads) and as the role uses it (metered).
     backend: Arc<dyn Backend>,
     metered: Arc<dyn Backend>,
@@ -94,6 +96,11 @@ impl Role {
         &self.info.namespace
     }
 
+    /// Whether its compiled code came from the compile cache.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+
     /// What it was loaded from.
     pub fn spec(&self) -> &RoleSpec {
         &self.spec
@@ -112,7 +119,7 @@ impl Role {
 }
 
 /// Engine-wide settings, fixed when the host is made.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HostOptions {
     /// Count fuel, so roles can have a `fuel` limit. Slows every call a
     /// little, so it is off unless a role needs it.
@@ -120,11 +127,13 @@ pub struct HostOptions {
     /// Calls running at once across all roles; past it a call is refused
     /// as busy rather than queued (default 1024).
     pub max_concurrency: usize,
+    /// Where to keep compiled components (default: none, compile on load).
+    pub cache: Option<CompileCache>,
 }
 
 impl Default for HostOptions {
     fn default() -> Self {
-        Self { fuel: false, max_concurrency: 1024 }
+        Self { fuel: false, max_concurrency: 1024, cache: None }
     }
 }
 
@@ -157,6 +166,7 @@ impl Host {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         RoleWorld::add_to_linker::<_, HasSelf<_>>(&mut linker, |ctx| ctx)?;
+        let max_concurrency = options.max_concurrency;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_epoch_ticker(engine.clone(), ticker_stop.clone())?;
         Ok(Self {
@@ -166,7 +176,7 @@ impl Host {
             global_prefix: global_prefix.to_owned(),
             options,
             roles: RwLock::new(BTreeMap::new()),
-            slots: Arc::new(tokio::sync::Semaphore::new(options.max_concurrency)),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_concurrency)),
             metrics: Arc::new(Metrics::new()),
             ticker_stop,
         })
@@ -247,7 +257,11 @@ impl Host {
                 );
             }
         }
-        let component = Component::from_binary(&self.engine, &bytes)
+        let compiled = match &self.options.cache {
+            Some(cache) => cache.load(&self.engine, &sha256, &bytes),
+            None => Component::from_binary(&self.engine, &bytes).map(|component| (component, false)),
+        };
+        let (component, from_cache) = compiled
             .map_err(|e| anyhow::anyhow!("{} is not a valid WebAssembly component: {e}", spec.wasm.display()))?;
         let pre = self.linker.instantiate_pre(&component).and_then(RolePre::new).map_err(|e| {
             anyhow::anyhow!("{} does not fit the rolehost:state/role world: {e:#}", spec.wasm.display())
@@ -257,6 +271,7 @@ impl Host {
             spec: spec.clone(),
             pre,
             sha256,
+            from_cache,
             metered: Arc::new(Metered::new(backend.clone(), &spec.name, self.metrics.clone())),
             backend,
             env: granted_env(&spec.grants.env),

@@ -1,0 +1,74 @@
+//! Compiled components cached on disk, so a restart loads a role without
+//! compiling it again. An entry's name hashes the wasmtime version, the
+//! engine's configuration and the component's sha256, so any change to
+//! one of them misses the cache. A damaged entry is compiled again.
+//!
+//! Loading an entry runs native code from the file: the cache directory
+//! must be as trusted as the rolehost binary (see SECURITY.md).
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use wasmtime::component::Component;
+use wasmtime::Engine;
+
+/// Where compiled components are kept.
+#[derive(Debug, Clone)]
+pub struct CompileCache {
+    dir: PathBuf,
+}
+
+impl CompileCache {
+    /// A cache in `dir` (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The default place: `$XDG_CACHE_HOME/rolehost` or `~/.cache/rolehost`.
+    pub fn default_dir() -> Option<PathBuf> {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))?;
+        Some(base.join("rolehost"))
+    }
+
+    fn entry(&self, engine: &Engine, sha256: &str) -> PathBuf {
+        let mut hasher = DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        env!("CARGO_PKG_VERSION").hash(&mut hasher);
+        self.dir.join(format!("{sha256}-{:016x}.cwasm", hasher.finish()))
+    }
+
+    /// The compiled component for `bytes` (whose sha256 is `sha256`): from
+    /// the cache when it holds a good entry, else compiled and stored.
+    /// Also says whether it came from the cache.
+    pub fn load(&self, engine: &Engine, sha256: &str, bytes: &[u8]) -> wasmtime::Result<(Component, bool)> {
+        let entry = self.entry(engine, sha256);
+        // Read into memory rather than mapping the file: a file truncated
+        // by someone else while mapped would crash the process (SIGBUS).
+        if let Ok(compiled) = std::fs::read(&entry) {
+            // SAFETY: the entry was written by `Component::serialize` for
+            // this engine configuration (its name says so), in a directory
+            // the operator trusts like the binary itself; wasmtime checks
+            // its header and version before using it.
+            match unsafe { Component::deserialize(engine, &compiled) } {
+                Ok(component) => return Ok((component, true)),
+                Err(e) => tracing::warn!(entry = %entry.display(), "damaged cache entry; compiling again: {e}"),
+            }
+        }
+        let component = Component::from_binary(engine, bytes)?;
+        if let Err(e) = self.store(&entry, &component) {
+            tracing::warn!(dir = %self.dir.display(), "cannot write the compile cache: {e:#}");
+        }
+        Ok((component, false))
+    }
+
+    fn store(&self, entry: &Path, component: &Component) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        // Write aside, then rename: a reader never sees half an entry.
+        let partial = entry.with_extension(format!("partial-{}", std::process::id()));
+        std::fs::write(&partial, component.serialize()?)?;
+        std::fs::rename(&partial, entry)?;
+        Ok(())
+    }
+}
