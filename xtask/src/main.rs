@@ -5,10 +5,11 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
+mod bench;
 mod demo;
 
 /// Guest crates built for wasm32-wasip2: examples, then test roles.
-const ROLES: &[&str] = &["counter", "session-cache", "notes", "profile", "rate-limiter", "worker", "kvprobe"];
+const ROLES: &[&str] = &["counter", "session-cache", "notes", "profile", "rate-limiter", "worker", "kvprobe", "bench"];
 const WASM_TARGET: &str = "wasm32-wasip2";
 
 fn main() -> anyhow::Result<()> {
@@ -29,8 +30,22 @@ fn main() -> anyhow::Result<()> {
             demo::run(&root, &state)
         }
         Some("test") => test(&root, &args[1..]),
+        Some("bench") => {
+            build(&root)?;
+            // Measure optimized code: run the benchmark itself in release.
+            run(cargo().current_dir(&root).args([
+                "run",
+                "--release",
+                "--quiet",
+                "--package",
+                "xtask",
+                "--",
+                "bench-run",
+            ]))
+        }
+        Some("bench-run") => bench::run(&root),
         _ => {
-            eprintln!("usage: cargo xtask build | demo [--state memory|redis://…] | test [cargo test args]");
+            eprintln!("usage: cargo xtask build | demo [--state memory|redis://…] | test [cargo test args] | bench");
             std::process::exit(2);
         }
     }
