@@ -265,11 +265,17 @@ async fn subjects_and_locks_are_per_role(b: Arc<dyn Backend>, p: String) {
     let holding = {
         let host = host.clone();
         tokio::spawn(async move {
-            probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":10000,"wait_ms":0,"sleep_ms":600}))
+            probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":10000,"wait_ms":0,"sleep_ms":1500}))
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Wait until alice really holds it.
+    let lock_key = format!("{p}alice:lock:job");
+    let start = std::time::Instant::now();
+    while !host.backend().exists(&lock_key).await.unwrap() {
+        assert!(start.elapsed() < Duration::from_secs(60), "alice never took the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
         probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})).await,
         Ok(json!(null))

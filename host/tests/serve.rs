@@ -55,6 +55,16 @@ impl Server {
         (response.status().as_u16(), response.body_mut().read_to_string().unwrap(), retry)
     }
 
+    /// Waits until `role` has a call in flight (from the metrics).
+    fn wait_in_flight(&self, role: &str) {
+        let needle = format!("rolehost_calls_in_flight{{role=\"{role}\"}} 1");
+        let start = Instant::now();
+        while !self.get("/metrics").1.contains(&needle) {
+            assert!(start.elapsed() < Duration::from_secs(60), "no call of {role} in flight");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn get(&self, path: &str) -> (u16, String) {
         let mut response = Self::agent().get(format!("{}{path}", self.base)).call().unwrap();
         (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
@@ -133,7 +143,7 @@ fn busy_roles_answer_503_with_retry_after() {
         let mut response = Server::agent().post(format!("{base}/roles/slow")).send(hold).unwrap();
         (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
     });
-    std::thread::sleep(Duration::from_millis(400));
+    server.wait_in_flight("slow");
     let (status, body, retry) = server.post("/roles/slow", r#"{"op":"exists","key":"k"}"#);
     assert_eq!((status, retry.as_deref()), (503, Some("1")), "{body}");
     assert!(body.contains(r#""error":"busy""#), "{body}");
@@ -234,7 +244,7 @@ fn sigterm_lets_calls_in_flight_finish() {
         let mut response = Server::agent().post(format!("{base}/roles/probe")).send(body).unwrap();
         (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
     });
-    std::thread::sleep(Duration::from_millis(400));
+    server.wait_in_flight("probe");
     unsafe { libc_kill(server.child.id() as i32, 15) };
     assert_eq!(call.join().unwrap(), (200, r#"{"ok":1}"#.to_owned()), "the call in flight finished");
     let start = Instant::now();
