@@ -148,3 +148,30 @@ async fn compiled_roles_come_from_the_cache_and_damage_is_survived() {
     assert_eq!(probe(&host, "probe", json!({"op":"incr","key":"n","delta":2})).await, Ok(json!(2)));
     assert!(load().0, "the entry was rewritten");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_pooling_allocator_runs_the_same_calls() {
+    let options = rolehost::HostOptions { pooling: true, max_concurrency: 32, ..Default::default() };
+    let host = std::sync::Arc::new(rolehost::Host::with_options(backend("memory").unwrap(), "t:", options).unwrap());
+    let mut spec = rolehost_tests::spec("probe", "kvprobe");
+    spec.limits = limits();
+    host.load(&spec).unwrap();
+    host.load(&rolehost_tests::spec("counter", "counter")).unwrap();
+    let calls: Vec<_> = (0..32)
+        .map(|_| {
+            let host = host.clone();
+            tokio::spawn(async move { host.call("counter", b"").await.unwrap() })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+    assert_eq!(host.call("counter", b"").await.unwrap(), b"33");
+    let err = host.call("probe", br#"{"op":"grow"}"#).await.unwrap_err();
+    assert!(matches!(err, CallError::OutOfMemory { .. }), "{err}");
+    assert_eq!(probe(&host, "probe", json!({"op":"incr","key":"n","delta":1})).await, Ok(json!(1)));
+    let mut big = rolehost_tests::spec("big", "kvprobe");
+    big.limits.max_memory_bytes = 1 << 30;
+    let refused = host.load(&big).err().expect("a role over the pool's memory is refused");
+    assert!(refused.to_string().contains("pooling"), "{refused}");
+}

@@ -216,7 +216,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve { manifest, listen, max_body_bytes, shutdown_grace_secs, watch, max_concurrency, common } => {
             let manifest = Manifest::load(&manifest)?;
             let specs = manifest.role_specs()?;
-            let host = host_with(&common, Some(&manifest), &specs, max_concurrency)?;
+            let host = host_with(&common, Some(&manifest), &specs, max_concurrency, true)?;
             let options = ServeOptions {
                 listen,
                 max_body_bytes,
@@ -355,7 +355,7 @@ fn prefix(common: &Common, manifest: Option<&Manifest>) -> String {
 }
 
 fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> anyhow::Result<Host> {
-    host_with(common, manifest, specs, HostOptions::default().max_concurrency)
+    host_with(common, manifest, specs, HostOptions::default().max_concurrency, false)
 }
 
 /// The backend and namespace of one role of a manifest, for the operator
@@ -377,9 +377,11 @@ fn host_with(
     manifest: Option<&Manifest>,
     specs: &[RoleSpec],
     max_concurrency: usize,
+    pooling: bool,
 ) -> anyhow::Result<Host> {
     let state = state(common, manifest)?;
-    let options = HostOptions { fuel: specs.iter().any(|s| s.limits.fuel.is_some()), max_concurrency, cache: cache() };
+    let options =
+        HostOptions { fuel: specs.iter().any(|s| s.limits.fuel.is_some()), max_concurrency, cache: cache(), pooling };
     let host = Host::with_options(state.connect()?, &prefix(common, manifest), options)?;
     let acl_users = manifest.is_some_and(|m| m.redis.acl_users);
     for spec in specs {

@@ -34,7 +34,8 @@ fn spec(root: &Path) -> anyhow::Result<RoleSpec> {
 }
 
 fn host(root: &Path, backend: Arc<dyn Backend>, cache: Option<CompileCache>) -> anyhow::Result<Host> {
-    let host = Host::with_options(backend, "bench:", HostOptions { cache, ..HostOptions::default() })?;
+    let options = HostOptions { cache, pooling: true, max_concurrency: 128, ..HostOptions::default() };
+    let host = Host::with_options(backend, "bench:", options)?;
     host.load(&spec(root)?)?;
     Ok(host)
 }
