@@ -295,14 +295,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { manifest, role, pattern, common } => {
-            let manifest = Manifest::load(&manifest)?;
-            let spec = manifest
-                .role_specs()?
-                .into_iter()
-                .find(|s| s.name == role)
-                .with_context(|| format!("the manifest has no role `{role}`"))?;
-            let backend = state(&common, Some(&manifest))?.connect()?;
-            let namespace = Namespace::new(&prefix(&common, Some(&manifest)), &spec.name, &spec.limits);
+            let (backend, namespace, _) = role_state(&common, &manifest, &role)?;
             let pattern = namespace.pattern(Space::Kv, pattern.as_deref())?;
             let mut out = std::io::stdout().lock();
             let mut cursor = None;

@@ -4,7 +4,7 @@
 
 use std::process::{Command, Output};
 
-use rolehost_tests::{role_path, RedisServer};
+use rolehost_tests::{ok, role_path, RedisServer};
 
 const SECRET: &str = "test-secret";
 
@@ -17,11 +17,6 @@ fn rolehost(args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 /// A raw connection as `user`; the result of one command.

@@ -9,7 +9,7 @@ use rolehost::backend::{Backend, MemoryBackend};
 use rolehost::checkpoint;
 use rolehost::namespace::Namespace;
 use rolehost::RoleLimits;
-use rolehost_tests::{host, probe, role_path, shared_redis};
+use rolehost_tests::{host, ok, probe, role_path, shared_redis};
 use serde_json::json;
 
 fn rolehost(args: &[&str]) -> Output {
@@ -19,11 +19,6 @@ fn rolehost(args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 fn fails(out: Output, needle: &str) {

@@ -208,6 +208,12 @@ pub fn host_with_specs(backend: Arc<dyn Backend>, prefix: &str, roles: Vec<(&str
     host
 }
 
+/// Asserts that a command succeeded; its standard output, trimmed.
+pub fn ok(out: std::process::Output) -> String {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 /// Calls a role with a JSON request and parses its JSON response.
 pub async fn call_json(host: &Host, role: &str, request: Value) -> Value {
     let response = host
