@@ -73,6 +73,8 @@ async fn read_only_grants_refuse_every_write(b: Arc<dyn Backend>, p: String) {
     let writes = [
         json!({"op":"set","key":"k","value":"x"}),
         json!({"op":"delete","key":"k"}),
+        json!({"op":"set_later","key":"k","value":"x"}),
+        json!({"op":"delete_later","key":"k"}),
         json!({"op":"set_many","entries":{"a":"1"}}),
         json!({"op":"delete_many","keys":["k"]}),
         json!({"op":"expire","key":"k","ttl_ms":10}),
@@ -96,7 +98,8 @@ async fn read_only_grants_refuse_every_write(b: Arc<dyn Backend>, p: String) {
     for op in writes {
         assert_eq!(probe(&host, "alice", in_catalog(op.clone())).await, Err("access-denied".into()), "{op}");
     }
-    // Nothing changed.
+    // Nothing changed, queued writes included.
+    host.settle().await;
     assert_eq!(probe(&host, "bob", in_catalog(json!({"op":"get","key":"k"}))).await, Ok(json!("v")));
     assert_eq!(probe(&host, "bob", in_catalog(json!({"op":"expiry","key":"k"}))).await, Ok(json!("persistent")));
     assert_eq!(

@@ -233,6 +233,21 @@ impl Bucket {
         Ok(self.0.set(key, value.as_ref(), ttl_ms(Some(ttl)))?)
     }
 
+    /// Fire and forget: queues a write that the host sends after the
+    /// handler returns, with the call's other queued writes in one round
+    /// trip. Errors in the request itself (key, size, TTL, access) come
+    /// back now; a failure to send is only logged and counted by the host.
+    /// Reads in this call do not see it, and it is dropped if the call
+    /// traps. Use it for logs and metrics, not for state a lock protects.
+    pub fn set_later(&self, key: &str, value: impl AsRef<[u8]>, ttl: Option<Duration>) -> Result<()> {
+        Ok(self.0.set_later(key, value.as_ref(), ttl_ms(ttl))?)
+    }
+
+    /// Fire and forget delete, queued like [`Bucket::set_later`].
+    pub fn delete_later(&self, key: &str) -> Result<()> {
+        Ok(self.0.delete_later(key)?)
+    }
+
     /// Deletes `key`; true when it existed.
     pub fn delete(&self, key: &str) -> Result<bool> {
         Ok(self.0.delete(key)?)

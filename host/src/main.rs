@@ -417,6 +417,13 @@ async fn acl(common: &Common, manifest: &Manifest, apply: bool) -> anyhow::Resul
 /// printing each response on its own line. Failed calls are reported on
 /// stderr as they happen; any failure fails the command.
 async fn call(host: Host, role: &str, body: Option<String>, repeat: Repeat) -> anyhow::Result<()> {
+    let host = Arc::new(host);
+    let result = call_repeatedly(host.clone(), role, body, repeat).await;
+    host.settle().await;
+    result
+}
+
+async fn call_repeatedly(host: Arc<Host>, role: &str, body: Option<String>, repeat: Repeat) -> anyhow::Result<()> {
     let request: Arc<[u8]> = match body.as_deref() {
         Some("-") => {
             let mut buf = Vec::new();
@@ -429,7 +436,6 @@ async fn call(host: Host, role: &str, body: Option<String>, repeat: Repeat) -> a
     if repeat.repeat <= 1 {
         return print_response(&host.call(role, &request).await?);
     }
-    let host = Arc::new(host);
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let mut workers = tokio::task::JoinSet::new();

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub bytes_written: IntCounterVec,
     /// Backend latency by operation, seconds.
     pub backend_seconds: HistogramVec,
+    /// Fire-and-forget writes by role and outcome (`sent` or `failed`).
+    pub deferred_writes: IntCounterVec,
 }
 
 impl Metrics {
@@ -58,6 +60,11 @@ impl Metrics {
             op_errors: counter("rolehost_state_errors_total", "Failed state operations", &["role", "op", "kind"]),
             bytes_read: counter("rolehost_state_read_bytes_total", "Value bytes read", &["role"]),
             bytes_written: counter("rolehost_state_written_bytes_total", "Value bytes written", &["role"]),
+            deferred_writes: counter(
+                "rolehost_deferred_writes_total",
+                "Fire-and-forget writes sent after their call, by outcome",
+                &["role", "outcome"],
+            ),
             backend_seconds: histogram("rolehost_backend_seconds", "Backend latency", &["op"], backend_buckets),
             registry,
         }

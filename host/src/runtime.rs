@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use wasmtime::{Config, Engine, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use crate::acl::hex;
-use crate::backend::{Backend, Metered};
+use crate::backend::{Backend, Metered, Write};
 use crate::bindings::{Role as RoleWorld, RolePre};
 use crate::cache::CompileCache;
 use crate::error::{CallError, StateError};
@@ -174,6 +174,14 @@ pub struct Host {
     slots: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     ticker_stop: Arc<AtomicBool>,
+    flushes: Arc<Flushes>,
+}
+
+/// Fire-and-forget sends still running.
+#[derive(Default)]
+struct Flushes {
+    running: AtomicUsize,
+    done: tokio::sync::Notify,
 }
 
 impl Host {
@@ -209,6 +217,7 @@ impl Host {
             slots: Arc::new(tokio::sync::Semaphore::new(max_concurrency)),
             metrics: Arc::new(Metrics::new()),
             ticker_stop,
+            flushes: Arc::default(),
         })
     }
 
@@ -357,6 +366,36 @@ impl Host {
         result
     }
 
+    /// Sends a call's fire-and-forget writes in the background, counted
+    /// in `flushes` so [`Host::settle`] can wait for them.
+    fn send_later(&self, role: &Role, writes: Vec<Write>) {
+        if writes.is_empty() {
+            return;
+        }
+        let (backend, name, flushes) = (role.metered.clone(), role.info.name.clone(), self.flushes.clone());
+        flushes.running.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            if let Err(error) = backend.write_all(&writes).await {
+                tracing::warn!(role = %name, writes = writes.len(), %error, "fire-and-forget writes failed");
+            }
+            if flushes.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+                flushes.done.notify_waiters();
+            }
+        });
+    }
+
+    /// Waits until every fire-and-forget write queued by a finished call
+    /// has been sent or has failed. Call it before the process exits.
+    pub async fn settle(&self) {
+        loop {
+            let done = self.flushes.done.notified();
+            if self.flushes.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+
     async fn run(&self, role: &Role, request: &[u8]) -> Result<Vec<u8>, CallError> {
         let name = || role.info.name.clone();
         let limits = &role.info.limits;
@@ -382,6 +421,10 @@ impl Host {
         let outcome = tokio::time::timeout(deadline + EPOCH_TICK * 2, run).await;
         store.data_mut().release_held_locks().await;
         log.finish();
+        if let Ok(Ok(_)) = &outcome {
+            // The handler returned: its queued writes go out now.
+            self.send_later(role, store.data_mut().take_deferred());
+        }
         let response = match outcome {
             Err(_) => return Err(CallError::DeadlineExceeded { role: name(), millis: limits.deadline_ms }),
             Ok(Err(trap)) => return Err(classify_trap(&trap, store.data(), limits, name())),

@@ -82,6 +82,9 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
             tracing::warn!(grace_ms = grace.as_millis() as u64, "calls still in flight after the grace period; stopping anyway");
         }
     }
+    if tokio::time::timeout(grace, app.host.settle()).await.is_err() {
+        tracing::warn!("fire-and-forget writes still unsent after the grace period; stopping anyway");
+    }
     Ok(())
 }
 

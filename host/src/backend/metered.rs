@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Backend, Expiry, RateDecision, ScanPage};
+use super::{Backend, Expiry, RateDecision, ScanPage, Write};
 use crate::error::StateResult;
 use crate::metrics::Metrics;
 
@@ -197,5 +197,13 @@ impl Backend for Metered {
 
     async fn delete_matching(&self, pattern: &str) -> StateResult<u64> {
         self.observe("clear", self.inner.delete_matching(pattern)).await
+    }
+
+    async fn write_all(&self, writes: &[Write]) -> StateResult<()> {
+        self.wrote(writes.iter().map(|w| if let Write::Set { value, .. } = w { value.len() } else { 0 }).sum());
+        let result = self.observe("write_later", self.inner.write_all(writes)).await;
+        let outcome = if result.is_ok() { "sent" } else { "failed" };
+        self.metrics.deferred_writes.with_label_values(&[&self.role, outcome]).inc_by(writes.len() as u64);
+        result
     }
 }

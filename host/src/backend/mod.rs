@@ -161,6 +161,35 @@ pub trait Backend: Send + Sync + 'static {
     /// GCRA: takes `cost` units of `limit` per `window` from the limiter at `key`.
     async fn rate_check(&self, key: &str, limit: u64, window: Duration, cost: u64) -> StateResult<RateDecision>;
 
+    /// Sends queued fire-and-forget writes in order. Runs of sets with the
+    /// same TTL go out as one `set_many`, runs of deletes as one
+    /// `delete_many`, so the common case is one round trip.
+    async fn write_all(&self, writes: &[Write]) -> StateResult<()> {
+        let mut rest = writes;
+        while let Some(first) = rest.first() {
+            let run = rest.iter().take_while(|w| w.same_batch(first)).count();
+            let (batch, tail) = rest.split_at(run);
+            match first {
+                Write::Set { ttl, .. } => {
+                    let entries: Vec<(String, Vec<u8>)> = batch
+                        .iter()
+                        .filter_map(|w| match w {
+                            Write::Set { key, value, .. } => Some((key.clone(), value.clone())),
+                            Write::Delete { .. } => None,
+                        })
+                        .collect();
+                    self.set_many(&entries, *ttl).await?;
+                }
+                Write::Delete { .. } => {
+                    let keys: Vec<String> = batch.iter().map(|w| w.key().to_owned()).collect();
+                    self.delete_many(&keys).await?;
+                }
+            }
+            rest = tail;
+        }
+        Ok(())
+    }
+
     /// Deletes every key matching `pattern`; the number deleted.
     async fn delete_matching(&self, pattern: &str) -> StateResult<u64> {
         const PAGE: usize = 500;
@@ -175,6 +204,34 @@ pub trait Backend: Send + Sync + 'static {
                 Some(next) => cursor = Some(next),
                 None => return Ok(deleted),
             }
+        }
+    }
+}
+
+/// A fire-and-forget write, checked and queued during a call and sent
+/// after it (see [`Backend::write_all`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Write `value` at `key`, with an optional TTL.
+    Set { key: String, value: Vec<u8>, ttl: Option<Duration> },
+    /// Delete `key`.
+    Delete { key: String },
+}
+
+impl Write {
+    /// The full key written.
+    pub fn key(&self) -> &str {
+        match self {
+            Write::Set { key, .. } | Write::Delete { key } => key,
+        }
+    }
+
+    /// Whether `self` can go out in one batch with `other`.
+    fn same_batch(&self, other: &Write) -> bool {
+        match (self, other) {
+            (Write::Set { ttl: a, .. }, Write::Set { ttl: b, .. }) => a == b,
+            (Write::Delete { .. }, Write::Delete { .. }) => true,
+            _ => false,
         }
     }
 }

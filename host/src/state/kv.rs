@@ -5,6 +5,7 @@ use std::sync::Arc;
 use wasmtime::component::Resource;
 
 use super::CallCtx;
+use crate::backend::Write;
 use crate::bindings::kv::{Entry, Host, HostBucket, KeyPage};
 use crate::bindings::types::Expiry;
 use crate::error::{shown, StateError, StateResult};
@@ -146,6 +147,24 @@ impl HostBucket for CallCtx {
         bucket.check_write(true)?;
         let pattern = bucket.namespace.pattern(Space::Kv, None)?;
         self.backend.delete_matching(&pattern).await
+    }
+
+    async fn set_later(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> StateResult<()> {
+        let key = self.bucket_key(&bucket, &key, true)?;
+        self.check_value(&value)?;
+        let ttl = self.write_ttl(ttl_ms)?;
+        self.defer(Write::Set { key, value, ttl })
+    }
+
+    async fn delete_later(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<()> {
+        let key = self.bucket_key(&bucket, &key, true)?;
+        self.defer(Write::Delete { key })
     }
 
     async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {

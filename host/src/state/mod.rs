@@ -19,7 +19,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use self::kv::Bucket;
 use self::log::CallLog;
-use crate::backend::Backend;
+use crate::backend::{Backend, Write};
 use crate::error::{shown, StateError, StateResult};
 use crate::limits::{Access, RoleLimits};
 use crate::namespace::{Namespace, Space};
@@ -80,6 +80,8 @@ pub struct CallCtx {
     held_locks: Vec<(String, String)>,
     /// State operations so far in this call.
     ops: u64,
+    /// Fire-and-forget writes, sent after the call.
+    deferred: Vec<Write>,
     table: ResourceTable,
     wasi: WasiCtx,
 }
@@ -92,7 +94,17 @@ impl CallCtx {
         log: CallLog,
         wasi: WasiCtx,
     ) -> Self {
-        Self { role, backend, limiter, log, held_locks: Vec::new(), ops: 0, table: ResourceTable::new(), wasi }
+        Self {
+            role,
+            backend,
+            limiter,
+            log,
+            held_locks: Vec::new(),
+            ops: 0,
+            deferred: Vec::new(),
+            table: ResourceTable::new(),
+            wasi,
+        }
     }
 
     /// The bucket behind a guest handle.
@@ -144,6 +156,21 @@ impl CallCtx {
         }
         self.ops += n;
         Ok(())
+    }
+
+    /// Queues a fire-and-forget write; at most a batch's worth per call.
+    fn defer(&mut self, write: Write) -> StateResult<()> {
+        let max = self.role.limits.max_batch_entries;
+        if self.deferred.len() >= max {
+            return Err(StateError::TooLarge(format!("more than {max} queued writes in one call")));
+        }
+        self.deferred.push(write);
+        Ok(())
+    }
+
+    /// The queued fire-and-forget writes, leaving none.
+    pub(crate) fn take_deferred(&mut self) -> Vec<Write> {
+        std::mem::take(&mut self.deferred)
     }
 
     fn check_value(&self, value: &[u8]) -> StateResult<()> {

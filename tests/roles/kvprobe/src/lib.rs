@@ -28,6 +28,16 @@ enum Op {
     Delete {
         key: String,
     },
+    SetLater {
+        key: String,
+        #[serde(default)]
+        value: String,
+        len: Option<usize>,
+        ttl_ms: Option<u64>,
+    },
+    DeleteLater {
+        key: String,
+    },
     Exists {
         key: String,
     },
@@ -265,6 +275,15 @@ fn run(ns: &str, op: Op) -> Result<Value> {
             Value::Null
         }
         Op::Delete { key } => json!(bucket.delete(&key)?),
+        Op::SetLater { key, value, len, ttl_ms } => {
+            let value = len.map_or(value.into_bytes(), |len| vec![b'x'; len]);
+            bucket.set_later(&key, value, ttl(ttl_ms))?;
+            Value::Null
+        }
+        Op::DeleteLater { key } => {
+            bucket.delete_later(&key)?;
+            Value::Null
+        }
         Op::Exists { key } => json!(bucket.exists(&key)?),
         Op::GetMany { keys } => Value::Array(bucket.get_many(&keys)?.into_iter().map(text).collect()),
         Op::SetMany { entries, ttl_ms, count } => {

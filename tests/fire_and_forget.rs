@@ -1,0 +1,146 @@
+//! Fire-and-forget writes (`set-later`, `delete-later`): checked when
+//! queued, sent after the handler returns, dropped when the call traps,
+//! and a failed send is counted, not returned.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rolehost::backend::{Backend, RedisBackend, RedisOptions, Write};
+use rolehost::{Access, Grants, RoleLimits};
+use rolehost_tests::{free_port, host, host_with_limits, host_with_specs, on_both_backends, probe};
+use serde_json::json;
+
+on_both_backends!(
+    write_all_keeps_order_across_batches,
+    queued_writes_land_after_the_call,
+    queued_writes_are_dropped_when_the_call_traps,
+    queued_writes_are_checked_when_queued,
+);
+
+async fn write_all_keeps_order_across_batches(b: Arc<dyn Backend>, p: String) {
+    let key = |k: &str| format!("{p}{k}");
+    b.set(&key("gone"), b"old", None).await.unwrap();
+    let ttl = Some(Duration::from_secs(60));
+    let writes = [
+        Write::Set { key: key("a"), value: b"1".to_vec(), ttl: None },
+        Write::Set { key: key("a"), value: b"2".to_vec(), ttl: None },
+        Write::Set { key: key("t"), value: b"x".to_vec(), ttl },
+        Write::Delete { key: key("gone") },
+        Write::Delete { key: key("t2") },
+        Write::Set { key: key("t2"), value: b"y".to_vec(), ttl },
+    ];
+    b.write_all(&writes).await.unwrap();
+    assert_eq!(b.get(&key("a")).await.unwrap(), Some(b"2".to_vec()), "the later of two sets wins");
+    assert_eq!(b.get(&key("gone")).await.unwrap(), None);
+    assert_eq!(b.get(&key("t2")).await.unwrap(), Some(b"y".to_vec()), "a set after a delete of the same key lands");
+    for k in ["t", "t2"] {
+        match b.expiry(&key(k)).await.unwrap() {
+            rolehost::backend::Expiry::ExpiresIn(left) => assert!(left <= Duration::from_secs(60)),
+            other => panic!("{k} should expire, got {other:?}"),
+        }
+    }
+    assert_eq!(b.expiry(&key("a")).await.unwrap(), rolehost::backend::Expiry::Persistent);
+}
+
+async fn queued_writes_land_after_the_call(b: Arc<dyn Backend>, p: String) {
+    let host = host(b, &p, &[("r", "kvprobe")]);
+    probe(&host, "r", json!({"op":"set","key":"old","value":"v"})).await.unwrap();
+    let answer = probe(
+        &host,
+        "r",
+        json!({"op":"batch","ops":[
+            {"op":"set_later","key":"a","value":"1"},
+            {"op":"set_later","key":"b","value":"2","ttl_ms":60000},
+            {"op":"delete_later","key":"old"},
+            {"op":"get","key":"a"},
+            {"op":"get","key":"old"},
+        ]}),
+    )
+    .await
+    .unwrap();
+    // Reads in the same call do not see queued writes.
+    assert_eq!(answer, json!([{"ok":null},{"ok":null},{"ok":null},{"ok":null},{"ok":"v"}]));
+    host.settle().await;
+    assert_eq!(probe(&host, "r", json!({"op":"get","key":"a"})).await, Ok(json!("1")));
+    assert_eq!(probe(&host, "r", json!({"op":"get","key":"b"})).await, Ok(json!("2")));
+    assert_eq!(probe(&host, "r", json!({"op":"get","key":"old"})).await, Ok(json!(null)));
+    let left = probe(&host, "r", json!({"op":"expiry","key":"b"})).await.unwrap();
+    assert!(left.as_u64().is_some_and(|ms| ms > 0 && ms <= 60_000), "b keeps its TTL: {left}");
+}
+
+async fn queued_writes_are_dropped_when_the_call_traps(b: Arc<dyn Backend>, p: String) {
+    let host = host(b, &p, &[("r", "kvprobe")]);
+    let trapped = host
+        .call(
+            "r",
+            json!({"op":"batch","ops":[{"op":"set_later","key":"x","value":"1"},{"op":"panic"}]})
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+    assert!(matches!(trapped, Err(rolehost::CallError::Trap { .. })), "{trapped:?}");
+    // A role error (not a trap) still sends: the handler returned.
+    let refused = probe(
+        &host,
+        "r",
+        json!({"op":"batch","ops":[{"op":"set_later","key":"y","value":"1"},{"op":"set","key":"","value":"v"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused[1]["err"]["kind"], "invalid-key");
+    host.settle().await;
+    assert_eq!(probe(&host, "r", json!({"op":"get","key":"x"})).await, Ok(json!(null)));
+    assert_eq!(probe(&host, "r", json!({"op":"get","key":"y"})).await, Ok(json!("1")));
+}
+
+async fn queued_writes_are_checked_when_queued(b: Arc<dyn Backend>, p: String) {
+    let limits =
+        RoleLimits { max_value_bytes: 10, max_batch_entries: 3, max_ttl_ms: Some(1000), ..RoleLimits::default() };
+    let host = host_with_limits(b.clone(), &p, &[("r", "kvprobe")], limits);
+    let err = |op| async { probe(&host, "r", op).await.unwrap_err() };
+    assert_eq!(err(json!({"op":"set_later","key":"a","len":11})).await, "too-large");
+    assert_eq!(err(json!({"op":"set_later","key":"","value":"v"})).await, "invalid-key");
+    assert_eq!(err(json!({"op":"set_later","key":"a","value":"v","ttl_ms":2000})).await, "invalid-argument");
+    assert_eq!(err(json!({"op":"delete_later","key":"a\u{0}b"})).await, "invalid-key");
+    let four: Vec<_> = (0..4).map(|i| json!({"op":"set_later","key":format!("k{i}"),"value":"v"})).collect();
+    let answer = probe(&host, "r", json!({"op":"batch","ops":four})).await.unwrap();
+    assert_eq!(answer[3]["err"]["kind"], "too-large", "a fourth queued write is over the batch limit: {answer}");
+    host.settle().await;
+    let keys = probe(&host, "r", json!({"op":"list_all"})).await.unwrap();
+    assert_eq!(keys, json!(["k0", "k1", "k2"]), "the three accepted writes land, nothing else");
+
+    // A read-only grant refuses queued writes like any other write.
+    let reader = host_with_specs(
+        b,
+        &p,
+        vec![(
+            "reader",
+            "kvprobe",
+            RoleLimits::default(),
+            Grants { namespaces: [("shared".to_owned(), Access::Read)].into(), ..Grants::default() },
+        )],
+    );
+    let op = json!({"ns":"shared","op":"set_later","key":"k","value":"v"});
+    assert_eq!(probe(&reader, "reader", op).await, Err("access-denied".into()));
+}
+
+/// Redis is unreachable: the call still answers, and the lost write is
+/// counted in the metrics instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_sends_are_counted_not_returned() {
+    let mut options = RedisOptions::new(format!("redis://127.0.0.1:{}/0", free_port()));
+    options.connect_timeout = Duration::from_millis(200);
+    options.op_timeout = Duration::from_millis(500);
+    let backend: Arc<dyn Backend> = Arc::new(RedisBackend::new(&options).unwrap());
+    let host = host(backend, "ff:", &[("r", "kvprobe")]);
+    let answer = probe(&host, "r", json!({"op":"set_later","key":"a","value":"1"})).await;
+    assert_eq!(answer, Ok(json!(null)), "the call does not wait for its queued writes");
+    host.settle().await;
+    let failed = host
+        .metrics()
+        .render()
+        .lines()
+        .find(|l| l.starts_with("rolehost_deferred_writes_total{") && l.contains("outcome=\"failed\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert_eq!(failed, Some(1), "{}", host.metrics().render());
+}
