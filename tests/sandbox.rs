@@ -170,6 +170,12 @@ async fn the_pooling_allocator_runs_the_same_calls() {
     let err = host.call("probe", br#"{"op":"grow"}"#).await.unwrap_err();
     assert!(matches!(err, CallError::OutOfMemory { .. }), "{err}");
     assert_eq!(probe(&host, "probe", json!({"op":"incr","key":"n","delta":1})).await, Ok(json!(1)));
+    // A reused pool slot starts from the component's image: nothing one
+    // call left in memory is visible to the next.
+    for i in 0..20 {
+        let left = probe(&host, "probe", json!({"op":"stash","value":format!("secret {i}")})).await;
+        assert_eq!(left, Ok(json!("")), "call {i} saw an earlier call's memory");
+    }
     let mut big = rolehost_tests::spec("big", "kvprobe");
     big.limits.max_memory_bytes = 1 << 30;
     let refused = host.load(&big).err().expect("a role over the pool's memory is refused");

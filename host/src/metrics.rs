@@ -1,7 +1,10 @@
 //! Prometheus metrics: calls per role, state operations per role and
 //! operation, backend latency, instances in flight.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 /// Every metric rolehost exports, in one registry.
 pub struct Metrics {
@@ -76,6 +79,28 @@ impl Metrics {
         // Encoding our own well-formed metrics into memory cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// One role's call metrics, looked up once when the role is loaded rather
+/// than by label on every call.
+pub struct RoleMetrics {
+    /// Calls running now.
+    pub in_flight: IntGauge,
+    /// Call latency, seconds.
+    pub call_seconds: Histogram,
+    /// Calls that succeeded.
+    pub calls_ok: IntCounter,
+}
+
+impl Metrics {
+    /// The call metrics of `role`.
+    pub fn role(&self, role: &str) -> RoleMetrics {
+        RoleMetrics {
+            in_flight: self.in_flight.with_label_values(&[role]),
+            call_seconds: self.call_seconds.with_label_values(&[role]),
+            calls_ok: self.calls.with_label_values(&[role, "ok"]),
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rolehost::backend::{Backend, MemoryBackend, RedisBackend, RedisOptions};
 use rolehost::cache::CompileCache;
+use rolehost::namespace::Space;
 use rolehost::{Host, HostOptions, RoleSpec};
 
 struct Row {
@@ -19,9 +20,11 @@ struct Row {
     ratio: String,
 }
 
-pub fn run(root: &Path) -> anyhow::Result<()> {
+/// Runs the rows named in `only` (letters `a`…`f`), or every row.
+pub fn run(root: &Path, only: &[String]) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let rows = runtime.block_on(measure(root))?;
+    let wanted = |row: &str| only.is_empty() || only.iter().any(|o| o == row);
+    let rows = runtime.block_on(measure(root, &wanted))?;
     println!("| case | rolehost | baseline | ratio |\n|---|---|---|---|");
     for row in rows {
         println!("| {} | {} | {} | {} |", row.case, row.rolehost, row.baseline, row.ratio);
@@ -34,9 +37,21 @@ fn spec(root: &Path) -> anyhow::Result<RoleSpec> {
 }
 
 fn host(root: &Path, backend: Arc<dyn Backend>, cache: Option<CompileCache>) -> anyhow::Result<Host> {
-    let options = HostOptions { cache, pooling: true, max_concurrency: 128, ..HostOptions::default() };
+    host_for(root, backend, cache, 128)
+}
+
+/// A host as `serve` makes it (pooling), for `concurrency` calls at once.
+fn host_for(
+    root: &Path,
+    backend: Arc<dyn Backend>,
+    cache: Option<CompileCache>,
+    concurrency: usize,
+) -> anyhow::Result<Host> {
+    let options = HostOptions { cache, pooling: true, max_concurrency: concurrency, ..HostOptions::default() };
     let host = Host::with_options(backend, "bench:", options)?;
-    host.load(&spec(root)?)?;
+    let mut spec = spec(root)?;
+    spec.limits.max_concurrency = concurrency;
+    host.load(&spec)?;
     Ok(host)
 }
 
@@ -103,81 +118,129 @@ fn start_redis() -> anyhow::Result<Redis> {
     Ok(Redis(child, port))
 }
 
-/// `redis-benchmark` requests per second for GET and SET, when installed.
-fn redis_benchmark(port: u16, extra: &[&str]) -> Option<String> {
+/// `redis-benchmark` requests per second for SET and GET (in that order),
+/// when it is installed.
+fn redis_benchmark(port: u16, extra: &[&str]) -> Option<Vec<(String, f64)>> {
     let out = Command::new("redis-benchmark")
-        .args(["-p", &port.to_string(), "-t", "get,set", "-n", "200000", "-c", "50", "-d", "100", "-q"])
+        .args(["-p", &port.to_string(), "-t", "set,get", "-n", "200000", "-c", "50", "-d", "100", "-q"])
         .args(extra)
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let figures: Vec<String> = text
+    let figures: Vec<(String, f64)> = text
         .split(['\r', '\n'])
         .filter_map(|line| {
             let (name, rest) = line.split_once(':')?;
             let rps = rest.split_whitespace().next()?.parse::<f64>().ok()?;
-            Some(format!("{} {}", name.trim(), kilo(rps)))
+            Some((name.trim().to_owned(), rps))
         })
         .collect();
-    (!figures.is_empty()).then(|| figures.join(", "))
+    (!figures.is_empty()).then_some(figures)
+}
+
+fn shown(figures: &[(String, f64)]) -> String {
+    figures.iter().map(|(name, rps)| format!("{name} {}", kilo(*rps))).collect::<Vec<_>>().join(", ")
+}
+
+fn met(ok: bool) -> String {
+    if ok { "met" } else { "missed" }.into()
+}
+
+/// Resident and peak resident memory of this process, bytes.
+fn rss() -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} in /proc"))?;
+        let kib: u64 = line.split_whitespace().nth(1).context("bad /proc line")?.parse()?;
+        Ok(kib * 1024)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 fn kilo(per_second: f64) -> String {
     format!("{:.1}k/s", per_second / 1000.0)
 }
 
-async fn measure(root: &Path) -> anyhow::Result<Vec<Row>> {
+async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
+    // (f) first, while the process's peak memory is still its own.
+    if wanted("f") {
+        rows.push(in_flight_memory(root).await?);
+    }
+    if wanted("e") {
+        rows.push(load_times(root)?);
+    }
     let memory: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    if wanted("a") || wanted("b") {
+        // (a) empty call and (b) GET + SET on the memory backend, one at a time.
+        let host_mem = host(root, memory.clone(), None)?;
+        for _ in 0..2000 {
+            host_mem.call("bench", b"").await?;
+        }
+        if wanted("a") {
+            let (median, rate) = sequential(&host_mem, b"", 20_000).await?;
+            rows.push(Row {
+                case: "(a) empty call, memory, 1 at a time".into(),
+                rolehost: format!("median {:.1} µs, {}", median.as_secs_f64() * 1e6, kilo(rate)),
+                baseline: "goal: median ≤ 10 µs".into(),
+                ratio: met(median <= Duration::from_micros(10)),
+            });
+        }
+        if wanted("b") {
+            let (median, rate) = sequential(&host_mem, b"gs", 20_000).await?;
+            rows.push(Row {
+                case: "(b) GET + SET 100 B, memory, 1 at a time".into(),
+                rolehost: format!("median {:.1} µs, {}", median.as_secs_f64() * 1e6, kilo(rate)),
+                baseline: "plain wasmtime host, no pooling: ≈15k/s (issue figure)".into(),
+                ratio: "—".into(),
+            });
+        }
+    }
+    if wanted("c") || wanted("d") {
+        let redis = start_redis()?;
+        let url = format!("redis://127.0.0.1:{}/0", redis.1);
+        let backend: Arc<dyn Backend> =
+            Arc::new(RedisBackend::new(&RedisOptions::new(&url)).map_err(anyhow::Error::msg)?);
+        let host_redis = Arc::new(host(root, backend, None)?);
+        if wanted("c") {
+            rows.extend(redis_pairs(&host_redis, &url, redis.1).await?);
+        }
+        if wanted("d") {
+            rows.extend(redis_batches(&host_redis, redis.1).await?);
+        }
+    }
+    Ok(rows)
+}
 
-    // (e) load: cold compile, then from the compile cache.
+/// (e) loading a role: cold compile, then from the compile cache.
+fn load_times(root: &Path) -> anyhow::Result<Row> {
+    let memory: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
     let cache_dir = std::env::temp_dir().join(format!("rolehost-bench-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&cache_dir);
     let t = Instant::now();
     host(root, memory.clone(), Some(CompileCache::new(&cache_dir)))?;
     let cold = t.elapsed();
     let t = Instant::now();
-    let cached_host = host(root, memory.clone(), Some(CompileCache::new(&cache_dir)))?;
+    let cached_host = host(root, memory, Some(CompileCache::new(&cache_dir)))?;
     let cached = t.elapsed();
     anyhow::ensure!(cached_host.role("bench").is_some_and(|r| r.from_cache()), "cache not used");
     let _ = std::fs::remove_dir_all(&cache_dir);
-    rows.push(Row {
+    Ok(Row {
         case: "(e) load a role: cold / from cache".into(),
         rolehost: format!("{:.1} ms / {:.1} ms", cold.as_secs_f64() * 1e3, cached.as_secs_f64() * 1e3),
         baseline: "goal: cached ≤ 20 ms".into(),
-        ratio: if cached <= Duration::from_millis(20) { "met".into() } else { "missed".into() },
-    });
+        ratio: met(cached <= Duration::from_millis(20)),
+    })
+}
 
-    // (a) empty call and (b) GET + SET on the memory backend, one at a time.
-    let host_mem = host(root, memory.clone(), None)?;
-    for _ in 0..2000 {
-        host_mem.call("bench", b"").await?;
-    }
-    let (median, rate) = sequential(&host_mem, b"", 20_000).await?;
-    rows.push(Row {
-        case: "(a) empty call, memory, 1 at a time".into(),
-        rolehost: format!("median {:.1} µs, {}", median.as_secs_f64() * 1e6, kilo(rate)),
-        baseline: "goal: median ≤ 10 µs".into(),
-        ratio: if median <= Duration::from_micros(10) { "met".into() } else { "missed".into() },
-    });
-    let (median, rate) = sequential(&host_mem, b"gs", 20_000).await?;
-    rows.push(Row {
-        case: "(b) GET + SET 100 B, memory, 1 at a time".into(),
-        rolehost: format!("median {:.1} µs, {}", median.as_secs_f64() * 1e6, kilo(rate)),
-        baseline: "plain wasmtime host, no pooling: ≈15k/s (issue figure)".into(),
-        ratio: "—".into(),
-    });
-
-    // (c) GET + SET on Redis, next to native redis-rs pairs.
-    let redis = start_redis()?;
-    let url = format!("redis://127.0.0.1:{}/0", redis.1);
-    let backend: Arc<dyn Backend> = Arc::new(RedisBackend::new(&RedisOptions::new(&url)).map_err(anyhow::Error::msg)?);
-    let host_redis = Arc::new(host(root, backend, None)?);
-    let client = redis::Client::open(url.as_str())?;
+/// (c) GET + SET on Redis, next to native redis-rs pairs and redis-benchmark.
+async fn redis_pairs(host: &Arc<Host>, url: &str, port: u16) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let client = redis::Client::open(url)?;
     let native = client.get_multiplexed_async_connection().await?;
     for concurrency in [1, 16, 64] {
         let n = 20_000;
-        let h = host_redis.clone();
+        let h = host.clone();
         let ours = concurrent(n, concurrency, move || {
             let h = h.clone();
             async move {
@@ -203,13 +266,85 @@ async fn measure(root: &Path) -> anyhow::Result<Vec<Row>> {
             ratio: format!("{:.2}{}", ours / theirs, if concurrency == 64 { " (goal ≥ 0.90)" } else { "" }),
         });
     }
-    if let Some(figures) = redis_benchmark(redis.1, &[]) {
+    if let Some(figures) = redis_benchmark(port, &[]) {
         rows.push(Row {
             case: "(c) redis-benchmark -c 50 -d 100".into(),
             rolehost: "—".into(),
-            baseline: figures,
+            baseline: shown(&figures),
             ratio: "—".into(),
         });
     }
     Ok(rows)
+}
+
+/// (d) set-many and get-many of 1000 keys on Redis: keys per second, next
+/// to `redis-benchmark -P 16`.
+async fn redis_batches(host: &Arc<Host>, port: u16) -> anyhow::Result<Vec<Row>> {
+    const KEYS: f64 = 1000.0;
+    let reference = redis_benchmark(port, &["-P", "16"]);
+    let mut rows = Vec::new();
+    for (request, name, reference_name) in [(&b"sm"[..], "set-many", "SET"), (&b"gm"[..], "get-many", "GET")] {
+        let h = host.clone();
+        let calls = concurrent(400, 8, move || {
+            let h = h.clone();
+            async move {
+                let response = h.call("bench", request).await?;
+                anyhow::ensure!(request != b"gm" || response == b"1000", "get-many found {response:?} keys");
+                Ok(())
+            }
+        })
+        .await?;
+        let keys = calls * KEYS;
+        let theirs = reference.as_ref().and_then(|f| f.iter().find(|(n, _)| n == reference_name)).map(|(_, r)| *r);
+        rows.push(Row {
+            case: format!("(d) {name} of 1000 keys × 100 B, Redis, concurrency 8"),
+            rolehost: format!("{} keys", kilo(keys)),
+            baseline: theirs.map_or("redis-benchmark not installed".into(), |r| {
+                format!("redis-benchmark -P 16 -c 50: {reference_name} {}", kilo(r))
+            }),
+            ratio: theirs.map_or("—".into(), |r| format!("{:.2} (goal ≥ 0.50): {}", keys / r, met(keys / r >= 0.5))),
+        });
+    }
+    Ok(rows)
+}
+
+/// (f) resident memory with 1000 calls in flight, per call. Every call
+/// waits inside the host for a lock the benchmark holds.
+async fn in_flight_memory(root: &Path) -> anyhow::Result<Row> {
+    const CALLS: usize = 1000;
+    let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let host = Arc::new(host_for(root, backend.clone(), None, CALLS + 24)?);
+    let namespace = host.role("bench").context("bench role")?.namespace().clone();
+    let key = namespace.key(Space::Lock, "gate").map_err(anyhow::Error::msg)?;
+    let fence = namespace.key(Space::Fence, "gate").map_err(anyhow::Error::msg)?;
+    backend.lock_acquire(&key, &fence, "bench", Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
+    // Warm up: one call, so what is built once is not counted per call.
+    host.call("bench", b"").await?;
+    let (before, _) = rss()?;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..CALLS {
+        let host = host.clone();
+        calls.spawn(async move { host.call("bench", b"hold").await });
+    }
+    let in_flight = host.metrics().in_flight.with_label_values(&["bench"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while in_flight.get() < CALLS as i64 {
+        anyhow::ensure!(Instant::now() < deadline, "only {} calls got in flight", in_flight.get());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (during, _) = rss()?;
+    while let Some(result) = calls.join_next().await {
+        result??;
+    }
+    let per_call = during.saturating_sub(before) as f64 / CALLS as f64;
+    Ok(Row {
+        case: "(f) resident memory, 1000 calls in flight".into(),
+        rolehost: format!(
+            "{:.0} KiB per call ({:.0} MiB in all)",
+            per_call / 1024.0,
+            (during - before) as f64 / 1048576.0
+        ),
+        baseline: "goal: ≤ 2 MiB per call".into(),
+        ratio: met(per_call <= 2.0 * 1048576.0),
+    })
 }

@@ -33,19 +33,14 @@ fn main() -> anyhow::Result<()> {
         Some("bench") => {
             build(&root)?;
             // Measure optimized code: run the benchmark itself in release.
-            run(cargo().current_dir(&root).args([
-                "run",
-                "--release",
-                "--quiet",
-                "--package",
-                "xtask",
-                "--",
-                "bench-run",
-            ]))
+            run(cargo()
+                .current_dir(&root)
+                .args(["run", "--release", "--quiet", "--package", "xtask", "--", "bench-run"])
+                .args(&args[1..]))
         }
-        Some("bench-run") => bench::run(&root),
+        Some("bench-run") => bench::run(&root, &args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask build | demo [--state memory|redis://…] | test [cargo test args] | bench");
+            eprintln!("usage: cargo xtask build | demo [--state memory|redis://…] | test [cargo test args] | bench [a b c d e f]");
             std::process::exit(2);
         }
     }

@@ -209,7 +209,14 @@ enum Op {
     Connect {
         addr: String,
     },
+    /// Keeps `value` in the instance's memory; answers what was kept there
+    /// before (always "" in a fresh instance).
+    Stash {
+        value: String,
+    },
 }
+
+static STASH: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 
 /// Fields every request may carry besides its operation.
 #[derive(Deserialize)]
@@ -475,6 +482,10 @@ fn run(ns: &str, op: Op) -> Result<Value> {
                 "reset_after_ms": d.reset_after.as_millis() as u64,
                 "retry_after_ms": d.retry_after.as_millis() as u64,
             })
+        }
+        Op::Stash { value } => {
+            let mut stash = STASH.lock().unwrap_or_else(|p| p.into_inner());
+            json!(std::mem::replace(&mut *stash, value))
         }
         Op::Batch { ops } => Value::Array(ops.into_iter().map(|op| answer(ns, op)).collect()),
         Op::Recurse { depth } => json!(recurse(depth)),
