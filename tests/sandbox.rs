@@ -181,3 +181,41 @@ async fn the_pooling_allocator_runs_the_same_calls() {
     let refused = host.load(&big).err().expect("a role over the pool's memory is refused");
     assert!(refused.to_string().contains("pooling"), "{refused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_instances_are_reused_until_a_call_fails() {
+    // One outer bucket open, then an open and an increment per inner op.
+    let limits = RoleLimits { warm_instances: 1, max_ops_per_call: 5, deadline_ms: 500, ..limits() };
+    let host = host_with_limits(backend("memory").unwrap(), "t:", &[("probe", "kvprobe")], limits);
+    let stash = |value: &str| {
+        let op = json!({"op":"stash","value":value});
+        let host = &host;
+        async move { probe(host, "probe", op).await.unwrap() }
+    };
+    assert_eq!(stash("a").await, json!(""));
+    // The trade a warm instance makes: the next call sees its memory.
+    assert_eq!(stash("b").await, json!("a"));
+    // Quotas stay per call: the same instance runs this five-op call twice.
+    let incr = json!({"op":"batch","ops":[{"op":"incr","key":"n","delta":1},{"op":"incr","key":"n","delta":1}]});
+    for _ in 0..2 {
+        let answer = probe(&host, "probe", incr.clone()).await.unwrap();
+        assert!(answer[1]["ok"].is_number(), "{answer}");
+    }
+    assert_eq!(stash("c").await, json!("b"), "still the same instance");
+    // A trap drops the instance: the next call starts fresh.
+    assert!(matches!(host.call("probe", br#"{"op":"panic"}"#).await, Err(CallError::Trap { .. })));
+    assert_eq!(stash("d").await, json!(""));
+    // So does a missed deadline.
+    let spun = host.call("probe", br#"{"op":"spin"}"#).await;
+    assert!(matches!(spun, Err(CallError::DeadlineExceeded { .. })), "{spun:?}");
+    assert_eq!(stash("e").await, json!(""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_warm_instances_every_call_is_fresh() {
+    let host = host(backend("memory").unwrap(), "t:", &[("probe", "kvprobe")]);
+    for i in 0..5 {
+        let left = probe(&host, "probe", json!({"op":"stash","value":format!("secret {i}")})).await;
+        assert_eq!(left, Ok(json!("")));
+    }
+}

@@ -43,6 +43,12 @@ pub struct RoleLimits {
     /// Longest TTL the role may ask for; a longer one, or making a key
     /// persistent, is refused with `invalid-argument` (default: none).
     pub max_ttl_ms: Option<u64>,
+    /// Instances kept between calls and reused (default 0: a fresh instance
+    /// for every call). Saves instantiation, which matters for big JS and
+    /// Python components, at the cost of isolation between calls of the
+    /// same role: what one call leaves in memory, the next can see. An
+    /// instance that traps or misses its deadline is dropped, not reused.
+    pub warm_instances: usize,
 }
 
 impl Default for RoleLimits {
@@ -61,6 +67,7 @@ impl Default for RoleLimits {
             max_log_bytes: 64 << 10,
             default_ttl_ms: None,
             max_ttl_ms: None,
+            warm_instances: 0,
         }
     }
 }

@@ -74,6 +74,8 @@ pub struct Role {
     /// Calls this role may run at once.
     slots: Arc<tokio::sync::Semaphore>,
     metrics: RoleMetrics,
+    /// Instances kept between calls (`warm-instances`), most recent last.
+    warm: Mutex<Vec<(Store<CallCtx>, RoleWorld)>>,
 }
 
 impl Role {
@@ -105,6 +107,28 @@ impl Role {
     /// What it was loaded from.
     pub fn spec(&self) -> &RoleSpec {
         &self.spec
+    }
+
+    /// A warm instance left by an earlier call, if the role keeps them.
+    fn take_warm(&self) -> Option<(Store<CallCtx>, RoleWorld)> {
+        if self.info.limits.warm_instances == 0 {
+            return None;
+        }
+        self.warm.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop()
+    }
+
+    /// Keeps an instance whose call returned normally for the next call,
+    /// up to the role's `warm-instances`; drops it otherwise.
+    fn keep_warm(&self, mut store: Store<CallCtx>, instance: RoleWorld) {
+        let max = self.info.limits.warm_instances;
+        if max == 0 {
+            return;
+        }
+        store.data_mut().next_call();
+        let mut warm = self.warm.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if warm.len() < max {
+            warm.push((store, instance));
+        }
     }
 
     /// A fresh WASI context: the role's log as stdout and stderr, and only
@@ -330,6 +354,7 @@ impl Host {
             dir: checked_dir(spec.grants.dir.as_deref())?,
             slots: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_concurrency)),
             metrics: self.metrics.role(&spec.name),
+            warm: Mutex::new(Vec::new()),
         })
     }
 
@@ -404,18 +429,32 @@ impl Host {
         }
     }
 
+    /// A new store for one of `role`'s instances: its limits, its log and
+    /// a WASI context granting only what the manifest names.
+    fn new_store(&self, role: &Role) -> Result<Store<CallCtx>, CallError> {
+        let limits = &role.info.limits;
+        let log = CallLog::new(&role.info.name, limits.max_log_bytes);
+        let wasi =
+            role.wasi(&log).map_err(|e| CallError::Trap { role: role.info.name.clone(), message: format!("{e:#}") })?;
+        let limiter = CallLimiter::new(limits.max_memory_bytes);
+        let ctx = CallCtx::new(role.info.clone(), role.metered.clone(), limiter, log, wasi);
+        let mut store = Store::new(&self.engine, ctx);
+        store.limiter(|ctx| &mut ctx.limiter);
+        store.epoch_deadline_trap();
+        Ok(store)
+    }
+
     async fn run(&self, role: &Role, request: &[u8]) -> Result<Vec<u8>, CallError> {
         let name = || role.info.name.clone();
         let limits = &role.info.limits;
-        let log = CallLog::new(&role.info.name, limits.max_log_bytes);
-        let wasi = role.wasi(&log).map_err(|e| CallError::Trap { role: name(), message: format!("{e:#}") })?;
-        let limiter = CallLimiter::new(limits.max_memory_bytes);
-        let ctx = CallCtx::new(role.info.clone(), role.metered.clone(), limiter, log.clone(), wasi);
-        let mut store = Store::new(&self.engine, ctx);
-        store.limiter(|ctx| &mut ctx.limiter);
+        // A warm instance from an earlier call, or a fresh store to
+        // instantiate into.
+        let (mut store, warm) = match role.take_warm() {
+            Some((store, instance)) => (store, Some(instance)),
+            None => (self.new_store(role)?, None),
+        };
         let deadline = Duration::from_millis(limits.deadline_ms);
         store.set_epoch_deadline(deadline.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1);
-        store.epoch_deadline_trap();
         if self.options.fuel {
             store
                 .set_fuel(limits.fuel.unwrap_or(u64::MAX))
@@ -423,19 +462,30 @@ impl Host {
         }
 
         let run = async {
-            let instance = role.pre.instantiate_async(&mut store).await?;
-            instance.rolehost_state_handler().call_handle(&mut store, request).await
+            let instance = match warm {
+                Some(instance) => instance,
+                None => role.pre.instantiate_async(&mut store).await?,
+            };
+            let result = instance.rolehost_state_handler().call_handle(&mut store, request).await?;
+            Ok::<_, wasmtime::Error>((result, instance))
         };
         let outcome = tokio::time::timeout(deadline + EPOCH_TICK * 2, run).await;
         store.data_mut().release_held_locks().await;
-        log.finish();
-        if let Ok(Ok(_)) = &outcome {
-            // The handler returned: its queued writes go out now.
-            self.send_later(role, store.data_mut().take_deferred());
-        }
+        store.data().log.finish();
+        let outcome = match outcome {
+            Ok(Ok((result, instance))) => {
+                // The handler returned: its queued writes go out now, and
+                // the instance may serve the next call.
+                self.send_later(role, store.data_mut().take_deferred());
+                role.keep_warm(store, instance);
+                Ok(Ok(result))
+            }
+            Ok(Err(trap)) => Ok(Err(classify_trap(&trap, store.data(), limits, name()))),
+            Err(elapsed) => Err(elapsed),
+        };
         let response = match outcome {
             Err(_) => return Err(CallError::DeadlineExceeded { role: name(), millis: limits.deadline_ms }),
-            Ok(Err(trap)) => return Err(classify_trap(&trap, store.data(), limits, name())),
+            Ok(Err(error)) => return Err(error),
             Ok(Ok(Err(error))) => return Err(CallError::Role { role: name(), error: error.into() }),
             Ok(Ok(Ok(response))) => response,
         };

@@ -37,7 +37,7 @@ fn spec(root: &Path) -> anyhow::Result<RoleSpec> {
 }
 
 fn host(root: &Path, backend: Arc<dyn Backend>, cache: Option<CompileCache>) -> anyhow::Result<Host> {
-    host_for(root, backend, cache, 128)
+    host_for(root, backend, cache, 128, 0)
 }
 
 /// A host as `serve` makes it (pooling), for `concurrency` calls at once.
@@ -46,11 +46,13 @@ fn host_for(
     backend: Arc<dyn Backend>,
     cache: Option<CompileCache>,
     concurrency: usize,
+    warm_instances: usize,
 ) -> anyhow::Result<Host> {
     let options = HostOptions { cache, pooling: true, max_concurrency: concurrency, ..HostOptions::default() };
     let host = Host::with_options(backend, "bench:", options)?;
     let mut spec = spec(root)?;
     spec.limits.max_concurrency = concurrency;
+    spec.limits.warm_instances = warm_instances;
     host.load(&spec)?;
     Ok(host)
 }
@@ -186,6 +188,17 @@ async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<V
                 ratio: met(median <= Duration::from_micros(10)),
             });
         }
+        if wanted("a") {
+            let warm = host_for(root, memory.clone(), None, 128, 1)?;
+            warm.call("bench", b"").await?;
+            let (median, rate) = sequential(&warm, b"", 20_000).await?;
+            rows.push(Row {
+                case: "(a) empty call, memory, reusing a warm instance".into(),
+                rolehost: format!("median {:.1} µs, {}", median.as_secs_f64() * 1e6, kilo(rate)),
+                baseline: "`warm-instances = 1`: no instantiation".into(),
+                ratio: "—".into(),
+            });
+        }
         if wanted("b") {
             let (median, rate) = sequential(&host_mem, b"gs", 20_000).await?;
             rows.push(Row {
@@ -313,7 +326,7 @@ async fn redis_batches(host: &Arc<Host>, port: u16) -> anyhow::Result<Vec<Row>> 
 async fn in_flight_memory(root: &Path) -> anyhow::Result<Row> {
     const CALLS: usize = 1000;
     let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
-    let host = Arc::new(host_for(root, backend.clone(), None, CALLS + 24)?);
+    let host = Arc::new(host_for(root, backend.clone(), None, CALLS + 24, 0)?);
     let namespace = host.role("bench").context("bench role")?.namespace().clone();
     let key = namespace.key(Space::Lock, "gate").map_err(anyhow::Error::msg)?;
     let fence = namespace.key(Space::Fence, "gate").map_err(anyhow::Error::msg)?;

@@ -24,6 +24,7 @@ pub struct CallLog(Arc<Mutex<LogState>>);
 
 struct LogState {
     role: Arc<str>,
+    max: usize,
     budget: usize,
     dropped: usize,
     partial: [Vec<u8>; 2],
@@ -41,6 +42,7 @@ impl CallLog {
     pub fn new(role: &str, budget: usize) -> Self {
         Self(Arc::new(Mutex::new(LogState {
             role: role.into(),
+            max: budget,
             budget,
             dropped: 0,
             partial: [Vec::new(), Vec::new()],
@@ -92,7 +94,7 @@ impl CallLog {
     }
 
     /// Emits unfinished lines and says how much was dropped; call once the
-    /// call is over.
+    /// call is over. The budget is then full again for a next call.
     pub fn finish(&self) {
         let mut state = self.state();
         for (i, level) in [(0, Level::Info), (1, Level::Warn)] {
@@ -104,6 +106,9 @@ impl CallLog {
         if state.dropped > 0 {
             tracing::warn!(role = %state.role, dropped_bytes = state.dropped, "role log over its budget; lines dropped");
         }
+        // A warm instance's next call starts with a full budget.
+        state.budget = state.max;
+        state.dropped = 0;
     }
 }
 

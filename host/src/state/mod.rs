@@ -158,6 +158,15 @@ impl CallCtx {
         Ok(())
     }
 
+    /// Readies a warm instance's context for its next call: fresh
+    /// per-call quotas and log budget. (Queued writes were taken and locks
+    /// released when the last call ended.)
+    pub(crate) fn next_call(&mut self) {
+        self.ops = 0;
+        self.limiter.memory_refused = false;
+        debug_assert!(self.deferred.is_empty() && self.held_locks.is_empty());
+    }
+
     /// Queues a fire-and-forget write; at most a batch's worth per call.
     fn defer(&mut self, write: Write) -> StateResult<()> {
         let max = self.role.limits.max_batch_entries;
