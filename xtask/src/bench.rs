@@ -214,9 +214,12 @@ async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<V
         let url = format!("redis://127.0.0.1:{}/0", redis.1);
         let backend: Arc<dyn Backend> =
             Arc::new(RedisBackend::new(&RedisOptions::new(&url)).map_err(anyhow::Error::msg)?);
-        let host_redis = Arc::new(host(root, backend, None)?);
+        let host_redis = Arc::new(host(root, backend.clone(), None)?);
         if wanted("c") {
-            rows.extend(redis_pairs(&host_redis, &url, redis.1).await?);
+            let backend_for_pairs = backend.clone();
+            let warm = Arc::new(host_for(root, backend, None, 128, 64)?);
+            rows.extend(redis_pairs(&host_redis, &warm, &url, redis.1).await?);
+            rows.extend(backend_pairs(&backend_for_pairs).await?);
         }
         if wanted("d") {
             rows.extend(redis_batches(&host_redis, redis.1).await?);
@@ -247,11 +250,13 @@ fn load_times(root: &Path) -> anyhow::Result<Row> {
 }
 
 /// (c) GET + SET on Redis, next to native redis-rs pairs and redis-benchmark.
-async fn redis_pairs(host: &Arc<Host>, url: &str, port: u16) -> anyhow::Result<Vec<Row>> {
+/// `warm` is the same role with `warm-instances`, measured at the highest
+/// concurrency to show what instantiation costs there.
+async fn redis_pairs(host: &Arc<Host>, warm: &Arc<Host>, url: &str, port: u16) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     let client = redis::Client::open(url)?;
     let native = client.get_multiplexed_async_connection().await?;
-    for concurrency in [1, 16, 64] {
+    for (concurrency, host) in [(1, host), (16, host), (64, host), (64, warm)] {
         let n = 20_000;
         let h = host.clone();
         let ours = concurrent(n, concurrency, move || {
@@ -272,8 +277,9 @@ async fn redis_pairs(host: &Arc<Host>, url: &str, port: u16) -> anyhow::Result<V
             }
         })
         .await?;
+        let how = if Arc::ptr_eq(host, warm) { ", warm instances" } else { "" };
         rows.push(Row {
-            case: format!("(c) GET + SET 100 B, Redis, concurrency {concurrency}"),
+            case: format!("(c) GET + SET 100 B, Redis, concurrency {concurrency}{how}"),
             rolehost: format!("{} calls", kilo(ours)),
             baseline: format!("redis-rs: {} pairs", kilo(theirs)),
             ratio: format!("{:.2}{}", ours / theirs, if concurrency == 64 { " (goal ≥ 0.90)" } else { "" }),
@@ -284,6 +290,31 @@ async fn redis_pairs(host: &Arc<Host>, url: &str, port: u16) -> anyhow::Result<V
             case: "(c) redis-benchmark -c 50 -d 100".into(),
             rolehost: "—".into(),
             baseline: shown(&figures),
+            ratio: "—".into(),
+        });
+    }
+    Ok(rows)
+}
+
+/// (c) broken down: the same GET + SET pairs straight on the Redis
+/// backend, without wasm, to tell the backend's cost from the guest's.
+async fn backend_pairs(backend: &Arc<dyn Backend>) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for concurrency in [1, 64] {
+        let b = backend.clone();
+        let rate = concurrent(20_000, concurrency, move || {
+            let b = b.clone();
+            async move {
+                b.get("bench:bench:kv:k").await.map_err(anyhow::Error::msg)?;
+                b.set("bench:bench:kv:k", &[b'v'; 100], None).await.map_err(anyhow::Error::msg)?;
+                Ok(())
+            }
+        })
+        .await?;
+        rows.push(Row {
+            case: format!("(c) breakdown: Redis backend alone (no wasm), concurrency {concurrency}"),
+            rolehost: format!("{} pairs", kilo(rate)),
+            baseline: "—".into(),
             ratio: "—".into(),
         });
     }
