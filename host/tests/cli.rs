@@ -176,3 +176,21 @@ fn sha256_of(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
 }
+
+#[test]
+fn run_waits_for_fire_and_forget_writes_before_exiting() {
+    let Some(server) = shared_redis() else { return };
+    let db = server.fresh_db();
+    let url = server.url(db);
+    let probe = role_path("kvprobe");
+    // Sets and deletes alternate, so the sends take 100 round trips: an
+    // exit that did not wait would cut them short.
+    let ops: Vec<String> = (0..50)
+        .map(|i| format!(r#"{{"op":"set_later","key":"k{i}","value":"v"}},{{"op":"delete_later","key":"gone{i}"}}"#))
+        .collect();
+    let body = format!(r#"{{"op":"batch","ops":[{}]}}"#, ops.join(","));
+    let out = rolehost(&["run", probe.to_str().unwrap(), &body, "--name", "later", "--state", &url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The process has exited: every queued write must already be in Redis.
+    assert_eq!(server.all_keys(db).len(), 50, "{:?}", server.all_keys(db));
+}
