@@ -71,6 +71,18 @@ async fn sequential(host: &Host, body: &[u8], n: usize) -> anyhow::Result<(Durat
     Ok((times[n / 2], n as f64 / total.as_secs_f64()))
 }
 
+/// A row of 20 000 sequential calls with `body`, and their median.
+async fn one_at_a_time(host: &Host, body: &[u8], case: &str, baseline: &str) -> anyhow::Result<(Row, Duration)> {
+    let (median, rate) = sequential(host, body, 20_000).await?;
+    let row = Row {
+        case: case.into(),
+        rolehost: format!("median {:.1} µs, {}", median.as_secs_f64() * 1e6, kilo(rate)),
+        baseline: baseline.into(),
+        ratio: "—".into(),
+    };
+    Ok((row, median))
+}
+
 /// Operations per second of `n` runs of `op`, `concurrency` at a time.
 async fn concurrent<F, Fut>(n: usize, concurrency: usize, op: F) -> anyhow::Result<f64>
 where
@@ -180,33 +192,18 @@ async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<V
             host_mem.call("bench", b"").await?;
         }
         if wanted("a") {
-            let (median, rate) = sequential(&host_mem, b"", 20_000).await?;
-            rows.push(Row {
-                case: "(a) empty call, memory, 1 at a time".into(),
-                rolehost: format!("median {:.1} µs, {}", median.as_secs_f64() * 1e6, kilo(rate)),
-                baseline: "goal: median ≤ 10 µs".into(),
-                ratio: met(median <= Duration::from_micros(10)),
-            });
-        }
-        if wanted("a") {
+            let goal = "goal: median ≤ 10 µs";
+            let row = one_at_a_time(&host_mem, b"", "(a) empty call, memory, 1 at a time", goal).await?;
+            rows.push(Row { ratio: met(row.1 <= Duration::from_micros(10)), ..row.0 });
             let warm = host_for(root, memory.clone(), None, 128, 1)?;
             warm.call("bench", b"").await?;
-            let (median, rate) = sequential(&warm, b"", 20_000).await?;
-            rows.push(Row {
-                case: "(a) empty call, memory, reusing a warm instance".into(),
-                rolehost: format!("median {:.1} µs, {}", median.as_secs_f64() * 1e6, kilo(rate)),
-                baseline: "`warm-instances = 1`: no instantiation".into(),
-                ratio: "—".into(),
-            });
+            let case = "(a) empty call, memory, reusing a warm instance";
+            rows.push(one_at_a_time(&warm, b"", case, "`warm-instances = 1`: no instantiation").await?.0);
         }
         if wanted("b") {
-            let (median, rate) = sequential(&host_mem, b"gs", 20_000).await?;
-            rows.push(Row {
-                case: "(b) GET + SET 100 B, memory, 1 at a time".into(),
-                rolehost: format!("median {:.1} µs, {}", median.as_secs_f64() * 1e6, kilo(rate)),
-                baseline: "plain wasmtime host, no pooling: ≈15k/s (issue figure)".into(),
-                ratio: "—".into(),
-            });
+            let case = "(b) GET + SET 100 B, memory, 1 at a time";
+            let baseline = "plain wasmtime host, no pooling: ≈15k/s (issue figure)";
+            rows.push(one_at_a_time(&host_mem, b"gs", case, baseline).await?.0);
         }
     }
     if wanted("c") || wanted("d") {

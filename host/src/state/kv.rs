@@ -29,6 +29,19 @@ impl CallCtx {
         bucket.namespace.key(Space::Kv, key)
     }
 
+    /// The full key and TTL of one `set`, after every guard a write passes.
+    fn checked_set(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        key: &str,
+        value: &[u8],
+        ttl_ms: Option<u64>,
+    ) -> StateResult<(String, Option<std::time::Duration>)> {
+        let key = self.bucket_key(bucket, key, true)?;
+        self.check_value(value)?;
+        Ok((key, self.write_ttl(ttl_ms)?))
+    }
+
     /// The full keys of a batch: checked against the batch limit, charged
     /// one operation per key.
     fn bucket_keys(&mut self, bucket: &Resource<Bucket>, keys: &[String], write: bool) -> StateResult<Vec<String>> {
@@ -76,9 +89,7 @@ impl HostBucket for CallCtx {
         value: Vec<u8>,
         ttl_ms: Option<u64>,
     ) -> StateResult<()> {
-        let key = self.bucket_key(&bucket, &key, true)?;
-        self.check_value(&value)?;
-        let ttl = self.write_ttl(ttl_ms)?;
+        let (key, ttl) = self.checked_set(&bucket, &key, &value, ttl_ms)?;
         self.backend.set(&key, &value, ttl).await
     }
 
@@ -156,9 +167,7 @@ impl HostBucket for CallCtx {
         value: Vec<u8>,
         ttl_ms: Option<u64>,
     ) -> StateResult<()> {
-        let key = self.bucket_key(&bucket, &key, true)?;
-        self.check_value(&value)?;
-        let ttl = self.write_ttl(ttl_ms)?;
+        let (key, ttl) = self.checked_set(&bucket, &key, &value, ttl_ms)?;
         self.defer(Write::Set { key, value, ttl })
     }
 
