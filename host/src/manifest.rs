@@ -9,6 +9,8 @@
 //! connect-timeout-ms = 1000
 //! op-timeout-ms = 2000
 //! acl-users = false                  # connect as each role's ACL user
+//! ca-file = "ca.pem"                 # CA certificates for rediss://
+//! wait-replicas = 1                  # writes wait for this many replicas
 //!
 //! [[roles]]
 //! name = "counter"                   # default: the file stem
@@ -57,6 +59,11 @@ pub struct RedisSection {
     /// Talk to Redis as each role's own ACL user (see `rolehost acl`).
     #[serde(default)]
     pub acl_users: bool,
+    /// PEM file of CA certificates trusted for `rediss://`, relative to the
+    /// manifest.
+    pub ca_file: Option<PathBuf>,
+    /// Replicas a write must reach (Redis `WAIT`) before it is acknowledged.
+    pub wait_replicas: Option<u32>,
     /// Present only so a password here gets a clear refusal.
     password: Option<toml::Value>,
 }
@@ -89,11 +96,11 @@ impl Manifest {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read manifest {}", path.display()))?;
         let mut manifest = Self::parse(&text).with_context(|| format!("bad manifest {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for role in &mut manifest.roles {
-            for path in std::iter::once(&mut role.wasm).chain(role.grants.dir.as_mut()) {
-                if path.is_relative() {
-                    *path = base.join(&*path);
-                }
+        let roles =
+            manifest.roles.iter_mut().flat_map(|role| std::iter::once(&mut role.wasm).chain(role.grants.dir.as_mut()));
+        for path in roles.chain(manifest.redis.ca_file.as_mut()) {
+            if path.is_relative() {
+                *path = base.join(&*path);
             }
         }
         Ok(manifest)
