@@ -270,7 +270,7 @@ async fn subjects_and_locks_are_per_role(b: Arc<dyn Backend>, p: String) {
         })
     };
     // Wait until alice really holds it.
-    let lock_key = format!("{p}alice:lock:job");
+    let lock_key = format!("{p}alice:lock:{{job}}");
     let start = std::time::Instant::now();
     while !host.backend().exists(&lock_key).await.unwrap() {
         assert!(start.elapsed() < Duration::from_secs(60), "alice never took the lock");

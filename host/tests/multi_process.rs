@@ -131,7 +131,7 @@ async fn a_crashed_holders_lock_is_freed_by_its_ttl() {
     // Wait until the other process holds the lock.
     let start = Instant::now();
     loop {
-        if server.all_keys(db).iter().any(|k| k == "rolehost:shared:lock:job") {
+        if server.all_keys(db).iter().any(|k| k == "rolehost:shared:lock:{job}") {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(120), "the holder never took the lock");
