@@ -443,27 +443,28 @@ pub fn shared_cluster() -> Option<&'static RedisCluster> {
 /// The primary name the Sentinel setup monitors.
 pub const SENTINEL_PRIMARY: &str = "rolehost";
 
-/// A primary, one replica and three Sentinels (quorum 2) watching them.
+/// A primary, its replicas and three Sentinels (quorum 2) watching them.
 pub struct RedisSentinels {
     pub primary: RedisServer,
-    pub replica: RedisServer,
+    pub replicas: Vec<RedisServer>,
     pub sentinels: Vec<RedisServer>,
 }
 
 impl RedisSentinels {
     /// Starts everything and waits until the Sentinels know each other and
     /// the replica; `None` when Redis is skipped.
-    pub fn start() -> Option<Self> {
+    pub fn start(replicas: usize) -> Option<Self> {
         if !have_redis_cli() {
             skip_or_fail("redis-cli")?;
         }
         let dir = scratch_dir("sentinel");
         let primary = RedisServer::start()?;
-        let replica_port = free_port();
         let primary_port = primary.port.to_string();
-        let replica = RedisServer::start_on(replica_port, &["--replicaof", "127.0.0.1", &primary_port])?;
-        wait_until("the replica is in sync", Duration::from_secs(30), || {
-            primary.cli(&["info", "replication"]).contains("state=online")
+        let replicas = (0..replicas)
+            .map(|_| RedisServer::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]))
+            .collect::<Option<Vec<_>>>()?;
+        wait_until("the replicas are in sync", Duration::from_secs(30), || {
+            primary.cli(&["info", "replication"]).matches("state=online").count() == replicas.len()
         });
         let mut sentinels = Vec::new();
         for _ in 0..3 {
@@ -495,10 +496,10 @@ impl RedisSentinels {
                     }
                     String::new()
                 };
-                field("num-other-sentinels") == "2" && field("num-slaves") == "1"
+                field("num-other-sentinels") == "2" && field("num-slaves") == replicas.len().to_string()
             });
         }
-        Some(Self { primary, replica, sentinels })
+        Some(Self { primary, replicas, sentinels })
     }
 
     /// `redis+sentinel://127.0.0.1:S1,…/rolehost` plus `query` (`?…` or "").
