@@ -55,6 +55,7 @@ async fn failover_to_the_replica_loses_no_acknowledged_write() {
     let failures = write(&*b, 1_000_000, 200, &mut acked).await;
     // Each failed call waited up to the 2 s operation timeout; a failover
     // (1 s to notice, then an election) ends well within 30 of them.
+    eprintln!("{failures} calls failed during the failover");
     assert!(failures <= 30, "{failures} calls failed during the failover");
     assert!(b.get("k0").await.is_ok(), "reads work again");
     wait_until("the Sentinels name a replica", Duration::from_secs(60), || {

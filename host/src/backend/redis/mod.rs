@@ -343,6 +343,7 @@ fn map_error(error: RedisError) -> StateError {
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
+        || matches!(error.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::ClusterConnectionNotFound)
         || matches!(
             error.kind(),
             ErrorKind::Server(ServerErrorKind::BusyLoading)

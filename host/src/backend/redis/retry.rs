@@ -36,8 +36,10 @@ impl Op {
 
 /// Whether `error` is worth another try of an `op`.
 pub(super) fn may_retry(op: Op, error: &RedisError) -> bool {
-    // Refused before running: no connection, or the server said so.
+    // Refused before running: no connection, no primary known yet, or the
+    // server said so.
     let not_run = error.is_connection_refusal()
+        || matches!(error.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::ClusterConnectionNotFound)
         || matches!(
             error.kind(),
             ErrorKind::Server(
