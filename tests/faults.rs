@@ -77,7 +77,7 @@ async fn kill_9_with_aof_always_keeps_every_acknowledged_write() {
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
 
-    let log = log.lock().unwrap();
+    let log = std::mem::take(&mut *log.lock().unwrap());
     let check = backend(port, Duration::from_secs(5));
     let keys: Vec<String> = log.acked.iter().cloned().collect();
     let values = check.get_many(&keys).await.unwrap();
