@@ -55,6 +55,8 @@ impl RedisServer {
                 .map(|a| a.to_string())
                 .collect();
         args.extend(["--databases".to_owned(), DATABASES.to_string()]);
+        // Replicas and shutdowns write RDB files; keep them out of the source tree.
+        args.extend(["--dir".to_owned(), scratch_dir("redis").display().to_string()]);
         args.extend(extra.iter().map(|a| a.to_string()));
         Self::spawn(port, &args, &[])
     }
@@ -64,29 +66,19 @@ impl RedisServer {
     pub fn start_tls(tls: &TlsFiles) -> Option<Self> {
         let port = free_port();
         let path = |p: &PathBuf| p.display().to_string();
-        let args: Vec<String> = [
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--tls-cert-file",
-            &path(&tls.server_cert),
-            "--tls-key-file",
-            &path(&tls.server_key),
-            "--tls-ca-cert-file",
-            &path(&tls.ca),
-            "--tls-auth-clients",
-            "no",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
+        let pairs = [
+            ("--port", "0".to_owned()),
+            ("--tls-port", port.to_string()),
+            ("--bind", "127.0.0.1".to_owned()),
+            ("--save", String::new()),
+            ("--appendonly", "no".to_owned()),
+            ("--tls-cert-file", path(&tls.server_cert)),
+            ("--tls-key-file", path(&tls.server_key)),
+            ("--tls-ca-cert-file", path(&tls.ca)),
+            ("--tls-auth-clients", "no".to_owned()),
+            ("--dir", path(&scratch_dir("redis-tls"))),
+        ];
+        let args: Vec<String> = pairs.into_iter().flat_map(|(name, value)| [name.to_owned(), value]).collect();
         Self::spawn(port, &args, &["--tls".to_owned(), "--cacert".to_owned(), path(&tls.ca)])
     }
 

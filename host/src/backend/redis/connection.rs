@@ -424,6 +424,14 @@ mod tests {
     }
 
     #[test]
+    fn settings_a_topology_cannot_honour_are_refused() {
+        let refused = |url: &str| Connector::new(&RedisOptions::new(url)).err().unwrap();
+        assert!(refused("redis+cluster://a:1?wait-replicas=1").contains("wait-replicas"));
+        assert!(refused("redis+sentinel://s:1/p?ca=/dev/null").contains("rediss://"));
+        assert!(Connector::new(&RedisOptions::new("redis+sentinel://s:1/p?wait-replicas=1")).is_ok());
+    }
+
+    #[test]
     fn slots_follow_hash_tags() {
         // Reference values from CLUSTER KEYSLOT.
         assert_eq!(slot("foo"), 12182);

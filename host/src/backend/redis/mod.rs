@@ -257,11 +257,11 @@ impl RedisBackend {
         let reached: u32 =
             redis::cmd("WAIT").arg(wanted).arg(self.op_timeout.as_millis() as u64).query_async(&mut conn).await?;
         if reached < wanted {
-            // Not an I/O error: the write may have happened, so it is not retried.
-            return Err(RedisError::from((
-                ErrorKind::Server(ServerErrorKind::MasterDown),
-                "write not confirmed",
-                format!("{reached} of {wanted} replicas have it; it may or may not last"),
+            // Like a lost reply: the write happened but may not last, so
+            // only idempotent writes are tried again.
+            return Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("write not confirmed: {reached} of {wanted} replicas have it; it may or may not last"),
             )));
         }
         Ok(())
