@@ -1,6 +1,7 @@
 //! `rediss://` against a TLS-only redis-server (`--port 0 --tls-port`),
 //! with a CA and a server certificate the test generates.
 
+use rolehost::backend::{Backend, RedisBackend, RedisOptions};
 use rolehost::config::StateConfig;
 use rolehost::manifest::RedisSection;
 use rolehost::StateError;
@@ -60,4 +61,30 @@ fn a_missing_ca_file_or_a_ca_without_tls_is_a_configuration_error() {
         .unwrap()
         .to_string();
     assert!(plain.contains("rediss://"), "{plain}");
+}
+
+#[tokio::test]
+async fn an_acl_user_logs_in_over_tls_with_the_password_given_apart_from_the_url() {
+    let Some(tls) = TlsFiles::generate() else { return };
+    let Some(server) = RedisServer::start_tls(&tls) else { return };
+    assert!(server.cli(&["acl", "setuser", "app", "on", ">s3cret", "~app:*", "+@all"]).contains("OK"));
+    let url = format!("rediss://app@127.0.0.1:{}/0?ca={}", server.port, tls.ca.display());
+    let login = |password: &str| {
+        let mut options = RedisOptions::new(url.clone());
+        options.password = Some(password.to_owned());
+        options.op_timeout = std::time::Duration::from_secs(1);
+        RedisBackend::new(&options).unwrap()
+    };
+    let app = login("s3cret");
+    app.set("app:k", b"v", None).await.unwrap();
+    assert_eq!(app.get("app:k").await.unwrap(), Some(b"v".to_vec()));
+    assert!(matches!(app.get("other:k").await, Err(StateError::AccessDenied(_))), "the ACL applies");
+    assert!(login("wrong").get("app:k").await.is_err(), "a wrong password gets nowhere");
+    let in_url = StateConfig::parse(&format!("rediss://app:s3cret@127.0.0.1:{}/0", server.port), &redis_section(None))
+        .unwrap()
+        .connect()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(in_url.contains("REDIS_PASSWORD"), "{in_url}");
 }
