@@ -67,3 +67,43 @@ fn serve_on_a_cluster_is_ready_and_reports_the_topology() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn acl_users_work_on_a_cluster() {
+    let Some(cluster) = shared_cluster() else { return };
+    let rolehost = |manifest: &std::path::Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rolehost"))
+            .args(args)
+            .arg("--manifest")
+            .arg(manifest)
+            .env_remove("ROLEHOST_STATE")
+            .env_remove("REDIS_PASSWORD")
+            .env("ROLEHOST_ACL_SECRET", "cluster-secret")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let dir = scratch_dir("cluster-acl");
+    let manifest = dir.join("roles.toml");
+    let roles = |acl_users: bool| {
+        format!(
+            "global-prefix = \"acl:\"\nstate = \"{url}\"\n[redis]\nacl-users = {acl_users}\n\
+             [[roles]]\nname = \"probe\"\nwasm = \"{probe}\"\n",
+            url = cluster.url(),
+            probe = role_path("kvprobe").display(),
+        )
+    };
+    std::fs::write(&manifest, roles(false)).unwrap();
+    ok(rolehost(&manifest, &["acl", "--apply"]));
+    for node in &cluster.nodes {
+        assert!(node.cli(&["acl", "list"]).contains("user rolehost-probe on"), "every node has the user");
+    }
+    std::fs::write(&manifest, roles(true)).unwrap();
+    let call = |body: &str| ok(rolehost(&manifest, &["call", "probe", body]));
+    // Keys and locks on every primary, listing across them, as the role's user.
+    let set_many = r#"{"op":"set_many","entries":{},"count":50}"#;
+    assert_eq!(call(set_many), r#"{"ok":null}"#);
+    assert_eq!(call(r#"{"op":"list_all","pattern":"bulk:4?"}"#).matches("bulk:").count(), 10);
+    assert!(call(r#"{"op":"lock_takeover","name":"l"}"#).contains(r#""owner_release":true"#));
+    assert_eq!(call(r#"{"op":"clear"}"#), r#"{"ok":50}"#);
+}
