@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use rolehost::backend::{Backend, Expiry, RateDecision};
 use rolehost::StateError;
-use rolehost_tests::on_both_backends;
+use rolehost_tests::on_all_backends;
 
-on_both_backends!(
+on_all_backends!(
     get_set_exists_delete,
     binary_values_round_trip,
     ttl_expires_keys,

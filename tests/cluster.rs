@@ -1,6 +1,6 @@
 //! rolehost on a real Redis Cluster of three primaries. Every interface
-//! also runs there through `on_both_backends!` (conformance, isolation,
-//! coordination, grants, hostile roles, examples); these tests check what
+//! also runs there through `on_all_backends!` (conformance, isolation,
+//! coordination, grants, examples); these tests check what
 //! is particular to a cluster: keys spread over the primaries, and listing
 //! and clearing reach every one of them.
 

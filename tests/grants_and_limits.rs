@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use rolehost::backend::Backend;
 use rolehost::{Access, CallError, Grants, RoleLimits};
-use rolehost_tests::{host_with_specs, on_both_backends, probe};
+use rolehost_tests::{host_with_specs, on_all_backends, probe};
 use serde_json::{json, Value};
 
-on_both_backends!(
+on_all_backends!(
     shared_namespaces_follow_their_grants,
     read_only_grants_refuse_every_write,
     ungranted_namespaces_are_denied_everywhere,

@@ -283,9 +283,9 @@ pub async fn probe(host: &Host, role: &str, op: Value) -> Result<Value, String> 
     }
 }
 
-/// Generates one `#[tokio::test]` per backend (memory, one Redis server,
-/// a Redis Cluster of three primaries) for each listed async test function
-/// taking `(Arc<dyn Backend>, String /* unique prefix */)`.
+/// Generates one `#[tokio::test]` per backend (memory and one Redis
+/// server) for each listed async test function taking `(Arc<dyn Backend>,
+/// String /* unique prefix */)`.
 #[macro_export]
 macro_rules! on_both_backends {
     ($($test:ident),* $(,)?) => {
@@ -307,6 +307,15 @@ macro_rules! on_both_backends {
                 }
             )*
         }
+    };
+}
+
+/// Like [`on_both_backends!`], plus a Redis Cluster of three primaries
+/// (shared by the tests of the binary, apart by their unique prefixes).
+#[macro_export]
+macro_rules! on_all_backends {
+    ($($test:ident),* $(,)?) => {
+        $crate::on_both_backends!($($test),*);
         mod cluster {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -156,21 +156,7 @@ impl Conn {
                 )
                 .await?,
         )?;
-        let mut primaries: Vec<Shard> = nodes
-            .lines()
-            .filter_map(|line| {
-                let fields: Vec<&str> = line.split(' ').collect();
-                let (address, flags) = (fields.get(1)?, fields.get(2)?);
-                if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
-                    return None;
-                }
-                let address = address.split(['@', ',']).next()?;
-                let (host, port) = address.rsplit_once(':')?;
-                Some(Some((host.to_owned(), port.parse().ok()?)))
-            })
-            .collect();
-        primaries.sort();
-        Ok(primaries)
+        Ok(primaries(&nodes))
     }
 
     /// Runs `cmd` on `shard` (a Cluster primary) or on the only server.
@@ -382,6 +368,28 @@ impl Connector {
     }
 }
 
+/// The primaries owning slots in a `CLUSTER NODES` answer, sorted. Lines
+/// are `id address flags primary ping pong epoch link slot…`; a primary
+/// with slots holds keys whether reachable or not (an unreachable one makes
+/// a scan fail rather than skip its keys).
+fn primaries(nodes: &str) -> Vec<Shard> {
+    let mut primaries: Vec<Shard> = nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (address, flags) = (fields.get(1)?, fields.get(2)?);
+            if !flags.split(',').any(|f| f == "master") || fields.len() <= 8 {
+                return None;
+            }
+            let address = address.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some(Some((host.to_owned(), port.parse().ok()?)))
+        })
+        .collect();
+    primaries.sort();
+    primaries
+}
+
 /// The Cluster hash slot of `key`: CRC16 of its hash tag (the part between
 /// the first `{` and the next `}`, when not empty) or of the whole key.
 pub(super) fn slot(key: &str) -> u16 {
@@ -429,6 +437,19 @@ mod tests {
         assert!(refused("redis+cluster://a:1?wait-replicas=1").contains("wait-replicas"));
         assert!(refused("redis+sentinel://s:1/p?ca=/dev/null").contains("rediss://"));
         assert!(Connector::new(&RedisOptions::new("redis+sentinel://s:1/p?wait-replicas=1")).is_ok());
+    }
+
+    #[test]
+    fn primaries_are_the_masters_owning_slots() {
+        let nodes = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002,host2 master,fail? - 0 0 2 connected 5461-10922
+c3 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected
+d4 127.0.0.1:7004@17004 slave a1 0 0 1 connected
+e5 127.0.0.1:7000@17000 master - 0 0 4 connected 10923-16383
+";
+        let expected: Vec<Shard> = [7000, 7001, 7002].map(|port| Some(("127.0.0.1".to_owned(), port))).into();
+        assert_eq!(primaries(nodes), expected);
     }
 
     #[test]
