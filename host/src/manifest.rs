@@ -166,6 +166,18 @@ mod tests {
     }
 
     #[test]
+    fn the_redis_ca_file_is_relative_to_the_manifest() {
+        let dir = std::env::temp_dir().join(format!("rolehost-manifest-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("roles.toml");
+        std::fs::write(&path, "[redis]\nca-file = \"certs/ca.pem\"\nwait-replicas = 1\n").unwrap();
+        let manifest = Manifest::load(&path).unwrap();
+        assert_eq!(manifest.redis.ca_file, Some(dir.join("certs/ca.pem")));
+        assert_eq!(manifest.redis.wait_replicas, Some(1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn refuses_a_password_in_the_file() {
         let err = Manifest::parse("[redis]\npassword = \"hunter2\"\n").unwrap_err();
         assert!(err.to_string().contains("REDIS_PASSWORD"), "{err}");
