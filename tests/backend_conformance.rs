@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use rolehost::backend::{Backend, Expiry, RateDecision};
 use rolehost::StateError;
-use rolehost_tests::on_both_backends;
+use rolehost_tests::on_all_backends;
 
-on_both_backends!(
+on_all_backends!(
     get_set_exists_delete,
     binary_values_round_trip,
     ttl_expires_keys,
@@ -351,7 +351,8 @@ async fn hash_compare_and_set_branches(b: Arc<dyn Backend>, p: String) {
 }
 
 async fn locks_fence_and_expire(b: Arc<dyn Backend>, p: String) {
-    let (lock, fence) = (format!("{p}lock"), format!("{p}fence"));
+    // As the namespace builds them: one hash tag, so one Cluster slot.
+    let (lock, fence) = (format!("{p}lock:{{job}}"), format!("{p}fence:{{job}}"));
     let ttl = Duration::from_millis(150);
     assert_eq!(b.lock_acquire(&lock, &fence, "a", ttl).await.unwrap(), Some(1));
     assert_eq!(b.lock_acquire(&lock, &fence, "b", ttl).await.unwrap(), None);
@@ -367,7 +368,8 @@ async fn locks_fence_and_expire(b: Arc<dyn Backend>, p: String) {
 }
 
 async fn concurrent_lock_acquire_has_one_winner(b: Arc<dyn Backend>, p: String) {
-    let (lock, fence) = (format!("{p}lock"), format!("{p}fence"));
+    // As the namespace builds them: one hash tag, so one Cluster slot.
+    let (lock, fence) = (format!("{p}lock:{{job}}"), format!("{p}fence:{{job}}"));
     let tasks: Vec<_> = (0..TASKS)
         .map(|i| {
             let (b, lock, fence) = (b.clone(), lock.clone(), fence.clone());

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use rolehost::backend::Backend;
 use rolehost::{Host, RoleLimits};
-use rolehost_tests::{call_json, host, host_with_limits, on_both_backends, probe};
+use rolehost_tests::{call_json, host, host_with_limits, on_all_backends, probe};
 use serde_json::{json, Value};
 
-on_both_backends!(
+on_all_backends!(
     subject_reads_writes_and_buffering,
     subject_atomic_operations,
     subject_bad_input,
@@ -270,7 +270,7 @@ async fn subjects_and_locks_are_per_role(b: Arc<dyn Backend>, p: String) {
         })
     };
     // Wait until alice really holds it.
-    let lock_key = format!("{p}alice:lock:job");
+    let lock_key = format!("{p}alice:lock:{{job}}");
     let start = std::time::Instant::now();
     while !host.backend().exists(&lock_key).await.unwrap() {
         assert!(start.elapsed() < Duration::from_secs(60), "alice never took the lock");

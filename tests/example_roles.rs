@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rolehost::backend::Backend;
-use rolehost_tests::{call_json, host, on_both_backends};
+use rolehost_tests::{call_json, host, on_all_backends};
 use serde_json::json;
 
-on_both_backends!(
+on_all_backends!(
     counter_counts_from_one,
     session_cache_put_get_expire_delete,
     session_cache_is_cache_aside,

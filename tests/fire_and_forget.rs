@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use rolehost::backend::{Backend, RedisBackend, RedisOptions, Write};
 use rolehost::{Access, Grants, RoleLimits};
-use rolehost_tests::{free_port, host, host_with_limits, host_with_specs, on_both_backends, probe};
+use rolehost_tests::{free_port, host, host_with_limits, host_with_specs, on_all_backends, probe};
 use serde_json::json;
 
-on_both_backends!(
+on_all_backends!(
     write_all_keeps_order_across_batches,
     queued_writes_land_after_the_call,
     queued_writes_are_dropped_when_the_call_traps,

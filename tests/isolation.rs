@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use rolehost::backend::Backend;
 use rolehost::RoleLimits;
-use rolehost_tests::{host, host_with_limits, on_both_backends, probe, shared_redis};
+use rolehost_tests::{host, host_with_limits, on_all_backends, probe, shared_redis};
 use serde_json::{json, Value};
 
-on_both_backends!(
+on_all_backends!(
     same_key_names_stay_separate,
     listing_patterns_never_leave_the_prefix,
     clear_and_deletes_touch_only_the_caller,

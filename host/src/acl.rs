@@ -47,6 +47,10 @@ const COMMANDS: &[&str] = &[
     "multi",
     "exec",
     "time",
+    // Cluster routing (slot map, primaries to scan) and `wait-replicas`.
+    "cluster|slots",
+    "cluster|nodes",
+    "wait",
 ];
 
 /// The Redis user name of a role.

@@ -1,5 +1,7 @@
 //! Which backend to use and how to reach it. Precedence: command-line flag,
-//! then environment (`ROLEHOST_STATE`, `REDIS_PASSWORD`), then manifest.
+//! then environment (`ROLEHOST_STATE`, `REDIS_PASSWORD`,
+//! `ROLEHOST_REDIS_CA`), then manifest. The URL itself is read by the Redis
+//! backend (standalone, TLS, Sentinel, Cluster).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,12 @@ use crate::manifest::RedisSection;
 pub const STATE_ENV: &str = "ROLEHOST_STATE";
 /// Environment variable holding the Redis password; the only place for it.
 pub const PASSWORD_ENV: &str = "REDIS_PASSWORD";
+/// Environment variable naming a PEM file of CA certificates for `rediss://`.
+pub const CA_ENV: &str = "ROLEHOST_REDIS_CA";
+
+/// The Redis URL forms, for error messages.
+const REDIS_URLS: &str = "redis://[user@]host:port[/db], rediss://…, redis+cluster://host:port,host:port,… \
+     or redis+sentinel://host:port,…/PRIMARY";
 
 /// A state backend choice.
 #[derive(Debug, Clone)]
@@ -24,17 +32,20 @@ pub enum StateConfig {
 }
 
 impl StateConfig {
-    /// Parses `memory` or `redis://…`, taking the password from the
-    /// environment and timeouts from the manifest's `[redis]`.
+    /// Parses `memory` or a Redis URL, taking the password and CA file
+    /// from the environment and the rest from the manifest's `[redis]`.
     pub fn parse(url: &str, redis: &RedisSection) -> anyhow::Result<Self> {
         if url == "memory" {
             return Ok(Self::Memory);
         }
-        if !url.starts_with("redis://") {
-            bail!("unknown state backend {url:?}: use `memory` or `redis://[user@]host:port[/db]`");
+        let scheme = url.split("://").next().unwrap_or_default();
+        if !["redis", "rediss", "redis+cluster", "redis+sentinel"].contains(&scheme) || !url.contains("://") {
+            bail!("unknown state backend {url:?}: use `memory`, {REDIS_URLS}");
         }
         let mut options = RedisOptions::new(url);
         options.password = std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty());
+        options.ca_file = std::env::var_os(CA_ENV).filter(|p| !p.is_empty()).map(Into::into).or(redis.ca_file.clone());
+        options.wait_replicas = redis.wait_replicas.unwrap_or(0);
         if let Some(ms) = redis.connect_timeout_ms {
             options.connect_timeout = Duration::from_millis(ms);
         }

@@ -9,6 +9,8 @@
 //! connect-timeout-ms = 1000
 //! op-timeout-ms = 2000
 //! acl-users = false                  # connect as each role's ACL user
+//! ca-file = "ca.pem"                 # CA certificates for rediss://
+//! wait-replicas = 1                  # writes wait for this many replicas
 //!
 //! [[roles]]
 //! name = "counter"                   # default: the file stem
@@ -57,6 +59,11 @@ pub struct RedisSection {
     /// Talk to Redis as each role's own ACL user (see `rolehost acl`).
     #[serde(default)]
     pub acl_users: bool,
+    /// PEM file of CA certificates trusted for `rediss://`, relative to the
+    /// manifest.
+    pub ca_file: Option<PathBuf>,
+    /// Replicas a write must reach (Redis `WAIT`) before it is acknowledged.
+    pub wait_replicas: Option<u32>,
     /// Present only so a password here gets a clear refusal.
     password: Option<toml::Value>,
 }
@@ -89,11 +96,11 @@ impl Manifest {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read manifest {}", path.display()))?;
         let mut manifest = Self::parse(&text).with_context(|| format!("bad manifest {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for role in &mut manifest.roles {
-            for path in std::iter::once(&mut role.wasm).chain(role.grants.dir.as_mut()) {
-                if path.is_relative() {
-                    *path = base.join(&*path);
-                }
+        let roles =
+            manifest.roles.iter_mut().flat_map(|role| std::iter::once(&mut role.wasm).chain(role.grants.dir.as_mut()));
+        for path in roles.chain(manifest.redis.ca_file.as_mut()) {
+            if path.is_relative() {
+                *path = base.join(&*path);
             }
         }
         Ok(manifest)
@@ -156,6 +163,18 @@ mod tests {
         assert_eq!(specs[1].name, "cache");
         assert_eq!(specs[1].limits.max_value_bytes, 10);
         assert_eq!(specs[1].limits.max_key_bytes, RoleLimits::default().max_key_bytes);
+    }
+
+    #[test]
+    fn the_redis_ca_file_is_relative_to_the_manifest() {
+        let dir = std::env::temp_dir().join(format!("rolehost-manifest-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("roles.toml");
+        std::fs::write(&path, "[redis]\nca-file = \"certs/ca.pem\"\nwait-replicas = 1\n").unwrap();
+        let manifest = Manifest::load(&path).unwrap();
+        assert_eq!(manifest.redis.ca_file, Some(dir.join("certs/ca.pem")));
+        assert_eq!(manifest.redis.wait_replicas, Some(1));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

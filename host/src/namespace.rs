@@ -61,11 +61,14 @@ pub fn validate_identity(identity: &str) -> Result<(), String> {
 }
 
 /// Checks a deployment's global prefix: at most 64 bytes, no control
-/// characters, no whitespace.
+/// characters, no whitespace, no braces (they would start a Redis Cluster
+/// hash tag and decide every key's slot).
 pub fn validate_global_prefix(prefix: &str) -> Result<(), String> {
-    if prefix.len() > MAX_GLOBAL_PREFIX_BYTES || prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if prefix.len() > MAX_GLOBAL_PREFIX_BYTES
+        || prefix.chars().any(|c| c.is_control() || c.is_whitespace() || c == '{' || c == '}')
+    {
         return Err(format!(
-            "invalid global prefix {prefix:?}: at most {MAX_GLOBAL_PREFIX_BYTES} bytes, no spaces or control characters"
+            "invalid global prefix {prefix:?}: at most {MAX_GLOBAL_PREFIX_BYTES} bytes, no spaces, braces or control characters"
         ));
     }
     Ok(())
@@ -109,7 +112,18 @@ impl Namespace {
     /// at most the role's key limit, no control characters.
     pub fn key(&self, space: Space, key: &str) -> StateResult<String> {
         self.check_name("key", key)?;
-        Ok(format!("{}{key}", self.space_prefix(space)))
+        Ok(match space {
+            // One script changes a lock and its fencing counter, so on a
+            // Redis Cluster both must hash to one slot: the name in braces
+            // is their hash tag. Everything after the first `{` is the same
+            // in both keys, so they share a slot whatever the name holds,
+            // unless the tag is empty (a name starting with `}`).
+            Space::Lock | Space::Fence if key.starts_with('}') => {
+                return Err(StateError::InvalidKey(format!("lock name {} starts with `}}`", shown(key))))
+            }
+            Space::Lock | Space::Fence => format!("{}{{{key}}}", self.space_prefix(space)),
+            Space::Kv | Space::Subject | Space::Rate => format!("{}{key}", self.space_prefix(space)),
+        })
     }
 
     /// Checks a guest-given name (a key, a subject property): not empty, at
@@ -144,7 +158,11 @@ impl Namespace {
 
     /// The local part of a full key of this space; none for a key outside it.
     pub fn local<'a>(&self, space: Space, full: &'a str) -> Option<&'a str> {
-        full.strip_prefix(&self.prefix)?.strip_prefix(space.tag())?.strip_prefix(':')
+        let local = full.strip_prefix(&self.prefix)?.strip_prefix(space.tag())?.strip_prefix(':')?;
+        match space {
+            Space::Lock | Space::Fence => local.strip_prefix('{')?.strip_suffix('}'),
+            Space::Kv | Space::Subject | Space::Rate => Some(local),
+        }
     }
 }
 
@@ -174,6 +192,21 @@ mod tests {
             assert!(!glob::matches(&pattern, "app1:a:kv:x"));
         }
         assert!(glob::matches(&a.pattern(Space::Kv, None).unwrap(), "app[1]:a:kv:x"));
+    }
+
+    #[test]
+    fn a_lock_and_its_fence_share_a_hash_tag() {
+        let a = ns("a");
+        for name in ["job", "a}b", "{x}", "{}", "*"] {
+            let (lock, fence) = (a.key(Space::Lock, name).unwrap(), a.key(Space::Fence, name).unwrap());
+            assert_eq!(lock, format!("app[1]:a:lock:{{{name}}}"));
+            let tag = |key: &str| key[key.find('{').unwrap()..].split('}').next().unwrap().to_owned();
+            assert_eq!(tag(&lock), tag(&fence), "{name}");
+            assert_eq!(a.local(Space::Lock, &lock), Some(name));
+            assert_eq!(a.local(Space::Fence, &fence), Some(name));
+        }
+        assert!(matches!(a.key(Space::Lock, "}{"), Err(StateError::InvalidKey(_))), "an empty hash tag");
+        assert!(validate_global_prefix("app{1}:").is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use rolehost_tests::{probe, role_path, shared_redis};
+use rolehost_tests::{probe, role_path, shared_cluster, shared_redis};
 use serde_json::json;
 
 /// These tests each run several busy processes; one at a time keeps the
@@ -57,7 +57,19 @@ fn spawn(manifest: &PathBuf, role: &str, body: &str, repeat: usize, concurrency:
 
 /// Runs the same calls in two processes at once; their stdout lines.
 fn in_two_processes(manifest: &PathBuf, role: &str, body: &str, repeat: usize, concurrency: usize) -> Vec<String> {
-    let children = [spawn(manifest, role, body, repeat, concurrency), spawn(manifest, role, body, repeat, concurrency)];
+    in_processes(2, manifest, role, body, repeat, concurrency)
+}
+
+/// Runs the same calls in `n` processes at once; their stdout lines.
+fn in_processes(
+    n: usize,
+    manifest: &PathBuf,
+    role: &str,
+    body: &str,
+    repeat: usize,
+    concurrency: usize,
+) -> Vec<String> {
+    let children: Vec<Child> = (0..n).map(|_| spawn(manifest, role, body, repeat, concurrency)).collect();
     let mut lines = Vec::new();
     for child in children {
         let out: Output = child.wait_with_output().unwrap();
@@ -85,6 +97,35 @@ async fn subject_increments_are_exact_across_processes() {
     let get = |prop: &str| json!({"op":"subject_get","subject":"hot","prop":prop});
     assert_eq!(probe(&host, "shared", get("n")).await, Ok(json!("16000")), "HINCRBY path");
     assert_eq!(probe(&host, "shared", get("m")).await, Ok(json!("16000")), "compare-and-set path");
+}
+
+/// Three processes increment one kv counter: every call gets a distinct
+/// value and together they are exactly 1..=total.
+fn three_processes_count_exactly(url: &str, name: &str) {
+    let manifest = manifest(name, url);
+    let incr = r#"{"op":"incr","key":"hits","delta":1}"#;
+    let lines = in_processes(3, &manifest, "shared", incr, 150, 8);
+    let mut values: Vec<u64> = lines
+        .iter()
+        .map(|l| l.strip_prefix(r#"{"ok":"#).and_then(|l| l.strip_suffix('}')).unwrap().parse().unwrap())
+        .collect();
+    values.sort();
+    assert_eq!(values, (1..=450).collect::<Vec<u64>>());
+}
+
+#[test]
+fn three_processes_increment_one_counter_exactly() {
+    let _serial = serial();
+    let Some(server) = shared_redis() else { return };
+    three_processes_count_exactly(&server.url(server.fresh_db()), "three");
+}
+
+#[test]
+fn three_processes_increment_one_counter_exactly_on_a_cluster() {
+    let _serial = serial();
+    let Some(cluster) = shared_cluster() else { return };
+    // The cluster is this test binary's own; nothing else writes the counter.
+    three_processes_count_exactly(&cluster.url(), "three-cluster");
 }
 
 #[test]
@@ -131,7 +172,7 @@ async fn a_crashed_holders_lock_is_freed_by_its_ttl() {
     // Wait until the other process holds the lock.
     let start = Instant::now();
     loop {
-        if server.all_keys(db).iter().any(|k| k == "rolehost:shared:lock:job") {
+        if server.all_keys(db).iter().any(|k| k == "rolehost:shared:lock:{job}") {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(120), "the holder never took the lock");

@@ -25,6 +25,8 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     next_db: AtomicU32,
+    /// What redis-cli needs besides the port (TLS settings).
+    cli_args: Vec<String>,
 }
 
 fn redis_required() -> bool {
@@ -44,15 +46,47 @@ impl RedisServer {
         Self::start_on(free_port(), &[])
     }
 
-    /// Starts a server on `port` with extra arguments.
+    /// Starts a server on `port` with extra arguments (later arguments win,
+    /// so `extra` may override the defaults, e.g. `--appendonly yes`).
     pub fn start_on(port: u16, extra: &[&str]) -> Option<Self> {
+        let mut args: Vec<String> =
+            ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+        args.extend(["--databases".to_owned(), DATABASES.to_string()]);
+        // Replicas and shutdowns write RDB files; keep them out of the source tree.
+        args.extend(["--dir".to_owned(), scratch_dir("redis").display().to_string()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Self::spawn(port, &args, &[])
+    }
+
+    /// Starts a TLS-only server (`--port 0 --tls-port`) with the
+    /// certificates in `tls`.
+    pub fn start_tls(tls: &TlsFiles) -> Option<Self> {
+        let port = free_port();
+        let path = |p: &PathBuf| p.display().to_string();
+        let pairs = [
+            ("--port", "0".to_owned()),
+            ("--tls-port", port.to_string()),
+            ("--bind", "127.0.0.1".to_owned()),
+            ("--save", String::new()),
+            ("--appendonly", "no".to_owned()),
+            ("--tls-cert-file", path(&tls.server_cert)),
+            ("--tls-key-file", path(&tls.server_key)),
+            ("--tls-ca-cert-file", path(&tls.ca)),
+            ("--tls-auth-clients", "no".to_owned()),
+            ("--dir", path(&scratch_dir("redis-tls"))),
+        ];
+        let args: Vec<String> = pairs.into_iter().flat_map(|(name, value)| [name.to_owned(), value]).collect();
+        Self::spawn(port, &args, &["--tls".to_owned(), "--cacert".to_owned(), path(&tls.ca)])
+    }
+
+    /// Runs `redis-server args…` and waits until `redis-cli cli_args… -p
+    /// port ping` answers.
+    pub fn spawn(port: u16, args: &[String], cli_args: &[String]) -> Option<Self> {
         let mut command = Command::new("redis-server");
-        command
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--databases", &DATABASES.to_string()])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        command.args(args).stdout(Stdio::null()).stderr(Stdio::null());
         // The server dies with the thread that started it, even if the test
         // process is killed.
         unsafe {
@@ -69,16 +103,30 @@ impl RedisServer {
             }
             Err(e) => panic!("redis-server is required (CI) but cannot start: {e}"),
         };
-        let server = Self { port, child: Some(child), next_db: AtomicU32::new(1) };
+        let server = Self { port, child: Some(child), next_db: AtomicU32::new(1), cli_args: cli_args.to_vec() };
         server.wait_ready();
         Some(server)
+    }
+
+    /// Runs `redis-cli -p PORT args…` against this server; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(&self.cli_args)
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli is needed next to redis-server");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                let ping = Command::new("redis-cli").args(["-p", &self.port.to_string(), "ping"]).output();
+                let ping = Command::new("redis-cli")
+                    .args(&self.cli_args)
+                    .args(["-p", &self.port.to_string(), "ping"])
+                    .output();
                 match ping {
                     Ok(out) if String::from_utf8_lossy(&out.stdout).contains("PONG") => return,
                     Err(_) => return, // no redis-cli: the open port will do
@@ -116,7 +164,7 @@ impl RedisServer {
         keys
     }
 
-    /// Kills the server now.
+    /// Kills the server now (SIGKILL: no shutdown, no final save).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -149,12 +197,14 @@ pub fn shared_redis() -> Option<&'static RedisServer> {
         .as_ref()
 }
 
-/// A backend for tests: `memory`, or `redis` on a fresh database of the
-/// shared server (none when Redis is skipped).
+/// A backend for tests: `memory`, `redis` on a fresh database of the
+/// shared server, or `cluster` on the shared cluster (none when Redis is
+/// skipped; tests on the cluster keep apart by their unique prefixes).
 pub fn backend(kind: &str) -> Option<Arc<dyn Backend>> {
     match kind {
         "memory" => Some(Arc::new(MemoryBackend::new())),
         "redis" => shared_redis().map(|server| server.backend(server.fresh_db())),
+        "cluster" => shared_cluster().map(RedisCluster::backend),
         other => panic!("unknown backend {other}"),
     }
 }
@@ -233,8 +283,9 @@ pub async fn probe(host: &Host, role: &str, op: Value) -> Result<Value, String> 
     }
 }
 
-/// Generates one `#[tokio::test]` per backend for each listed async test
-/// function taking `(Arc<dyn Backend>, String /* unique prefix */)`.
+/// Generates one `#[tokio::test]` per backend (memory and one Redis
+/// server) for each listed async test function taking `(Arc<dyn Backend>,
+/// String /* unique prefix */)`.
 #[macro_export]
 macro_rules! on_both_backends {
     ($($test:ident),* $(,)?) => {
@@ -257,4 +308,271 @@ macro_rules! on_both_backends {
             )*
         }
     };
+}
+
+/// Like [`on_both_backends!`], plus a Redis Cluster of three primaries
+/// (shared by the tests of the binary, apart by their unique prefixes).
+#[macro_export]
+macro_rules! on_all_backends {
+    ($($test:ident),* $(,)?) => {
+        $crate::on_both_backends!($($test),*);
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    let Some(backend) = $crate::backend("cluster") else { return };
+                    super::$test(backend, $crate::unique(stringify!($test))).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Whether the test must fail (CI) rather than skip when `what` is missing.
+pub fn skip_or_fail(what: &str) -> Option<std::convert::Infallible> {
+    if redis_required() {
+        panic!("{what} is required (CI) but missing");
+    }
+    eprintln!("skipping: {what} is missing");
+    None
+}
+
+/// A fresh scratch directory for this process.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "rolehost-{}-{}-{name}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Waits until `ready` holds, at most `limit`; panics with `what` otherwise.
+pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < limit, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn have_redis_cli() -> bool {
+    Command::new("redis-cli").arg("--version").output().is_ok()
+}
+
+/// A Redis Cluster of primaries without replicas, made with
+/// `redis-server --cluster-enabled yes` and `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `primaries` nodes and joins them; `None` when Redis is
+    /// skipped.
+    pub fn start(primaries: usize) -> Option<Self> {
+        if !have_redis_cli() {
+            skip_or_fail("redis-cli")?;
+        }
+        let dir = scratch_dir("cluster");
+        let mut nodes = Vec::new();
+        for _ in 0..primaries {
+            let port = free_port();
+            let config = dir.join(format!("nodes-{port}.conf"));
+            let bus = free_port().to_string();
+            let args = ["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-config-file"];
+            let mut args: Vec<&str> = args.to_vec();
+            let config = config.display().to_string();
+            args.push(&config);
+            nodes.push(RedisServer::start_on(port, &args)?);
+        }
+        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        for node in &nodes {
+            wait_until("every node sees a whole cluster", Duration::from_secs(60), || {
+                let info = node.cli(&["cluster", "info"]);
+                let masters = node.cli(&["cluster", "nodes"]).lines().filter(|l| l.contains("master")).count();
+                info.contains("cluster_state:ok") && masters == primaries
+            });
+        }
+        Some(Self { nodes })
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…`
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// A backend on the cluster.
+    pub fn backend(&self) -> Arc<dyn Backend> {
+        Arc::new(RedisBackend::new(&RedisOptions::new(self.url())).unwrap())
+    }
+
+    /// The number of keys each node holds, in node order.
+    pub fn keys_per_node(&self, pattern: &str) -> Vec<usize> {
+        self.nodes.iter().map(|n| n.cli(&["--scan", "--pattern", pattern]).lines().count()).collect()
+    }
+}
+
+/// The cluster shared by the tests of one process (three primaries),
+/// started on first use on a thread that lives as long as the process.
+pub fn shared_cluster() -> Option<&'static RedisCluster> {
+    static CLUSTER: OnceLock<Option<RedisCluster>> = OnceLock::new();
+    CLUSTER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                tx.send(RedisCluster::start(3)).unwrap();
+                loop {
+                    std::thread::park();
+                }
+            });
+            rx.recv().unwrap()
+        })
+        .as_ref()
+}
+
+/// The primary name the Sentinel setup monitors.
+pub const SENTINEL_PRIMARY: &str = "rolehost";
+
+/// A primary, its replicas and three Sentinels (quorum 2) watching them.
+pub struct RedisSentinels {
+    pub primary: RedisServer,
+    pub replicas: Vec<RedisServer>,
+    pub sentinels: Vec<RedisServer>,
+}
+
+impl RedisSentinels {
+    /// Starts everything and waits until the Sentinels know each other and
+    /// the replica; `None` when Redis is skipped.
+    pub fn start(replicas: usize) -> Option<Self> {
+        if !have_redis_cli() {
+            skip_or_fail("redis-cli")?;
+        }
+        let dir = scratch_dir("sentinel");
+        let primary = RedisServer::start()?;
+        let primary_port = primary.port.to_string();
+        let replicas = (0..replicas)
+            .map(|_| RedisServer::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]))
+            .collect::<Option<Vec<_>>>()?;
+        wait_until("the replicas are in sync", Duration::from_secs(30), || {
+            primary.cli(&["info", "replication"]).matches("state=online").count() == replicas.len()
+        });
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let config = dir.join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                     sentinel monitor {SENTINEL_PRIMARY} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_PRIMARY} 1000\n\
+                     sentinel failover-timeout {SENTINEL_PRIMARY} 10000\n",
+                    dir = dir.display()
+                ),
+            )
+            .unwrap();
+            let args = [config.display().to_string(), "--sentinel".to_owned()];
+            sentinels.push(RedisServer::spawn(port, &args, &[])?);
+        }
+        for sentinel in &sentinels {
+            wait_until("the Sentinels know each other and the replica", Duration::from_secs(60), || {
+                let master = sentinel.cli(&["sentinel", "master", SENTINEL_PRIMARY]);
+                let field = |name: &str| {
+                    let mut lines = master.lines();
+                    while let Some(line) = lines.next() {
+                        if line == name {
+                            return lines.next().unwrap_or_default().to_owned();
+                        }
+                    }
+                    String::new()
+                };
+                field("num-other-sentinels") == "2" && field("num-slaves") == replicas.len().to_string()
+            });
+        }
+        Some(Self { primary, replicas, sentinels })
+    }
+
+    /// `redis+sentinel://127.0.0.1:S1,…/rolehost` plus `query` (`?…` or "").
+    pub fn url(&self, query: &str) -> String {
+        let nodes: Vec<String> = self.sentinels.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis+sentinel://{}/{SENTINEL_PRIMARY}{query}", nodes.join(","))
+    }
+
+    /// The port of the server the Sentinels currently call the primary.
+    pub fn primary_port(&self) -> Option<u16> {
+        let answer = self.sentinels[0].cli(&["sentinel", "get-master-addr-by-name", SENTINEL_PRIMARY]);
+        answer.lines().nth(1)?.trim().parse().ok()
+    }
+}
+
+/// A CA, a server certificate it signed for 127.0.0.1 and localhost, and
+/// an unrelated CA, made with the openssl command-line tool.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub other_ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// Generates the files; `None` when openssl is missing and not required.
+    pub fn generate() -> Option<Self> {
+        if Command::new("openssl").arg("version").output().is_err() {
+            skip_or_fail("openssl")?;
+        }
+        let dir = scratch_dir("tls");
+        let file = |name: &str| dir.join(name).display().to_string();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"];
+        for (ca, key) in [("ca.crt", "ca.key"), ("other-ca.crt", "other-ca.key")] {
+            let (subject, key, ca) = (format!("/CN=rolehost test {ca}"), file(key), file(ca));
+            let mut args = vec!["req", "-x509"];
+            args.extend(ec);
+            args.extend(["-keyout", &key, "-out", &ca, "-subj", &subject]);
+            openssl(&args);
+        }
+        let (key, csr) = (file("server.key"), file("server.csr"));
+        let mut args = vec!["req"];
+        args.extend(ec);
+        args.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]);
+        openssl(&args);
+        std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &file("server.csr"),
+            "-CA",
+            &file("ca.crt"),
+            "-CAkey",
+            &file("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &file("ext.cnf"),
+            "-out",
+            &file("server.crt"),
+        ]);
+        Some(Self {
+            ca: dir.join("ca.crt"),
+            server_cert: dir.join("server.crt"),
+            server_key: dir.join("server.key"),
+            other_ca: dir.join("other-ca.crt"),
+        })
+    }
 }

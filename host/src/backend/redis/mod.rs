@@ -1,14 +1,22 @@
-//! The Redis backend: one shared, reconnecting multiplexed connection, so
-//! concurrent calls pipeline on one socket. Atomics are single commands or
-//! Lua scripts; batches go out as one MULTI/EXEC pipeline.
+//! The Redis backend: one shared, reconnecting multiplexed connection (one
+//! per Cluster node), so concurrent calls pipeline on one socket. Atomics
+//! are single commands or Lua scripts; batches go out as one MULTI/EXEC
+//! pipeline. [`connection`] reaches standalone, Sentinel and Cluster
+//! deployments; [`retry`] decides what is tried again.
 
+mod connection;
+mod retry;
+
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Client, ErrorKind, RedisError, Script, ServerErrorKind};
+use redis::{AsyncCommands, ErrorKind, RedisError, Script, ServerErrorKind};
 
+use self::connection::{Conn, Connector, Shard};
+use self::retry::Op;
 use super::{Backend, Expiry, Health, RateDecision, ScanPage};
 use crate::error::{StateError, StateResult};
 
@@ -136,8 +144,17 @@ return {0, math.floor(math.max(span - (tat - now), 0) / interval), tat - now, ne
 /// How to reach Redis and how long to wait for it.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// `redis://[user@]host:port[/db]`; the password comes from `password`.
+    /// `redis://[user@]host:port[/db]`, `rediss://…` (TLS),
+    /// `redis+cluster://[user@]host:port,host:port,…` or
+    /// `redis+sentinel://[user@]host:port,…/PRIMARY-NAME[/db]`, optionally
+    /// with `?ca=PATH` and `?wait-replicas=N`; never a password.
     pub url: String,
+    /// A PEM file of CA certificates to trust for `rediss://` (instead of
+    /// the system's); the URL's `ca=` wins.
+    pub ca_file: Option<PathBuf>,
+    /// Replicas every write must reach (`WAIT`) before it is acknowledged;
+    /// 0 acknowledges on the primary's answer. The URL's `wait-replicas=` wins.
+    pub wait_replicas: u32,
     /// A user to log in as, overriding the URL's.
     pub username: Option<String>,
     /// The password, taken from `REDIS_PASSWORD` only.
@@ -153,6 +170,8 @@ impl RedisOptions {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            ca_file: None,
+            wait_replicas: 0,
             username: None,
             password: None,
             connect_timeout: Duration::from_secs(1),
@@ -163,7 +182,7 @@ impl RedisOptions {
 
 /// The Redis backend.
 pub struct RedisBackend {
-    conn: ConnectionManager,
+    connector: Connector,
     op_timeout: Duration,
     cas: Script,
     persist: Script,
@@ -180,30 +199,8 @@ impl RedisBackend {
     /// again after any failure, so a Redis that is down at start or goes
     /// away later is an `unavailable` error, not a dead host.
     pub fn new(options: &RedisOptions) -> Result<Self, String> {
-        let mut info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(options.url.as_str())
-            .map_err(|e| format!("invalid Redis URL {:?}: {e}", options.url))?;
-        if info.redis_settings().password().is_some() {
-            return Err("the Redis URL holds a password; set REDIS_PASSWORD instead".into());
-        }
-        let mut settings = info.redis_settings().clone();
-        if let Some(username) = &options.username {
-            settings = settings.set_username(username);
-        }
-        if let Some(password) = &options.password {
-            settings = settings.set_password(password);
-        }
-        info = info.set_redis_settings(settings);
-        let client = Client::open(info).map_err(|e| format!("invalid Redis URL {:?}: {e}", options.url))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.op_timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
         Ok(Self {
-            conn,
+            connector: Connector::new(options)?,
             op_timeout: options.op_timeout,
             cas: Script::new(CAS_SCRIPT),
             persist: Script::new(PERSIST_SCRIPT),
@@ -216,34 +213,73 @@ impl RedisBackend {
         })
     }
 
-    /// Runs one operation on a clone of the shared connection, bounded by
-    /// the operation timeout.
-    async fn run<T, F, Fut>(&self, op: F) -> StateResult<T>
+    /// Runs one operation on a clone of the shared connection. Transient
+    /// failures are tried again with backoff as far as `op` allows, all
+    /// within the operation timeout; a write then waits for replicas when
+    /// the deployment asks for it.
+    async fn run<T, F, Fut>(&self, op: Op, attempt: F) -> StateResult<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(self.op_timeout, op(self.conn.clone())).await {
-            Ok(result) => result.map_err(map_error),
-            Err(_) => {
-                Err(StateError::Unavailable(format!("Redis did not answer within {} ms", self.op_timeout.as_millis())))
+        let deadline = tokio::time::Instant::now() + self.op_timeout;
+        let late =
+            || StateError::Unavailable(format!("Redis did not answer within {} ms", self.op_timeout.as_millis()));
+        for tries in 0.. {
+            let outcome = tokio::time::timeout_at(deadline, async {
+                let conn = self.connector.get().await?;
+                let value = attempt(conn.clone()).await?;
+                if op.writes() && self.connector.wait_replicas > 0 {
+                    self.wait_for_replicas(conn).await?;
+                }
+                Ok(value)
+            })
+            .await;
+            let error = match outcome {
+                Err(_) => return Err(late()),
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => error,
+            };
+            self.connector.failed(&error);
+            let pause = retry::backoff(tries);
+            if !retry::may_retry(op, &error) || tokio::time::Instant::now() + pause >= deadline {
+                return Err(map_error(error));
             }
+            tokio::time::sleep(pause).await;
         }
+        unreachable!("the deadline ends the loop")
     }
 
-    /// One raw SCAN step: the next cursor and the UTF-8 keys of this batch.
-    async fn scan_step(&self, cursor: u64, pattern: &str) -> StateResult<(u64, Vec<String>)> {
+    /// `WAIT`s until the configured number of replicas has every write this
+    /// connection sent so far (so the write just made, too).
+    async fn wait_for_replicas(&self, mut conn: Conn) -> redis::RedisResult<()> {
+        let wanted = self.connector.wait_replicas;
+        let reached: u32 =
+            redis::cmd("WAIT").arg(wanted).arg(self.op_timeout.as_millis() as u64).query_async(&mut conn).await?;
+        if reached < wanted {
+            // Like a lost reply: the write happened but may not last, so
+            // only idempotent writes are tried again.
+            return Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("write not confirmed: {reached} of {wanted} replicas have it; it may or may not last"),
+            )));
+        }
+        Ok(())
+    }
+
+    /// The primaries to scan: every Cluster primary, or the one server.
+    async fn shards(&self) -> StateResult<Vec<Shard>> {
+        self.run(Op::Read, |mut c| async move { c.shards().await }).await
+    }
+
+    /// One raw SCAN step on `shard`: the next cursor and the UTF-8 keys of
+    /// this batch.
+    async fn scan_step(&self, shard: &Shard, cursor: u64, pattern: &str) -> StateResult<(u64, Vec<String>)> {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_COUNT);
+        let scan = &scan;
         let (next, raw): (u64, Vec<Vec<u8>>) = self
-            .run(|mut c| async move {
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_COUNT)
-                    .query_async(&mut c)
-                    .await
-            })
+            .run(Op::Read, |mut c| async move { redis::from_redis_value(c.on(shard, scan).await?).map_err(Into::into) })
             .await?;
         // Keys rolehost writes are UTF-8; anything else is not ours.
         let keys = raw.into_iter().filter_map(|k| String::from_utf8(k).ok()).collect();
@@ -270,7 +306,34 @@ fn with_fallback_ttl(pipe: &mut redis::Pipeline, key: &str, ttl: Option<Duration
 impl RedisBackend {
     /// Sends `ACL SETUSER args…` (operator use, on an admin connection).
     pub async fn acl_setuser(&self, args: &[String]) -> StateResult<()> {
-        self.run(|mut c| async move { redis::cmd("ACL").arg("SETUSER").arg(args).query_async(&mut c).await }).await
+        self.run(
+            Op::Idempotent,
+            |mut c| async move { redis::cmd("ACL").arg("SETUSER").arg(args).query_async(&mut c).await },
+        )
+        .await
+    }
+
+    /// Runs a MULTI/EXEC of `entries` (grouped by Cluster slot when on a
+    /// Cluster: a transaction cannot span slots).
+    async fn set_in_transactions(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()> {
+        let mut groups: BTreeMap<u16, Vec<&(String, Vec<u8>)>> = BTreeMap::new();
+        for entry in entries {
+            let slot = if self.connector.is_cluster() { connection::slot(&entry.0) } else { 0 };
+            groups.entry(slot).or_default().push(entry);
+        }
+        for group in groups.values() {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for (key, value) in group {
+                match ttl {
+                    Some(ttl) => pipe.pset_ex(key, value, ttl_ms(ttl)).ignore(),
+                    None => pipe.set(key, value).ignore(),
+                };
+            }
+            let pipe = &pipe;
+            self.run(Op::Idempotent, |mut c| async move { pipe.query_async::<()>(&mut c).await }).await?;
+        }
+        Ok(())
     }
 }
 
@@ -280,12 +343,14 @@ fn map_error(error: RedisError) -> StateError {
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
+        || matches!(error.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::ClusterConnectionNotFound)
         || matches!(
             error.kind(),
             ErrorKind::Server(ServerErrorKind::BusyLoading)
                 | ErrorKind::Server(ServerErrorKind::TryAgain)
                 | ErrorKind::Server(ServerErrorKind::ClusterDown)
                 | ErrorKind::Server(ServerErrorKind::MasterDown)
+                | ErrorKind::Server(ServerErrorKind::ReadOnly)
         );
     if transient {
         return StateError::Unavailable(format!("Redis: {error}"));
@@ -306,15 +371,17 @@ fn map_error(error: RedisError) -> StateError {
     StateError::Internal(format!("Redis: {error}"))
 }
 
-/// Parses a Redis page cursor, `{scan-cursor}:{keys-already-returned}`.
-fn parse_cursor(cursor: Option<&str>) -> StateResult<(u64, usize)> {
+/// A page cursor: `{shard}:{scan-cursor}:{keys-already-returned}`, the
+/// shard being an index into the sorted list of primaries.
+fn parse_cursor(cursor: Option<&str>) -> StateResult<(usize, u64, usize)> {
     let Some(cursor) = cursor else {
-        return Ok((0, 0));
+        return Ok((0, 0, 0));
     };
-    cursor
-        .split_once(':')
-        .and_then(|(scan, skip)| Some((scan.parse().ok()?, skip.parse().ok()?)))
-        .ok_or_else(|| StateError::InvalidArgument("invalid cursor".into()))
+    let mut parts = cursor.split(':').map(|p| p.parse::<u64>().ok());
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(Some(shard)), Some(Some(scan)), Some(Some(skip)), None) => Ok((shard as usize, scan, skip as usize)),
+        _ => Err(StateError::InvalidArgument("invalid cursor".into())),
+    }
 }
 
 #[async_trait]
@@ -326,22 +393,30 @@ impl Backend for RedisBackend {
     async fn health(&self) -> StateResult<Health> {
         const FIELDS: &[&str] =
             &["redis_version", "used_memory", "used_memory_human", "connected_clients", "rdb_last_save_time"];
-        let info: String = self.run(|mut c| async move { redis::cmd("INFO").query_async(&mut c).await }).await?;
-        let details = info
+        let shards = self.shards().await?;
+        let first = shards.first().ok_or_else(|| StateError::Unavailable("no Redis Cluster primary is up".into()))?;
+        let info: String = self
+            .run(Op::Read, |mut c| async move {
+                redis::from_redis_value(c.on(first, &redis::cmd("INFO")).await?).map_err(Into::into)
+            })
+            .await?;
+        let mut details: BTreeMap<String, String> = info
             .lines()
             .filter_map(|line| line.trim().split_once(':'))
             .filter(|(name, _)| FIELDS.contains(name))
             .map(|(name, value)| (name.to_owned(), value.to_owned()))
             .collect();
+        details.insert("topology".into(), self.connector.topology().into());
+        details.insert("primaries".into(), shards.len().to_string());
         Ok(Health { kind: "redis", details })
     }
 
     async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
-        self.run(|mut c| async move { c.get(key).await }).await
+        self.run(Op::Read, |mut c| async move { c.get(key).await }).await
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()> {
-        self.run(|mut c| async move {
+        self.run(Op::Idempotent, |mut c| async move {
             match ttl {
                 Some(ttl) => c.pset_ex(key, value, ttl_ms(ttl)).await,
                 None => c.set(key, value).await,
@@ -351,40 +426,34 @@ impl Backend for RedisBackend {
     }
 
     async fn exists(&self, key: &str) -> StateResult<bool> {
-        self.run(|mut c| async move { c.exists(key).await }).await
+        self.run(Op::Read, |mut c| async move { c.exists(key).await }).await
     }
 
     async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        self.run(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await }).await
+        // On a Cluster, redis-rs splits MGET by slot and merges the answers in order.
+        self.run(Op::Read, |mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await }).await
     }
 
     async fn set_many(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()> {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for (key, value) in entries {
-            match ttl {
-                Some(ttl) => pipe.pset_ex(key, value, ttl_ms(ttl)).ignore(),
-                None => pipe.set(key, value).ignore(),
-            };
-        }
-        self.run(|mut c| async move { pipe.query_async(&mut c).await }).await
+        self.set_in_transactions(entries, ttl).await
     }
 
     async fn delete_many(&self, keys: &[String]) -> StateResult<u64> {
         if keys.is_empty() {
             return Ok(0);
         }
-        self.run(|mut c| async move { c.del(keys).await }).await
+        // A retried DEL leaves the same state but may count fewer keys.
+        self.run(Op::Idempotent, |mut c| async move { c.del(keys).await }).await
     }
 
     async fn expiry(&self, key: &str) -> StateResult<Expiry> {
-        let ms: i64 = self.run(|mut c| async move { c.pttl(key).await }).await?;
+        let ms: i64 = self.run(Op::Read, |mut c| async move { c.pttl(key).await }).await?;
         Ok(match ms {
             -2 => Expiry::Missing,
             -1 => Expiry::Persistent,
@@ -396,11 +465,11 @@ impl Backend for RedisBackend {
         match ttl {
             Some(ttl) => {
                 let ms = ttl_ms(ttl) as i64;
-                self.run(|mut c| async move { c.pexpire(key, ms).await }).await
+                self.run(Op::Idempotent, |mut c| async move { c.pexpire(key, ms).await }).await
             }
             None => {
                 let script = &self.persist;
-                self.run(|mut c| async move { script.key(key).invoke_async(&mut c).await }).await
+                self.run(Op::Idempotent, |mut c| async move { script.key(key).invoke_async(&mut c).await }).await
             }
         }
     }
@@ -409,40 +478,52 @@ impl Backend for RedisBackend {
         // A SCAN batch can hold more keys than the page has room for; the
         // cursor then records the batch's start and how many of it were
         // returned, and the next page replays that batch and skips them.
-        let (mut scan_cursor, mut skip) = parse_cursor(cursor)?;
+        // A Cluster is scanned one primary after another.
+        let (mut shard, mut scan_cursor, mut skip) = parse_cursor(cursor)?;
+        let shards = self.shards().await?;
         let mut keys = Vec::new();
         for _ in 0..SCAN_STEPS_PER_PAGE {
-            let (next, batch) = self.scan_step(scan_cursor, pattern).await?;
+            let Some(node) = shards.get(shard) else {
+                return Ok(ScanPage { keys, cursor: None });
+            };
+            let (next, batch) = self.scan_step(node, scan_cursor, pattern).await?;
             let fresh = batch.get(skip..).unwrap_or_default();
             let room = limit - keys.len();
             if fresh.len() > room {
                 keys.extend_from_slice(&fresh[..room]);
-                let cursor = Some(format!("{scan_cursor}:{}", skip + room));
+                let cursor = Some(format!("{shard}:{scan_cursor}:{}", skip + room));
                 return Ok(ScanPage { keys, cursor });
             }
             keys.extend_from_slice(fresh);
             skip = 0;
-            if next == 0 {
-                return Ok(ScanPage { keys, cursor: None });
-            }
             scan_cursor = next;
+            if next == 0 {
+                shard += 1;
+                if shard == shards.len() {
+                    return Ok(ScanPage { keys, cursor: None });
+                }
+            }
             if keys.len() == limit {
                 break;
             }
         }
-        Ok(ScanPage { keys, cursor: Some(format!("{scan_cursor}:0")) })
+        Ok(ScanPage { keys, cursor: Some(format!("{shard}:{scan_cursor}:0")) })
     }
 
     async fn increment(&self, key: &str, delta: i64, fallback_ttl: Option<Duration>) -> StateResult<i64> {
         if fallback_ttl.is_none() {
-            return self.run(|mut c| async move { c.incr(key, delta).await }).await;
+            return self.run(Op::Once, |mut c| async move { c.incr(key, delta).await }).await;
         }
-        let (script, ttl) = (&self.incr_with_ttl, script_ttl(fallback_ttl));
-        self.run(|mut c| async move { script.key(key).arg("").arg(delta).arg(ttl).invoke_async(&mut c).await }).await
+        let (script, ttl) = (&self.incr_with_ttl, &script_ttl(fallback_ttl));
+        self.run(
+            Op::Once,
+            |mut c| async move { script.key(key).arg("").arg(delta).arg(ttl).invoke_async(&mut c).await },
+        )
+        .await
     }
 
     async fn set_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool> {
-        self.run(|mut c| async move {
+        self.run(Op::Once, |mut c| async move {
             let mut cmd = redis::cmd("SET");
             cmd.arg(key).arg(value).arg("NX");
             if let Some(ttl) = ttl {
@@ -462,7 +543,7 @@ impl Backend for RedisBackend {
         ttl: Option<Duration>,
     ) -> StateResult<bool> {
         let script = &self.cas;
-        self.run(|mut c| async move {
+        self.run(Op::Once, |mut c| async move {
             let mut invocation = script.key(key);
             invocation
                 .arg(if expected.is_some() { "1" } else { "0" })
@@ -476,15 +557,15 @@ impl Backend for RedisBackend {
     }
 
     async fn get_and_delete(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
-        self.run(|mut c| async move { c.get_del(key).await }).await
+        self.run(Op::Once, |mut c| async move { c.get_del(key).await }).await
     }
 
     async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>> {
-        self.run(|mut c| async move { c.hget(key, field).await }).await
+        self.run(Op::Read, |mut c| async move { c.hget(key, field).await }).await
     }
 
     async fn hash_get_all(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
-        self.run(|mut c| async move { c.hgetall(key).await }).await
+        self.run(Op::Read, |mut c| async move { c.hgetall(key).await }).await
     }
 
     async fn hash_apply(
@@ -506,7 +587,8 @@ impl Backend for RedisBackend {
             return Ok(());
         }
         with_fallback_ttl(&mut pipe, key, fallback_ttl);
-        self.run(|mut c| async move { pipe.query_async(&mut c).await }).await
+        let pipe = &pipe;
+        self.run(Op::Idempotent, |mut c| async move { pipe.query_async(&mut c).await }).await
     }
 
     async fn hash_increment(
@@ -517,10 +599,14 @@ impl Backend for RedisBackend {
         fallback_ttl: Option<Duration>,
     ) -> StateResult<i64> {
         if fallback_ttl.is_none() {
-            return self.run(|mut c| async move { c.hincr(key, field, delta).await }).await;
+            return self.run(Op::Once, |mut c| async move { c.hincr(key, field, delta).await }).await;
         }
-        let (script, ttl) = (&self.incr_with_ttl, script_ttl(fallback_ttl));
-        self.run(|mut c| async move { script.key(key).arg(field).arg(delta).arg(ttl).invoke_async(&mut c).await }).await
+        let (script, ttl) = (&self.incr_with_ttl, &script_ttl(fallback_ttl));
+        self.run(
+            Op::Once,
+            |mut c| async move { script.key(key).arg(field).arg(delta).arg(ttl).invoke_async(&mut c).await },
+        )
+        .await
     }
 
     async fn hash_increment_float(
@@ -531,7 +617,7 @@ impl Backend for RedisBackend {
         fallback_ttl: Option<Duration>,
     ) -> StateResult<f64> {
         let script = &self.hash_incr_float;
-        self.run(|mut c| async move {
+        self.run(Op::Once, |mut c| async move {
             script.key(key).arg(field).arg(delta).arg(script_ttl(fallback_ttl)).invoke_async(&mut c).await
         })
         .await
@@ -546,7 +632,7 @@ impl Backend for RedisBackend {
         fallback_ttl: Option<Duration>,
     ) -> StateResult<bool> {
         let script = &self.hash_cas;
-        self.run(|mut c| async move {
+        self.run(Op::Once, |mut c| async move {
             let mut invocation = script.key(key);
             invocation
                 .arg(field)
@@ -562,7 +648,7 @@ impl Backend for RedisBackend {
 
     async fn lock_acquire(&self, key: &str, fence_key: &str, owner: &str, ttl: Duration) -> StateResult<Option<u64>> {
         let script = &self.lock_acquire;
-        self.run(|mut c| async move {
+        self.run(Op::Once, |mut c| async move {
             script.key(key).key(fence_key).arg(owner).arg(ttl_ms(ttl)).invoke_async(&mut c).await
         })
         .await
@@ -570,14 +656,20 @@ impl Backend for RedisBackend {
 
     async fn expire_if_equal(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<bool> {
         let script = &self.expire_if_equal;
-        self.run(|mut c| async move { script.key(key).arg(value).arg(ttl_ms(ttl)).invoke_async(&mut c).await }).await
+        self.run(Op::Idempotent, |mut c| async move {
+            script.key(key).arg(value).arg(ttl_ms(ttl)).invoke_async(&mut c).await
+        })
+        .await
     }
 
     async fn rate_check(&self, key: &str, limit: u64, window: Duration, cost: u64) -> StateResult<RateDecision> {
         let script = &self.rate;
         let window_us = window.as_micros() as u64;
-        let (allowed, remaining, reset_us, retry_us): (i64, u64, u64, u64) = self
-            .run(|mut c| async move { script.key(key).arg(limit).arg(window_us).arg(cost).invoke_async(&mut c).await })
+        let op = if cost == 0 { Op::Read } else { Op::Once };
+        let (allowed, remaining, reset_us, retry_us): (i64, u64, u64, u64) =
+            self.run(op, |mut c| async move {
+                script.key(key).arg(limit).arg(window_us).arg(cost).invoke_async(&mut c).await
+            })
             .await?;
         Ok(RateDecision {
             allowed: allowed == 1,
@@ -588,17 +680,20 @@ impl Backend for RedisBackend {
     }
 
     async fn delete_matching(&self, pattern: &str) -> StateResult<u64> {
-        // Raw SCAN cursors here: deleting while paging with skip counts
-        // would skip keys.
+        // Raw SCAN cursors here, on every primary: deleting while paging
+        // with skip counts would skip keys.
         let mut deleted = 0;
-        let mut cursor = 0;
-        loop {
-            let (next, keys) = self.scan_step(cursor, pattern).await?;
-            deleted += self.delete_many(&keys).await?;
-            if next == 0 {
-                return Ok(deleted);
+        for shard in self.shards().await? {
+            let mut cursor = 0;
+            loop {
+                let (next, keys) = self.scan_step(&shard, cursor, pattern).await?;
+                deleted += self.delete_many(&keys).await?;
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
         }
+        Ok(deleted)
     }
 }

@@ -1,0 +1,463 @@
+//! How the Redis backend reaches its servers: one server (`redis://`,
+//! `rediss://`), the primary a set of Sentinels names
+//! (`redis+sentinel://`), or a Cluster (`redis+cluster://`). Every kind
+//! connects lazily and again after failures, so Redis being down is an
+//! error of the calls made meanwhile, never of the host.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
+    RedisError, RedisFuture, RedisResult, ServerErrorKind, TlsCertificates, Value,
+};
+
+use super::RedisOptions;
+
+/// Default Sentinel port, for addresses that leave it out.
+const SENTINEL_PORT: u16 = 26379;
+
+/// Where the servers are, from the URL.
+enum Endpoint {
+    Single(ConnectionInfo),
+    Cluster(Vec<ConnectionInfo>),
+    Sentinel { sentinels: Vec<ConnectionAddr>, master: String, db: i64, username: Option<String> },
+}
+
+/// Settings a URL may carry in its query (`?ca=PATH&wait-replicas=N`).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct UrlSettings {
+    ca_file: Option<PathBuf>,
+    wait_replicas: Option<u32>,
+}
+
+/// Splits off and reads the query settings rolehost knows; others are refused.
+fn split_query(url: &str) -> Result<(&str, UrlSettings), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url, UrlSettings::default()));
+    };
+    let mut settings = UrlSettings::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("ca", path)) if !path.is_empty() => settings.ca_file = Some(PathBuf::from(path)),
+            Some(("wait-replicas", n)) => {
+                settings.wait_replicas =
+                    Some(n.parse().map_err(|_| format!("wait-replicas must be a number, not {n:?}"))?)
+            }
+            _ => return Err(format!("unknown Redis URL setting {pair:?}: use ca=PATH or wait-replicas=N")),
+        }
+    }
+    Ok((base, settings))
+}
+
+/// `[user@]rest`, refusing `user:password@`.
+fn split_user(rest: &str) -> Result<(Option<String>, &str), String> {
+    match rest.rsplit_once('@') {
+        Some((user, _)) if user.contains(':') => Err(password_in_url()),
+        Some((user, hosts)) => Ok((Some(user.to_owned()).filter(|u| !u.is_empty()), hosts)),
+        None => Ok((None, rest)),
+    }
+}
+
+fn password_in_url() -> String {
+    "the Redis URL holds a password; set REDIS_PASSWORD instead".into()
+}
+
+/// `host:port` with a default port.
+fn host_port(address: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
+    let bad = || format!("invalid Redis address {address:?}: use host:port");
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => Ok((host.to_owned(), port.parse().map_err(|_| bad())?)),
+        None if !address.is_empty() => Ok((address.to_owned(), default_port.ok_or_else(bad)?)),
+        _ => Err(bad()),
+    }
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<(Self, UrlSettings), String> {
+        let (base, settings) = split_query(url)?;
+        let invalid = |e: RedisError| format!("invalid Redis URL {url:?}: {e}");
+        if let Some(rest) = base.strip_prefix("redis+cluster://") {
+            let (user, hosts) = split_user(rest.trim_end_matches('/'))?;
+            let user = user.map(|u| format!("{u}@")).unwrap_or_default();
+            let nodes = hosts
+                .split(',')
+                .map(|node| {
+                    let (host, port) = host_port(node, None)?;
+                    format!("redis://{user}{host}:{port}").into_connection_info().map_err(invalid)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok((Self::Cluster(nodes), settings));
+        }
+        if let Some(rest) = base.strip_prefix("redis+sentinel://") {
+            let (user, rest) = split_user(rest)?;
+            let mut parts = rest.split('/');
+            let sentinels = parts
+                .next()
+                .unwrap_or_default()
+                .split(',')
+                .map(|s| host_port(s, Some(SENTINEL_PORT)).map(|(host, port)| ConnectionAddr::Tcp(host, port)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let master = parts.next().filter(|m| !m.is_empty()).ok_or_else(|| {
+                format!("invalid Redis URL {url:?}: name the primary, redis+sentinel://host:port,…/NAME")
+            })?;
+            let db = match parts.next().filter(|d| !d.is_empty()) {
+                Some(db) => db.parse().map_err(|_| format!("invalid database {db:?} in {url:?}"))?,
+                None => 0,
+            };
+            let sentinel = Self::Sentinel { sentinels, master: master.to_owned(), db, username: user };
+            return Ok((sentinel, settings));
+        }
+        if !(base.starts_with("redis://") || base.starts_with("rediss://")) {
+            return Err(format!(
+                "unknown Redis URL {url:?}: use redis://, rediss://, redis+cluster:// or redis+sentinel://"
+            ));
+        }
+        let info = base.into_connection_info().map_err(invalid)?;
+        if info.redis_settings().password().is_some() {
+            return Err(password_in_url());
+        }
+        if settings.ca_file.is_some() && !base.starts_with("rediss://") {
+            return Err("a CA certificate needs a TLS URL, rediss://".into());
+        }
+        Ok((Self::Single(info), settings))
+    }
+}
+
+/// A connection to hand to one operation; cheap to clone.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Sentinel(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+/// One primary of a Cluster (`host`, `port`); none for the only server of
+/// the other kinds.
+pub(super) type Shard = Option<(String, u16)>;
+
+impl Conn {
+    /// The primaries whose keys together are the whole key space, in a
+    /// stable order.
+    pub(super) async fn shards(&mut self) -> RedisResult<Vec<Shard>> {
+        let Conn::Cluster(cluster) = self else {
+            return Ok(vec![None]);
+        };
+        let nodes: String = redis::from_redis_value(
+            cluster
+                .route_command(
+                    redis::cmd("CLUSTER").arg("NODES").clone(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+                )
+                .await?,
+        )?;
+        Ok(primaries(&nodes))
+    }
+
+    /// Runs `cmd` on `shard` (a Cluster primary) or on the only server.
+    pub(super) async fn on(&mut self, shard: &Shard, cmd: &Cmd) -> RedisResult<Value> {
+        match (self, shard) {
+            (Conn::Cluster(cluster), Some((host, port))) => {
+                let at = SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port };
+                cluster.route_command(cmd.clone(), RoutingInfo::SingleNode(at)).await
+            }
+            (conn, _) => cmd.query_async(conn).await,
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Hands out connections, making them when needed.
+pub(super) struct Connector {
+    kind: Kind,
+    /// Replicas each write waits for (`WAIT`); 0 for none.
+    pub(super) wait_replicas: u32,
+}
+
+enum Kind {
+    /// Reconnects by itself.
+    Single(ConnectionManager),
+    /// Made on first use; it then follows slot moves and node failures itself.
+    Cluster { client: ClusterClient, conn: tokio::sync::Mutex<Option<ClusterConnection>> },
+    /// The current primary; asked of the Sentinels again after a failure.
+    Sentinel {
+        client: tokio::sync::Mutex<SentinelClient>,
+        config: AsyncConnectionConfig,
+        conn: Mutex<Option<MultiplexedConnection>>,
+    },
+}
+
+impl Connector {
+    /// Reads the URL and the CA file; connects nothing yet.
+    pub(super) fn new(options: &RedisOptions) -> Result<Self, String> {
+        let (endpoint, settings) = Endpoint::parse(&options.url)?;
+        let ca_file = settings.ca_file.or_else(|| options.ca_file.clone());
+        let certificates = match &ca_file {
+            Some(path) => Some(TlsCertificates {
+                client_tls: None,
+                root_cert: Some(
+                    std::fs::read(path)
+                        .map_err(|e| format!("cannot read the Redis CA certificate {}: {e}", path.display()))?,
+                ),
+            }),
+            None => None,
+        };
+        let wait_replicas = settings.wait_replicas.unwrap_or(options.wait_replicas);
+        let invalid = |e: RedisError| format!("invalid Redis settings for {:?}: {e}", options.url);
+        let kind = match endpoint {
+            Endpoint::Single(mut info) => {
+                let mut settings = info.redis_settings().clone();
+                if let Some(username) = &options.username {
+                    settings = settings.set_username(username);
+                }
+                if let Some(password) = &options.password {
+                    settings = settings.set_password(password);
+                }
+                info = info.set_redis_settings(settings);
+                let client = match certificates {
+                    Some(certs) => Client::build_with_tls(info, certs),
+                    None => Client::open(info),
+                }
+                .map_err(invalid)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(options.connect_timeout))
+                    .set_response_timeout(Some(options.op_timeout))
+                    .set_number_of_retries(1)
+                    .set_min_delay(std::time::Duration::from_millis(10))
+                    .set_max_delay(std::time::Duration::from_millis(200));
+                let manager = ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
+                Kind::Single(manager)
+            }
+            Endpoint::Cluster(nodes) => {
+                if certificates.is_some() {
+                    return Err("TLS with a CA certificate is supported for rediss:// only".into());
+                }
+                if wait_replicas > 0 {
+                    return Err("wait-replicas is supported for redis:// and redis+sentinel:// only".into());
+                }
+                let mut builder = ClusterClientBuilder::new(nodes)
+                    .connection_timeout(options.connect_timeout)
+                    .response_timeout(options.op_timeout);
+                if let Some(username) = &options.username {
+                    builder = builder.username(username);
+                }
+                if let Some(password) = &options.password {
+                    builder = builder.password(password.clone());
+                }
+                Kind::Cluster { client: builder.build().map_err(invalid)?, conn: tokio::sync::Mutex::new(None) }
+            }
+            Endpoint::Sentinel { sentinels, master, db, username } => {
+                if certificates.is_some() {
+                    return Err("TLS with a CA certificate is supported for rediss:// only".into());
+                }
+                let mut builder = SentinelClientBuilder::new(sentinels, master, SentinelServerType::Master)
+                    .map_err(invalid)?
+                    .set_client_to_redis_db(db);
+                if let Some(username) = options.username.as_ref().or(username.as_ref()) {
+                    builder = builder.set_client_to_redis_username(username);
+                }
+                if let Some(password) = &options.password {
+                    builder = builder.set_client_to_redis_password(password);
+                }
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(options.connect_timeout))
+                    .set_response_timeout(Some(options.op_timeout));
+                Kind::Sentinel {
+                    client: tokio::sync::Mutex::new(builder.build().map_err(invalid)?),
+                    config,
+                    conn: Mutex::new(None),
+                }
+            }
+        };
+        Ok(Self { kind, wait_replicas })
+    }
+
+    /// A connection, made now if there is none.
+    pub(super) async fn get(&self) -> RedisResult<Conn> {
+        match &self.kind {
+            Kind::Single(manager) => Ok(Conn::Single(manager.clone())),
+            Kind::Cluster { client, conn } => {
+                let mut slot = conn.lock().await;
+                if let Some(conn) = slot.as_ref() {
+                    return Ok(Conn::Cluster(conn.clone()));
+                }
+                let fresh = client.get_async_connection().await?;
+                *slot = Some(fresh.clone());
+                Ok(Conn::Cluster(fresh))
+            }
+            Kind::Sentinel { client, config, conn } => {
+                if let Some(conn) = conn.lock().unwrap().as_ref() {
+                    return Ok(Conn::Sentinel(conn.clone()));
+                }
+                // One caller at a time asks the Sentinels; the others then
+                // find its connection.
+                let mut client = client.lock().await;
+                if let Some(conn) = conn.lock().unwrap().as_ref() {
+                    return Ok(Conn::Sentinel(conn.clone()));
+                }
+                let fresh = client.get_async_connection_with_config(config).await?;
+                *conn.lock().unwrap() = Some(fresh.clone());
+                Ok(Conn::Sentinel(fresh))
+            }
+        }
+    }
+
+    /// Notes a failed operation: a Sentinel connection that lost its
+    /// server, or whose server is no longer the primary, is dropped so the
+    /// next operation asks the Sentinels where the primary is now.
+    pub(super) fn failed(&self, error: &RedisError) {
+        if let Kind::Sentinel { conn, .. } = &self.kind {
+            let gone = error.is_io_error()
+                || error.is_connection_dropped()
+                || error.is_timeout()
+                || error.is_unrecoverable_error()
+                || error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
+            if gone {
+                *conn.lock().unwrap() = None;
+            }
+        }
+    }
+
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self.kind, Kind::Cluster { .. })
+    }
+
+    /// `single`, `cluster` or `sentinel`, for health reports.
+    pub(super) fn topology(&self) -> &'static str {
+        match self.kind {
+            Kind::Single(_) => "single",
+            Kind::Cluster { .. } => "cluster",
+            Kind::Sentinel { .. } => "sentinel",
+        }
+    }
+}
+
+/// The primaries owning slots in a `CLUSTER NODES` answer, sorted. Lines
+/// are `id address flags primary ping pong epoch link slot…`; a primary
+/// with slots holds keys whether reachable or not (an unreachable one makes
+/// a scan fail rather than skip its keys).
+fn primaries(nodes: &str) -> Vec<Shard> {
+    let mut primaries: Vec<Shard> = nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (address, flags) = (fields.get(1)?, fields.get(2)?);
+            if !flags.split(',').any(|f| f == "master") || fields.len() <= 8 {
+                return None;
+            }
+            let address = address.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some(Some((host.to_owned(), port.parse().ok()?)))
+        })
+        .collect();
+    primaries.sort();
+    primaries
+}
+
+/// The Cluster hash slot of `key`: CRC16 of its hash tag (the part between
+/// the first `{` and the next `}`, when not empty) or of the whole key.
+pub(super) fn slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16384
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_their_topology() {
+        let (Endpoint::Cluster(nodes), _) = Endpoint::parse("redis+cluster://a:7000,b:7001").unwrap() else {
+            panic!("not a cluster")
+        };
+        assert_eq!(nodes.len(), 2);
+        let (endpoint, settings) = Endpoint::parse("redis+sentinel://s1:5000,s2/mymaster/3?wait-replicas=1").unwrap();
+        let Endpoint::Sentinel { sentinels, master, db, .. } = endpoint else { panic!("not sentinel") };
+        assert_eq!(sentinels, [ConnectionAddr::Tcp("s1".into(), 5000), ConnectionAddr::Tcp("s2".into(), 26379)]);
+        assert_eq!((master.as_str(), db, settings.wait_replicas), ("mymaster", 3, Some(1)));
+        let (_, settings) = Endpoint::parse("rediss://h:6380/0?ca=/etc/ca.pem").unwrap();
+        assert_eq!(settings.ca_file, Some(PathBuf::from("/etc/ca.pem")));
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_wrong() {
+        let error = |url| Endpoint::parse(url).err().unwrap();
+        assert!(error("redis+cluster://u:secret@a:1").contains("REDIS_PASSWORD"));
+        assert!(error("redis://:secret@a:1").contains("REDIS_PASSWORD"));
+        assert!(error("redis+sentinel://s:1").contains("name the primary"));
+        assert!(error("redis+cluster://a").contains("host:port"));
+        assert!(error("redis://a:1?ca=/x").contains("rediss://"));
+        assert!(error("redis://a:1?tls=1").contains("unknown Redis URL setting"));
+        assert!(error("memcached://a").contains("unknown Redis URL"));
+    }
+
+    #[test]
+    fn settings_a_topology_cannot_honour_are_refused() {
+        let refused = |url: &str| Connector::new(&RedisOptions::new(url)).err().unwrap();
+        assert!(refused("redis+cluster://a:1?wait-replicas=1").contains("wait-replicas"));
+        assert!(refused("redis+sentinel://s:1/p?ca=/dev/null").contains("rediss://"));
+        assert!(Connector::new(&RedisOptions::new("redis+sentinel://s:1/p?wait-replicas=1")).is_ok());
+    }
+
+    #[test]
+    fn primaries_are_the_masters_owning_slots() {
+        let nodes = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002,host2 master,fail? - 0 0 2 connected 5461-10922
+c3 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected
+d4 127.0.0.1:7004@17004 slave a1 0 0 1 connected
+e5 127.0.0.1:7000@17000 master - 0 0 4 connected 10923-16383
+";
+        let expected: Vec<Shard> = [7000, 7001, 7002].map(|port| Some(("127.0.0.1".to_owned(), port))).into();
+        assert_eq!(primaries(nodes), expected);
+    }
+
+    #[test]
+    fn slots_follow_hash_tags() {
+        // Reference values from CLUSTER KEYSLOT.
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+        assert_eq!(slot("a{}b"), crc16::State::<crc16::XMODEM>::calculate(b"a{}b") % 16384);
+        assert_eq!(slot("x{tag}y"), slot("tag"));
+    }
+}

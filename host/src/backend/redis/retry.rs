@@ -1,0 +1,106 @@
+//! Which failed Redis operations are tried again, and how long to pause
+//! between tries: exponential backoff with jitter, always inside the
+//! operation's deadline (the caller checks it).
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+/// The first pause; doubled after each try.
+const BASE: Duration = Duration::from_millis(5);
+/// The longest pause, so a Redis that comes back is noticed quickly.
+const CAP: Duration = Duration::from_millis(250);
+
+/// How an operation may be repeated after a transient failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Op {
+    /// Reads (GET, MGET, EXISTS, PTTL, HGET, HGETALL, SCAN, INFO): retried.
+    Read,
+    /// Writes whose repetition leaves the same state (SET with a value,
+    /// MULTI/EXEC of SETs, HSET/HDEL, DEL, PEXPIRE, persist): retried.
+    Idempotent,
+    /// Writes whose repetition would change the outcome (INCRBY, HINCRBY,
+    /// GETDEL, SET NX, compare-and-swap, lock acquire, rate checks): retried
+    /// only when Redis certainly did not run them.
+    Once,
+}
+
+impl Op {
+    /// Whether the operation writes (and so waits for replicas when asked).
+    pub(super) fn writes(self) -> bool {
+        self != Op::Read
+    }
+}
+
+/// Whether `error` is worth another try of an `op`.
+pub(super) fn may_retry(op: Op, error: &RedisError) -> bool {
+    // Refused before running: no connection, no primary known yet, or the
+    // server said so.
+    let not_run = error.is_connection_refusal()
+        || matches!(error.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::ClusterConnectionNotFound)
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+            )
+        );
+    // Lost on the way: the command may or may not have run.
+    let unknown = error.is_io_error() || error.is_timeout() || error.is_connection_dropped();
+    match op {
+        Op::Read | Op::Idempotent => not_run || unknown,
+        Op::Once => not_run,
+    }
+}
+
+/// The pause before try number `attempt + 2`: a random point in the upper
+/// half of `min(CAP, BASE * 2^attempt)`, so hosts retrying together spread out.
+pub(super) fn backoff(attempt: u32) -> Duration {
+    let ceiling = BASE.saturating_mul(1 << attempt.min(16)).min(CAP);
+    let half = ceiling / 2;
+    half + half.mul_f64(unit_random())
+}
+
+/// A number in [0, 1): `RandomState` is seeded afresh for each call, which
+/// is random enough for jitter and needs no extra dependency.
+fn unit_random() -> f64 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u8(0);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        for attempt in 0..20 {
+            let ceiling = BASE.saturating_mul(1 << attempt.min(16)).min(CAP);
+            let pause = backoff(attempt);
+            assert!(pause >= ceiling / 2 && pause <= ceiling, "attempt {attempt}: {pause:?}");
+        }
+        let pauses: std::collections::HashSet<_> = (0..50).map(|_| backoff(10)).collect();
+        assert!(pauses.len() > 1, "no jitter");
+    }
+
+    #[test]
+    fn only_safe_operations_are_retried_after_a_lost_reply() {
+        let lost = RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+        let refused = RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
+        let loading = RedisError::from((ErrorKind::Server(ServerErrorKind::BusyLoading), "loading"));
+        let wrong_type = RedisError::from((ErrorKind::Server(ServerErrorKind::ResponseError), "WRONGTYPE"));
+        for op in [Op::Read, Op::Idempotent] {
+            assert!(may_retry(op, &lost) && may_retry(op, &refused) && may_retry(op, &loading));
+            assert!(!may_retry(op, &wrong_type));
+        }
+        assert!(!may_retry(Op::Once, &lost), "an increment whose reply was lost must not run twice");
+        assert!(may_retry(Op::Once, &refused) && may_retry(Op::Once, &loading));
+        assert!(!may_retry(Op::Once, &wrong_type));
+    }
+}

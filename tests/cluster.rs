@@ -1,0 +1,82 @@
+//! rolehost on a real Redis Cluster of three primaries. Every interface
+//! also runs there through `on_all_backends!` (conformance, isolation,
+//! coordination, grants, examples); these tests check what
+//! is particular to a cluster: keys spread over the primaries, and listing
+//! and clearing reach every one of them.
+
+use std::collections::BTreeSet;
+
+use rolehost::config::StateConfig;
+use rolehost::manifest::RedisSection;
+use rolehost_tests::{host, probe, shared_cluster, unique};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_spread_over_every_primary_and_listing_and_clear_reach_them_all() {
+    let Some(cluster) = shared_cluster() else { return };
+    let prefix = unique("spread");
+    let host = host(cluster.backend(), &prefix, &[("alice", "kvprobe")]);
+    // One set-many across many slots writes every entry.
+    assert_eq!(probe(&host, "alice", json!({"op":"set_many","entries":{},"count":300})).await, Ok(Value::Null));
+    let pattern = format!("{prefix}alice:kv:*");
+    let per_node = cluster.keys_per_node(&pattern);
+    assert_eq!(per_node.iter().sum::<usize>(), 300, "{per_node:?}");
+    assert!(per_node.iter().all(|&n| n > 0), "every primary holds some keys: {per_node:?}");
+
+    let expected: BTreeSet<String> = (0..300).map(|i| format!("bulk:{i}")).collect();
+    let (mut listed, mut cursor, mut pages) = (BTreeSet::new(), Value::Null, 0);
+    loop {
+        let page =
+            probe(&host, "alice", json!({"op":"list","pattern":"bulk:*","cursor":cursor,"limit":40})).await.unwrap();
+        pages += 1;
+        for key in page["keys"].as_array().unwrap() {
+            listed.insert(key.as_str().unwrap().to_owned());
+        }
+        cursor = page["cursor"].clone();
+        if cursor.is_null() {
+            break;
+        }
+    }
+    assert_eq!(listed, expected, "paging visits every primary");
+    assert!(pages >= 8, "pages of 40 for 300 keys: {pages}");
+    let got = probe(&host, "alice", json!({"op":"get_many","keys":["bulk:0","bulk:299","nope","bulk:7"]})).await;
+    assert_eq!(got, Ok(json!(["0", "299", null, "7"])), "get-many across slots answers in order");
+
+    assert_eq!(probe(&host, "alice", json!({"op":"clear"})).await, Ok(json!(300)));
+    assert_eq!(cluster.keys_per_node(&pattern), vec![0; cluster.nodes.len()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_subjects_and_limits_work_wherever_their_keys_land() {
+    let Some(cluster) = shared_cluster() else { return };
+    let prefix = unique("coord");
+    let host = host(cluster.backend(), &prefix, &[("alice", "kvprobe")]);
+    // Lock names that hash all over the key space; each lock and its fence
+    // counter share one slot, so the acquire script runs.
+    for name in ["a", "b", "job-17", "x{y}z", "{}"] {
+        let hold = json!({"op":"lock_hold","name":name,"ttl_ms":5000,"wait_ms":0});
+        assert_eq!(probe(&host, "alice", hold.clone()).await, Ok(json!(1)), "{name}");
+        assert_eq!(probe(&host, "alice", hold).await, Ok(json!(2)), "{name}: fencing tokens increase");
+    }
+    let empty_tag = json!({"op":"lock_hold","name":"}x","ttl_ms":5000,"wait_ms":0});
+    assert_eq!(probe(&host, "alice", empty_tag).await, Err("invalid-key".to_owned()));
+    let incr = json!({"op":"subject_incr","subject":"s","prop":"n","delta":2,"times":3});
+    assert_eq!(probe(&host, "alice", incr).await, Ok(json!(6)));
+    let check = json!({"op":"rate_check","key":"api","limit":2,"window_ms":60000,"cost":2});
+    assert_eq!(probe(&host, "alice", check.clone()).await.unwrap()["allowed"], true);
+    assert_eq!(probe(&host, "alice", check).await.unwrap()["allowed"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_url_configures_a_cluster_backend() {
+    let Some(cluster) = shared_cluster() else { return };
+    let config = StateConfig::parse(&cluster.url(), &RedisSection::default()).unwrap();
+    let backend = config.connect().unwrap();
+    let health = backend.health().await.unwrap();
+    assert_eq!(health.details["topology"], "cluster");
+    assert_eq!(health.details["primaries"], "3");
+    assert!(health.details["redis_version"].starts_with('7'), "{health:?}");
+    let key = format!("{}k", unique("url"));
+    backend.set(&key, b"v", None).await.unwrap();
+    assert_eq!(backend.get(&key).await.unwrap(), Some(b"v".to_vec()));
+}

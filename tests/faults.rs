@@ -1,0 +1,128 @@
+//! Redis faults: a server killed with SIGKILL and restarted (AOF with
+//! `appendfsync always`) keeps every write rolehost acknowledged; while
+//! Redis is down calls fail with `unavailable` and the host stays up; when
+//! it returns, calls succeed again by themselves, and a read waiting inside
+//! its deadline is retried until it succeeds.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rolehost::backend::{Backend, RedisBackend, RedisOptions};
+use rolehost::StateError;
+use rolehost_tests::{free_port, host, probe, scratch_dir, wait_until, RedisServer};
+use serde_json::json;
+
+fn backend(port: u16, op_timeout: Duration) -> Arc<dyn Backend> {
+    let mut options = RedisOptions::new(format!("redis://127.0.0.1:{port}/0"));
+    options.op_timeout = op_timeout;
+    options.connect_timeout = Duration::from_millis(500);
+    Arc::new(RedisBackend::new(&options).unwrap())
+}
+
+/// What the writer saw: keys acknowledged, the last acknowledged counter
+/// value, increments tried, and failures.
+#[derive(Default)]
+struct Log {
+    acked: BTreeSet<String>,
+    last_count: i64,
+    increments: i64,
+    failures: usize,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_aof_always_keeps_every_acknowledged_write() {
+    let dir = scratch_dir("aof");
+    let dir = dir.display().to_string();
+    let aof = ["--appendonly", "yes", "--appendfsync", "always", "--dir", dir.as_str()];
+    let port = free_port();
+    let Some(mut server) = RedisServer::start_on(port, &aof) else { return };
+    let b = backend(port, Duration::from_millis(500));
+    let log = Arc::new(Mutex::new(Log::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (b, log, stop) = (b.clone(), log.clone(), stop.clone());
+        tokio::spawn(async move {
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let key = format!("k{i}");
+                let set = b.set(&key, key.as_bytes(), None).await;
+                log.lock().unwrap().increments += 1;
+                let count = b.increment("count", 1, None).await;
+                let mut log = log.lock().unwrap();
+                if set.is_ok() {
+                    log.acked.insert(key);
+                }
+                if let Ok(count) = count {
+                    log.last_count = count;
+                }
+                for error in [set.err(), count.err()].into_iter().flatten() {
+                    assert!(matches!(error, StateError::Unavailable(_)), "{error:?}");
+                    log.failures += 1;
+                }
+            }
+        })
+    };
+    let acked = || log.lock().unwrap().acked.len();
+    wait_until("writes before the kill", Duration::from_secs(60), || acked() >= 300);
+
+    server.kill(); // SIGKILL mid-stream
+    wait_until("the writer notices", Duration::from_secs(60), || log.lock().unwrap().failures > 0);
+    let before_restart = acked();
+    let Some(_server) = RedisServer::start_on(port, &aof) else { return };
+    wait_until("writes after the restart", Duration::from_secs(60), || acked() >= before_restart + 300);
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    let check = backend(port, Duration::from_secs(5));
+    let keys: Vec<String> = log.acked.iter().cloned().collect();
+    let values = check.get_many(&keys).await.unwrap();
+    let lost: Vec<&String> = keys.iter().zip(&values).filter(|(_, v)| v.is_none()).map(|(k, _)| k).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged keys lost: {:?}",
+        lost.len(),
+        keys.len(),
+        &lost[..lost.len().min(10)]
+    );
+    let count: i64 = String::from_utf8(check.get("count").await.unwrap().unwrap()).unwrap().parse().unwrap();
+    assert!(count >= log.last_count, "acknowledged count {} but {count} survived", log.last_count);
+    assert!(count <= log.increments, "an increment ran twice: {count} > {} tried", log.increments);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_unavailable_and_the_host_recovers_by_itself() {
+    let port = free_port();
+    let Some(mut server) = RedisServer::start_on(port, &[]) else { return };
+    let host = host(backend(port, Duration::from_millis(300)), "rolehost:", &[("alice", "kvprobe")]);
+    let set = json!({"op":"set","key":"k","value":"v"});
+    assert_eq!(probe(&host, "alice", set.clone()).await, Ok(json!(null)));
+
+    server.kill();
+    for op in [json!({"op":"get","key":"k"}), set.clone(), json!({"op":"incr","key":"n","delta":1})] {
+        assert_eq!(probe(&host, "alice", op).await, Err("unavailable".to_owned()));
+    }
+    // The host itself is fine: a call that needs no state still answers.
+    assert_eq!(probe(&host, "alice", json!({"op":"recurse","depth":3})).await, Ok(json!(2)));
+
+    // A read started while Redis is down, with a deadline long enough,
+    // is retried (with backoff) until Redis is back, and succeeds.
+    // Without retries it would fail at once (connection refused).
+    let patient = backend(port, Duration::from_secs(60));
+    let mut waiting = Box::pin(patient.get("rolehost:alice:kv:k"));
+    assert!(tokio::time::timeout(Duration::from_secs(1), &mut waiting).await.is_err(), "still retrying");
+    let Some(_server) = RedisServer::start_on(port, &[]) else { return };
+    assert_eq!(waiting.await, Ok(None), "the server restarted empty; the read was retried, not failed");
+
+    // The host's own connection comes back without help.
+    let start = std::time::Instant::now();
+    while probe(&host, "alice", set.clone()).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "never recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(probe(&host, "alice", json!({"op":"get","key":"k"})).await, Ok(json!("v")));
+}
