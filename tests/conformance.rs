@@ -1,13 +1,14 @@
 //! Cross-language conformance: the Rust, JavaScript and Python versions of
-//! `counter`, `session-cache` and `profile` get the same requests on the same
-//! backend and must give the same responses, leave the same keys (under
-//! their own prefixes), the same stored bytes and the same kinds of TTL.
+//! `counter`, `session-cache` and `profile` (and the C `counter`) get the
+//! same requests on the same backend and must give the same responses, leave
+//! the same keys (under their own prefixes), the same stored bytes and the
+//! same kinds of TTL.
 //!
 //! Each language's role is loaded under its own name (`counter-rust`,
 //! `counter-js`, …), so each has its own prefix; key sets are compared with
-//! the prefix stripped. Without node or python3 (`cargo xtask build` then
-//! skips those roles) a language is skipped with a message, except under
-//! `CI=true`, where its missing component fails the test.
+//! the prefix stripped. Without node, python3 or clang (`cargo xtask build`
+//! then skips those roles) a language is skipped with a message, except
+//! under `CI=true`, where its missing component fails the test.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,34 +20,38 @@ use rolehost::{CallError, Host};
 use rolehost_tests::{cached_host, shared_redis, unique, RedisServer};
 use serde_json::{json, Value};
 
-/// Languages with their component suffix; Rust is the reference.
-const LANGUAGES: &[(&str, &str)] = &[("rust", ""), ("js", "-js"), ("py", "-py")];
+/// Languages: name, component suffix, and the roles written in it. Rust is
+/// the reference.
+const LANGUAGES: &[(&str, &str, &[&str])] =
+    &[("rust", "", ROLES), ("js", "-js", ROLES), ("py", "-py", ROLES), ("c", "-c", &["counter"])];
 const ROLES: &[&str] = &["counter", "session-cache", "profile"];
 
 fn required() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-/// The languages whose components are built.
-fn languages() -> Vec<(&'static str, &'static str)> {
-    let roles = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/roles");
-    LANGUAGES
+/// For each role, the languages whose component is built: (language, component file).
+fn built() -> Vec<(&'static str, Vec<(&'static str, String)>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/roles");
+    ROLES
         .iter()
-        .copied()
-        .filter(|(lang, suffix)| {
-            let missing: Vec<String> = ROLES
+        .map(|role| {
+            let langs = LANGUAGES
                 .iter()
-                .map(|role| format!("{role}{suffix}.wasm"))
-                .filter(|file| !roles.join(file).exists())
+                .filter(|(_, _, roles)| roles.contains(role))
+                .filter_map(|(lang, suffix, _)| {
+                    let file = format!("{role}{suffix}");
+                    if dir.join(format!("{file}.wasm")).exists() {
+                        return Some((*lang, file));
+                    }
+                    let message =
+                        format!("{file}.wasm is missing; run `cargo xtask build` (needs node, python3, clang)");
+                    assert!(!required() && *lang != "rust", "{message}");
+                    eprintln!("skipping {lang}: {message}");
+                    None
+                })
                 .collect();
-            if missing.is_empty() {
-                return true;
-            }
-            let message =
-                format!("{lang} roles {missing:?} are missing; run `cargo xtask build` (needs node and python3)");
-            assert!(!required() && *lang != "rust", "{message}");
-            eprintln!("skipping {lang}: {message}");
-            false
+            (*role, langs)
         })
         .collect()
 }
@@ -210,11 +215,11 @@ impl Keys<'_> {
 static LOADING: Mutex<()> = Mutex::new(());
 
 async fn languages_agree(backend: Arc<dyn Backend>, keys: Keys<'_>) {
-    let langs = languages();
+    let built = built();
     let global = unique("conformance");
-    let specs: Vec<(String, String)> = ROLES
+    let specs: Vec<(String, String)> = built
         .iter()
-        .flat_map(|role| langs.iter().map(move |(lang, suffix)| (format!("{role}-{lang}"), format!("{role}{suffix}"))))
+        .flat_map(|(role, langs)| langs.iter().map(move |(lang, file)| (format!("{role}-{lang}"), file.clone())))
         .collect();
     let host: Host = {
         let _one_at_a_time = LOADING.lock().unwrap_or_else(|e| e.into_inner());
@@ -222,9 +227,9 @@ async fn languages_agree(backend: Arc<dyn Backend>, keys: Keys<'_>) {
         cached_host(backend.clone(), &global, &roles)
     };
 
-    for role in ROLES {
+    for (role, langs) in &built {
         let mut reference: Option<(Vec<String>, BTreeMap<String, KeyState>)> = None;
-        for (lang, _) in &langs {
+        for (lang, _) in langs {
             let name = format!("{role}-{lang}");
             let mut outcomes = Vec::new();
             for request in requests(role) {
