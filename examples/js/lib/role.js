@@ -81,6 +81,7 @@ export function role(handle) {
         return typeof response === 'string' ? new TextEncoder().encode(response) : response;
       } catch (e) {
         if (e && e.payload && TAGS.has(e.payload.tag)) throw e.payload;
+        if (e && TAGS.has(e.tag)) throw e; // a bare `{ tag, val }`
         throw { tag: 'internal', val: String(e) };
       }
     },
