@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rolehost::backend::{Backend, MemoryBackend, RedisBackend, RedisOptions};
+use rolehost::cache::CompileCache;
 use rolehost::{Grants, Host, HostOptions, RoleLimits, RoleSpec};
 use serde_json::Value;
 
@@ -232,6 +233,19 @@ pub fn spec(name: &str, file: &str) -> RoleSpec {
 /// A host on `backend` with `roles` given as (name, component file).
 pub fn host(backend: Arc<dyn Backend>, prefix: &str, roles: &[(&str, &str)]) -> Host {
     host_with_limits(backend, prefix, roles, RoleLimits::default())
+}
+
+/// Like [`host`], keeping compiled components in `target/test-compile-cache`,
+/// so big roles (JS and Python components are 10–20 MB) compile once for
+/// the whole suite.
+pub fn cached_host(backend: Arc<dyn Backend>, prefix: &str, roles: &[(&str, &str)]) -> Host {
+    let cache = CompileCache::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-compile-cache"));
+    let host =
+        Host::with_options(backend, prefix, HostOptions { cache: Some(cache), ..HostOptions::default() }).unwrap();
+    for (name, file) in roles {
+        host.load(&spec(name, file)).unwrap();
+    }
+    host
 }
 
 /// Like [`host`], with the same limits for every role.

@@ -7,6 +7,7 @@ use anyhow::{bail, Context as _};
 
 mod bench;
 mod demo;
+mod guests;
 
 /// Guest crates built for wasm32-wasip2: examples, then test roles.
 const ROLES: &[&str] = &["counter", "session-cache", "notes", "profile", "rate-limiter", "worker", "kvprobe", "bench"];
@@ -93,6 +94,7 @@ fn build(root: &Path) -> anyhow::Result<()> {
         std::fs::copy(&built, &dest)
             .with_context(|| format!("cannot copy {} to {}", built.display(), dest.display()))?;
     }
+    guests::build(root, &out_dir)?;
     eprintln!("xtask: roles are in {}", out_dir.display());
     Ok(())
 }
