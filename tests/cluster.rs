@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use rolehost::config::StateConfig;
 use rolehost::manifest::RedisSection;
-use rolehost_tests::{host, probe, shared_cluster, unique};
+use rolehost_tests::{host, probe, shared_cluster, unique, RedisCluster};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,4 +79,41 @@ async fn the_cluster_url_configures_a_cluster_backend() {
     let key = format!("{}k", unique("url"));
     backend.set(&key, b"v", None).await.unwrap();
     assert_eq!(backend.get(&key).await.unwrap(), Some(b"v".to_vec()));
+}
+
+/// The node id of the primary at `port`, from any node's `CLUSTER NODES`.
+fn node_id(cluster: &RedisCluster, port: u16) -> String {
+    let nodes = cluster.nodes[0].cli(&["cluster", "nodes"]);
+    let line = nodes.lines().find(|l| l.contains(&format!("127.0.0.1:{port}@"))).expect("node listed");
+    line.split(' ').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_follow_a_slot_moved_to_another_primary() {
+    // A cluster of its own: moving a slot must not disturb other tests.
+    let Some(cluster) = RedisCluster::start(3) else { return };
+    let prefix = unique("moved");
+    let host = host(cluster.backend(), &prefix, &[("alice", "kvprobe")]);
+    let incr = json!({"op":"incr","key":"n","delta":5});
+    assert_eq!(probe(&host, "alice", incr.clone()).await, Ok(json!(5)));
+    // The backend now knows which primary serves the key's slot.
+    let key = format!("{prefix}alice:kv:n");
+    let slot = cluster.nodes[0].cli(&["cluster", "keyslot", &key]).trim().to_owned();
+    let owner = cluster.nodes.iter().position(|n| n.cli(&["get", &key]).trim() == "5").expect("a primary holds it");
+    let target = (owner + 1) % cluster.nodes.len();
+    let (from, to) = (&cluster.nodes[owner], &cluster.nodes[target]);
+    let (from_id, to_id) = (node_id(&cluster, from.port), node_id(&cluster, to.port));
+    to.cli(&["cluster", "setslot", &slot, "importing", &from_id]);
+    from.cli(&["cluster", "setslot", &slot, "migrating", &to_id]);
+    let moved = from.cli(&["migrate", "127.0.0.1", &to.port.to_string(), "", "0", "5000", "keys", &key]);
+    assert_eq!(moved.trim(), "OK", "MIGRATE: {moved}");
+    for node in &cluster.nodes {
+        node.cli(&["cluster", "setslot", &slot, "node", &to_id]);
+    }
+    assert_eq!(to.cli(&["get", &key]).trim(), "5", "the key moved");
+    // The old primary answers MOVED; the increment is sent again to the new
+    // one (it did not run) and counts exactly once.
+    assert_eq!(probe(&host, "alice", incr).await, Ok(json!(10)));
+    assert_eq!(probe(&host, "alice", json!({"op":"get","key":"n"})).await, Ok(json!("10")));
+    assert_eq!(to.cli(&["get", &key]).trim(), "10");
 }

@@ -166,7 +166,7 @@ fn lifetime(expiry: Expiry) -> &'static str {
 async fn key_states(backend: &Arc<dyn Backend>, full_keys: Vec<String>, prefix: &str) -> BTreeMap<String, KeyState> {
     let mut states = BTreeMap::new();
     for full in full_keys {
-        let local = full.strip_prefix(prefix).unwrap_or_else(|| panic!("{full} is outside {prefix}")).to_owned();
+        let local = full.strip_prefix(prefix).expect("filtered by prefix").to_owned();
         let lifetime = lifetime(backend.expiry(&full).await.unwrap());
         // A subject is a hash; `last_login` holds the clock, so only field names compare.
         let (value, fields) = match backend.get(&full).await {
@@ -184,20 +184,20 @@ async fn key_states(backend: &Arc<dyn Backend>, full_keys: Vec<String>, prefix: 
 }
 
 /// Where the keys are read from: the backend's own listing (memory), or a
-/// raw client on the real Redis database.
+/// raw client on the real Redis database. Either holds only this test's keys.
 enum Keys<'a> {
     Memory,
     Redis(&'a RedisServer, u32),
 }
 
 impl Keys<'_> {
-    async fn under(&self, backend: &Arc<dyn Backend>, prefix: &str) -> Vec<String> {
+    async fn all(&self, backend: &Arc<dyn Backend>) -> Vec<String> {
         match self {
             Keys::Memory => {
                 let mut keys = Vec::new();
                 let mut cursor = None;
                 loop {
-                    let page = backend.scan(&format!("{prefix}*"), cursor.as_deref(), 1000).await.unwrap();
+                    let page = backend.scan("*", cursor.as_deref(), 1000).await.unwrap();
                     keys.extend(page.keys);
                     match page.cursor {
                         Some(next) => cursor = Some(next),
@@ -205,7 +205,7 @@ impl Keys<'_> {
                     }
                 }
             }
-            Keys::Redis(server, db) => server.all_keys(*db).into_iter().filter(|k| k.starts_with(prefix)).collect(),
+            Keys::Redis(server, db) => server.all_keys(*db),
         }
     }
 }
@@ -236,7 +236,8 @@ async fn languages_agree(backend: Arc<dyn Backend>, keys: Keys<'_>) {
                 outcomes.push(outcome(&name, host.call(&name, &request.bytes()).await));
             }
             let prefix = format!("{global}{name}:");
-            let states = key_states(&backend, keys.under(&backend, &prefix).await, &prefix).await;
+            let mine = keys.all(&backend).await.into_iter().filter(|k| k.starts_with(&prefix)).collect();
+            let states = key_states(&backend, mine, &prefix).await;
             assert!(!states.is_empty(), "{name} left no keys");
             match &reference {
                 None => {
@@ -250,6 +251,7 @@ async fn languages_agree(backend: Arc<dyn Backend>, keys: Keys<'_>) {
                     reference = Some((outcomes, states));
                 }
                 Some((want_outcomes, want_states)) => {
+                    assert_eq!(outcomes.len(), want_outcomes.len());
                     for (i, (got, want)) in outcomes.iter().zip(want_outcomes).enumerate() {
                         assert_eq!(got, want, "{name}: response {i} differs from the Rust role's");
                     }
@@ -257,6 +259,11 @@ async fn languages_agree(backend: Arc<dyn Backend>, keys: Keys<'_>) {
                 }
             }
         }
+    }
+    // Isolation: no role wrote anywhere but under its own prefix.
+    let prefixes: Vec<String> = specs.iter().map(|(name, _)| format!("{global}{name}:")).collect();
+    for key in keys.all(&backend).await {
+        assert!(prefixes.iter().any(|p| key.starts_with(p.as_str())), "{key} is outside every role's prefix");
     }
 }
 

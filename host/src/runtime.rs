@@ -12,7 +12,6 @@ use anyhow::{bail, Context as _};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, Trap};
-use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use crate::acl::hex;
 use crate::backend::{Backend, Metered, Write};
@@ -22,7 +21,7 @@ use crate::error::{CallError, StateError};
 use crate::limits::{Grants, RoleLimits};
 use crate::metrics::{Metrics, RoleMetrics};
 use crate::namespace::{validate_global_prefix, validate_identity, Namespace};
-use crate::state::log::{CallLog, Stream};
+use crate::state::log::CallLog;
 use crate::state::{CallCtx, CallLimiter, OpRate, RoleInfo};
 
 /// How often the engine's epoch advances; the granularity of deadlines.
@@ -69,8 +68,6 @@ pub struct Role {
     /// The backend as given (for reloads) and as the role uses it (metered).
     backend: Arc<dyn Backend>,
     metered: Arc<dyn Backend>,
-    env: Vec<(String, String)>,
-    dir: Option<PathBuf>,
     /// Calls this role may run at once.
     slots: Arc<tokio::sync::Semaphore>,
     metrics: RoleMetrics,
@@ -129,17 +126,6 @@ impl Role {
         if warm.len() < max {
             warm.push((store, instance));
         }
-    }
-
-    /// A fresh WASI context: the role's log as stdout and stderr, and only
-    /// the granted environment variables and directory.
-    fn wasi(&self, log: &CallLog) -> anyhow::Result<WasiCtx> {
-        let mut builder = WasiCtxBuilder::new();
-        builder.stdout(log.sink(Stream::Stdout)).stderr(log.sink(Stream::Stderr)).envs(&self.env);
-        if let Some(dir) = &self.dir {
-            builder.preopened_dir(dir, GUEST_DIR, FsPerms::ReadOnly)?;
-        }
-        Ok(builder.build())
     }
 }
 
@@ -350,8 +336,6 @@ impl Host {
             from_cache,
             metered: Arc::new(Metered::new(backend.clone(), &spec.name, self.metrics.clone())),
             backend,
-            env: granted_env(&spec.grants.env),
-            dir: checked_dir(spec.grants.dir.as_deref())?,
             slots: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_concurrency)),
             metrics: self.metrics.role(&spec.name),
             warm: Mutex::new(Vec::new()),
@@ -371,6 +355,8 @@ impl Host {
             limits: spec.limits.clone(),
             grants,
             op_rate: spec.limits.max_ops_per_second.map(|n| Mutex::new(OpRate::new(n))),
+            env: granted_env(&spec.grants.env),
+            dir: checked_dir(spec.grants.dir.as_deref())?,
         })
     }
 
@@ -429,19 +415,17 @@ impl Host {
         }
     }
 
-    /// A new store for one of `role`'s instances: its limits, its log and
-    /// a WASI context granting only what the manifest names.
-    fn new_store(&self, role: &Role) -> Result<Store<CallCtx>, CallError> {
+    /// A new store for one of `role`'s instances: its limits and its log.
+    /// (Its WASI context is made when the guest first uses WASI.)
+    fn new_store(&self, role: &Role) -> Store<CallCtx> {
         let limits = &role.info.limits;
         let log = CallLog::new(&role.info.name, limits.max_log_bytes);
-        let wasi =
-            role.wasi(&log).map_err(|e| CallError::Trap { role: role.info.name.clone(), message: format!("{e:#}") })?;
         let limiter = CallLimiter::new(limits.max_memory_bytes);
-        let ctx = CallCtx::new(role.info.clone(), role.metered.clone(), limiter, log, wasi);
+        let ctx = CallCtx::new(role.info.clone(), role.metered.clone(), limiter, log);
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|ctx| &mut ctx.limiter);
         store.epoch_deadline_trap();
-        Ok(store)
+        store
     }
 
     async fn run(&self, role: &Role, request: &[u8]) -> Result<Vec<u8>, CallError> {
@@ -451,7 +435,7 @@ impl Host {
         // instantiate into.
         let (mut store, warm) = match role.take_warm() {
             Some((store, instance)) => (store, Some(instance)),
-            None => (self.new_store(role)?, None),
+            None => (self.new_store(role), None),
         };
         let deadline = Duration::from_millis(limits.deadline_ms);
         store.set_epoch_deadline(deadline.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1);

@@ -10,6 +10,11 @@ use rolehost_tests::{role_path, shared_redis};
 /// Runs `rolehost ARGS` with no inherited state setting, failing the test
 /// if it takes over 60 s (a hang).
 fn rolehost(args: &[&str]) -> Output {
+    rolehost_within(args, Duration::from_secs(60))
+}
+
+/// Like [`rolehost`], allowing `limit` before it counts as a hang.
+fn rolehost_within(args: &[&str], limit: Duration) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rolehost"))
         .args(args)
         .env_remove("ROLEHOST_STATE")
@@ -22,7 +27,7 @@ fn rolehost(args: &[&str]) -> Output {
         .unwrap();
     let start = Instant::now();
     while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
+        if start.elapsed() > limit {
             child.kill().unwrap();
             panic!("rolehost {args:?} hung");
         }
@@ -78,6 +83,35 @@ fn run_counts_on_redis_and_keys_carry_the_prefix() {
     assert_eq!(stdout(&out), "1", "another identity has its own count");
     let keys = server.all_keys(db);
     assert_eq!(keys, ["rolehost:counter:kv:count", "rolehost:tally:kv:count"]);
+}
+
+#[test]
+fn counters_in_every_language_count_like_the_rust_one() {
+    let Some(server) = shared_redis() else { return };
+    let db = server.fresh_db();
+    let url = server.url(db);
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/roles");
+    let mut names = Vec::new();
+    for name in ["counter-js", "counter-py", "counter-c"] {
+        let wasm = dir.join(format!("{name}.wasm"));
+        if !wasm.exists() {
+            assert!(!ci, "{} is missing; `cargo xtask build` makes it", wasm.display());
+            eprintln!("skipping {name}: not built (needs node, python3 or clang)");
+            continue;
+        }
+        // The first run may compile a 10–20 MB component.
+        for expected in ["1", "2"] {
+            let out = rolehost_within(&["run", wasm.to_str().unwrap(), "--state", &url], Duration::from_secs(300));
+            assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(stdout(&out), expected, "{name}");
+        }
+        let out = rolehost(&["run", wasm.to_str().unwrap(), "--repeat", "3"]);
+        assert_eq!(stdout(&out), "1\n2\n3", "{name} on memory, three calls in one process");
+        names.push(format!("rolehost:{name}:kv:count"));
+    }
+    names.sort();
+    assert_eq!(server.all_keys(db), names, "each counter keeps its count under its own name");
 }
 
 #[test]
@@ -193,4 +227,29 @@ fn run_waits_for_fire_and_forget_writes_before_exiting() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The process has exited: every queued write must already be in Redis.
     assert_eq!(server.all_keys(db).len(), 50, "{:?}", server.all_keys(db));
+}
+
+#[test]
+fn the_redis_password_comes_from_the_environment() {
+    let Some(tls) = rolehost_tests::TlsFiles::generate() else { return };
+    let Some(server) = rolehost_tests::RedisServer::start_tls(&tls) else { return };
+    assert!(server.cli(&["acl", "setuser", "app", "on", ">s3cret", "~rolehost:*", "+@all"]).contains("OK"));
+    // Without a password a client would be the default user: switch it off.
+    assert!(server.cli(&["acl", "setuser", "default", "off"]).contains("OK"));
+    let url = format!("rediss://app@127.0.0.1:{}/0?ca={}", server.port, tls.ca.display());
+    let run = |password: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rolehost"));
+        command.args(["run", &counter(), "--state", &url]).env_remove("ROLEHOST_STATE").env("RUST_LOG", "warn");
+        match password {
+            Some(password) => command.env("REDIS_PASSWORD", password),
+            None => command.env_remove("REDIS_PASSWORD"),
+        };
+        command.output().unwrap()
+    };
+    let out = run(Some("s3cret"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout(&out), "1");
+    assert_eq!(stdout(&run(Some("s3cret"))), "2");
+    assert_fails_with(&run(Some("wrong")), "REDIS_PASSWORD");
+    assert_fails_with(&run(None), "REDIS_PASSWORD");
 }

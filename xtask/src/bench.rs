@@ -20,7 +20,7 @@ struct Row {
     ratio: String,
 }
 
-/// Runs the rows named in `only` (letters `a`…`f`), or every row.
+/// Runs the rows named in `only` (letters `a`…`g`), or every row.
 pub fn run(root: &Path, only: &[String]) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let wanted = |row: &str| only.is_empty() || only.iter().any(|o| o == row);
@@ -206,6 +206,9 @@ async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<V
             rows.push(one_at_a_time(&host_mem, b"gs", case, baseline).await?.0);
         }
     }
+    if wanted("g") {
+        rows.extend(languages(root, memory.clone()).await?);
+    }
     if wanted("c") || wanted("d") {
         let redis = start_redis()?;
         let url = format!("redis://127.0.0.1:{}/0", redis.1);
@@ -388,4 +391,54 @@ async fn in_flight_memory(root: &Path) -> anyhow::Result<Row> {
         baseline: "goal: ≤ 2 MiB per call".into(),
         ratio: met(per_call <= 2.0 * 1048576.0),
     })
+}
+
+/// (g) the counter role in each language, memory backend, one call at a
+/// time: a fresh instance per call, and reusing a warm instance.
+async fn languages(root: &Path, backend: Arc<dyn Backend>) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let cache = CompileCache::new(root.join("target/bench-compile-cache"));
+    for (language, file) in
+        [("Rust", "counter"), ("JavaScript", "counter-js"), ("Python", "counter-py"), ("C", "counter-c")]
+    {
+        let wasm = root.join(format!("target/roles/{file}.wasm"));
+        if !wasm.exists() {
+            eprintln!("bench: skipping {file}: not built");
+            continue;
+        }
+        let mut medians = Vec::new();
+        for warm_instances in [0, 1] {
+            let options =
+                HostOptions { cache: Some(cache.clone()), pooling: true, max_concurrency: 4, ..HostOptions::default() };
+            let host = Host::with_options(backend.clone(), "bench:", options)?;
+            let mut spec = RoleSpec::from_path(&wasm)?;
+            spec.name = format!("{file}-{warm_instances}");
+            spec.limits.warm_instances = warm_instances;
+            host.load(&spec)?;
+            for _ in 0..20 {
+                host.call(&spec.name, b"").await?;
+            }
+            let n = if file == "counter" || file == "counter-c" { 5000 } else { 500 };
+            let mut times = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                host.call(&spec.name, b"").await?;
+                times.push(t.elapsed());
+            }
+            times.sort();
+            medians.push(times[n / 2]);
+        }
+        let bytes = std::fs::metadata(&wasm)?.len();
+        rows.push(Row {
+            case: format!("(g) counter in {language} ({:.1} MB), memory, 1 at a time", bytes as f64 / 1e6),
+            rolehost: format!("fresh instance: median {}", micros(medians[0])),
+            baseline: format!("warm instance: median {}", micros(medians[1])),
+            ratio: format!("{:.1}× per call for isolation", medians[0].as_secs_f64() / medians[1].as_secs_f64()),
+        });
+    }
+    Ok(rows)
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }

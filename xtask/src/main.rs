@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
         }
         Some("bench-run") => bench::run(&root, &args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask build | demo [--state memory|redis://…] | test [cargo test args] | bench [a b c d e f]");
+            eprintln!("usage: cargo xtask build | demo [--state memory|redis://…] | test [cargo test args] | bench [a b c d e f g]");
             std::process::exit(2);
         }
     }

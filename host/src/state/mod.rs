@@ -11,18 +11,20 @@ pub(crate) mod subjects;
 mod types;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Resource, ResourceTable};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use self::kv::Bucket;
-use self::log::CallLog;
+use self::log::{CallLog, Stream};
 use crate::backend::{Backend, Write};
 use crate::error::{shown, StateError, StateResult};
 use crate::limits::{Access, RoleLimits};
 use crate::namespace::{Namespace, Space};
+use crate::runtime::GUEST_DIR;
 
 /// Longest TTL a guest may ask for: 100 years. Longer is surely a mistake
 /// (and overflows Redis's clock arithmetic).
@@ -41,6 +43,10 @@ pub struct RoleInfo {
     pub grants: BTreeMap<String, (Arc<Namespace>, Access)>,
     /// The per-second budget of state operations, if limited.
     pub op_rate: Option<Mutex<OpRate>>,
+    /// Granted environment variables, with their values.
+    pub env: Vec<(String, String)>,
+    /// The granted directory, shown read-only at [`GUEST_DIR`].
+    pub dir: Option<PathBuf>,
 }
 
 /// A token bucket of state operations per second, shared by a role's calls.
@@ -83,17 +89,12 @@ pub struct CallCtx {
     /// Fire-and-forget writes, sent after the call.
     deferred: Vec<Write>,
     table: ResourceTable,
-    wasi: WasiCtx,
+    /// Made on the guest's first WASI call: most calls make none.
+    wasi: Option<WasiCtx>,
 }
 
 impl CallCtx {
-    pub(crate) fn new(
-        role: Arc<RoleInfo>,
-        backend: Arc<dyn Backend>,
-        limiter: CallLimiter,
-        log: CallLog,
-        wasi: WasiCtx,
-    ) -> Self {
+    pub(crate) fn new(role: Arc<RoleInfo>, backend: Arc<dyn Backend>, limiter: CallLimiter, log: CallLog) -> Self {
         Self {
             role,
             backend,
@@ -103,7 +104,7 @@ impl CallCtx {
             ops: 0,
             deferred: Vec::new(),
             table: ResourceTable::new(),
-            wasi,
+            wasi: None,
         }
     }
 
@@ -300,8 +301,23 @@ impl wasmtime::ResourceLimiter for CallLimiter {
     }
 }
 
+/// A WASI context for one of `role`'s instances: its log as stdout and
+/// stderr, and only the granted environment variables and directory.
+fn wasi_ctx(role: &RoleInfo, log: &CallLog) -> WasiCtx {
+    let mut builder = WasiCtxBuilder::new();
+    builder.stdout(log.sink(Stream::Stdout)).stderr(log.sink(Stream::Stderr)).envs(&role.env);
+    if let Some(dir) = &role.dir {
+        // Checked at load; if it has gone since, the guest sees no directory.
+        if let Err(error) = builder.preopened_dir(dir, GUEST_DIR, FsPerms::ReadOnly) {
+            tracing::warn!(role = %role.name, dir = %dir.display(), %error, "granted directory unavailable");
+        }
+    }
+    builder.build()
+}
+
 impl WasiView for CallCtx {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        let wasi = self.wasi.get_or_insert_with(|| wasi_ctx(&self.role, &self.log));
+        WasiCtxView { ctx: wasi, table: &mut self.table }
     }
 }

@@ -271,9 +271,14 @@ impl Connector {
                 if wait_replicas > 0 {
                     return Err("wait-replicas is supported for redis:// and redis+sentinel:// only".into());
                 }
+                // No retries inside redis-rs: it would resend any command
+                // whose reply was lost, increments included. `retry.rs`
+                // decides instead; redis-rs still refreshes its slot map and
+                // reconnects after the failures that call for it.
                 let mut builder = ClusterClientBuilder::new(nodes)
                     .connection_timeout(options.connect_timeout)
-                    .response_timeout(options.op_timeout);
+                    .response_timeout(options.op_timeout)
+                    .retries(0);
                 if let Some(username) = &options.username {
                     builder = builder.username(username);
                 }

@@ -351,9 +351,16 @@ fn map_error(error: RedisError) -> StateError {
                 | ErrorKind::Server(ServerErrorKind::ClusterDown)
                 | ErrorKind::Server(ServerErrorKind::MasterDown)
                 | ErrorKind::Server(ServerErrorKind::ReadOnly)
+                | ErrorKind::Server(ServerErrorKind::Moved)
+                | ErrorKind::Server(ServerErrorKind::Ask)
         );
     if transient {
         return StateError::Unavailable(format!("Redis: {error}"));
+    }
+    if error.kind() == ErrorKind::AuthenticationFailed || matches!(error.code(), Some("NOAUTH" | "WRONGPASS")) {
+        return StateError::AccessDenied(format!(
+            "Redis refused the login (check the user and REDIS_PASSWORD): {error}"
+        ));
     }
     if error.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
         return StateError::AccessDenied(format!("Redis refused: {error}"));

@@ -36,8 +36,8 @@ impl Op {
 
 /// Whether `error` is worth another try of an `op`.
 pub(super) fn may_retry(op: Op, error: &RedisError) -> bool {
-    // Refused before running: no connection, no primary known yet, or the
-    // server said so.
+    // Refused before running: no connection, no primary known yet, the
+    // server said so, or a Cluster node sent it elsewhere (the slot moved).
     let not_run = error.is_connection_refusal()
         || matches!(error.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::ClusterConnectionNotFound)
         || matches!(
@@ -48,6 +48,8 @@ pub(super) fn may_retry(op: Op, error: &RedisError) -> bool {
                     | ServerErrorKind::ClusterDown
                     | ServerErrorKind::MasterDown
                     | ServerErrorKind::ReadOnly
+                    | ServerErrorKind::Moved
+                    | ServerErrorKind::Ask
             )
         );
     // Lost on the way: the command may or may not have run.
@@ -101,6 +103,9 @@ mod tests {
         }
         assert!(!may_retry(Op::Once, &lost), "an increment whose reply was lost must not run twice");
         assert!(may_retry(Op::Once, &refused) && may_retry(Op::Once, &loading));
+        let moved =
+            RedisError::from((ErrorKind::Server(ServerErrorKind::Moved), "MOVED", "3999 127.0.0.1:7001".into()));
+        assert!(may_retry(Op::Once, &moved), "a redirected command did not run");
         assert!(!may_retry(Op::Once, &wrong_type));
     }
 }
