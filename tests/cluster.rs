@@ -75,7 +75,7 @@ async fn the_cluster_url_configures_a_cluster_backend() {
     let health = backend.health().await.unwrap();
     assert_eq!(health.details["topology"], "cluster");
     assert_eq!(health.details["primaries"], "3");
-    assert!(health.details["redis_version"].starts_with('7'), "{health:?}");
+    assert!(health.details["redis_version"].starts_with(|c: char| c.is_ascii_digit()), "{health:?}");
     let key = format!("{}k", unique("url"));
     backend.set(&key, b"v", None).await.unwrap();
     assert_eq!(backend.get(&key).await.unwrap(), Some(b"v".to_vec()));

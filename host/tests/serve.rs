@@ -167,7 +167,10 @@ fn health_readiness_and_metrics_on_redis() {
     let health: serde_json::Value = serde_json::from_str(&health).unwrap();
     assert_eq!(health["backend"]["kind"], "redis");
     assert_eq!(health["backend"]["connected"], true);
-    assert!(health["backend"]["details"]["redis_version"].as_str().unwrap().starts_with('7'), "{health}");
+    assert!(
+        health["backend"]["details"]["redis_version"].as_str().unwrap().starts_with(|c: char| c.is_ascii_digit()),
+        "{health}"
+    );
     assert!(health["backend"]["details"]["used_memory"].is_string(), "{health}");
     assert!(health["backend"]["details"]["connected_clients"].is_string(), "{health}");
     assert_eq!(health["roles"][0]["name"], "counter");

@@ -206,9 +206,6 @@ async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<V
             rows.push(one_at_a_time(&host_mem, b"gs", case, baseline).await?.0);
         }
     }
-    if wanted("g") {
-        rows.extend(languages(root, memory.clone()).await?);
-    }
     if wanted("c") || wanted("d") {
         let redis = start_redis()?;
         let url = format!("redis://127.0.0.1:{}/0", redis.1);
@@ -224,6 +221,10 @@ async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<V
         if wanted("d") {
             rows.extend(redis_batches(&host_redis, redis.1).await?);
         }
+    }
+    // (g) last: the big JS and Python instances leave the process larger.
+    if wanted("g") {
+        rows.extend(languages(root, memory).await?);
     }
     Ok(rows)
 }
