@@ -215,8 +215,8 @@ async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<V
         if wanted("c") {
             let backend_for_pairs = backend.clone();
             let warm = Arc::new(host_for(root, backend, None, 128, 64)?);
-            rows.extend(redis_pairs(&host_redis, &warm, &url, redis.1).await?);
-            rows.extend(backend_pairs(&backend_for_pairs).await?);
+            rows.extend(redis_pairs(&host_redis, &warm, &url, &redis).await?);
+            rows.extend(backend_pairs(&backend_for_pairs, &redis.0.id().to_string()).await?);
         }
         if wanted("d") {
             rows.extend(redis_batches(&host_redis, redis.1).await?);
@@ -253,13 +253,16 @@ fn load_times(root: &Path) -> anyhow::Result<Row> {
 /// (c) GET + SET on Redis, next to native redis-rs pairs and redis-benchmark.
 /// `warm` is the same role with `warm-instances`, measured at the highest
 /// concurrency to show what instantiation costs there.
-async fn redis_pairs(host: &Arc<Host>, warm: &Arc<Host>, url: &str, port: u16) -> anyhow::Result<Vec<Row>> {
+async fn redis_pairs(host: &Arc<Host>, warm: &Arc<Host>, url: &str, redis: &Redis) -> anyhow::Result<Vec<Row>> {
+    let port = redis.1;
+    let redis_pid = redis.0.id().to_string();
     let mut rows = Vec::new();
     let client = redis::Client::open(url)?;
     let native = client.get_multiplexed_async_connection().await?;
     for (concurrency, host) in [(1, host), (16, host), (64, host), (64, warm)] {
         let n = 20_000;
         let h = host.clone();
+        let cpu = CpuUse::start(&redis_pid);
         let ours = concurrent(n, concurrency, move || {
             let h = h.clone();
             async move {
@@ -268,7 +271,9 @@ async fn redis_pairs(host: &Arc<Host>, warm: &Arc<Host>, url: &str, port: u16) -
             }
         })
         .await?;
+        let our_cpu = cpu.per_op(n);
         let conn = native.clone();
+        let cpu = CpuUse::start(&redis_pid);
         let theirs = concurrent(n, concurrency, move || {
             let mut conn = conn.clone();
             async move {
@@ -278,11 +283,12 @@ async fn redis_pairs(host: &Arc<Host>, warm: &Arc<Host>, url: &str, port: u16) -
             }
         })
         .await?;
+        let their_cpu = cpu.per_op(n);
         let how = if Arc::ptr_eq(host, warm) { ", warm instances" } else { "" };
         rows.push(Row {
             case: format!("(c) GET + SET 100 B, Redis, concurrency {concurrency}{how}"),
-            rolehost: format!("{} calls", kilo(ours)),
-            baseline: format!("redis-rs: {} pairs", kilo(theirs)),
+            rolehost: format!("{} calls; CPU per call: {our_cpu}", kilo(ours)),
+            baseline: format!("redis-rs: {} pairs; CPU per pair: {their_cpu}", kilo(theirs)),
             ratio: format!("{:.2}{}", ours / theirs, if concurrency == 64 { " (goal ≥ 0.90)" } else { "" }),
         });
     }
@@ -299,10 +305,11 @@ async fn redis_pairs(host: &Arc<Host>, warm: &Arc<Host>, url: &str, port: u16) -
 
 /// (c) broken down: the same GET + SET pairs straight on the Redis
 /// backend, without wasm, to tell the backend's cost from the guest's.
-async fn backend_pairs(backend: &Arc<dyn Backend>) -> anyhow::Result<Vec<Row>> {
+async fn backend_pairs(backend: &Arc<dyn Backend>, redis_pid: &str) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     for concurrency in [1, 64] {
         let b = backend.clone();
+        let cpu = CpuUse::start(redis_pid);
         let rate = concurrent(20_000, concurrency, move || {
             let b = b.clone();
             async move {
@@ -314,7 +321,7 @@ async fn backend_pairs(backend: &Arc<dyn Backend>) -> anyhow::Result<Vec<Row>> {
         .await?;
         rows.push(Row {
             case: format!("(c) breakdown: Redis backend alone (no wasm), concurrency {concurrency}"),
-            rolehost: format!("{} pairs", kilo(rate)),
+            rolehost: format!("{} pairs; CPU per pair: {}", kilo(rate), cpu.per_op(20_000)),
             baseline: "—".into(),
             ratio: "—".into(),
         });
@@ -442,4 +449,37 @@ async fn languages(root: &Path, backend: Arc<dyn Backend>) -> anyhow::Result<Vec
 
 fn micros(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+/// CPU time used by this process and by the Redis server over a stretch of
+/// the benchmark, from the kernel's per-thread run times
+/// (`/proc/PID/task/*/schedstat`, nanoseconds, user and system together).
+struct CpuUse {
+    redis_pid: String,
+    ours: u64,
+    redis: u64,
+}
+
+impl CpuUse {
+    fn start(redis_pid: &str) -> Self {
+        Self { redis_pid: redis_pid.to_owned(), ours: cpu_ns("self"), redis: cpu_ns(redis_pid) }
+    }
+
+    /// "client X µs + redis Y µs" per operation since `start`.
+    fn per_op(&self, n: usize) -> String {
+        let per = |ns: u64| ns as f64 / n as f64 / 1000.0;
+        let ours = per(cpu_ns("self").saturating_sub(self.ours));
+        let redis = per(cpu_ns(&self.redis_pid).saturating_sub(self.redis));
+        format!("client {ours:.1} µs + redis-server {redis:.1} µs")
+    }
+}
+
+/// Nanoseconds on CPU of every thread of process `pid` (0 if unreadable).
+fn cpu_ns(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
