@@ -57,13 +57,13 @@ fn host_for(
     Ok(host)
 }
 
-/// Median and calls per second of `n` sequential calls.
-async fn sequential(host: &Host, body: &[u8], n: usize) -> anyhow::Result<(Duration, f64)> {
+/// Median and calls per second of `n` sequential calls of `role`.
+async fn sequential(host: &Host, role: &str, body: &[u8], n: usize) -> anyhow::Result<(Duration, f64)> {
     let mut times = Vec::with_capacity(n);
     let start = Instant::now();
     for _ in 0..n {
         let t = Instant::now();
-        host.call("bench", body).await?;
+        host.call(role, body).await?;
         times.push(t.elapsed());
     }
     let total = start.elapsed();
@@ -73,10 +73,10 @@ async fn sequential(host: &Host, body: &[u8], n: usize) -> anyhow::Result<(Durat
 
 /// A row of 20 000 sequential calls with `body`, and their median.
 async fn one_at_a_time(host: &Host, body: &[u8], case: &str, baseline: &str) -> anyhow::Result<(Row, Duration)> {
-    let (median, rate) = sequential(host, body, 20_000).await?;
+    let (median, rate) = sequential(host, "bench", body, 20_000).await?;
     let row = Row {
         case: case.into(),
-        rolehost: format!("median {:.1} µs, {}", median.as_secs_f64() * 1e6, kilo(rate)),
+        rolehost: format!("median {}, {}", micros(median), kilo(rate)),
         baseline: baseline.into(),
         ratio: "—".into(),
     };
@@ -109,6 +109,12 @@ where
 }
 
 struct Redis(Child, u16);
+
+impl Redis {
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+}
 
 impl Drop for Redis {
     fn drop(&mut self) {
@@ -216,7 +222,7 @@ async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<V
             let backend_for_pairs = backend.clone();
             let warm = Arc::new(host_for(root, backend, None, 128, 64)?);
             rows.extend(redis_pairs(&host_redis, &warm, &url, &redis).await?);
-            rows.extend(backend_pairs(&backend_for_pairs, &redis.0.id().to_string()).await?);
+            rows.extend(backend_pairs(&backend_for_pairs, &redis.pid()).await?);
         }
         if wanted("d") {
             rows.extend(redis_batches(&host_redis, redis.1).await?);
@@ -254,8 +260,7 @@ fn load_times(root: &Path) -> anyhow::Result<Row> {
 /// `warm` is the same role with `warm-instances`, measured at the highest
 /// concurrency to show what instantiation costs there.
 async fn redis_pairs(host: &Arc<Host>, warm: &Arc<Host>, url: &str, redis: &Redis) -> anyhow::Result<Vec<Row>> {
-    let port = redis.1;
-    let redis_pid = redis.0.id().to_string();
+    let (port, redis_pid) = (redis.1, redis.pid());
     let mut rows = Vec::new();
     let client = redis::Client::open(url)?;
     let native = client.get_multiplexed_async_connection().await?;
@@ -427,14 +432,7 @@ async fn languages(root: &Path, backend: Arc<dyn Backend>) -> anyhow::Result<Vec
                 host.call(&spec.name, b"").await?;
             }
             let n = if file == "counter" || file == "counter-c" { 5000 } else { 500 };
-            let mut times = Vec::with_capacity(n);
-            for _ in 0..n {
-                let t = Instant::now();
-                host.call(&spec.name, b"").await?;
-                times.push(t.elapsed());
-            }
-            times.sort();
-            medians.push(times[n / 2]);
+            medians.push(sequential(&host, &spec.name, b"", n).await?.0);
         }
         let bytes = std::fs::metadata(&wasm)?.len();
         rows.push(Row {

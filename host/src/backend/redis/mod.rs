@@ -339,21 +339,7 @@ impl RedisBackend {
 
 /// Sorts Redis failures into the state API's errors.
 fn map_error(error: RedisError) -> StateError {
-    let transient = error.is_io_error()
-        || error.is_timeout()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || matches!(error.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::ClusterConnectionNotFound)
-        || matches!(
-            error.kind(),
-            ErrorKind::Server(ServerErrorKind::BusyLoading)
-                | ErrorKind::Server(ServerErrorKind::TryAgain)
-                | ErrorKind::Server(ServerErrorKind::ClusterDown)
-                | ErrorKind::Server(ServerErrorKind::MasterDown)
-                | ErrorKind::Server(ServerErrorKind::ReadOnly)
-                | ErrorKind::Server(ServerErrorKind::Moved)
-                | ErrorKind::Server(ServerErrorKind::Ask)
-        );
+    let transient = retry::is_transient(&error);
     if transient {
         return StateError::Unavailable(format!("Redis: {error}"));
     }

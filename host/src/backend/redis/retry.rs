@@ -36,9 +36,23 @@ impl Op {
 
 /// Whether `error` is worth another try of an `op`.
 pub(super) fn may_retry(op: Op, error: &RedisError) -> bool {
+    match op {
+        Op::Read | Op::Idempotent => is_transient(error),
+        Op::Once => not_run(error),
+    }
+}
+
+/// Whether `error` may pass by itself: the command did not run, or its
+/// reply was lost on the way. Such errors are `unavailable`.
+pub(super) fn is_transient(error: &RedisError) -> bool {
+    // Lost on the way: the command may or may not have run.
+    not_run(error) || error.is_io_error() || error.is_timeout() || error.is_connection_dropped()
+}
+
+fn not_run(error: &RedisError) -> bool {
     // Refused before running: no connection, no primary known yet, the
     // server said so, or a Cluster node sent it elsewhere (the slot moved).
-    let not_run = error.is_connection_refusal()
+    error.is_connection_refusal()
         || matches!(error.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::ClusterConnectionNotFound)
         || matches!(
             error.kind(),
@@ -51,13 +65,7 @@ pub(super) fn may_retry(op: Op, error: &RedisError) -> bool {
                     | ServerErrorKind::Moved
                     | ServerErrorKind::Ask
             )
-        );
-    // Lost on the way: the command may or may not have run.
-    let unknown = error.is_io_error() || error.is_timeout() || error.is_connection_dropped();
-    match op {
-        Op::Read | Op::Idempotent => not_run || unknown,
-        Op::Once => not_run,
-    }
+        )
 }
 
 /// The pause before try number `attempt + 2`: a random point in the upper
