@@ -22,6 +22,7 @@ on_all_backends!(
     set_if_absent_and_get_and_delete,
     compare_and_swap_branches,
     concurrent_increments_are_exact,
+    concurrent_calls_keep_their_own_results,
     concurrent_set_if_absent_has_one_winner,
     concurrent_compare_and_swap_loses_no_update,
     hash_reads_and_atomic_writes,
@@ -251,6 +252,35 @@ async fn concurrent_increments_are_exact(b: Arc<dyn Backend>, p: String) {
         task.await.unwrap();
     }
     assert_eq!(b.get(&k).await.unwrap(), Some(b"800".to_vec()));
+}
+
+/// Many callers at once, some of whose operations fail: each gets its own
+/// answer (on Redis they share pipelines, where one command's error must
+/// not become another's).
+async fn concurrent_calls_keep_their_own_results(b: Arc<dyn Backend>, p: String) {
+    b.set(&format!("{p}text"), b"not a number", None).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200u32 {
+        let (b, p) = (b.clone(), p.clone());
+        tasks.spawn(async move {
+            let key = format!("{p}k{i}");
+            match i % 3 {
+                0 => {
+                    b.set(&key, i.to_string().as_bytes(), None).await.unwrap();
+                    assert_eq!(b.get(&key).await.unwrap(), Some(i.to_string().into_bytes()), "key {key}");
+                }
+                1 => assert_eq!(b.increment(&key, i as i64, None).await.unwrap(), i as i64),
+                _ => {
+                    let error = b.increment(&format!("{p}text"), 1, None).await.unwrap_err();
+                    assert!(matches!(error, StateError::InvalidArgument(_)), "{error:?}");
+                }
+            }
+        });
+    }
+    while let Some(task) = tasks.join_next().await {
+        task.unwrap();
+    }
+    assert_eq!(b.get(&format!("{p}text")).await.unwrap(), Some(b"not a number".to_vec()));
 }
 
 async fn concurrent_set_if_absent_has_one_winner(b: Arc<dyn Backend>, p: String) {

@@ -1,5 +1,10 @@
 //! The `rolehost` command: thin over the library.
 
+/// mimalloc, as the benchmark measures it: glibc malloc contends across the
+/// worker threads on the call path.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -256,6 +256,10 @@ fn load_times(root: &Path) -> anyhow::Result<Row> {
     })
 }
 
+/// Rounds of each side in row (c), run alternately so that a change in the
+/// machine's speed during the run (shared cores) hits both sides alike.
+const ROUNDS: usize = 5;
+
 /// (c) GET + SET on Redis, next to native redis-rs pairs and redis-benchmark.
 /// `warm` is the same role with `warm-instances`, measured at the highest
 /// concurrency to show what instantiation costs there.
@@ -265,36 +269,42 @@ async fn redis_pairs(host: &Arc<Host>, warm: &Arc<Host>, url: &str, redis: &Redi
     let client = redis::Client::open(url)?;
     let native = client.get_multiplexed_async_connection().await?;
     for (concurrency, host) in [(1, host), (16, host), (64, host), (64, warm)] {
-        let n = 20_000;
-        let h = host.clone();
-        let cpu = CpuUse::start(&redis_pid);
-        let ours = concurrent(n, concurrency, move || {
-            let h = h.clone();
-            async move {
-                h.call("bench", b"gs").await?;
-                Ok(())
-            }
-        })
-        .await?;
-        let our_cpu = cpu.per_op(n);
-        let conn = native.clone();
-        let cpu = CpuUse::start(&redis_pid);
-        let theirs = concurrent(n, concurrency, move || {
-            let mut conn = conn.clone();
-            async move {
-                let _: Option<Vec<u8>> = redis::cmd("GET").arg("bench:bench:kv:k").query_async(&mut conn).await?;
-                let () = redis::cmd("SET").arg("bench:bench:kv:k").arg(&[b'v'; 100][..]).query_async(&mut conn).await?;
-                Ok(())
-            }
-        })
-        .await?;
-        let their_cpu = cpu.per_op(n);
+        let n = if concurrency == 1 { 5_000 } else { 30_000 };
+        let (mut ours, mut theirs) = (Rounds::default(), Rounds::default());
+        for _ in 0..ROUNDS {
+            let h = host.clone();
+            let cpu = CpuUse::start(&redis_pid);
+            let rate = concurrent(n, concurrency, move || {
+                let h = h.clone();
+                async move {
+                    h.call("bench", b"gs").await?;
+                    Ok(())
+                }
+            })
+            .await?;
+            ours.add(rate, cpu.per_op(n));
+            let conn = native.clone();
+            let cpu = CpuUse::start(&redis_pid);
+            let rate = concurrent(n, concurrency, move || {
+                let mut conn = conn.clone();
+                async move {
+                    let _: Option<Vec<u8>> = redis::cmd("GET").arg("bench:bench:kv:k").query_async(&mut conn).await?;
+                    let () =
+                        redis::cmd("SET").arg("bench:bench:kv:k").arg(&[b'v'; 100][..]).query_async(&mut conn).await?;
+                    Ok(())
+                }
+            })
+            .await?;
+            theirs.add(rate, cpu.per_op(n));
+        }
         let how = if Arc::ptr_eq(host, warm) { ", warm instances" } else { "" };
+        let ratio = ours.median() / theirs.median();
+        let goal = if concurrency == 64 { format!(" (goal ≥ 0.90): {}", met(ratio >= 0.9)) } else { String::new() };
         rows.push(Row {
             case: format!("(c) GET + SET 100 B, Redis, concurrency {concurrency}{how}"),
-            rolehost: format!("{} calls; CPU per call: {our_cpu}", kilo(ours)),
-            baseline: format!("redis-rs: {} pairs; CPU per pair: {their_cpu}", kilo(theirs)),
-            ratio: format!("{:.2}{}", ours / theirs, if concurrency == 64 { " (goal ≥ 0.90)" } else { "" }),
+            rolehost: format!("{} calls; CPU per call: {}", ours.shown(), ours.median_cpu()),
+            baseline: format!("redis-rs: {} pairs; CPU per pair: {}", theirs.shown(), theirs.median_cpu()),
+            ratio: format!("{ratio:.2}{goal}"),
         });
     }
     if let Some(figures) = redis_benchmark(port, &[]) {
@@ -452,6 +462,42 @@ fn micros(d: Duration) -> String {
 /// CPU time used by this process and by the Redis server over a stretch of
 /// the benchmark, from the kernel's per-thread run times
 /// (`/proc/PID/task/*/schedstat`, nanoseconds, user and system together).
+/// Rates (per second) and CPU use of the rounds of one side of a row.
+#[derive(Default)]
+struct Rounds(Vec<(f64, Cpu)>);
+
+impl Rounds {
+    fn add(&mut self, rate: f64, cpu: Cpu) {
+        self.0.push((rate, cpu));
+        self.0.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+
+    fn median(&self) -> f64 {
+        self.0[self.0.len() / 2].0
+    }
+
+    /// The CPU use of the median round.
+    fn median_cpu(&self) -> Cpu {
+        self.0[self.0.len() / 2].1
+    }
+
+    /// "median (lowest–highest)".
+    fn shown(&self) -> String {
+        let (low, high) = (self.0[0].0, self.0[self.0.len() - 1].0);
+        format!("{} ({:.0}–{:.0}k)", kilo(self.median()), low / 1000.0, high / 1000.0)
+    }
+}
+
+/// CPU microseconds per operation: this process, the Redis server.
+#[derive(Clone, Copy)]
+struct Cpu(f64, f64);
+
+impl std::fmt::Display for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "client {:.1} µs + redis-server {:.1} µs", self.0, self.1)
+    }
+}
+
 struct CpuUse {
     redis_pid: String,
     ours: u64,
@@ -463,12 +509,10 @@ impl CpuUse {
         Self { redis_pid: redis_pid.to_owned(), ours: cpu_ns("self"), redis: cpu_ns(redis_pid) }
     }
 
-    /// "client X µs + redis Y µs" per operation since `start`.
-    fn per_op(&self, n: usize) -> String {
+    /// CPU per operation since `start`.
+    fn per_op(&self, n: usize) -> Cpu {
         let per = |ns: u64| ns as f64 / n as f64 / 1000.0;
-        let ours = per(cpu_ns("self").saturating_sub(self.ours));
-        let redis = per(cpu_ns(&self.redis_pid).saturating_sub(self.redis));
-        format!("client {ours:.1} µs + redis-server {redis:.1} µs")
+        Cpu(per(cpu_ns("self").saturating_sub(self.ours)), per(cpu_ns(&self.redis_pid).saturating_sub(self.redis)))
     }
 }
 

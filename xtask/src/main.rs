@@ -1,5 +1,9 @@
 //! `cargo xtask build | demo [--state URL] | test`: the project's chores.
 
+/// The `rolehost` binary's allocator, so the benchmark measures what ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

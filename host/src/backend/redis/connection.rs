@@ -17,6 +17,7 @@ use redis::{
     RedisError, RedisFuture, RedisResult, ServerErrorKind, TlsCertificates, Value,
 };
 
+use super::coalesce::Coalescing;
 use super::RedisOptions;
 
 /// Default Sentinel port, for addresses that leave it out.
@@ -132,8 +133,8 @@ impl Endpoint {
 /// A connection to hand to one operation; cheap to clone.
 #[derive(Clone)]
 pub(super) enum Conn {
-    Single(ConnectionManager),
-    Sentinel(MultiplexedConnection),
+    Single(Coalescing<ConnectionManager>),
+    Sentinel(Coalescing<MultiplexedConnection>),
     Cluster(ClusterConnection),
 }
 
@@ -211,14 +212,14 @@ pub(super) struct Connector {
 
 enum Kind {
     /// Reconnects by itself.
-    Single(ConnectionManager),
+    Single(Coalescing<ConnectionManager>),
     /// Made on first use; it then follows slot moves and node failures itself.
     Cluster { client: ClusterClient, conn: tokio::sync::Mutex<Option<ClusterConnection>> },
     /// The current primary; asked of the Sentinels again after a failure.
     Sentinel {
         client: tokio::sync::Mutex<SentinelClient>,
         config: AsyncConnectionConfig,
-        conn: Mutex<Option<MultiplexedConnection>>,
+        conn: Mutex<Option<Coalescing<MultiplexedConnection>>>,
     },
 }
 
@@ -262,7 +263,7 @@ impl Connector {
                     .set_max_delay(std::time::Duration::from_millis(200));
                 let manager = ConnectionManager::new_lazy_with_config(client, config)
                     .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
-                Kind::Single(manager)
+                Kind::Single(Coalescing::new(manager))
             }
             Endpoint::Cluster(nodes) => {
                 if certificates.is_some() {
@@ -336,7 +337,7 @@ impl Connector {
                 if let Some(conn) = conn.lock().unwrap().as_ref() {
                     return Ok(Conn::Sentinel(conn.clone()));
                 }
-                let fresh = client.get_async_connection_with_config(config).await?;
+                let fresh = Coalescing::new(client.get_async_connection_with_config(config).await?);
                 *conn.lock().unwrap() = Some(fresh.clone());
                 Ok(Conn::Sentinel(fresh))
             }

@@ -2,8 +2,10 @@
 //! per Cluster node), so concurrent calls pipeline on one socket. Atomics
 //! are single commands or Lua scripts; batches go out as one MULTI/EXEC
 //! pipeline. [`connection`] reaches standalone, Sentinel and Cluster
-//! deployments; [`retry`] decides what is tried again.
+//! deployments; [`coalesce`] gathers concurrent single commands into
+//! pipelines; [`retry`] decides what is tried again.
 
+mod coalesce;
 mod connection;
 mod retry;
 
