@@ -298,12 +298,12 @@ async fn redis_pairs(host: &Arc<Host>, warm: &Arc<Host>, url: &str, redis: &Redi
             theirs.add(rate, cpu.per_op(n));
         }
         let how = if Arc::ptr_eq(host, warm) { ", warm instances" } else { "" };
-        let ratio = ours.median() / theirs.median();
+        let ratio = ours.median().0 / theirs.median().0;
         let goal = if concurrency == 64 { format!(" (goal ≥ 0.90): {}", met(ratio >= 0.9)) } else { String::new() };
         rows.push(Row {
             case: format!("(c) GET + SET 100 B, Redis, concurrency {concurrency}{how}"),
-            rolehost: format!("{} calls; CPU per call: {}", ours.shown(), ours.median_cpu()),
-            baseline: format!("redis-rs: {} pairs; CPU per pair: {}", theirs.shown(), theirs.median_cpu()),
+            rolehost: format!("{} calls; CPU per call: {}", ours.shown(), ours.median().1),
+            baseline: format!("redis-rs: {} pairs; CPU per pair: {}", theirs.shown(), theirs.median().1),
             ratio: format!("{ratio:.2}{goal}"),
         });
     }
@@ -459,9 +459,6 @@ fn micros(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
-/// CPU time used by this process and by the Redis server over a stretch of
-/// the benchmark, from the kernel's per-thread run times
-/// (`/proc/PID/task/*/schedstat`, nanoseconds, user and system together).
 /// Rates (per second) and CPU use of the rounds of one side of a row.
 #[derive(Default)]
 struct Rounds(Vec<(f64, Cpu)>);
@@ -472,19 +469,15 @@ impl Rounds {
         self.0.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
 
-    fn median(&self) -> f64 {
-        self.0[self.0.len() / 2].0
-    }
-
-    /// The CPU use of the median round.
-    fn median_cpu(&self) -> Cpu {
-        self.0[self.0.len() / 2].1
+    /// The median round: its rate and its CPU use.
+    fn median(&self) -> (f64, Cpu) {
+        self.0[self.0.len() / 2]
     }
 
     /// "median (lowest–highest)".
     fn shown(&self) -> String {
         let (low, high) = (self.0[0].0, self.0[self.0.len() - 1].0);
-        format!("{} ({:.0}–{:.0}k)", kilo(self.median()), low / 1000.0, high / 1000.0)
+        format!("{} ({:.0}–{:.0}k)", kilo(self.median().0), low / 1000.0, high / 1000.0)
     }
 }
 
@@ -498,6 +491,9 @@ impl std::fmt::Display for Cpu {
     }
 }
 
+/// CPU time used by this process and by the Redis server over a stretch of
+/// the benchmark, from the kernel's per-thread run times
+/// (`/proc/PID/task/*/schedstat`, nanoseconds, user and system together).
 struct CpuUse {
     redis_pid: String,
     ours: u64,

@@ -33,7 +33,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Coalescing<C> {
     fn enqueue(&self, cmd: &Cmd) -> oneshot::Receiver<RedisResult<Value>> {
         let (reply, answer) = oneshot::channel();
         let first = {
-            let mut batch = self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut batch = lock(&self.queue);
             batch.pipe.add_command(cmd.clone());
             batch.replies.push(reply);
             batch.replies.len() == 1
@@ -51,29 +51,30 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Coalescing<C> {
 async fn flush<C: ConnectionLike>(mut conn: C, queue: Arc<Mutex<Batch>>) {
     // Let the other runnable tasks add their commands first.
     tokio::task::yield_now().await;
-    let Batch { pipe, replies } = std::mem::take(&mut *queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
-    let answers: RedisResult<Vec<Value>> = if replies.len() == 1 {
+    let Batch { pipe, replies } = std::mem::take(&mut *lock(&queue));
+    let answers = if replies.len() == 1 {
         let cmd = pipe.cmd_iter().next().expect("one command per reply");
         conn.req_packed_command(cmd).await.map(|value| vec![value])
     } else {
         conn.req_packed_commands(&pipe, 0, replies.len()).await
     };
+    let answers = answers.and_then(|values| {
+        if values.len() == replies.len() {
+            return Ok(values);
+        }
+        let wrong = format!("Redis sent {} replies to {} pipelined commands", values.len(), replies.len());
+        Err(RedisError::from(std::io::Error::other(wrong)))
+    });
     match answers {
-        Ok(values) if values.len() == replies.len() => {
-            for (reply, value) in replies.into_iter().zip(values) {
-                let _ = reply.send(Ok(value));
-            }
-        }
-        Ok(values) => {
-            let wrong = RedisError::from(std::io::Error::other(format!(
-                "Redis sent {} replies to {} pipelined commands",
-                values.len(),
-                replies.len()
-            )));
-            replies.into_iter().for_each(|reply| drop(reply.send(Err(wrong.clone()))));
-        }
+        Ok(values) => replies.into_iter().zip(values).for_each(|(reply, value)| drop(reply.send(Ok(value)))),
         Err(error) => replies.into_iter().for_each(|reply| drop(reply.send(Err(error.clone())))),
     }
+}
+
+/// The batch, even after a panic elsewhere while it was held: it is always
+/// left whole, so there is nothing to repair.
+fn lock(queue: &Mutex<Batch>) -> std::sync::MutexGuard<'_, Batch> {
+    queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> ConnectionLike for Coalescing<C> {
