@@ -2,7 +2,8 @@
 //! `appendfsync always`) keeps every write rolehost acknowledged; while
 //! Redis is down calls fail with `unavailable` and the host stays up; when
 //! it returns, calls succeed again by themselves, and a read waiting inside
-//! its deadline is retried until it succeeds.
+//! its deadline is retried until it succeeds. A write waiting for a replica
+//! that is gone (`wait-replicas`) holds up no read.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,4 +125,45 @@ async fn redis_down_is_unavailable_and_the_host_recovers_by_itself() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(probe(&host, "alice", set.clone()).await, Ok(json!(null)), "recovered within two seconds");
     assert_eq!(probe(&host, "alice", json!({"op":"get","key":"k"})).await, Ok(json!("v")));
+}
+
+/// `INFO clients`' count of clients blocked in a command such as `WAIT`.
+fn blocked_clients(server: &RedisServer) -> usize {
+    let info = server.cli(&["info", "clients"]);
+    let line = info.lines().find_map(|l| l.trim().strip_prefix("blocked_clients:"));
+    line.and_then(|n| n.parse().ok()).expect("INFO clients has blocked_clients")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_for_a_lost_replica_does_not_hold_up_reads() {
+    let Some(primary) = RedisServer::start() else { return };
+    let Some(mut replica) =
+        RedisServer::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary.port.to_string()])
+    else {
+        return;
+    };
+    wait_until("the replica is in sync", Duration::from_secs(30), || {
+        primary.cli(&["info", "replication"]).contains("state=online")
+    });
+    let mut options = RedisOptions::new(format!("redis://127.0.0.1:{}/0?wait-replicas=1", primary.port));
+    options.op_timeout = Duration::from_secs(3);
+    let b: Arc<dyn Backend> = Arc::new(RedisBackend::new(&options).unwrap());
+    b.set("k", b"v", None).await.expect("the replica confirms the write");
+
+    // The replica is gone: the next write's WAIT holds its connection
+    // until the operation timeout.
+    replica.kill();
+    let writer = b.clone();
+    let write = tokio::spawn(async move { writer.set("k2", b"v2", None).await });
+    wait_until("the write waits for the replica", Duration::from_secs(10), || blocked_clients(&primary) == 1);
+
+    // A read meanwhile answers at once, not after the WAIT: the WAIT is
+    // still blocked when the read has its value.
+    assert_eq!(b.get("k").await, Ok(Some(b"v".to_vec())));
+    assert_eq!(blocked_clients(&primary), 1, "the read was answered only after the WAIT ended");
+
+    match write.await.unwrap() {
+        Err(StateError::Unavailable(message)) => assert!(message.contains("not confirmed"), "{message}"),
+        other => panic!("an unconfirmed write is `unavailable`, not {other:?}"),
+    }
 }

@@ -205,7 +205,11 @@ impl ConnectionLike for Conn {
 
 /// Hands out connections, making them when needed.
 pub(super) struct Connector {
+    /// The connection for every operation, but for writes that wait for
+    /// replicas.
     kind: Kind,
+    /// With `wait-replicas`, the connection for writes and their `WAIT`s.
+    acked_writes: Option<Kind>,
     /// Replicas each write waits for (`WAIT`); 0 for none.
     pub(super) wait_replicas: u32,
 }
@@ -223,25 +227,17 @@ enum Kind {
     },
 }
 
-impl Connector {
-    /// Reads the URL and the CA file; connects nothing yet.
-    pub(super) fn new(options: &RedisOptions) -> Result<Self, String> {
-        let (endpoint, settings) = Endpoint::parse(&options.url)?;
-        let ca_file = settings.ca_file.or_else(|| options.ca_file.clone());
-        let certificates = match &ca_file {
-            Some(path) => Some(TlsCertificates {
-                client_tls: None,
-                root_cert: Some(
-                    std::fs::read(path)
-                        .map_err(|e| format!("cannot read the Redis CA certificate {}: {e}", path.display()))?,
-                ),
-            }),
-            None => None,
-        };
-        let wait_replicas = settings.wait_replicas.unwrap_or(options.wait_replicas);
+impl Kind {
+    /// One connection of the kind `endpoint` names; connects nothing yet.
+    fn new(
+        endpoint: &Endpoint,
+        options: &RedisOptions,
+        certificates: Option<&TlsCertificates>,
+    ) -> Result<Self, String> {
         let invalid = |e: RedisError| format!("invalid Redis settings for {:?}: {e}", options.url);
-        let kind = match endpoint {
-            Endpoint::Single(mut info) => {
+        Ok(match endpoint {
+            Endpoint::Single(info) => {
+                let mut info = info.clone();
                 let mut settings = info.redis_settings().clone();
                 if let Some(username) = &options.username {
                     settings = settings.set_username(username);
@@ -251,7 +247,7 @@ impl Connector {
                 }
                 info = info.set_redis_settings(settings);
                 let client = match certificates {
-                    Some(certs) => Client::build_with_tls(info, certs),
+                    Some(certs) => Client::build_with_tls(info, certs.clone()),
                     None => Client::open(info),
                 }
                 .map_err(invalid)?;
@@ -269,14 +265,11 @@ impl Connector {
                 if certificates.is_some() {
                     return Err("TLS with a CA certificate is supported for rediss:// only".into());
                 }
-                if wait_replicas > 0 {
-                    return Err("wait-replicas is supported for redis:// and redis+sentinel:// only".into());
-                }
                 // No retries inside redis-rs: it would resend any command
                 // whose reply was lost, increments included. `retry.rs`
                 // decides instead; redis-rs still refreshes its slot map and
                 // reconnects after the failures that call for it.
-                let mut builder = ClusterClientBuilder::new(nodes)
+                let mut builder = ClusterClientBuilder::new(nodes.clone())
                     .connection_timeout(options.connect_timeout)
                     .response_timeout(options.op_timeout)
                     .retries(0);
@@ -292,9 +285,10 @@ impl Connector {
                 if certificates.is_some() {
                     return Err("TLS with a CA certificate is supported for rediss:// only".into());
                 }
-                let mut builder = SentinelClientBuilder::new(sentinels, master, SentinelServerType::Master)
-                    .map_err(invalid)?
-                    .set_client_to_redis_db(db);
+                let mut builder =
+                    SentinelClientBuilder::new(sentinels.clone(), master.clone(), SentinelServerType::Master)
+                        .map_err(invalid)?
+                        .set_client_to_redis_db(*db);
                 if let Some(username) = options.username.as_ref().or(username.as_ref()) {
                     builder = builder.set_client_to_redis_username(username);
                 }
@@ -310,13 +304,12 @@ impl Connector {
                     conn: Mutex::new(None),
                 }
             }
-        };
-        Ok(Self { kind, wait_replicas })
+        })
     }
 
     /// A connection, made now if there is none.
-    pub(super) async fn get(&self) -> RedisResult<Conn> {
-        match &self.kind {
+    async fn get(&self) -> RedisResult<Conn> {
+        match self {
             Kind::Single(manager) => Ok(Conn::Single(manager.clone())),
             Kind::Cluster { client, conn } => {
                 let mut slot = conn.lock().await;
@@ -347,8 +340,8 @@ impl Connector {
     /// Notes a failed operation: a Sentinel connection that lost its
     /// server, or whose server is no longer the primary, is dropped so the
     /// next operation asks the Sentinels where the primary is now.
-    pub(super) fn failed(&self, error: &RedisError) {
-        if let Kind::Sentinel { conn, .. } = &self.kind {
+    fn failed(&self, error: &RedisError) {
+        if let Kind::Sentinel { conn, .. } = self {
             let gone = error.is_io_error()
                 || error.is_connection_dropped()
                 || error.is_timeout()
@@ -357,6 +350,53 @@ impl Connector {
             if gone {
                 *conn.lock().unwrap() = None;
             }
+        }
+    }
+}
+
+impl Connector {
+    /// Reads the URL and the CA file; connects nothing yet.
+    pub(super) fn new(options: &RedisOptions) -> Result<Self, String> {
+        let (endpoint, settings) = Endpoint::parse(&options.url)?;
+        let ca_file = settings.ca_file.or_else(|| options.ca_file.clone());
+        let certificates = match &ca_file {
+            Some(path) => Some(TlsCertificates {
+                client_tls: None,
+                root_cert: Some(
+                    std::fs::read(path)
+                        .map_err(|e| format!("cannot read the Redis CA certificate {}: {e}", path.display()))?,
+                ),
+            }),
+            None => None,
+        };
+        let wait_replicas = settings.wait_replicas.unwrap_or(options.wait_replicas);
+        if wait_replicas > 0 && matches!(endpoint, Endpoint::Cluster(_)) {
+            return Err("wait-replicas is supported for redis:// and redis+sentinel:// only".into());
+        }
+        let kind = Kind::new(&endpoint, options, certificates.as_ref())?;
+        // `WAIT` blocks the connection it is sent on until the replicas
+        // answer; reads must not queue behind it, so acknowledged writes
+        // get a connection of their own.
+        let acked_writes =
+            if wait_replicas > 0 { Some(Kind::new(&endpoint, options, certificates.as_ref())?) } else { None };
+        Ok(Self { kind, acked_writes, wait_replicas })
+    }
+
+    /// A connection for an operation; `writes` when it writes (and so
+    /// may wait for replicas).
+    pub(super) async fn get(&self, writes: bool) -> RedisResult<Conn> {
+        match (&self.acked_writes, writes) {
+            (Some(acked_writes), true) => acked_writes.get().await,
+            _ => self.kind.get().await,
+        }
+    }
+
+    /// Notes a failed operation (see [`Kind::failed`]). Both connections
+    /// go to the same primary, so what one learns about it holds for both.
+    pub(super) fn failed(&self, error: &RedisError) {
+        self.kind.failed(error);
+        if let Some(acked_writes) = &self.acked_writes {
+            acked_writes.failed(error);
         }
     }
 

@@ -229,10 +229,10 @@ impl RedisBackend {
             || StateError::Unavailable(format!("Redis did not answer within {} ms", self.op_timeout.as_millis()));
         for tries in 0.. {
             let outcome = tokio::time::timeout_at(deadline, async {
-                let conn = self.connector.get().await?;
+                let conn = self.connector.get(op.writes()).await?;
                 let value = attempt(conn.clone()).await?;
                 if op.writes() && self.connector.wait_replicas > 0 {
-                    self.wait_for_replicas(conn).await?;
+                    self.wait_for_replicas(conn, deadline).await?;
                 }
                 Ok(value)
             })
@@ -253,11 +253,16 @@ impl RedisBackend {
     }
 
     /// `WAIT`s until the configured number of replicas has every write this
-    /// connection sent so far (so the write just made, too).
-    async fn wait_for_replicas(&self, mut conn: Conn) -> redis::RedisResult<()> {
+    /// connection sent so far (so the write just made, too). The server
+    /// stops waiting with a quarter of the time to `deadline` left, so its
+    /// answer (how many replicas have the write) comes before the operation
+    /// times out.
+    async fn wait_for_replicas(&self, mut conn: Conn, deadline: tokio::time::Instant) -> redis::RedisResult<()> {
         let wanted = self.connector.wait_replicas;
-        let reached: u32 =
-            redis::cmd("WAIT").arg(wanted).arg(self.op_timeout.as_millis() as u64).query_async(&mut conn).await?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // At least 1: `WAIT n 0` would block for ever.
+        let millis = (left.as_millis() as u64 * 3 / 4).max(1);
+        let reached: u32 = redis::cmd("WAIT").arg(wanted).arg(millis).query_async(&mut conn).await?;
         if reached < wanted {
             // Like a lost reply: the write happened but may not last, so
             // only idempotent writes are tried again.
