@@ -163,6 +163,8 @@ async fn a_write_waiting_for_a_lost_replica_does_not_hold_up_reads() {
     assert_eq!(blocked_clients(&primary), 1, "the read was answered only after the WAIT ended");
 
     match write.await.unwrap() {
+        // Possibly after further tries that ran out of time: the message
+        // then says how the try before ended.
         Err(StateError::Unavailable(message)) => assert!(message.contains("not confirmed"), "{message}"),
         other => panic!("an unconfirmed write is `unavailable`, not {other:?}"),
     }

@@ -225,8 +225,12 @@ impl RedisBackend {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let deadline = tokio::time::Instant::now() + self.op_timeout;
-        let late =
-            || StateError::Unavailable(format!("Redis did not answer within {} ms", self.op_timeout.as_millis()));
+        // Out of time: says why the earlier tries failed, too.
+        let late = |before: Option<RedisError>| {
+            let before = before.map(|e| format!(" (before that: {})", map_error(e))).unwrap_or_default();
+            StateError::Unavailable(format!("Redis did not answer within {} ms{before}", self.op_timeout.as_millis()))
+        };
+        let mut before = None;
         for tries in 0.. {
             let outcome = tokio::time::timeout_at(deadline, async {
                 let conn = self.connector.get(op.writes()).await?;
@@ -238,7 +242,7 @@ impl RedisBackend {
             })
             .await;
             let error = match outcome {
-                Err(_) => return Err(late()),
+                Err(_) => return Err(late(before)),
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(error)) => error,
             };
@@ -248,6 +252,7 @@ impl RedisBackend {
                 return Err(map_error(error));
             }
             tokio::time::sleep(pause).await;
+            before = Some(error);
         }
         unreachable!("the deadline ends the loop")
     }
