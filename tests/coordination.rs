@@ -16,6 +16,7 @@ on_all_backends!(
     subject_store_is_all_or_nothing,
     subject_updates_lose_nothing,
     lock_takeover_fences_the_stale_holder,
+    a_call_whose_caller_goes_away_releases_its_locks,
     locks_exclude_concurrent_workers,
     rate_limits_are_exact_under_concurrency,
     subjects_and_locks_are_per_role,
@@ -290,6 +291,46 @@ async fn subjects_and_locks_are_per_role(b: Arc<dyn Backend>, p: String) {
     let bob =
         probe(&host, "bob", json!({"op":"rate_check","key":"api","limit":1,"window_ms":3_600_000})).await.unwrap();
     assert_eq!(bob["allowed"], true);
+}
+
+async fn a_call_whose_caller_goes_away_releases_its_locks(b: Arc<dyn Backend>, p: String) {
+    let host = host(b, &p, &[("alice", "kvprobe")]);
+    let lock_key = format!("{p}alice:lock:{{job}}");
+    // The call takes lock `job` (TTL 60 s) and sleeps holding it; its
+    // caller gives up once the lock is taken, dropping the call mid-way.
+    let hold = json!({"op":"lock_hold","name":"job","ttl_ms":60000,"wait_ms":0,"sleep_ms":30000});
+    let mut call = Box::pin(probe(&host, "alice", hold));
+    let start = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            answer = &mut call => panic!("the call ended before its caller went away: {answer:?}"),
+            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+        if host.backend().exists(&lock_key).await.unwrap() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "alice never took the lock");
+    }
+    drop(call);
+    // Released in the background, long before its TTL.
+    let dropped = std::time::Instant::now();
+    while host.backend().exists(&lock_key).await.unwrap() {
+        assert!(dropped.elapsed() < Duration::from_secs(20), "the dropped call's lock is still held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})).await,
+        Ok(json!(2))
+    );
+    // The metrics count it as cancelled, and nothing is left in flight.
+    let metrics = host.metrics().render();
+    let line = |name: &str, labels: &[&str]| {
+        metrics.lines().find(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label))).map(str::to_owned)
+    };
+    let cancelled = line("rolehost_calls_total", &[r#"role="alice""#, r#"outcome="cancelled""#]);
+    assert_eq!(cancelled.as_deref().and_then(|l| l.rsplit(' ').next()), Some("1"), "{metrics}");
+    let in_flight = line("rolehost_calls_in_flight", &[r#"role="alice""#]);
+    assert_eq!(in_flight.as_deref().and_then(|l| l.rsplit(' ').next()), Some("0"), "{metrics}");
 }
 
 async fn example_profile_counts_logins(b: Arc<dyn Backend>, p: String) {

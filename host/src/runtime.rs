@@ -372,16 +372,9 @@ impl Host {
         let busy = || CallError::Busy { role: role.info.name.clone() };
         let _host_slot = self.slots.try_acquire().map_err(|_| busy())?;
         let _role_slot = role.slots.try_acquire().map_err(|_| busy())?;
-        let metrics = &role.metrics;
-        metrics.in_flight.inc();
-        let start = Instant::now();
+        let mut counted = Counted::start(&self.metrics, &role);
         let result = self.run(&role, request).await;
-        metrics.in_flight.dec();
-        metrics.call_seconds.observe(start.elapsed().as_secs_f64());
-        match &result {
-            Ok(_) => metrics.calls_ok.inc(),
-            Err(e) => self.metrics.calls.with_label_values(&[role.info.name.as_str(), e.kind()]).inc(),
-        }
+        counted.outcome = Some(result.as_ref().map(|_| ()).map_err(CallError::kind));
         result
     }
 
@@ -482,6 +475,36 @@ impl Host {
             return Err(CallError::Role { role: name(), error });
         }
         Ok(response)
+    }
+}
+
+/// One call in the metrics, counted however it ends: with a result, or
+/// dropped mid-call by a caller that went away (outcome `cancelled`).
+struct Counted<'a> {
+    metrics: &'a Metrics,
+    role: &'a Role,
+    start: Instant,
+    outcome: Option<Result<(), &'static str>>,
+}
+
+impl<'a> Counted<'a> {
+    fn start(metrics: &'a Metrics, role: &'a Role) -> Self {
+        role.metrics.in_flight.inc();
+        Self { metrics, role, start: Instant::now(), outcome: None }
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let role = &self.role.metrics;
+        role.in_flight.dec();
+        role.call_seconds.observe(self.start.elapsed().as_secs_f64());
+        let kind = match self.outcome {
+            Some(Ok(())) => return role.calls_ok.inc(),
+            Some(Err(kind)) => kind,
+            None => "cancelled",
+        };
+        self.metrics.calls.with_label_values(&[self.role.info.name.as_str(), kind]).inc();
     }
 }
 

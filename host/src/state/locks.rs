@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::Resource;
 
 use super::CallCtx;
+use crate::backend::Backend;
 use crate::bindings::locks::{Host, HostLock};
 use crate::error::{StateError, StateResult};
 use crate::namespace::Space;
@@ -42,11 +43,7 @@ impl CallCtx {
     /// Releases every lock this call still holds; run when the call ends,
     /// however it ended.
     pub(crate) async fn release_held_locks(&mut self) {
-        for (key, owner) in std::mem::take(&mut self.held_locks) {
-            if let Err(e) = self.backend.compare_and_swap(&key, Some(owner.as_bytes()), None, None).await {
-                tracing::warn!(role = %self.role.name, "cannot release a lock at the end of the call: {e}");
-            }
-        }
+        release_all(&*self.backend, &self.role.name, std::mem::take(&mut self.held_locks)).await;
     }
 
     async fn release(&mut self, handle: &Resource<Lock>) -> StateResult<bool> {
@@ -54,6 +51,33 @@ impl CallCtx {
         let (key, owner) = (lock.key.clone(), lock.owner.clone());
         self.held_locks.retain(|(k, o)| !(k == &key && o == &owner));
         self.backend.compare_and_swap(&key, Some(owner.as_bytes()), None, None).await
+    }
+}
+
+async fn release_all(backend: &dyn Backend, role: &str, held: Vec<(String, String)>) {
+    for (key, owner) in held {
+        if let Err(e) = backend.compare_and_swap(&key, Some(owner.as_bytes()), None, None).await {
+            tracing::warn!(role = %role, "cannot release a lock at the end of the call: {e}");
+        }
+    }
+}
+
+/// A call whose caller went away (its future dropped mid-call) never
+/// reaches `release_held_locks`; its locks are released in the background
+/// rather than left taken until their TTL.
+impl Drop for CallCtx {
+    fn drop(&mut self) {
+        if self.held_locks.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.held_locks);
+        let (backend, role) = (self.backend.clone(), self.role.name.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move { release_all(&*backend, &role, held).await })),
+            Err(_) => {
+                tracing::warn!(role = %role, locks = held.len(), "call dropped outside a runtime; its locks expire by TTL")
+            }
+        }
     }
 }
 
