@@ -72,6 +72,52 @@ impl Default for RoleLimits {
     }
 }
 
+/// Longest TTL anything may have: 100 years. Longer is surely a mistake
+/// (and overflows Redis's clock arithmetic).
+pub const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+/// Longest call deadline: a day.
+pub const MAX_DEADLINE_MS: u64 = 24 * 3600 * 1000;
+/// Most calls at once, of a role or of the host.
+pub const MAX_CONCURRENCY: usize = 1 << 20;
+
+impl RoleLimits {
+    /// Checks that the limits make sense together: nothing that must be
+    /// positive is zero, nothing is past what the host can honour, and the
+    /// default TTL is within the maximum. Says which limit is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("max-key-bytes", self.max_key_bytes as u64),
+            ("max-value-bytes", self.max_value_bytes as u64),
+            ("max-batch-entries", self.max_batch_entries as u64),
+            ("max-ops-per-call", self.max_ops_per_call),
+            ("max-concurrency", self.max_concurrency as u64),
+            ("max-memory-bytes", self.max_memory_bytes as u64),
+            ("deadline-ms", self.deadline_ms),
+        ];
+        let optional = [
+            ("max-ops-per-second", self.max_ops_per_second),
+            ("fuel", self.fuel),
+            ("default-ttl-ms", self.default_ttl_ms),
+            ("max-ttl-ms", self.max_ttl_ms),
+        ];
+        let optional = optional.iter().filter_map(|(name, value)| Some((*name, (*value)?)));
+        if let Some((name, _)) = positive.into_iter().chain(optional).find(|(_, value)| *value == 0) {
+            return Err(format!("{name} must be at least 1"));
+        }
+        let at_most = [
+            ("max-concurrency", self.max_concurrency as u64, MAX_CONCURRENCY as u64),
+            ("warm-instances", self.warm_instances as u64, self.max_concurrency as u64),
+            ("deadline-ms", self.deadline_ms, MAX_DEADLINE_MS),
+            ("default-ttl-ms", self.default_ttl_ms.unwrap_or(0), self.max_ttl_ms.unwrap_or(MAX_TTL_MS)),
+            ("max-ttl-ms", self.max_ttl_ms.unwrap_or(0), MAX_TTL_MS),
+        ];
+        match at_most.into_iter().find(|(_, value, max)| value > max) {
+            Some((name, value, max)) => Err(format!("{name} is {value}, more than the most it may be, {max}")),
+            None => Ok(()),
+        }
+    }
+}
+
 /// How a role may use a shared namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -93,4 +139,49 @@ pub struct Grants {
     pub env: Vec<String>,
     /// A host directory the role may read, mounted read-only at `/data`.
     pub dir: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(limits: RoleLimits) -> Result<(), String> {
+        limits.validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(check(RoleLimits::default()), Ok(()));
+    }
+
+    #[test]
+    fn limits_the_host_cannot_honour_are_refused_by_name() {
+        let cases = [
+            (RoleLimits { max_concurrency: usize::MAX, ..Default::default() }, "max-concurrency is"),
+            (RoleLimits { max_concurrency: 0, ..Default::default() }, "max-concurrency must be at least 1"),
+            (RoleLimits { deadline_ms: u64::MAX, ..Default::default() }, "deadline-ms is"),
+            (RoleLimits { deadline_ms: 0, ..Default::default() }, "deadline-ms must be at least 1"),
+            (RoleLimits { default_ttl_ms: Some(u64::MAX), ..Default::default() }, "default-ttl-ms is"),
+            (RoleLimits { default_ttl_ms: Some(0), ..Default::default() }, "default-ttl-ms must be at least 1"),
+            (RoleLimits { max_ttl_ms: Some(MAX_TTL_MS + 1), ..Default::default() }, "max-ttl-ms is"),
+            (
+                RoleLimits { default_ttl_ms: Some(2000), max_ttl_ms: Some(1000), ..Default::default() },
+                "default-ttl-ms is 2000, more than the most it may be, 1000",
+            ),
+            (RoleLimits { max_ops_per_second: Some(0), ..Default::default() }, "max-ops-per-second must be"),
+            (RoleLimits { max_batch_entries: 0, ..Default::default() }, "max-batch-entries must be"),
+            (RoleLimits { warm_instances: 300, ..Default::default() }, "warm-instances is 300"),
+        ];
+        for (limits, expected) in cases {
+            let error = check(limits.clone()).expect_err(&format!("{limits:?} was accepted"));
+            assert!(error.starts_with(expected), "{error:?} does not start with {expected:?}");
+        }
+        let edge = RoleLimits {
+            default_ttl_ms: Some(1000),
+            max_ttl_ms: Some(1000),
+            warm_instances: 256,
+            ..Default::default()
+        };
+        assert_eq!(check(edge), Ok(()));
+    }
 }

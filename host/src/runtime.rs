@@ -18,7 +18,7 @@ use crate::backend::{Backend, Metered, Write};
 use crate::bindings::{Role as RoleWorld, RolePre};
 use crate::cache::CompileCache;
 use crate::error::{CallError, StateError};
-use crate::limits::{Grants, RoleLimits};
+use crate::limits::{Grants, RoleLimits, MAX_CONCURRENCY};
 use crate::metrics::{Metrics, RoleMetrics};
 use crate::namespace::{validate_global_prefix, validate_identity, Namespace};
 use crate::state::log::CallLog;
@@ -209,6 +209,9 @@ impl Host {
     /// Like [`Host::new`], with engine options.
     pub fn with_options(backend: Arc<dyn Backend>, global_prefix: &str, options: HostOptions) -> anyhow::Result<Self> {
         validate_global_prefix(global_prefix).map_err(anyhow::Error::msg)?;
+        if !(1..=MAX_CONCURRENCY).contains(&options.max_concurrency) {
+            bail!("max concurrency is {}; it must be 1 to {MAX_CONCURRENCY}", options.max_concurrency);
+        }
         let mut config = Config::new();
         config.wasm_component_model(true).epoch_interruption(true).consume_fuel(options.fuel);
         if options.pooling {
@@ -297,6 +300,7 @@ impl Host {
     /// Checks, compiles and links one role.
     fn compile(&self, spec: &RoleSpec, backend: Arc<dyn Backend>) -> anyhow::Result<Role> {
         validate_identity(&spec.name).map_err(anyhow::Error::msg)?;
+        spec.limits.validate().map_err(|e| anyhow::anyhow!("role `{}`: bad limit: {e}", spec.name))?;
         if self.options.pooling && spec.limits.max_memory_bytes > POOLED_MAX_MEMORY_BYTES {
             bail!(
                 "role `{}` may use {} bytes of memory, more than the pooling allocator's {POOLED_MAX_MEMORY_BYTES}",

@@ -187,6 +187,20 @@ fn bad_manifests_are_refused_clearly() {
     let url_password = rolehost(&["run", &counter(), "--state", "redis://:hunter2@127.0.0.1:1"]);
     assert_fails_with(&url_password, "REDIS_PASSWORD");
     assert_fails_with(&rolehost(&["run", &counter(), "--state", "mongodb://x"]), "unknown state backend");
+    // Limits the host cannot honour are refused at load, not a panic later.
+    let huge = format!(
+        "[[roles]]\nname = \"c\"\nwasm = {:?}\nlimits = {{ max-concurrency = 9223372036854775807 }}\n",
+        counter()
+    );
+    let huge = write(&dir, "huge.toml", huge);
+    assert_fails_with(&rolehost(&["call", "--manifest", &huge, "c"]), "role `c`: bad limit: max-concurrency is");
+    let ttl = format!(
+        "[[roles]]\nname = \"c\"\nwasm = {:?}\nlimits = {{ default-ttl-ms = 18446744073709551615 }}\n",
+        counter()
+    );
+    let ttl = write(&dir, "ttl.toml", ttl);
+    assert_fails_with(&rolehost(&["call", "--manifest", &ttl, "c"]), "bad limit: default-ttl-ms is");
+    assert_fails_with(&rolehost(&["serve", "--manifest", &huge, "--max-concurrency", "0"]), "max concurrency is 0");
 }
 
 #[test]

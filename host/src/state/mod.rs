@@ -22,13 +22,9 @@ use self::kv::Bucket;
 use self::log::{CallLog, Stream};
 use crate::backend::{Backend, Write};
 use crate::error::{shown, StateError, StateResult};
-use crate::limits::{Access, RoleLimits};
+use crate::limits::{Access, RoleLimits, MAX_TTL_MS};
 use crate::namespace::{Namespace, Space};
 use crate::runtime::GUEST_DIR;
-
-/// Longest TTL a guest may ask for: 100 years. Longer is surely a mistake
-/// (and overflows Redis's clock arithmetic).
-const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 /// What the host knows about a loaded role, shared by all its calls.
 #[derive(Debug)]
