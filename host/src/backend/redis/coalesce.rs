@@ -3,6 +3,12 @@
 //! read, instead of one each. Each command still gets its own reply (a
 //! server error for one never fails the others); pipelines and
 //! transactions the backend builds itself pass straight through.
+//!
+//! A command whose caller has given up (its timeout fired, its call was
+//! dropped) before the batch is sent is left out, and a batch whose
+//! callers have all given up while it waits for the connection (say, a
+//! reconnect) is not sent at all: a caller told `unavailable` must not
+//! have its write land later, perhaps over a newer one.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,11 +23,13 @@ pub(super) struct Coalescing<C> {
     queue: Arc<Mutex<Batch>>,
 }
 
+type Reply = oneshot::Sender<RedisResult<Value>>;
+
 /// The commands waiting for the next flush, with where each reply goes.
 #[derive(Default)]
 struct Batch {
-    pipe: Pipeline,
-    replies: Vec<oneshot::Sender<RedisResult<Value>>>,
+    cmds: Vec<Cmd>,
+    replies: Vec<Reply>,
 }
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> Coalescing<C> {
@@ -34,7 +42,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Coalescing<C> {
         let (reply, answer) = oneshot::channel();
         let first = {
             let mut batch = lock(&self.queue);
-            batch.pipe.add_command(cmd.clone());
+            batch.cmds.push(cmd.clone());
             batch.replies.push(reply);
             batch.replies.len() == 1
         };
@@ -51,12 +59,30 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Coalescing<C> {
 async fn flush<C: ConnectionLike>(mut conn: C, queue: Arc<Mutex<Batch>>) {
     // Let the other runnable tasks add their commands first.
     tokio::task::yield_now().await;
-    let Batch { pipe, replies } = std::mem::take(&mut *lock(&queue));
-    let answers = if replies.len() == 1 {
-        let cmd = pipe.cmd_iter().next().expect("one command per reply");
-        conn.req_packed_command(cmd).await.map(|value| vec![value])
-    } else {
-        conn.req_packed_commands(&pipe, 0, replies.len()).await
+    let Batch { cmds, replies } = std::mem::take(&mut *lock(&queue));
+    let (cmds, mut replies): (Vec<Cmd>, Vec<Reply>) =
+        cmds.into_iter().zip(replies).filter(|(_, reply)| !reply.is_closed()).unzip();
+    let send = async {
+        match cmds.as_slice() {
+            [] => Ok(Vec::new()),
+            [cmd] => conn.req_packed_command(cmd).await.map(|value| vec![value]),
+            _ => {
+                let (count, mut pipe) = (cmds.len(), Pipeline::with_capacity(cmds.len()));
+                for cmd in cmds {
+                    pipe.add_command(cmd);
+                }
+                conn.req_packed_commands(&pipe, 0, count).await
+            }
+        }
+    };
+    let everyone_gone = async {
+        for reply in replies.iter_mut() {
+            reply.closed().await;
+        }
+    };
+    let answers = tokio::select! {
+        answers = send => answers,
+        () = everyone_gone => return,
     };
     let answers = answers.and_then(|values| {
         if values.len() == replies.len() {
@@ -176,6 +202,67 @@ mod tests {
         // A command alone goes out as itself.
         let value: i64 = redis::cmd("INCR").arg("n1").query_async(&mut conn.clone()).await.unwrap();
         assert_eq!((value, counted.singles.load(Ordering::SeqCst)), (2, 1));
+    }
+
+    /// A real connection that holds every request until its gate opens,
+    /// as a connection waiting for a reconnect does.
+    #[derive(Clone)]
+    struct Gated {
+        conn: MultiplexedConnection,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl ConnectionLike for Gated {
+        fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+            Box::pin(async move {
+                drop(self.gate.acquire().await);
+                self.conn.req_packed_command(cmd).await
+            })
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            pipe: &'a Pipeline,
+            offset: usize,
+            count: usize,
+        ) -> RedisFuture<'a, Vec<Value>> {
+            Box::pin(async move {
+                drop(self.gate.acquire().await);
+                self.conn.req_packed_commands(pipe, offset, count).await
+            })
+        }
+
+        fn get_db(&self) -> i64 {
+            self.conn.get_db()
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_whose_callers_gave_up_are_never_sent() {
+        let Some(server) = RedisServer::start() else { return };
+        let plain = counted(&server).await.conn;
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let conn = Coalescing::new(Gated { conn: plain.clone(), gate: gate.clone() });
+        let incr = |key: &'static str| {
+            let mut conn = conn.clone();
+            async move { redis::cmd("INCR").arg(key).query_async::<i64>(&mut conn).await }
+        };
+        // Alone and in a batch, the callers give up while the connection
+        // is held; then it comes back.
+        let patience = std::time::Duration::from_millis(50);
+        assert!(tokio::time::timeout(patience, incr("alone")).await.is_err());
+        let batch = tokio::time::timeout(patience, async { tokio::join!(incr("a"), incr("b"), incr("c")) });
+        assert!(batch.await.is_err());
+        // One caller waits: its command goes out, the others' do not.
+        let waiting = tokio::spawn(incr("waited"));
+        tokio::time::sleep(patience).await;
+        gate.add_permits(1000);
+        assert_eq!(waiting.await.unwrap().unwrap(), 1);
+        tokio::time::sleep(patience).await;
+        for key in ["alone", "a", "b", "c"] {
+            let value: Option<i64> = redis::cmd("GET").arg(key).query_async(&mut plain.clone()).await.unwrap();
+            assert_eq!(value, None, "`INCR {key}` ran after its caller gave up");
+        }
     }
 
     #[tokio::test]
