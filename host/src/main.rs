@@ -63,6 +63,13 @@ enum Command {
         /// Largest request body in bytes (past it: 413).
         #[arg(long, default_value_t = 1 << 20)]
         max_body_bytes: usize,
+        /// Seconds a client has to send a request's headers (also how long
+        /// an idle connection stays open), and again its body (past it: 408).
+        #[arg(long, default_value_t = 10)]
+        read_timeout_secs: u64,
+        /// Connections open at once; past it, new ones wait to be accepted.
+        #[arg(long, default_value_t = 4096)]
+        max_connections: usize,
         /// Seconds calls in flight may finish after a shutdown signal.
         #[arg(long, default_value_t = 10)]
         shutdown_grace_secs: u64,
@@ -219,13 +226,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             call(host, &role, body, repeat).await
         }
         Command::Acl { manifest, apply, common } => acl(&common, &Manifest::load(&manifest)?, apply).await,
-        Command::Serve { manifest, listen, max_body_bytes, shutdown_grace_secs, watch, max_concurrency, common } => {
+        Command::Serve {
+            manifest,
+            listen,
+            max_body_bytes,
+            read_timeout_secs,
+            max_connections,
+            shutdown_grace_secs,
+            watch,
+            max_concurrency,
+            common,
+        } => {
             let manifest = Manifest::load(&manifest)?;
             let specs = manifest.role_specs()?;
             let host = host_with(&common, Some(&manifest), &specs, max_concurrency, true)?;
             let options = ServeOptions {
                 listen,
                 max_body_bytes,
+                read_timeout: std::time::Duration::from_secs(read_timeout_secs.max(1)),
+                max_connections,
                 shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
                 watch: watch.then_some(std::time::Duration::from_secs(1)),
                 admin_token: std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty()),

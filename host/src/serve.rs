@@ -7,6 +7,11 @@
 //!   `GET /health` (details), `GET /metrics` (Prometheus text).
 //! - `POST /admin/roles/{role}/reload` with `Authorization: Bearer TOKEN`
 //!   (`ROLEHOST_ADMIN_TOKEN`); disabled when the variable is unset.
+//!
+//! A client gets `read_timeout` to send a request's headers (also how long
+//! an idle keep-alive connection stays open) and again its body, and at
+//! most `max_connections` connections are open at once (past it, new ones
+//! wait in the listen backlog), so slow or idle clients cannot pile up.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,12 +19,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::body::{Body, Bytes, HttpBody as _};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 
 use crate::error::CallError;
@@ -35,6 +44,12 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Largest request body; past it, 413.
     pub max_body_bytes: usize,
+    /// Time a client has to send a request's headers (and an idle
+    /// keep-alive connection stays open), and again its body; past it the
+    /// connection is closed, or for a body, 408.
+    pub read_timeout: Duration,
+    /// Connections open at once; past it new ones wait to be accepted.
+    pub max_connections: usize,
     /// How long in-flight calls may run after a shutdown signal.
     pub shutdown_grace: Duration,
     /// Poll role files this often and reload changed ones (none: never).
@@ -47,12 +62,20 @@ struct App {
     host: Host,
     admin_token: Option<String>,
     next_request: AtomicU64,
+    max_body_bytes: usize,
+    read_timeout: Duration,
 }
 
 /// Serves until SIGINT or SIGTERM, then lets calls in flight finish (up to
 /// the grace period). `ready` receives the bound address.
 pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
-    let app = Arc::new(App { host, admin_token: options.admin_token.clone(), next_request: AtomicU64::new(1) });
+    let app = Arc::new(App {
+        host,
+        admin_token: options.admin_token.clone(),
+        next_request: AtomicU64::new(1),
+        max_body_bytes: options.max_body_bytes,
+        read_timeout: options.read_timeout,
+    });
     let router = Router::new()
         .route("/roles/{role}", post(call_role))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -60,7 +83,6 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/admin/roles/{role}/reload", post(reload))
-        .layer(DefaultBodyLimit::max(options.max_body_bytes))
         .with_state(app.clone());
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
@@ -69,18 +91,47 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
     if let Some(every) = options.watch {
         tokio::spawn(watch_files(app.clone(), every));
     }
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: no new connections; finishing calls in flight");
-        let _ = stopping_tx.send(());
-    });
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(options.read_timeout);
+    let connections = Arc::new(tokio::sync::Semaphore::new(options.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit?,
+            () = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, say: pause rather than spin.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    tracing::info!("shutting down: no new connections; finishing calls in flight");
+    drop(listener);
     let grace = options.shutdown_grace;
-    tokio::select! {
-        result = server => result?,
-        _ = async { let _ = stopping_rx.await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "calls still in flight after the grace period; stopping anyway");
-        }
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "calls still in flight after the grace period; stopping anyway"
+        );
     }
     if tokio::time::timeout(grace, app.host.settle()).await.is_err() {
         tracing::warn!("fire-and-forget writes still unsent after the grace period; stopping anyway");
@@ -124,9 +175,37 @@ fn error_body(kind: &str, message: &str) -> Json<serde_json::Value> {
     Json(json!({ "error": kind, "message": message }))
 }
 
-async fn call_role(State(app): State<Arc<App>>, Path(role): Path<String>, body: Bytes) -> Response {
+/// The request body, read within the read timeout and up to the size limit.
+async fn read_body(app: &App, body: Body) -> Result<Bytes, Response> {
+    let fail = |status: StatusCode, kind: &str, message: String| (status, error_body(kind, &message)).into_response();
+    let too_large = || {
+        let message = format!("the request body is over the limit of {} bytes", app.max_body_bytes);
+        fail(StatusCode::PAYLOAD_TOO_LARGE, "too-large", message)
+    };
+    // A Content-Length past the limit is refused before reading anything.
+    if body.size_hint().lower() > app.max_body_bytes as u64 {
+        return Err(too_large());
+    }
+    let within = app.read_timeout;
+    match tokio::time::timeout(within, Limited::new(body, app.max_body_bytes).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(e)) => Err(fail(StatusCode::BAD_REQUEST, "bad-request", format!("cannot read the request body: {e}"))),
+        Err(_) => Err(fail(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            format!("the request body did not arrive within {} ms", within.as_millis()),
+        )),
+    }
+}
+
+async fn call_role(State(app): State<Arc<App>>, Path(role): Path<String>, body: Body) -> Response {
     let id = app.next_request.fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();
+    let body = match read_body(&app, body).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
     let result = app.host.call(&role, &body).await;
     let response = match &result {
         Ok(response) => (StatusCode::OK, response.clone()).into_response(),

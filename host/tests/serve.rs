@@ -1,7 +1,8 @@
 //! `rolehost serve` as a real process on a free port, driven by a real HTTP
 //! client; Redis tests use a real redis-server.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -116,7 +117,8 @@ fn calls_map_to_status_codes() {
     assert!(body.contains(r#""error":"unknown-role""#), "{body}");
     let (status, body, _) = server.post("/roles/probe", "not json");
     assert_eq!((status, body.contains(r#""error":"invalid-argument""#)), (422, true), "{body}");
-    assert_eq!(server.post("/roles/probe", &"x".repeat(1001)).0, 413);
+    let (status, body, _) = server.post("/roles/probe", &"x".repeat(1001));
+    assert_eq!((status, body.contains(r#""error":"too-large""#)), (413, true), "{body}");
     let (status, body, _) = server.post("/roles/probe", r#"{"op":"panic"}"#);
     assert_eq!((status, body.contains(r#""error":"trap""#)), (500, true), "{body}");
     let (status, body, _) = server.post("/roles/probe", r#"{"op":"spin"}"#);
@@ -317,4 +319,69 @@ fn the_example_manifest_serves_counter_on_both_backends() {
     let server = Server::start(&manifest, &["--state", &url]);
     assert_eq!(server.post("/roles/counter", "").1, "1");
     assert_eq!(server.post("/roles/counter", "").1, "2");
+}
+
+/// A raw connection to `server`, with reads that give up after `patience`.
+fn connect(server: &Server, patience: Duration) -> TcpStream {
+    let stream = TcpStream::connect(server.base.strip_prefix("http://").unwrap()).unwrap();
+    stream.set_read_timeout(Some(patience)).unwrap();
+    stream
+}
+
+/// What the server sends until it closes the connection (or `patience` ends).
+fn read_all(stream: &mut TcpStream) -> Result<String, ErrorKind> {
+    let mut text = Vec::new();
+    match stream.read_to_end(&mut text) {
+        Ok(_) => Ok(String::from_utf8_lossy(&text).into_owned()),
+        Err(e) if !text.is_empty() => panic!("{e} after {:?}", String::from_utf8_lossy(&text)),
+        Err(e) => Err(e.kind()),
+    }
+}
+
+#[test]
+fn slow_and_idle_clients_are_cut_off() {
+    let dir = dir("slow-clients");
+    let manifest = manifest(&dir, "memory", &[("counter", &role_path("counter"), "")]);
+    let server = Server::start(&manifest, &["--read-timeout-secs", "1", "--max-body-bytes", "1000"]);
+    let patience = Duration::from_secs(30);
+    // Headers that never end, and a connection that never sends anything:
+    // closed without a response.
+    let mut slow = connect(&server, patience);
+    slow.write_all(b"POST /roles/counter HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut idle = connect(&server, patience);
+    assert_eq!(read_all(&mut slow), Ok(String::new()));
+    assert_eq!(read_all(&mut idle), Ok(String::new()));
+    // A body that stops coming: 408 with a JSON error.
+    let mut trickle = connect(&server, patience);
+    trickle.write_all(b"POST /roles/counter HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc").unwrap();
+    let answer = read_all(&mut trickle).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""error":"request-timeout""#), "{answer}");
+    // A Content-Length over the limit: 413 at once, before any body.
+    let mut big = connect(&server, patience);
+    big.write_all(b"POST /roles/counter HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n").unwrap();
+    let answer = read_all(&mut big).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains(r#""error":"too-large""#), "{answer}");
+    // None of it touched the role.
+    assert_eq!(server.post("/roles/counter", ""), (200, "1".into(), None));
+}
+
+#[test]
+fn connections_past_the_cap_wait_for_one_to_close() {
+    let dir = dir("connection-cap");
+    let manifest = manifest(&dir, "memory", &[("counter", &role_path("counter"), "")]);
+    let server = Server::start(&manifest, &["--max-connections", "2"]);
+    let first = connect(&server, Duration::from_secs(30));
+    let _second = connect(&server, Duration::from_secs(30));
+    let mut third = connect(&server, Duration::from_millis(500));
+    third
+        .write_all(b"POST /roles/counter HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let waited = read_all(&mut third);
+    assert!(matches!(waited, Err(ErrorKind::WouldBlock | ErrorKind::TimedOut)), "served past the cap: {waited:?}");
+    drop(first);
+    third.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let answer = read_all(&mut third).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
