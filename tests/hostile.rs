@@ -10,7 +10,7 @@ use rolehost::{Access, CallError, Grants, RoleLimits};
 use rolehost_tests::{host_with_specs, on_both_backends, probe};
 use serde_json::{json, Value};
 
-on_both_backends!(a_hostile_role_changes_nothing_it_does_not_own);
+on_both_backends!(a_hostile_role_changes_nothing_it_does_not_own, host_memory_held_for_a_role_is_bounded);
 
 async fn a_hostile_role_changes_nothing_it_does_not_own(b: Arc<dyn Backend>, p: String) {
     let public = |access| Grants { namespaces: [("public".to_owned(), access)].into(), ..Grants::default() };
@@ -110,4 +110,27 @@ async fn a_hostile_role_changes_nothing_it_does_not_own(b: Arc<dyn Backend>, p: 
     }
     let forged = format!("{p}mallory:kv:victim:kv:secret");
     assert!(page.keys.contains(&forged), "{:?}", page.keys);
+}
+
+/// Buffered subject writes and queued fire-and-forget writes live in host
+/// memory; together they may hold at most the role's memory limit.
+async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) {
+    let limits = RoleLimits { max_memory_bytes: 8 << 20, ..RoleLimits::default() };
+    let host = host_with_specs(b, &p, vec![("mallory", "kvprobe", limits, Grants::default())]);
+    let mallory = |op: Value| probe(&host, "mallory", op);
+    // Within the limit: 4 subjects × 100 writes of 10 kB.
+    assert_eq!(mallory(json!({"op":"subject_fill","subjects":4,"props":100,"len":10_000})).await, Ok(json!(4)));
+    // 100 subjects × 1000 writes of 100 kB would be 10 GB.
+    let fill = json!({"op":"subject_fill","subjects":100,"props":1000,"len":100_000});
+    assert_eq!(mallory(fill).await, Err("too-large".into()));
+    // Queued writes count too: 9 × 1 MiB is over 8 MiB.
+    let queue: Vec<Value> = (0..9).map(|i| json!({"op":"set_later","key":format!("q{i}"),"len":1 << 20})).collect();
+    let answers = mallory(json!({"op":"batch","ops":queue})).await.unwrap();
+    let refused: Vec<bool> = answers.as_array().unwrap().iter().map(|a| a.get("err").is_some()).collect();
+    assert!(refused.first() == Some(&false) && refused.last() == Some(&true), "{answers}");
+    let first_refused = &answers[refused.iter().position(|&r| r).unwrap()]["err"];
+    assert_eq!(first_refused["kind"], "too-large", "{answers}");
+    assert!(first_refused["message"].as_str().unwrap().contains("memory limit"), "{answers}");
+    // Each call starts with nothing held: the same fill fits again.
+    assert_eq!(mallory(json!({"op":"subject_fill","subjects":4,"props":100,"len":10_000})).await, Ok(json!(4)));
 }

@@ -226,6 +226,14 @@ impl Write {
         }
     }
 
+    /// Bytes it holds: key and value.
+    pub fn size(&self) -> usize {
+        match self {
+            Write::Set { key, value, .. } => key.len() + value.len(),
+            Write::Delete { key } => key.len(),
+        }
+    }
+
     /// Whether `self` can go out in one batch with `other`.
     fn same_batch(&self, other: &Write) -> bool {
         match (self, other) {

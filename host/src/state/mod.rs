@@ -84,6 +84,10 @@ pub struct CallCtx {
     ops: u64,
     /// Fire-and-forget writes, sent after the call.
     deferred: Vec<Write>,
+    /// Bytes the host holds for this instance: queued writes and buffered
+    /// subject writes. At most the role's memory limit, so a guest cannot
+    /// park more in host memory than it may have in its own.
+    held_bytes: usize,
     table: ResourceTable,
     /// Made on the guest's first WASI call: most calls make none.
     wasi: Option<WasiCtx>,
@@ -99,6 +103,7 @@ impl CallCtx {
             held_locks: Vec::new(),
             ops: 0,
             deferred: Vec::new(),
+            held_bytes: 0,
             table: ResourceTable::new(),
             wasi: None,
         }
@@ -170,13 +175,33 @@ impl CallCtx {
         if self.deferred.len() >= max {
             return Err(StateError::TooLarge(format!("more than {max} queued writes in one call")));
         }
+        self.hold(write.size())?;
         self.deferred.push(write);
         Ok(())
     }
 
     /// The queued fire-and-forget writes, leaving none.
     pub(crate) fn take_deferred(&mut self) -> Vec<Write> {
-        std::mem::take(&mut self.deferred)
+        let deferred = std::mem::take(&mut self.deferred);
+        self.unhold(deferred.iter().map(Write::size).sum());
+        deferred
+    }
+
+    /// Counts `bytes` more held in host memory for the guest, if they fit.
+    fn hold(&mut self, bytes: usize) -> StateResult<()> {
+        let max = self.role.limits.max_memory_bytes;
+        if self.held_bytes.saturating_add(bytes) > max {
+            return Err(StateError::TooLarge(format!(
+                "buffered and queued writes would hold more than {max} bytes (the role's memory limit); store or discard some first"
+            )));
+        }
+        self.held_bytes += bytes;
+        Ok(())
+    }
+
+    /// Counts `bytes` no longer held.
+    fn unhold(&mut self, bytes: usize) {
+        self.held_bytes = self.held_bytes.saturating_sub(bytes);
     }
 
     fn check_value(&self, value: &[u8]) -> StateResult<()> {

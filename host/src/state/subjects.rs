@@ -23,6 +23,17 @@ pub struct Subject {
     pending: BTreeMap<String, Option<Vec<u8>>>,
 }
 
+/// Bytes a buffered write holds.
+fn size(field: &str, value: Option<&[u8]>) -> usize {
+    field.len() + value.map_or(0, <[u8]>::len)
+}
+
+impl Subject {
+    fn pending_bytes(&self) -> usize {
+        self.pending.iter().map(|(field, value)| size(field, value.as_deref())).sum()
+    }
+}
+
 fn field(kind: Kind, property: &str) -> String {
     let tag = match kind {
         Kind::Default => 'p',
@@ -87,11 +98,23 @@ impl CallCtx {
             self.check_property_value(value)?;
         }
         let max = self.role.limits.max_batch_entries;
-        let pending = &mut self.subject(handle)?.pending;
+        let pending = &self.subject(handle)?.pending;
         if !pending.contains_key(&field) && pending.len() >= max {
             return Err(StateError::TooLarge(format!("more than {max} buffered writes; call store first")));
         }
-        pending.insert(field, value.map(String::into_bytes));
+        let replaced = pending.get(&field).map(|old| size(&field, old.as_deref()));
+        self.hold(size(&field, value.as_deref().map(str::as_bytes)))?;
+        self.unhold(replaced.unwrap_or(0));
+        self.subject(handle)?.pending.insert(field, value.map(String::into_bytes));
+        Ok(())
+    }
+
+    /// Empties a subject's buffer, counting its bytes as no longer held.
+    fn clear_pending(&mut self, handle: &Resource<Subject>) -> StateResult<()> {
+        let subject = self.subject(handle)?;
+        let bytes = subject.pending_bytes();
+        subject.pending.clear();
+        self.unhold(bytes);
         Ok(())
     }
 
@@ -185,13 +208,11 @@ impl HostSubject for CallCtx {
         // The buffer empties only once the writes landed, so a store that
         // failed (say, Redis unavailable) can be retried.
         self.backend.hash_apply(&key, &set, &remove, self.default_ttl()).await?;
-        self.subject(&handle)?.pending.clear();
-        Ok(())
+        self.clear_pending(&handle)
     }
 
     async fn discard(&mut self, subject: Resource<Subject>) -> wasmtime::Result<()> {
-        self.table.get_mut(&subject)?.pending.clear();
-        Ok(())
+        Ok(self.clear_pending(&subject)?)
     }
 
     async fn increment(
@@ -253,7 +274,8 @@ impl HostSubject for CallCtx {
     }
 
     async fn drop(&mut self, subject: Resource<Subject>) -> wasmtime::Result<()> {
-        self.table.delete(subject)?;
+        let dropped = self.table.delete(subject)?;
+        self.unhold(dropped.pending_bytes());
         Ok(())
     }
 }

@@ -132,6 +132,13 @@ enum Op {
         #[serde(default = "yes")]
         store: bool,
     },
+    /// Buffers `props` writes of `len` bytes on each of `subjects`
+    /// subjects, storing none: host memory the guest asks to hold.
+    SubjectFill {
+        subjects: usize,
+        props: usize,
+        len: usize,
+    },
     SubjectSetRaw {
         subject: String,
         prop: String,
@@ -392,6 +399,18 @@ fn run(ns: &str, op: Op) -> Result<Value> {
                 subject.store()?;
             }
             json!({ "pending": pending, "after_store": subject.pending() })
+        }
+        Op::SubjectFill { subjects, props, len } => {
+            let value = Value::String("x".repeat(len));
+            let mut open = Vec::new();
+            for i in 0..subjects {
+                let subject = Subject::open_in(ns, &format!("fill{i}"))?;
+                for p in 0..props {
+                    subject.set(&format!("p{p}"), &value)?;
+                }
+                open.push(subject);
+            }
+            json!(open.len())
         }
         Op::SubjectSetRaw { subject, prop, json } => {
             // Straight to the WIT call, so invalid JSON reaches the host.
