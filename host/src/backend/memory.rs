@@ -14,6 +14,10 @@ use crate::glob;
 
 /// Most entries one scan page looks at.
 const MAX_SCAN_EXAMINED: usize = 10_000;
+/// Most pattern-matching work in one scan page, counted as pattern length
+/// × key length per key (the matcher's worst case), so that long patterns
+/// over long keys make short pages rather than hold the store's lock.
+const MAX_SCAN_WORK: usize = 1_000_000;
 /// Operations between sweeps of expired entries that nobody touched.
 const SWEEP_EVERY: u64 = 4096;
 
@@ -205,11 +209,13 @@ impl Backend for MemoryBackend {
         let map = self.lock();
         let candidates =
             map.entries.range::<String, _>((start, Bound::Unbounded)).take_while(|(key, _)| key.starts_with(&literal));
-        // A page also ends after MAX_SCAN_EXAMINED candidates, so one call
-        // never holds the lock for long, whatever the pattern.
-        let (mut keys, mut cursor, mut examined, mut last) = (Vec::new(), None, 0, None::<&String>);
+        // A page also ends after MAX_SCAN_EXAMINED candidates or
+        // MAX_SCAN_WORK, so one call never holds the lock for long, whatever
+        // the pattern; it always moves on by at least one key.
+        let (mut keys, mut cursor, mut examined, mut work, mut last) = (Vec::new(), None, 0, 0, None::<&String>);
         for (key, entry) in candidates {
-            if keys.len() == limit || examined == MAX_SCAN_EXAMINED {
+            work += pattern.len().max(1) * key.len().max(1);
+            if keys.len() == limit || examined == MAX_SCAN_EXAMINED || (work > MAX_SCAN_WORK && examined > 0) {
                 cursor = last.map(|last| last[literal.len()..].to_owned());
                 break;
             }
@@ -456,4 +462,37 @@ fn format_float(value: f64) -> String {
     }
     let rounded: f64 = format!("{value:.14e}").parse().unwrap_or(value);
     format!("{rounded}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_costly_pattern_makes_short_pages_and_still_finds_every_match() {
+        let store = MemoryBackend::new();
+        let long = "a".repeat(1000);
+        for i in 0..300 {
+            store.set(&format!("p:{long}{i:05}"), b"v", None).await.unwrap();
+        }
+        store.set(&format!("p:{long}b"), b"v", None).await.unwrap();
+        // Worst case for the matcher: a long pattern that fails late.
+        let pattern = format!("p:*{long}b");
+        let (mut found, mut pages, mut cursor) = (Vec::new(), 0, None);
+        loop {
+            let page = store.scan(&pattern, cursor.as_deref(), 1000).await.unwrap();
+            found.extend(page.keys);
+            pages += 1;
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(found, [format!("p:{long}b")]);
+        // About 1 million units of work per page: a few keys each.
+        assert!(pages > 100, "{pages} pages: the matcher's work per page is not bounded");
+        // A short pattern over the same keys takes whole pages.
+        let page = store.scan("p:*", None, 200).await.unwrap();
+        assert_eq!(page.keys.len(), 200);
+    }
 }

@@ -204,6 +204,9 @@ pub trait Backend: Send + Sync + 'static {
                 Some(next) => cursor = Some(next),
                 None => return Ok(deleted),
             }
+            // Between pages, let the call's deadline fire (a backend that
+            // never waits, like the memory store, would not otherwise).
+            tokio::task::yield_now().await;
         }
     }
 }
