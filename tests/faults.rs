@@ -3,7 +3,8 @@
 //! Redis is down calls fail with `unavailable` and the host stays up; when
 //! it returns, calls succeed again by themselves, and a read waiting inside
 //! its deadline is retried until it succeeds. A write waiting for a replica
-//! that is gone (`wait-replicas`) holds up no read.
+//! that is gone (`wait-replicas`) holds up no read. A connection that
+//! stops answering, or whose login was refused, is replaced by itself.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -168,4 +169,74 @@ async fn a_write_waiting_for_a_lost_replica_does_not_hold_up_reads() {
         Err(StateError::Unavailable(message)) => assert!(message.contains("not confirmed"), "{message}"),
         other => panic!("an unconfirmed write is `unavailable`, not {other:?}"),
     }
+}
+
+/// A TCP proxy to `target` whose connections open so far can be frozen:
+/// they stay open but carry nothing more, like a server cut off the
+/// network. Connections made after that are forwarded normally.
+struct FreezingProxy {
+    port: u16,
+    freeze: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl FreezingProxy {
+    async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let freeze = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let frozen = freeze.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { continue };
+                let mut freezes = frozen.subscribe();
+                let born = *freezes.borrow_and_update();
+                tokio::spawn(async move {
+                    let (mut client, mut server) = (client, server);
+                    let frozen = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        _ = freezes.wait_for(|&n| n > born) => true,
+                    };
+                    if frozen {
+                        // Hold both sockets open, silent, for ever.
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        });
+        Self { port, freeze }
+    }
+
+    fn freeze_open_connections(&self) {
+        self.freeze.send_modify(|n| *n += 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stops_answering_is_replaced() {
+    let Some(server) = RedisServer::start() else { return };
+    let proxy = FreezingProxy::start(server.port).await;
+    let backend = backend(proxy.port, Duration::from_millis(300));
+    backend.set("k", b"v", None).await.unwrap();
+    proxy.freeze_open_connections();
+    let error = backend.get("k").await.unwrap_err();
+    assert!(matches!(error, StateError::Unavailable(_)), "{error}");
+    // The timed-out connection is dropped; the next operation connects
+    // again and is answered.
+    assert_eq!(backend.get("k").await, Ok(Some(b"v".to_vec())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_is_tried_again_once_the_server_accepts_it() {
+    let Some(server) = RedisServer::start() else { return };
+    let mut options = RedisOptions::new(server.url(0));
+    options.password = Some("s3cret-for-tests".into());
+    options.op_timeout = Duration::from_millis(300);
+    let backend = RedisBackend::new(&options).unwrap();
+    // The server has no password yet: the login fails.
+    assert!(backend.get("k").await.is_err());
+    server.cli(&["CONFIG", "SET", "requirepass", "s3cret-for-tests"]);
+    // Now it would succeed: the next operation logs in afresh.
+    let answered = backend.get("k").await;
+    server.cli(&["-a", "s3cret-for-tests", "--no-auth-warning", "CONFIG", "SET", "requirepass", ""]);
+    assert_eq!(answered, Ok(None));
 }

@@ -3,11 +3,17 @@
 //! (`redis+sentinel://`), or a Cluster (`redis+cluster://`). Every kind
 //! connects lazily and again after failures, so Redis being down is an
 //! error of the calls made meanwhile, never of the host.
+//!
+//! A server or Sentinel primary gets one multiplexed connection, dropped
+//! after any failure that leaves it in doubt (lost, timed out, refused
+//! login, now a replica) and made afresh by the next operation; redis-rs's
+//! `ConnectionManager` would keep a connection whose login failed, and
+//! never notices one that stopped answering.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -133,8 +139,8 @@ impl Endpoint {
 /// A connection to hand to one operation; cheap to clone.
 #[derive(Clone)]
 pub(super) enum Conn {
-    Single(Coalescing<ConnectionManager>),
-    Sentinel(Coalescing<MultiplexedConnection>),
+    /// To the one server or the Sentinels' primary.
+    Direct(Coalescing<MultiplexedConnection>),
     Cluster(ClusterConnection),
 }
 
@@ -175,8 +181,7 @@ impl Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Sentinel(c) => c.req_packed_command(cmd),
+            Conn::Direct(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -188,16 +193,14 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Sentinel(c) => c.get_db(),
+            Conn::Direct(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }
@@ -212,19 +215,27 @@ pub(super) struct Connector {
     acked_writes: Option<Kind>,
     /// Replicas each write waits for (`WAIT`); 0 for none.
     pub(super) wait_replicas: u32,
+    /// `single`, `cluster` or `sentinel`.
+    topology: &'static str,
 }
 
 enum Kind {
-    /// Reconnects by itself.
-    Single(Coalescing<ConnectionManager>),
-    /// Made on first use; it then follows slot moves and node failures itself.
-    Cluster { client: ClusterClient, conn: tokio::sync::Mutex<Option<ClusterConnection>> },
-    /// The current primary; asked of the Sentinels again after a failure.
-    Sentinel {
-        client: tokio::sync::Mutex<SentinelClient>,
+    /// One server or the Sentinels' primary: the connection, made on first
+    /// use and again after a failure; one caller at a time connects.
+    Direct {
+        source: tokio::sync::Mutex<Source>,
         config: AsyncConnectionConfig,
         conn: Mutex<Option<Coalescing<MultiplexedConnection>>>,
     },
+    /// Made on first use; it then follows slot moves and node failures itself.
+    Cluster { client: ClusterClient, conn: tokio::sync::Mutex<Option<ClusterConnection>> },
+}
+
+/// Where a direct connection goes.
+enum Source {
+    Server(Client),
+    /// The current primary, asked of the Sentinels at every connect.
+    Sentinels(SentinelClient),
 }
 
 impl Kind {
@@ -251,15 +262,7 @@ impl Kind {
                     None => Client::open(info),
                 }
                 .map_err(invalid)?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(options.connect_timeout))
-                    .set_response_timeout(Some(options.op_timeout))
-                    .set_number_of_retries(1)
-                    .set_min_delay(std::time::Duration::from_millis(10))
-                    .set_max_delay(std::time::Duration::from_millis(200));
-                let manager = ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
-                Kind::Single(Coalescing::new(manager))
+                Kind::direct(Source::Server(client), options)
             }
             Endpoint::Cluster(nodes) => {
                 if certificates.is_some() {
@@ -295,22 +298,21 @@ impl Kind {
                 if let Some(password) = &options.password {
                     builder = builder.set_client_to_redis_password(password);
                 }
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(options.connect_timeout))
-                    .set_response_timeout(Some(options.op_timeout));
-                Kind::Sentinel {
-                    client: tokio::sync::Mutex::new(builder.build().map_err(invalid)?),
-                    config,
-                    conn: Mutex::new(None),
-                }
+                Kind::direct(Source::Sentinels(builder.build().map_err(invalid)?), options)
             }
         })
+    }
+
+    fn direct(source: Source, options: &RedisOptions) -> Self {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.op_timeout));
+        Kind::Direct { source: tokio::sync::Mutex::new(source), config, conn: Mutex::new(None) }
     }
 
     /// A connection, made now if there is none.
     async fn get(&self) -> RedisResult<Conn> {
         match self {
-            Kind::Single(manager) => Ok(Conn::Single(manager.clone())),
             Kind::Cluster { client, conn } => {
                 let mut slot = conn.lock().await;
                 if let Some(conn) = slot.as_ref() {
@@ -320,38 +322,59 @@ impl Kind {
                 *slot = Some(fresh.clone());
                 Ok(Conn::Cluster(fresh))
             }
-            Kind::Sentinel { client, config, conn } => {
-                if let Some(conn) = conn.lock().unwrap().as_ref() {
-                    return Ok(Conn::Sentinel(conn.clone()));
+            Kind::Direct { source, config, conn } => {
+                if let Some(conn) = lock(conn).as_ref() {
+                    return Ok(Conn::Direct(conn.clone()));
                 }
-                // One caller at a time asks the Sentinels; the others then
-                // find its connection.
-                let mut client = client.lock().await;
-                if let Some(conn) = conn.lock().unwrap().as_ref() {
-                    return Ok(Conn::Sentinel(conn.clone()));
+                // One caller at a time connects; the others then find its
+                // connection.
+                let mut source = source.lock().await;
+                if let Some(conn) = lock(conn).as_ref() {
+                    return Ok(Conn::Direct(conn.clone()));
                 }
-                let fresh = Coalescing::new(client.get_async_connection_with_config(config).await?);
-                *conn.lock().unwrap() = Some(fresh.clone());
-                Ok(Conn::Sentinel(fresh))
+                let fresh = Coalescing::new(match &mut *source {
+                    Source::Server(client) => client.get_multiplexed_async_connection_with_config(config).await?,
+                    Source::Sentinels(client) => client.get_async_connection_with_config(config).await?,
+                });
+                *lock(conn) = Some(fresh.clone());
+                Ok(Conn::Direct(fresh))
             }
         }
     }
 
-    /// Notes a failed operation: a Sentinel connection that lost its
-    /// server, or whose server is no longer the primary, is dropped so the
-    /// next operation asks the Sentinels where the primary is now.
+    /// Notes a failed operation: a direct connection that lost its server,
+    /// stopped answering, was refused its login, or whose server is no
+    /// longer the primary is dropped, so the next operation connects again
+    /// (for Sentinels: to where the primary is now). Operations still
+    /// running on it finish on their own clone.
     fn failed(&self, error: &RedisError) {
-        if let Kind::Sentinel { conn, .. } = self {
+        if let Kind::Direct { conn, .. } = self {
             let gone = error.is_io_error()
                 || error.is_connection_dropped()
                 || error.is_timeout()
                 || error.is_unrecoverable_error()
-                || error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
+                || matches!(
+                    error.kind(),
+                    ErrorKind::Server(ServerErrorKind::ReadOnly) | ErrorKind::AuthenticationFailed
+                );
             if gone {
-                *conn.lock().unwrap() = None;
+                *lock(conn) = None;
             }
         }
     }
+
+    /// Notes an operation that ran out of time: its connection may be dead
+    /// without knowing it (a server cut off the network), so it is dropped.
+    fn timed_out(&self) {
+        if let Kind::Direct { conn, .. } = self {
+            *lock(conn) = None;
+        }
+    }
+}
+
+/// The connection slot, even after a panic elsewhere while it was held.
+fn lock<T>(slot: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Connector {
@@ -379,7 +402,12 @@ impl Connector {
         // get a connection of their own.
         let acked_writes =
             if wait_replicas > 0 { Some(Kind::new(&endpoint, options, certificates.as_ref())?) } else { None };
-        Ok(Self { kind, acked_writes, wait_replicas })
+        let topology = match endpoint {
+            Endpoint::Single(_) => "single",
+            Endpoint::Cluster(_) => "cluster",
+            Endpoint::Sentinel { .. } => "sentinel",
+        };
+        Ok(Self { kind, acked_writes, wait_replicas, topology })
     }
 
     /// A connection for an operation; `writes` when it writes (and so
@@ -400,17 +428,21 @@ impl Connector {
         }
     }
 
+    /// Notes an operation that ran out of time (see [`Kind::timed_out`]).
+    pub(super) fn timed_out(&self) {
+        self.kind.timed_out();
+        if let Some(acked_writes) = &self.acked_writes {
+            acked_writes.timed_out();
+        }
+    }
+
     pub(super) fn is_cluster(&self) -> bool {
         matches!(self.kind, Kind::Cluster { .. })
     }
 
     /// `single`, `cluster` or `sentinel`, for health reports.
     pub(super) fn topology(&self) -> &'static str {
-        match self.kind {
-            Kind::Single(_) => "single",
-            Kind::Cluster { .. } => "cluster",
-            Kind::Sentinel { .. } => "sentinel",
-        }
+        self.topology
     }
 }
 

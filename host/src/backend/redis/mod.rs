@@ -242,7 +242,10 @@ impl RedisBackend {
             })
             .await;
             let error = match outcome {
-                Err(_) => return Err(late(before)),
+                Err(_) => {
+                    self.connector.timed_out();
+                    return Err(late(before));
+                }
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(error)) => error,
             };
