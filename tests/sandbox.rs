@@ -183,6 +183,32 @@ async fn the_pooling_allocator_runs_the_same_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_warm_instances_give_their_pool_slots_to_other_roles() {
+    // A pool of 4 instances, and a role that keeps up to 4 warm.
+    let options = rolehost::HostOptions { pooling: true, max_concurrency: 4, ..Default::default() };
+    let host = std::sync::Arc::new(rolehost::Host::with_options(backend("memory").unwrap(), "t:", options).unwrap());
+    let mut warm = rolehost_tests::spec("warm", "kvprobe");
+    warm.limits.warm_instances = 4;
+    host.load(&warm).unwrap();
+    host.load(&rolehost_tests::spec("counter", "counter")).unwrap();
+    // Four calls at once leave four warm instances, every slot of the pool.
+    let hold = json!({"op":"lock_hold","name":"l","ttl_ms":1000,"wait_ms":0,"sleep_ms":200});
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let (host, mut hold) = (host.clone(), hold.clone());
+            hold["name"] = json!(format!("l{i}"));
+            tokio::spawn(async move { probe(&host, "warm", hold).await })
+        })
+        .collect();
+    for call in calls {
+        assert!(call.await.unwrap().is_ok());
+    }
+    // Another role still gets an instance, and so does the warm one.
+    assert_eq!(host.call("counter", b"").await.unwrap(), b"1");
+    assert_eq!(probe(&host, "warm", json!({"op":"incr","key":"n","delta":1})).await, Ok(json!(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn warm_instances_are_reused_until_a_call_fails() {
     // One outer bucket open, then an open and an increment per inner op.
     let limits = RoleLimits { warm_instances: 1, max_ops_per_call: 5, deadline_ms: 500, ..limits() };

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime::{Config, Engine, PoolConcurrencyLimitError, Store, Trap};
 
 use crate::acl::hex;
 use crate::backend::{Backend, Metered, Write};
@@ -400,6 +400,13 @@ impl Host {
         });
     }
 
+    /// Drops every role's idle warm instances, freeing their pool slots.
+    fn drop_warm_instances(&self) {
+        for role in self.read_roles().values() {
+            role.warm.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+        }
+    }
+
     /// Waits until every fire-and-forget write queued by a finished call
     /// has been sent or has failed. Call it before the process exits.
     pub async fn settle(&self) {
@@ -445,7 +452,15 @@ impl Host {
         let run = async {
             let instance = match warm {
                 Some(instance) => instance,
-                None => role.pre.instantiate_async(&mut store).await?,
+                None => match role.pre.instantiate_async(&mut store).await {
+                    // Idle warm instances hold pool slots too: give them
+                    // up for a call that needs one, and try once more.
+                    Err(e) if e.is::<PoolConcurrencyLimitError>() => {
+                        self.drop_warm_instances();
+                        role.pre.instantiate_async(&mut store).await?
+                    }
+                    other => other?,
+                },
             };
             let result = instance.rolehost_state_handler().call_handle(&mut store, request).await?;
             Ok::<_, wasmtime::Error>((result, instance))
@@ -522,6 +537,10 @@ impl Drop for Host {
 /// (with one line saying which; the backtrace goes to the debug log).
 fn classify_trap(trap: &wasmtime::Error, ctx: &CallCtx, limits: &RoleLimits, role: String) -> CallError {
     tracing::debug!(role = %role, "trap: {trap:?}");
+    if trap.is::<PoolConcurrencyLimitError>() {
+        // Every pool slot is in use by calls running now.
+        return CallError::Busy { role };
+    }
     match trap.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => CallError::DeadlineExceeded { role, millis: limits.deadline_ms },
         Some(Trap::OutOfFuel) => CallError::OutOfFuel { role, fuel: limits.fuel.unwrap_or_default() },
