@@ -209,6 +209,29 @@ async fn idle_warm_instances_give_their_pool_slots_to_other_roles() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reloaded_role_keeps_its_concurrency_budget() {
+    let limits = RoleLimits { max_concurrency: 1, ..limits() };
+    let host = std::sync::Arc::new(host_with_limits(backend("memory").unwrap(), "t:", &[("probe", "kvprobe")], limits));
+    let hold = json!({"op":"lock_hold","name":"l","ttl_ms":5000,"wait_ms":0,"sleep_ms":5000});
+    let running = {
+        let host = host.clone();
+        tokio::spawn(async move { probe(&host, "probe", hold).await })
+    };
+    let lock_key = "t:probe:lock:{l}";
+    let start = std::time::Instant::now();
+    while !host.backend().exists(lock_key).await.unwrap() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "the first call never started");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The new version is bound by the same budget as the old one, whose
+    // call still runs.
+    host.reload("probe").unwrap();
+    let second = host.call("probe", br#"{"op":"incr","key":"n","delta":1}"#).await;
+    assert!(matches!(second, Err(CallError::Busy { .. })), "{second:?}");
+    running.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn warm_instances_are_reused_until_a_call_fails() {
     // One outer bucket open, then an open and an increment per inner op.
     let limits = RoleLimits { warm_instances: 1, max_ops_per_call: 5, deadline_ms: 500, ..limits() };

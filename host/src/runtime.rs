@@ -191,6 +191,8 @@ pub struct Host {
     metrics: Arc<Metrics>,
     ticker_stop: Arc<AtomicBool>,
     flushes: Arc<Flushes>,
+    /// Held by a reload from reading the file to swapping the role in.
+    reloading: Mutex<()>,
 }
 
 /// Fire-and-forget sends still running.
@@ -237,6 +239,7 @@ impl Host {
             metrics: Arc::new(Metrics::new()),
             ticker_stop,
             flushes: Arc::default(),
+            reloading: Mutex::new(()),
         })
     }
 
@@ -276,7 +279,7 @@ impl Host {
         if self.read_roles().contains_key(&spec.name) {
             bail!("role `{}` is loaded twice; role names must be unique", spec.name);
         }
-        let role = Arc::new(self.compile(spec, backend)?);
+        let role = Arc::new(self.compile(spec, backend, None)?);
         let mut roles = self.roles.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         if roles.contains_key(&spec.name) {
             bail!("role `{}` is loaded twice; role names must be unique", spec.name);
@@ -289,16 +292,23 @@ impl Host {
     /// calls in flight finish on the old version, new calls get the new
     /// one, state stays (same identity). A file that fails to load or fails
     /// its pin is refused and the old version keeps serving.
+    ///
+    /// Reloads run one at a time, so the last to finish read the newest
+    /// file; old and new versions share the role's concurrency and
+    /// per-second budgets. Compiling can take seconds (JS, Python): call it
+    /// off the async runtime's threads.
     pub fn reload(&self, name: &str) -> anyhow::Result<Arc<Role>> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = self.role(name).with_context(|| format!("no role `{name}` is loaded"))?;
-        let new = Arc::new(self.compile(&old.spec, old.backend.clone())?);
+        let new = Arc::new(self.compile(&old.spec, old.backend.clone(), Some(&old))?);
         let mut roles = self.roles.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         roles.insert(name.to_owned(), new.clone());
         Ok(new)
     }
 
-    /// Checks, compiles and links one role.
-    fn compile(&self, spec: &RoleSpec, backend: Arc<dyn Backend>) -> anyhow::Result<Role> {
+    /// Checks, compiles and links one role; a new version of `old` shares
+    /// its budgets.
+    fn compile(&self, spec: &RoleSpec, backend: Arc<dyn Backend>, old: Option<&Role>) -> anyhow::Result<Role> {
         validate_identity(&spec.name).map_err(anyhow::Error::msg)?;
         spec.limits.validate().map_err(|e| anyhow::anyhow!("role `{}`: bad limit: {e}", spec.name))?;
         if self.options.pooling && spec.limits.max_memory_bytes > POOLED_MAX_MEMORY_BYTES {
@@ -332,15 +342,22 @@ impl Host {
         let pre = self.linker.instantiate_pre(&component).and_then(RolePre::new).map_err(|e| {
             anyhow::anyhow!("{} does not fit the rolehost:state/role world: {e:#}", spec.wasm.display())
         })?;
+        let mut info = self.role_info(spec)?;
+        if let Some(old) = old {
+            info.op_rate.clone_from(&old.info.op_rate);
+        }
         Ok(Role {
-            info: Arc::new(self.role_info(spec)?),
+            info: Arc::new(info),
             spec: spec.clone(),
             pre,
             sha256,
             from_cache,
             metered: Arc::new(Metered::new(backend.clone(), &spec.name, self.metrics.clone())),
             backend,
-            slots: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_concurrency)),
+            slots: match old {
+                Some(old) => old.slots.clone(),
+                None => Arc::new(tokio::sync::Semaphore::new(spec.limits.max_concurrency)),
+            },
             metrics: self.metrics.role(&spec.name),
             warm: Mutex::new(Vec::new()),
         })
@@ -358,7 +375,7 @@ impl Host {
             namespace: Arc::new(Namespace::new(&self.global_prefix, &spec.name, &spec.limits)),
             limits: spec.limits.clone(),
             grants,
-            op_rate: spec.limits.max_ops_per_second.map(|n| Mutex::new(OpRate::new(n))),
+            op_rate: spec.limits.max_ops_per_second.map(|n| Arc::new(Mutex::new(OpRate::new(n)))),
             env: granted_env(&spec.grants.env),
             dir: checked_dir(spec.grants.dir.as_deref())?,
         })

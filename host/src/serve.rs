@@ -273,7 +273,7 @@ async fn reload(State(app): State<Arc<App>>, Path(role): Path<String>, headers: 
     if app.host.role(&role).is_none() {
         return (StatusCode::NOT_FOUND, error_body("unknown-role", &format!("unknown role `{role}`"))).into_response();
     }
-    match app.host.reload(&role) {
+    match reload_off_runtime(&app, &role).await {
         Ok(new) => {
             tracing::info!(role = %role, sha256 = new.sha256(), "reloaded");
             Json(json!({ "role": role, "sha256": new.sha256() })).into_response()
@@ -283,6 +283,13 @@ async fn reload(State(app): State<Arc<App>>, Path(role): Path<String>, headers: 
             (StatusCode::UNPROCESSABLE_ENTITY, error_body("reload-refused", &format!("{e:#}"))).into_response()
         }
     }
+}
+
+/// Reloads a role on a blocking thread: compiling a big component takes
+/// seconds, which must not stall the threads serving calls.
+async fn reload_off_runtime(app: &Arc<App>, role: &str) -> anyhow::Result<Arc<crate::runtime::Role>> {
+    let (app, role) = (app.clone(), role.to_owned());
+    tokio::task::spawn_blocking(move || app.host.reload(&role)).await?
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -300,7 +307,7 @@ async fn watch_files(app: Arc<App>, every: Duration) {
             let now = modified(&role.spec().wasm);
             let before = seen.insert(role.name().to_owned(), now);
             if before.is_some_and(|before| before != now) {
-                match app.host.reload(role.name()) {
+                match reload_off_runtime(&app, role.name()).await {
                     Ok(new) => tracing::info!(role = role.name(), sha256 = new.sha256(), "file changed; reloaded"),
                     Err(e) => tracing::error!(
                         role = role.name(),

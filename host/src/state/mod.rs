@@ -38,7 +38,7 @@ pub struct RoleInfo {
     /// Granted shared namespaces by name.
     pub grants: BTreeMap<String, (Arc<Namespace>, Access)>,
     /// The per-second budget of state operations, if limited.
-    pub op_rate: Option<Mutex<OpRate>>,
+    pub op_rate: Option<Arc<Mutex<OpRate>>>,
     /// Granted environment variables, with their values.
     pub env: Vec<(String, String)>,
     /// The granted directory, shown read-only at [`GUEST_DIR`].
