@@ -141,10 +141,19 @@ async fn compiled_roles_come_from_the_cache_and_damage_is_survived() {
     let (cached, host) = load();
     assert!(cached, "the second load uses the cache");
     assert_eq!(probe(&host, "probe", json!({"op":"incr","key":"n","delta":2})).await, Ok(json!(2)));
-    // A damaged entry is compiled again, and rewritten.
+    // A damaged entry is compiled again, and rewritten: garbage, and one
+    // flipped bit in the middle of the compiled code.
     std::fs::write(&entries[0], b"garbage").unwrap();
     let (cached, host) = load();
     assert!(!cached);
+    assert_eq!(probe(&host, "probe", json!({"op":"incr","key":"n","delta":2})).await, Ok(json!(2)));
+    assert!(load().0, "the entry was rewritten");
+    let mut entry = std::fs::read(&entries[0]).unwrap();
+    let middle = entry.len() / 2;
+    entry[middle] ^= 1;
+    std::fs::write(&entries[0], entry).unwrap();
+    let (cached, host) = load();
+    assert!(!cached, "a flipped bit went unnoticed");
     assert_eq!(probe(&host, "probe", json!({"op":"incr","key":"n","delta":2})).await, Ok(json!(2)));
     assert!(load().0, "the entry was rewritten");
 }

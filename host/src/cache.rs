@@ -1,13 +1,17 @@
 //! Compiled components cached on disk, so a restart loads a role without
 //! compiling it again. An entry's name hashes the wasmtime version, the
 //! engine's configuration and the component's sha256, so any change to
-//! one of them misses the cache. A damaged entry is compiled again.
+//! one of them misses the cache. Each entry ends with the sha256 of the
+//! rest, checked before wasmtime sees it: a damaged entry (a flipped bit
+//! in its code as much as a truncated file) is compiled again, never run.
 //!
 //! Loading an entry runs native code from the file: the cache directory
 //! must be as trusted as the rolehost binary (see SECURITY.md).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use wasmtime::component::Component;
 use wasmtime::Engine;
@@ -36,6 +40,7 @@ impl CompileCache {
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         env!("CARGO_PKG_VERSION").hash(&mut hasher);
+        ENTRY_FORMAT.hash(&mut hasher);
         self.dir.join(format!("{sha256}-{:016x}.cwasm", hasher.finish()))
     }
 
@@ -46,14 +51,17 @@ impl CompileCache {
         let entry = self.entry(engine, sha256);
         // Read into memory rather than mapping the file: a file truncated
         // by someone else while mapped would crash the process (SIGBUS).
-        if let Ok(compiled) = std::fs::read(&entry) {
-            // SAFETY: the entry was written by `Component::serialize` for
-            // this engine configuration (its name says so), in a directory
-            // the operator trusts like the binary itself; wasmtime checks
-            // its header and version before using it.
-            match unsafe { Component::deserialize(engine, &compiled) } {
-                Ok(component) => return Ok((component, true)),
-                Err(e) => tracing::warn!(entry = %entry.display(), "damaged cache entry; compiling again: {e}"),
+        if let Ok(stored) = std::fs::read(&entry) {
+            match checked(&stored) {
+                // SAFETY: the entry is whole as `store` wrote it from
+                // `Component::serialize` for this engine configuration (its
+                // name says so), in a directory the operator trusts like the
+                // binary itself; wasmtime also checks its header and version.
+                Some(compiled) => match unsafe { Component::deserialize(engine, compiled) } {
+                    Ok(component) => return Ok((component, true)),
+                    Err(e) => tracing::warn!(entry = %entry.display(), "unusable cache entry; compiling again: {e}"),
+                },
+                None => tracing::warn!(entry = %entry.display(), "damaged cache entry; compiling again"),
             }
         }
         let component = Component::from_binary(engine, bytes)?;
@@ -67,8 +75,20 @@ impl CompileCache {
         std::fs::create_dir_all(&self.dir)?;
         // Write aside, then rename: a reader never sees half an entry.
         let partial = entry.with_extension(format!("partial-{}", std::process::id()));
-        std::fs::write(&partial, component.serialize()?)?;
+        let mut compiled = component.serialize()?;
+        let digest = Sha256::digest(&compiled);
+        compiled.extend_from_slice(&digest);
+        std::fs::write(&partial, compiled)?;
         std::fs::rename(&partial, entry)?;
         Ok(())
     }
+}
+
+/// Bumped when the layout of an entry changes, so old entries miss.
+const ENTRY_FORMAT: u32 = 2;
+
+/// The compiled bytes of a stored entry, if its trailing sha256 matches.
+fn checked(stored: &[u8]) -> Option<&[u8]> {
+    let (compiled, digest) = stored.split_at_checked(stored.len().checked_sub(32)?)?;
+    (Sha256::digest(compiled).as_slice() == digest).then_some(compiled)
 }
