@@ -493,6 +493,12 @@ async fn fallback_ttl_applies_only_to_keys_without_one(b: Arc<dyn Backend>, p: S
     b.set(&word, b"ten", None).await.unwrap();
     assert!(b.increment(&word, 1, ttl).await.is_err());
     assert_eq!(b.expiry(&word).await.unwrap(), Expiry::Persistent);
+    // Nor does a write of nothing, to a persistent hash.
+    b.hash_apply(&word, &[], &[], ttl).await.unwrap();
+    let persistent = format!("{p}persistent");
+    b.hash_apply(&persistent, &fields(&[("pa", "1")]), &[], None).await.unwrap();
+    b.hash_apply(&persistent, &[], &[], ttl).await.unwrap();
+    assert_eq!(b.expiry(&persistent).await.unwrap(), Expiry::Persistent);
     let text = format!("{p}text");
     b.hash_apply(&text, &fields(&[("pt", "\"x\"")]), &[], None).await.unwrap();
     assert!(b.hash_increment(&text, "pt", 1, ttl).await.is_err());

@@ -37,7 +37,7 @@ pub fn validate(pattern: &str) -> StateResult<()> {
             b'*' => stars += 1,
             b'[' => match class(bytes, i, 0) {
                 Some((_, end)) => i = end - 1,
-                None => return invalid("malformed or unclosed `[`"),
+                None => return invalid("malformed `[…]`: unclosed, empty, or a range ending in `]` or `\\`"),
             },
             _ => {}
         }
@@ -111,8 +111,10 @@ fn match_one(p: &[u8], pi: usize, c: u8) -> Option<usize> {
 
 /// Reads the class `[...]` starting at `p[start]` and tests byte `c`
 /// against it: whether it matches, and the index after `]`. None when the
-/// class is unclosed, empty or has a range ending in an escape. The one
-/// parser of classes, for validation and matching alike.
+/// class is unclosed, empty or has a range ending in an escape or in `]`
+/// (`[a-]`, which Redis reads as the range `]`..`a` and this would read as
+/// `a` or `-`: refused rather than matched two ways). The one parser of
+/// classes, for validation and matching alike.
 fn class(p: &[u8], start: usize, c: u8) -> Option<(bool, usize)> {
     let mut i = start + 1;
     let negate = p.get(i) == Some(&b'^');
@@ -129,9 +131,9 @@ fn class(p: &[u8], start: usize, c: u8) -> Option<(bool, usize)> {
                 hit |= *p.get(i + 1)? == c;
                 i += 2;
             }
-            lo if p.get(i + 1) == Some(&b'-') && p.get(i + 2).is_some_and(|&b| b != b']') => {
+            lo if p.get(i + 1) == Some(&b'-') && p.get(i + 2).is_some() => {
                 let hi = p[i + 2];
-                if hi == b'\\' {
+                if hi == b'\\' || hi == b']' {
                     return None;
                 }
                 hit |= (lo.min(hi)..=lo.max(hi)).contains(&c);
@@ -189,7 +191,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed_patterns() {
-        for bad in ["[abc", "abc\\", "[]", "a\u{1}b", "*********x", "[a-\\\\]", "[^]", "[\\"] {
+        for bad in ["[abc", "abc\\", "[]", "a\u{1}b", "*********x", "[a-\\\\]", "[^]", "[\\", "[a-]", "[^x-]y"] {
             assert!(matches!(validate(bad), Err(StateError::InvalidKey(_))), "{bad:?}");
         }
         for good in ["*", "[a-z]*", "\\*", "..", "user:*:x"] {

@@ -299,6 +299,9 @@ impl Backend for MemoryBackend {
         remove: &[String],
         fallback_ttl: Option<Duration>,
     ) -> StateResult<()> {
+        if set.is_empty() && remove.is_empty() {
+            return Ok(()); // As on Redis: nothing to write touches nothing, TTL included.
+        }
         self.with(&[key], |map| {
             let hash = map.hash_mut(key)?;
             for (field, value) in set {
