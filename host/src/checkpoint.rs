@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Expiry};
 use crate::error::{StateError, StateResult};
+use crate::limits::MAX_TTL_MS;
 use crate::namespace::{Namespace, Space};
 
 /// The format tag of this version.
@@ -113,25 +114,50 @@ pub async fn take(backend: &dyn Backend, namespace: &Namespace, role: &str) -> S
 pub async fn restore(
     backend: &dyn Backend,
     namespace: &Namespace,
+    max_value_bytes: usize,
     checkpoint: &Checkpoint,
 ) -> StateResult<(usize, usize)> {
     if checkpoint.format != FORMAT {
         return Err(StateError::InvalidArgument(format!("unknown checkpoint format {:?}", checkpoint.format)));
     }
-    let ttl = |ms: Option<u64>| ms.map(Duration::from_millis);
+    // Everything is checked before anything is written: a bad entry
+    // (named in the error) leaves the role's state as it was.
+    let ttl = |what: &str, ms: Option<u64>| match ms {
+        Some(ms) if ms == 0 || ms > MAX_TTL_MS => {
+            Err(StateError::InvalidArgument(format!("{what}: a TTL of {ms} ms is outside 1 ms to {MAX_TTL_MS} ms")))
+        }
+        ms => Ok(ms.map(Duration::from_millis)),
+    };
+    let mut kv = Vec::with_capacity(checkpoint.kv.len());
     for entry in &checkpoint.kv {
+        let what = format!("key {:?}", entry.key);
         let value = base64::engine::general_purpose::STANDARD
             .decode(&entry.value_base64)
-            .map_err(|e| StateError::InvalidArgument(format!("bad base64 for key {:?}: {e}", entry.key)))?;
-        backend.set(&namespace.key(Space::Kv, &entry.key)?, &value, ttl(entry.ttl_ms)).await?;
+            .map_err(|e| StateError::InvalidArgument(format!("{what}: bad base64: {e}")))?;
+        if value.len() > max_value_bytes {
+            return Err(StateError::TooLarge(format!(
+                "{what}: a value of {} bytes is over the role's limit of {max_value_bytes} bytes",
+                value.len()
+            )));
+        }
+        let key = namespace.key(Space::Kv, &entry.key).map_err(|e| e.context(&what))?;
+        kv.push((key, value, ttl(&what, entry.ttl_ms)?));
     }
+    let mut subjects = Vec::with_capacity(checkpoint.subjects.len());
     for subject in &checkpoint.subjects {
-        let key = namespace.key(Space::Subject, &subject.name)?;
-        backend.delete_many(std::slice::from_ref(&key)).await?;
+        let what = format!("subject {:?}", subject.name);
+        let key = namespace.key(Space::Subject, &subject.name).map_err(|e| e.context(&what))?;
         let fields: Vec<(String, Vec<u8>)> =
             subject.fields.iter().map(|(f, v)| (f.clone(), v.clone().into_bytes())).collect();
-        backend.hash_apply(&key, &fields, &[], None).await?;
-        backend.expire(&key, ttl(subject.ttl_ms)).await?;
+        subjects.push((key, fields, ttl(&what, subject.ttl_ms)?));
     }
-    Ok((checkpoint.kv.len(), checkpoint.subjects.len()))
+    for (key, value, ttl) in &kv {
+        backend.set(key, value, *ttl).await?;
+    }
+    for (key, fields, ttl) in &subjects {
+        backend.delete_many(std::slice::from_ref(key)).await?;
+        backend.hash_apply(key, fields, &[], None).await?;
+        backend.expire(key, *ttl).await?;
+    }
+    Ok((kv.len(), subjects.len()))
 }

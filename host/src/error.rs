@@ -41,6 +41,21 @@ impl StateError {
         matches!(self, Self::Unavailable(_) | Self::QuotaExceeded(_) | Self::Conflict(_))
     }
 
+    /// The same error, its message prefixed with what it concerns.
+    pub fn context(self, what: &str) -> Self {
+        let prefixed = |message: String| format!("{what}: {message}");
+        match self {
+            Self::InvalidKey(m) => Self::InvalidKey(prefixed(m)),
+            Self::InvalidArgument(m) => Self::InvalidArgument(prefixed(m)),
+            Self::TooLarge(m) => Self::TooLarge(prefixed(m)),
+            Self::AccessDenied(m) => Self::AccessDenied(prefixed(m)),
+            Self::QuotaExceeded(m) => Self::QuotaExceeded(prefixed(m)),
+            Self::Unavailable(m) => Self::Unavailable(prefixed(m)),
+            Self::Conflict(m) => Self::Conflict(prefixed(m)),
+            Self::Internal(m) => Self::Internal(prefixed(m)),
+        }
+    }
+
     /// The short name of the variant, as in the WIT (`invalid-key`, …).
     pub fn kind(&self) -> &'static str {
         match self {

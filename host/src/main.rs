@@ -18,7 +18,7 @@ use rolehost::backend::Expiry;
 use rolehost::cache::CompileCache;
 use rolehost::config::{StateConfig, STATE_ENV};
 use rolehost::manifest::{Manifest, DEFAULT_GLOBAL_PREFIX};
-use rolehost::namespace::{Namespace, Space};
+use rolehost::namespace::{validate_global_prefix, Namespace, Space};
 use rolehost::serve::{serve, ServeOptions, ADMIN_TOKEN_ENV};
 use rolehost::{acl, checkpoint, Host, HostOptions, RoleSpec};
 use sha2::Digest as _;
@@ -253,7 +253,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Roles { manifest, common } => {
             let manifest = Manifest::load(&manifest)?;
-            let prefix = prefix(&common, Some(&manifest));
+            let prefix = prefix(&common, Some(&manifest))?;
             for spec in manifest.role_specs()? {
                 let digest = match std::fs::read(&spec.wasm) {
                     Ok(bytes) => rolehost::acl::hex(&sha2::Sha256::digest(bytes)),
@@ -314,8 +314,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     checkpoint.role
                 );
             }
-            let (backend, namespace, _) = role_state(&common, &manifest, &role)?;
-            let (kv, subjects) = checkpoint::restore(backend.as_ref(), &namespace, &checkpoint).await?;
+            let (backend, namespace, spec) = role_state(&common, &manifest, &role)?;
+            let max_value_bytes = spec.limits.max_value_bytes;
+            let (kv, subjects) = checkpoint::restore(backend.as_ref(), &namespace, max_value_bytes, &checkpoint)
+                .await
+                .with_context(|| format!("cannot restore {} into role `{role}`", file.display()))?;
             println!("restored {kv} kv keys and {subjects} subjects into role `{role}`");
             Ok(())
         }
@@ -363,13 +366,16 @@ fn cache() -> Option<CompileCache> {
     }
 }
 
-/// The global prefix: flag or environment, then manifest, then default.
-fn prefix(common: &Common, manifest: Option<&Manifest>) -> String {
-    common
+/// The global prefix: flag or environment, then manifest, then default;
+/// checked like the host checks it.
+fn prefix(common: &Common, manifest: Option<&Manifest>) -> anyhow::Result<String> {
+    let prefix = common
         .prefix
         .clone()
         .or_else(|| manifest.map(|m| m.global_prefix.clone()))
-        .unwrap_or_else(|| DEFAULT_GLOBAL_PREFIX.to_owned())
+        .unwrap_or_else(|| DEFAULT_GLOBAL_PREFIX.to_owned());
+    validate_global_prefix(&prefix).map_err(anyhow::Error::msg)?;
+    Ok(prefix)
 }
 
 fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> anyhow::Result<Host> {
@@ -385,8 +391,15 @@ fn role_state(common: &Common, manifest: &Path, role: &str) -> anyhow::Result<(A
         .into_iter()
         .find(|s| s.name == role)
         .with_context(|| format!("the manifest has no role `{role}`"))?;
-    let backend = state(common, Some(&manifest))?.connect()?;
-    let namespace = Namespace::new(&prefix(common, Some(&manifest)), &spec.name, &spec.limits);
+    let state = state(common, Some(&manifest))?;
+    if matches!(state, StateConfig::Memory) {
+        bail!(
+            "the state is the in-memory store, which starts empty in every process and so holds nothing to \
+             work on here; name the Redis that holds the role's state (--state redis://… or the manifest's state)"
+        );
+    }
+    let namespace = Namespace::new(&prefix(common, Some(&manifest))?, &spec.name, &spec.limits);
+    let backend = state.connect()?;
     Ok((backend, namespace, spec))
 }
 
@@ -400,7 +413,7 @@ fn host_with(
     let state = state(common, manifest)?;
     let options =
         HostOptions { fuel: specs.iter().any(|s| s.limits.fuel.is_some()), max_concurrency, cache: cache(), pooling };
-    let host = Host::with_options(state.connect()?, &prefix(common, manifest), options)?;
+    let host = Host::with_options(state.connect()?, &prefix(common, manifest)?, options)?;
     let acl_users = manifest.is_some_and(|m| m.redis.acl_users);
     for spec in specs {
         if acl_users {
@@ -416,7 +429,7 @@ fn host_with(
 async fn acl(common: &Common, manifest: &Manifest, apply: bool) -> anyhow::Result<()> {
     let secret = std::env::var(acl::SECRET_ENV)
         .map_err(|_| anyhow::anyhow!("set {} to the secret role passwords derive from", acl::SECRET_ENV))?;
-    let prefix = prefix(common, Some(manifest));
+    let prefix = prefix(common, Some(manifest))?;
     let mut commands = Vec::new();
     for spec in manifest.role_specs()? {
         commands.push(acl::setuser_args(&prefix, &spec.name, &spec.grants, &secret));

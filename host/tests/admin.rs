@@ -108,13 +108,13 @@ async fn checkpoints_move_between_memory_and_redis() {
     probe(&on_memory, "app", json!({"op":"set","key":"short","value":"v","ttl_ms":600000})).await.unwrap();
     probe(&on_memory, "app", json!({"op":"subject_store","subject":"s","set":{"a":[1,2]}})).await.unwrap();
     let first = checkpoint::take(memory.as_ref(), &namespace, "app").await.unwrap();
-    checkpoint::restore(redis.as_ref(), &namespace, &first).await.unwrap();
+    checkpoint::restore(redis.as_ref(), &namespace, 1 << 20, &first).await.unwrap();
     let on_redis = host(redis.clone(), "rolehost:", &[("app", "kvprobe")]);
     assert_eq!(probe(&on_redis, "app", json!({"op":"get","key":"bin"})).await, Ok(json!("\u{0}\u{ff}text")));
     assert!(probe(&on_redis, "app", json!({"op":"expiry","key":"short"})).await.unwrap().as_u64().unwrap() > 590_000);
     let second = checkpoint::take(redis.as_ref(), &namespace, "app").await.unwrap();
     let back: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
-    checkpoint::restore(back.as_ref(), &namespace, &second).await.unwrap();
+    checkpoint::restore(back.as_ref(), &namespace, 1 << 20, &second).await.unwrap();
     let third = checkpoint::take(back.as_ref(), &namespace, "app").await.unwrap();
     let strip = |c: &checkpoint::Checkpoint| {
         let mut c = c.clone();
@@ -124,4 +124,47 @@ async fn checkpoints_move_between_memory_and_redis() {
         c
     };
     assert_eq!(strip(&first), strip(&third), "memory → redis → memory keeps everything");
+}
+
+/// A checkpoint with a bad entry restores nothing and names the entry; the
+/// operator commands refuse a bad prefix and the in-memory store.
+#[test]
+fn bad_checkpoints_and_settings_are_refused_before_anything_is_written() {
+    let Some(server) = shared_redis() else { return };
+    let dir = std::env::temp_dir().join(format!("rolehost-admin-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let role = format!("[[roles]]\nname = \"app\"\nwasm = \"{}\"\n", role_path("kvprobe").display());
+    let manifest = write("redis.toml", format!("state = \"{}\"\n{role}", server.url(server.fresh_db())));
+    let good = r#"{"key":"good","value_base64":"aGk=","ttl_ms":null}"#;
+    let bad_entries = [
+        (r#"{"key":"late","value_base64":"aGk=","ttl_ms":0}"#, "key \"late\": a TTL of 0 ms"),
+        (r#"{"key":"","value_base64":"aGk=","ttl_ms":null}"#, "key \"\""),
+        (r#"{"key":"b64","value_base64":"not base64!","ttl_ms":null}"#, "key \"b64\": bad base64"),
+    ];
+    for (i, (bad, needle)) in bad_entries.into_iter().enumerate() {
+        let checkpoint = format!(
+            r#"{{"format":"rolehost-checkpoint/1","role":"app","created_unix_ms":0,"kv":[{good},{bad}],"subjects":[]}}"#
+        );
+        let file = write(&format!("bad{i}.json"), checkpoint);
+        fails(rolehost(&["restore", "--manifest", &manifest, "app", &file]), needle);
+        fails(rolehost(&["get", "--manifest", &manifest, "app", "good"]), "no key");
+    }
+    let big = format!("{{\"key\":\"big\",\"value_base64\":\"{}\",\"ttl_ms\":null}}", "QUFB".repeat(400_000));
+    let file = write(
+        "big.json",
+        format!(r#"{{"format":"rolehost-checkpoint/1","role":"app","created_unix_ms":0,"kv":[{big}],"subjects":[]}}"#),
+    );
+    fails(rolehost(&["restore", "--manifest", &manifest, "app", &file]), "over the role's limit");
+
+    fails(rolehost(&["keys", "--manifest", &manifest, "app", "--prefix", "a b"]), "prefix");
+    fails(rolehost(&["roles", "--manifest", &manifest, "--prefix", "x{y}"]), "prefix");
+    let memory = write("memory.toml", format!("state = \"memory\"\n{role}"));
+    for command in [&["keys", "--manifest", &memory, "app"][..], &["checkpoint", "--manifest", &memory, "app", &file]] {
+        fails(rolehost(command), "in-memory store");
+    }
 }
