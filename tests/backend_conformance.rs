@@ -16,6 +16,7 @@ on_all_backends!(
     batch_operations,
     expire_and_persist,
     scan_pages_through_every_match_once,
+    scan_finds_every_key_while_listed_ones_are_deleted,
     scan_respects_patterns,
     delete_matching_clears_only_matches,
     increment_semantics,
@@ -150,6 +151,27 @@ async fn scan_pages_through_every_match_once(b: Arc<dyn Backend>, p: String) {
         assert_eq!(unique.len(), seen.len(), "limit {limit}: a key came twice");
         assert_eq!(unique, expected, "limit {limit}");
     }
+}
+
+async fn scan_finds_every_key_while_listed_ones_are_deleted(b: Arc<dyn Backend>, p: String) {
+    let expected: BTreeSet<String> = (0..600).map(|i| format!("{p}item:{i:04}")).collect();
+    let entries: Vec<(String, Vec<u8>)> = expected.iter().map(|k| (k.clone(), b"1".to_vec())).collect();
+    b.set_many(&entries, None).await.unwrap();
+    // Each page's keys are deleted before the next page is asked for, as a
+    // clean-up job does: the keys not yet listed must all still come.
+    let (mut seen, mut cursor, mut pages) = (BTreeSet::new(), None::<String>, 0);
+    loop {
+        let page = b.scan(&format!("{p}item:*"), cursor.as_deref(), 50).await.unwrap();
+        b.delete_many(&page.keys).await.unwrap();
+        seen.extend(page.keys);
+        pages += 1;
+        match page.cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+        assert!(pages < 10_000, "scan does not end");
+    }
+    assert_eq!(expected.difference(&seen).count(), 0, "keys never listed");
 }
 
 async fn scan_respects_patterns(b: Arc<dyn Backend>, p: String) {

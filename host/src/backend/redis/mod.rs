@@ -15,12 +15,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use base64::Engine as _;
 use redis::{AsyncCommands, ErrorKind, RedisError, Script, ServerErrorKind};
 
 use self::connection::{Conn, Connector, Shard};
 use self::retry::Op;
 use super::{Backend, Expiry, Health, RateDecision, ScanPage};
 use crate::error::{StateError, StateResult};
+use crate::glob;
 
 /// Keys asked of each SCAN step. Fixed, so a cursor replays the same batch.
 const SCAN_COUNT: usize = 256;
@@ -215,16 +217,30 @@ impl RedisBackend {
         })
     }
 
-    /// Runs one operation on a clone of the shared connection. Transient
-    /// failures are tried again with backoff as far as `op` allows, all
-    /// within the operation timeout; a write then waits for replicas when
-    /// the deployment asks for it.
+    /// Runs one operation on a clone of the shared connection, within the
+    /// operation timeout (see [`RedisBackend::run_by`]).
     async fn run<T, F, Fut>(&self, op: Op, attempt: F) -> StateResult<T>
     where
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let deadline = tokio::time::Instant::now() + self.op_timeout;
+        self.run_by(self.deadline(), op, attempt).await
+    }
+
+    /// When an operation starting now must be done.
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.op_timeout
+    }
+
+    /// Runs one step of an operation by `deadline` (an operation of several
+    /// steps shares one). Transient failures are tried again with backoff
+    /// as far as `op` allows; a write then waits for replicas when the
+    /// deployment asks for it.
+    async fn run_by<T, F, Fut>(&self, deadline: tokio::time::Instant, op: Op, attempt: F) -> StateResult<T>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         // Out of time: says why the earlier tries failed, too.
         let late = |before: Option<RedisError>| {
             let before = before.map(|e| format!(" (before that: {})", map_error(e))).unwrap_or_default();
@@ -283,18 +299,27 @@ impl RedisBackend {
     }
 
     /// The primaries to scan: every Cluster primary, or the one server.
-    async fn shards(&self) -> StateResult<Vec<Shard>> {
-        self.run(Op::Read, |mut c| async move { c.shards().await }).await
+    async fn shards(&self, deadline: tokio::time::Instant) -> StateResult<Vec<Shard>> {
+        self.run_by(deadline, Op::Read, |mut c| async move { c.shards().await }).await
     }
 
     /// One raw SCAN step on `shard`: the next cursor and the UTF-8 keys of
     /// this batch.
-    async fn scan_step(&self, shard: &Shard, cursor: u64, pattern: &str) -> StateResult<(u64, Vec<String>)> {
+    async fn scan_step(
+        &self,
+        deadline: tokio::time::Instant,
+        shard: &Shard,
+        cursor: u64,
+        pattern: &str,
+        count: usize,
+    ) -> StateResult<(u64, Vec<String>)> {
         let mut scan = redis::cmd("SCAN");
-        scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_COUNT);
+        scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count);
         let scan = &scan;
         let (next, raw): (u64, Vec<Vec<u8>>) = self
-            .run(Op::Read, |mut c| async move { redis::from_redis_value(c.on(shard, scan).await?).map_err(Into::into) })
+            .run_by(deadline, Op::Read, |mut c| async move {
+                redis::from_redis_value(c.on(shard, scan).await?).map_err(Into::into)
+            })
             .await?;
         // Keys rolehost writes are UTF-8; anything else is not ours.
         let keys = raw.into_iter().filter_map(|k| String::from_utf8(k).ok()).collect();
@@ -331,6 +356,7 @@ impl RedisBackend {
     /// Runs a MULTI/EXEC of `entries` (grouped by Cluster slot when on a
     /// Cluster: a transaction cannot span slots).
     async fn set_in_transactions(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()> {
+        let deadline = self.deadline();
         let mut groups: BTreeMap<u16, Vec<&(String, Vec<u8>)>> = BTreeMap::new();
         for entry in entries {
             let slot = if self.connector.is_cluster() { connection::slot(&entry.0) } else { 0 };
@@ -346,7 +372,7 @@ impl RedisBackend {
                 };
             }
             let pipe = &pipe;
-            self.run(Op::Idempotent, |mut c| async move { pipe.query_async::<()>(&mut c).await }).await?;
+            self.run_by(deadline, Op::Idempotent, |mut c| async move { pipe.query_async::<()>(&mut c).await }).await?;
         }
         Ok(())
     }
@@ -381,14 +407,58 @@ fn map_error(error: RedisError) -> StateError {
 
 /// A page cursor: `{shard}:{scan-cursor}:{keys-already-returned}`, the
 /// shard being an index into the sorted list of primaries.
-fn parse_cursor(cursor: Option<&str>) -> StateResult<(usize, u64, usize)> {
-    let Some(cursor) = cursor else {
-        return Ok((0, 0, 0));
-    };
-    let mut parts = cursor.split(':').map(|p| p.parse::<u64>().ok());
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(Some(shard)), Some(Some(scan)), Some(Some(skip)), None) => Ok((shard as usize, scan, skip as usize)),
-        _ => Err(StateError::InvalidArgument("invalid cursor".into())),
+/// Longest cursor accepted back from a guest.
+const MAX_CURSOR_BYTES: usize = 1 << 20;
+
+/// A scan's position: `shard:scan-cursor:carried`, where `carried` holds
+/// the keys a SCAN batch returned past the end of the last page (their
+/// part after the pattern's literal prefix, so a cursor never shows a
+/// role's prefix; base64 of a JSON list, empty for none).
+struct ScanCursor {
+    shard: usize,
+    scan: u64,
+    carried: Vec<String>,
+}
+
+impl ScanCursor {
+    fn parse(cursor: Option<&str>, pattern: &str) -> StateResult<Self> {
+        let Some(cursor) = cursor else {
+            return Ok(Self { shard: 0, scan: 0, carried: Vec::new() });
+        };
+        let invalid = || StateError::InvalidArgument("invalid cursor".into());
+        if cursor.len() > MAX_CURSOR_BYTES {
+            return Err(invalid());
+        }
+        let mut parts = cursor.splitn(3, ':');
+        let (Some(shard), Some(scan), Some(carried)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(invalid());
+        };
+        let carried: Vec<String> = match carried {
+            "" => Vec::new(),
+            text => {
+                let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).map_err(|_| invalid())?;
+                serde_json::from_slice(&json).map_err(|_| invalid())?
+            }
+        };
+        // A cursor comes back from the guest, which can put any names in
+        // it: they still land under the pattern's literal prefix, which
+        // holds the role's namespace, so a forged cursor names only keys
+        // of the role's own (it may name keys that do not exist).
+        let literal = glob::literal_prefix(pattern);
+        let carried = carried.into_iter().map(|rest| format!("{literal}{rest}")).collect();
+        Ok(Self { shard: shard.parse().map_err(|_| invalid())?, scan: scan.parse().map_err(|_| invalid())?, carried })
+    }
+
+    fn render(&self, pattern: &str) -> String {
+        let carried = if self.carried.is_empty() {
+            String::new()
+        } else {
+            let literal = glob::literal_prefix(pattern);
+            let rest: Vec<&str> = self.carried.iter().map(|key| key.get(literal.len()..).unwrap_or_default()).collect();
+            let json = serde_json::to_vec(&rest).unwrap_or_default();
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+        };
+        format!("{}:{}:{carried}", self.shard, self.scan)
     }
 }
 
@@ -401,10 +471,11 @@ impl Backend for RedisBackend {
     async fn health(&self) -> StateResult<Health> {
         const FIELDS: &[&str] =
             &["redis_version", "used_memory", "used_memory_human", "connected_clients", "rdb_last_save_time"];
-        let shards = self.shards().await?;
+        let deadline = self.deadline();
+        let shards = self.shards(deadline).await?;
         let first = shards.first().ok_or_else(|| StateError::Unavailable("no Redis Cluster primary is up".into()))?;
         let info: String = self
-            .run(Op::Read, |mut c| async move {
+            .run_by(deadline, Op::Read, |mut c| async move {
                 redis::from_redis_value(c.on(first, &redis::cmd("INFO")).await?).map_err(Into::into)
             })
             .await?;
@@ -483,39 +554,38 @@ impl Backend for RedisBackend {
     }
 
     async fn scan(&self, pattern: &str, cursor: Option<&str>, limit: usize) -> StateResult<ScanPage> {
-        // A SCAN batch can hold more keys than the page has room for; the
-        // cursor then records the batch's start and how many of it were
-        // returned, and the next page replays that batch and skips them.
-        // A Cluster is scanned one primary after another.
-        let (mut shard, mut scan_cursor, mut skip) = parse_cursor(cursor)?;
-        let shards = self.shards().await?;
-        let mut keys = Vec::new();
-        for _ in 0..SCAN_STEPS_PER_PAGE {
-            let Some(node) = shards.get(shard) else {
-                return Ok(ScanPage { keys, cursor: None });
-            };
-            let (next, batch) = self.scan_step(node, scan_cursor, pattern).await?;
-            let fresh = batch.get(skip..).unwrap_or_default();
+        // Each SCAN asks for about as many keys as the page has room for;
+        // the few a batch returns past that are carried in the cursor to
+        // the next page, so no batch is ever replayed (a replay after
+        // deletes would skip keys). A Cluster is scanned one primary after
+        // another. The page's steps share one operation timeout; once half
+        // of it is gone, the page ends where it got to.
+        let mut at = ScanCursor::parse(cursor, pattern)?;
+        let take = at.carried.len().min(limit);
+        let mut keys: Vec<String> = at.carried.drain(..take).collect();
+        let deadline = self.deadline();
+        let shards = self.shards(deadline).await?;
+        for step in 0..SCAN_STEPS_PER_PAGE {
             let room = limit - keys.len();
-            if fresh.len() > room {
-                keys.extend_from_slice(&fresh[..room]);
-                let cursor = Some(format!("{shard}:{scan_cursor}:{}", skip + room));
-                return Ok(ScanPage { keys, cursor });
-            }
-            keys.extend_from_slice(fresh);
-            skip = 0;
-            scan_cursor = next;
-            if next == 0 {
-                shard += 1;
-                if shard == shards.len() {
-                    return Ok(ScanPage { keys, cursor: None });
-                }
-            }
-            if keys.len() == limit {
+            if room == 0 || !at.carried.is_empty() {
                 break;
             }
+            let Some(node) = shards.get(at.shard) else { break };
+            if step > 0 && deadline.saturating_duration_since(tokio::time::Instant::now()) < self.op_timeout / 2 {
+                break;
+            }
+            // At least a few per SCAN, so sparse matches still move along.
+            let count = room.clamp(16, SCAN_COUNT);
+            let (next, mut batch) = self.scan_step(deadline, node, at.scan, pattern, count).await?;
+            at.carried = batch.split_off(room.min(batch.len()));
+            keys.append(&mut batch);
+            at.scan = next;
+            if next == 0 {
+                at.shard += 1;
+            }
         }
-        Ok(ScanPage { keys, cursor: Some(format!("{shard}:{scan_cursor}:0")) })
+        let done = at.carried.is_empty() && at.shard >= shards.len();
+        Ok(ScanPage { keys, cursor: (!done).then(|| at.render(pattern)) })
     }
 
     async fn increment(&self, key: &str, delta: i64, fallback_ttl: Option<Duration>) -> StateResult<i64> {
@@ -688,13 +758,14 @@ impl Backend for RedisBackend {
     }
 
     async fn delete_matching(&self, pattern: &str) -> StateResult<u64> {
-        // Raw SCAN cursors here, on every primary: deleting while paging
-        // with skip counts would skip keys.
+        // Raw SCAN cursors here, on every primary, each step an operation
+        // of its own: a clear of many keys takes as long as it takes, and
+        // stops at the call's deadline.
         let mut deleted = 0;
-        for shard in self.shards().await? {
+        for shard in self.shards(self.deadline()).await? {
             let mut cursor = 0;
             loop {
-                let (next, keys) = self.scan_step(&shard, cursor, pattern).await?;
+                let (next, keys) = self.scan_step(self.deadline(), &shard, cursor, pattern, SCAN_COUNT).await?;
                 deleted += self.delete_many(&keys).await?;
                 if next == 0 {
                     break;
