@@ -220,9 +220,15 @@ async fn a_connection_that_stops_answering_is_replaced() {
     proxy.freeze_open_connections();
     let error = backend.get("k").await.unwrap_err();
     assert!(matches!(error, StateError::Unavailable(_)), "{error}");
+    assert!(!error.to_string().contains("may or may not"), "a read changes nothing: {error}");
     // The timed-out connection is dropped; the next operation connects
     // again and is answered.
     assert_eq!(backend.get("k").await, Ok(Some(b"v".to_vec())));
+    // An increment lost the same way may have happened: the error says so.
+    proxy.freeze_open_connections();
+    let error = backend.increment("n", 1, None).await.unwrap_err();
+    assert!(error.to_string().contains("may or may not have been applied"), "{error}");
+    assert!(backend.get("k").await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -246,6 +246,13 @@ impl RedisBackend {
             let before = before.map(|e| format!(" (before that: {})", map_error(e))).unwrap_or_default();
             StateError::Unavailable(format!("Redis did not answer within {} ms{before}", self.op_timeout.as_millis()))
         };
+        // A write that may have run: the role must know before it retries.
+        let maybe_written = |error: StateError, certainly_not_run: bool| match error {
+            StateError::Unavailable(message) if op == Op::Once && !certainly_not_run => StateError::Unavailable(
+                format!("{message}; the write may or may not have been applied: read before trying it again"),
+            ),
+            other => other,
+        };
         let mut before = None;
         for tries in 0.. {
             let outcome = tokio::time::timeout_at(deadline, async {
@@ -260,7 +267,7 @@ impl RedisBackend {
             let error = match outcome {
                 Err(_) => {
                     self.connector.timed_out();
-                    return Err(late(before));
+                    return Err(maybe_written(late(before), false));
                 }
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(error)) => error,
@@ -268,7 +275,8 @@ impl RedisBackend {
             self.connector.failed(&error);
             let pause = retry::backoff(tries);
             if !retry::may_retry(op, &error) || tokio::time::Instant::now() + pause >= deadline {
-                return Err(map_error(error));
+                let not_run = retry::not_run(&error);
+                return Err(maybe_written(map_error(error), not_run));
             }
             tokio::time::sleep(pause).await;
             before = Some(error);

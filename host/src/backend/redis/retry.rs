@@ -49,7 +49,8 @@ pub(super) fn is_transient(error: &RedisError) -> bool {
     not_run(error) || error.is_io_error() || error.is_timeout() || error.is_connection_dropped()
 }
 
-fn not_run(error: &RedisError) -> bool {
+/// Whether Redis certainly did not run the command.
+pub(super) fn not_run(error: &RedisError) -> bool {
     // Refused before running: no connection, no primary known yet, the
     // server said so, or a Cluster node sent it elsewhere (the slot moved).
     error.is_connection_refusal()
