@@ -59,9 +59,10 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Coalescing<C> {
 async fn flush<C: ConnectionLike>(mut conn: C, queue: Arc<Mutex<Batch>>) {
     // Let the other runnable tasks add their commands first.
     tokio::task::yield_now().await;
-    let Batch { cmds, replies } = std::mem::take(&mut *lock(&queue));
-    let (cmds, mut replies): (Vec<Cmd>, Vec<Reply>) =
-        cmds.into_iter().zip(replies).filter(|(_, reply)| !reply.is_closed()).unzip();
+    let Batch { mut cmds, mut replies } = std::mem::take(&mut *lock(&queue));
+    if replies.iter().any(Reply::is_closed) {
+        (cmds, replies) = cmds.into_iter().zip(replies).filter(|(_, reply)| !reply.is_closed()).unzip();
+    }
     let send = async {
         match cmds.as_slice() {
             [] => Ok(Vec::new()),
