@@ -177,6 +177,8 @@ async fn a_write_waiting_for_a_lost_replica_does_not_hold_up_reads() {
 struct FreezingProxy {
     port: u16,
     freeze: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Connections still forwarding; a freeze waits for it to reach 0.
+    forwarding: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl FreezingProxy {
@@ -184,18 +186,25 @@ impl FreezingProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let freeze = Arc::new(tokio::sync::watch::channel(0u64).0);
-        let frozen = freeze.clone();
+        let forwarding = Arc::new(tokio::sync::watch::channel(0usize).0);
+        let (frozen, open) = (freeze.clone(), forwarding.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { continue };
                 let mut freezes = frozen.subscribe();
                 let born = *freezes.borrow_and_update();
+                open.send_modify(|n| *n += 1);
+                let open = open.clone();
                 tokio::spawn(async move {
                     let (mut client, mut server) = (client, server);
                     let frozen = tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        // Checked first, so nothing is forwarded once a
+                        // freeze is seen.
+                        biased;
                         _ = freezes.wait_for(|&n| n > born) => true,
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
                     };
+                    open.send_modify(|n| *n -= 1);
                     if frozen {
                         // Hold both sockets open, silent, for ever.
                         std::future::pending::<()>().await;
@@ -203,11 +212,15 @@ impl FreezingProxy {
                 });
             }
         });
-        Self { port, freeze }
+        Self { port, freeze, forwarding }
     }
 
-    fn freeze_open_connections(&self) {
+    /// Freezes every open connection and returns once none of them
+    /// forwards anything any more; without the wait, a request sent right
+    /// after could still slip through before its connection saw the freeze.
+    async fn freeze_open_connections(&self) {
         self.freeze.send_modify(|n| *n += 1);
+        self.forwarding.subscribe().wait_for(|&n| n == 0).await.unwrap();
     }
 }
 
@@ -217,7 +230,7 @@ async fn a_connection_that_stops_answering_is_replaced() {
     let proxy = FreezingProxy::start(server.port).await;
     let backend = backend(proxy.port, Duration::from_millis(300));
     backend.set("k", b"v", None).await.unwrap();
-    proxy.freeze_open_connections();
+    proxy.freeze_open_connections().await;
     let error = backend.get("k").await.unwrap_err();
     assert!(matches!(error, StateError::Unavailable(_)), "{error}");
     assert!(!error.to_string().contains("may or may not"), "a read changes nothing: {error}");
@@ -225,7 +238,7 @@ async fn a_connection_that_stops_answering_is_replaced() {
     // again and is answered.
     assert_eq!(backend.get("k").await, Ok(Some(b"v".to_vec())));
     // An increment lost the same way may have happened: the error says so.
-    proxy.freeze_open_connections();
+    proxy.freeze_open_connections().await;
     let error = backend.increment("n", 1, None).await.unwrap_err();
     assert!(error.to_string().contains("may or may not have been applied"), "{error}");
     assert!(backend.get("k").await.is_ok());
