@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use rolehost::backend::Backend;
 use rolehost::{CallError, RoleLimits};
 use rolehost_tests::{backend, free_port, host, host_with_limits, probe, RedisServer};
 use serde_json::json;
@@ -72,6 +73,46 @@ async fn oversized_responses_and_log_floods_are_contained() {
     // Far past the log budget: output is dropped, the call still succeeds.
     assert_eq!(probe(&host, "loud", json!({"op":"print","message":"spam","times":20000})).await, Ok(json!(null)));
     assert_eq!(probe(&host, "loud", json!({"op":"log","message":"spam","times":20000})).await, Ok(json!(null)));
+}
+
+/// How many keys match `pattern`, page by page.
+async fn count_keys(b: &dyn Backend, pattern: &str) -> usize {
+    let (mut count, mut cursor) = (0, None);
+    loop {
+        let page = b.scan(pattern, cursor.as_deref(), 1000).await.unwrap();
+        count += page.keys.len();
+        match page.cursor {
+            Some(next) => cursor = Some(next),
+            None => return count,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clearing_a_huge_role_is_stopped_by_the_deadline_and_can_go_on() {
+    let b = backend("memory").unwrap();
+    const KEYS: usize = 200_000;
+    let entries: Vec<(String, Vec<u8>)> = (0..KEYS).map(|i| (format!("t:big:kv:k{i}"), b"v".to_vec())).collect();
+    for chunk in entries.chunks(10_000) {
+        b.set_many(chunk, None).await.unwrap();
+    }
+    b.set("t:other:kv:k1", b"v", None).await.unwrap();
+    // DEADLINE is far less than deleting 200k keys takes (about 250 ms in
+    // a debug build): the memory store never waits, so only its pauses
+    // between pages let the deadline in.
+    const DEADLINE: u64 = 50;
+    let hurried =
+        host_with_limits(b.clone(), "t:", &[("big", "kvprobe")], RoleLimits { deadline_ms: DEADLINE, ..limits() });
+    let err = hurried.call("big", br#"{"op":"clear"}"#).await.unwrap_err();
+    assert!(matches!(err, CallError::DeadlineExceeded { millis: DEADLINE, .. }), "{err}");
+    let left = count_keys(&*b, "t:big:kv:*").await;
+    assert!(left > 0, "the clear was stopped before the end");
+    // With time enough, clearing again removes the rest and only that.
+    let patient =
+        host_with_limits(b.clone(), "t:", &[("big", "kvprobe")], RoleLimits { deadline_ms: 60_000, ..limits() });
+    assert_eq!(probe(&patient, "big", json!({"op":"clear"})).await, Ok(json!(left)));
+    assert_eq!(count_keys(&*b, "t:big:kv:*").await, 0);
+    assert_eq!(b.get("t:other:kv:k1").await.unwrap(), Some(b"v".to_vec()), "another role's key is untouched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
