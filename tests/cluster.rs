@@ -2,7 +2,8 @@
 //! also runs there through `on_all_backends!` (conformance, isolation,
 //! coordination, grants, examples); these tests check what
 //! is particular to a cluster: keys spread over the primaries, and listing
-//! and clearing reach every one of them.
+//! and clearing reach every one of them, and operations follow a slot while
+//! and after it moves to another primary.
 
 use std::collections::BTreeSet;
 
@@ -89,31 +90,65 @@ fn node_id(cluster: &RedisCluster, port: u16) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operations_follow_a_slot_moved_to_another_primary() {
+async fn operations_follow_a_slot_while_and_after_it_moves_to_another_primary() {
     // A cluster of its own: moving a slot must not disturb other tests.
     let Some(cluster) = RedisCluster::start(3) else { return };
     let prefix = unique("moved");
     let host = host(cluster.backend(), &prefix, &[("alice", "kvprobe")]);
-    let incr = json!({"op":"incr","key":"n","delta":5});
+    // Keys with one hash tag share a slot.
+    let key = |name: &str| format!("{prefix}alice:kv:{name}{{t}}");
+    let put = |name: &str, value: &str| json!({"op":"set","key":format!("{name}{{t}}"),"value":value});
+    let get = |name: &str| json!({"op":"get","key":format!("{name}{{t}}")});
+    let incr = json!({"op":"incr","key":"n{t}","delta":5});
     assert_eq!(probe(&host, "alice", incr.clone()).await, Ok(json!(5)));
-    // The backend now knows which primary serves the key's slot.
-    let key = format!("{prefix}alice:kv:n");
-    let slot = cluster.nodes[0].cli(&["cluster", "keyslot", &key]).trim().to_owned();
-    let owner = cluster.nodes.iter().position(|n| n.cli(&["get", &key]).trim() == "5").expect("a primary holds it");
+    assert_eq!(probe(&host, "alice", put("a", "A")).await, Ok(json!(null)));
+    assert_eq!(probe(&host, "alice", put("b", "B")).await, Ok(json!(null)));
+    // The backend now knows which primary serves the slot.
+    let slot = cluster.nodes[0].cli(&["cluster", "keyslot", &key("n")]).trim().to_owned();
+    let owner =
+        cluster.nodes.iter().position(|n| n.cli(&["get", &key("n")]).trim() == "5").expect("a primary holds it");
     let target = (owner + 1) % cluster.nodes.len();
     let (from, to) = (&cluster.nodes[owner], &cluster.nodes[target]);
     let (from_id, to_id) = (node_id(&cluster, from.port), node_id(&cluster, to.port));
+    let migrate = |name: &str| {
+        let moved = from.cli(&["migrate", "127.0.0.1", &to.port.to_string(), "", "0", "5000", "keys", &key(name)]);
+        assert_eq!(moved.trim(), "OK", "MIGRATE {name}: {moved}");
+    };
+
+    // Mid-migration: `n` and `a` have moved, `b` has not. The old primary
+    // answers ASK for the moved keys (and for new ones); each such
+    // command is sent once more to the new primary, after ASKING.
     to.cli(&["cluster", "setslot", &slot, "importing", &from_id]);
     from.cli(&["cluster", "setslot", &slot, "migrating", &to_id]);
-    let moved = from.cli(&["migrate", "127.0.0.1", &to.port.to_string(), "", "0", "5000", "keys", &key]);
-    assert_eq!(moved.trim(), "OK", "MIGRATE: {moved}");
+    migrate("n");
+    migrate("a");
+    assert_eq!(probe(&host, "alice", get("a")).await, Ok(json!("A")), "a moved key is read where it went");
+    assert_eq!(probe(&host, "alice", get("b")).await, Ok(json!("B")), "a key not yet moved is read where it is");
+    assert_eq!(probe(&host, "alice", incr.clone()).await, Ok(json!(10)), "an increment runs once, on the new primary");
+    assert_eq!(probe(&host, "alice", put("c", "C")).await, Ok(json!(null)));
+    let count = |node: &rolehost_tests::RedisServer| node.cli(&["cluster", "countkeysinslot", &slot]).trim().to_owned();
+    assert_eq!((count(from), count(to)), ("1".into(), "3".into()), "a new key is written where the slot is going");
+    // A script (PERSIST that reports existence) follows the redirect too,
+    // loading itself on the new primary when that one lacks it.
+    // So does a transaction whose keys have all moved. (One with keys on
+    // both primaries, or new ones beside moved ones, is refused by Redis
+    // with TRYAGAIN and tried again until the move ends.)
+    let moved_only = json!({"op":"set_many","entries":{"a{t}":"A2","c{t}":"C2"}});
+    assert_eq!(probe(&host, "alice", moved_only).await, Ok(json!(null)), "a transaction of moved keys");
+    let persist = json!({"op":"expire","key":"a{t}"});
+    assert_eq!(probe(&host, "alice", persist).await, Ok(json!(true)));
+
+    migrate("b");
     for node in &cluster.nodes {
         node.cli(&["cluster", "setslot", &slot, "node", &to_id]);
     }
-    assert_eq!(to.cli(&["get", &key]).trim(), "5", "the key moved");
-    // The old primary answers MOVED; the increment is sent again to the new
-    // one (it did not run) and counts exactly once.
-    assert_eq!(probe(&host, "alice", incr).await, Ok(json!(10)));
-    assert_eq!(probe(&host, "alice", json!({"op":"get","key":"n"})).await, Ok(json!("10")));
-    assert_eq!(to.cli(&["get", &key]).trim(), "10");
+    assert_eq!(to.cli(&["get", &key("n")]).trim(), "10", "the key moved");
+    assert_eq!(to.cli(&["get", &key("c")]).trim(), "C2");
+    // The old primary now answers MOVED; the increment is sent again to
+    // the new one (it did not run) and counts exactly once.
+    assert_eq!(probe(&host, "alice", incr).await, Ok(json!(15)));
+    assert_eq!(probe(&host, "alice", json!({"op":"get","key":"n{t}"})).await, Ok(json!("15")));
+    assert_eq!(to.cli(&["get", &key("n")]).trim(), "15");
+    let all = json!({"op":"get_many","keys":["a{t}","b{t}","c{t}"]});
+    assert_eq!(probe(&host, "alice", all).await, Ok(json!(["A2", "B", "C2"])));
 }

@@ -182,7 +182,14 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Direct(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => Box::pin(async move {
+                match c.req_packed_command(cmd).await {
+                    Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::Ask) => {
+                        follow_ask(c, cmd, error).await
+                    }
+                    other => other,
+                }
+            }),
         }
     }
 
@@ -194,7 +201,14 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => Box::pin(async move {
+                match c.req_packed_commands(pipeline, offset, count).await {
+                    Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort) => {
+                        follow_transaction_ask(c, pipeline, offset, count, error).await
+                    }
+                    other => other,
+                }
+            }),
         }
     }
 
@@ -468,10 +482,92 @@ fn primaries(nodes: &str) -> Vec<Shard> {
     primaries
 }
 
+/// Follows an ASK redirect: `cmd`'s slot is moving to another primary,
+/// which has its key already (or will create it), so `cmd` goes there
+/// once more, after `ASKING`. (redis-rs follows ASK only with its own
+/// retries on, which would also resend commands whose reply was lost.) A
+/// multi-key command whose keys span slots keeps the error, and `retry.rs`
+/// tries it again until the move is over.
+async fn follow_ask(cluster: &mut ClusterConnection, cmd: &Cmd, ask: RedisError) -> RedisResult<Value> {
+    let Some((address, slot)) = ask.redirect_node() else { return Err(ask) };
+    if !keys_in_slot(cmd, slot) {
+        return Err(ask);
+    }
+    let Some(replies) = send_asking(cluster, address, [cmd.clone()], 0, 1).await else { return Err(ask) };
+    match replies?.pop() {
+        Some(reply) => reply.extract_error(),
+        None => Err(RedisError::from((ErrorKind::Client, "no reply after ASKING"))),
+    }
+}
+
+/// Follows ASK redirects for a transaction (`pipeline` packed as
+/// MULTI, commands, EXEC) that Redis aborted because every command in it
+/// was redirected to one node: none of its keys is left on the old primary,
+/// so the whole transaction goes to the new one after `ASKING` (which
+/// holds until EXEC). If only some were redirected, the keys are split
+/// between the two primaries and the transaction waits for the move (the
+/// abort is tried again by `retry.rs`).
+async fn follow_transaction_ask(
+    cluster: &mut ClusterConnection,
+    pipeline: &Pipeline,
+    offset: usize,
+    count: usize,
+    aborted: RedisError,
+) -> RedisResult<Vec<Value>> {
+    let Some(errors) = aborted.clone().into_server_errors() else { return Err(aborted) };
+    let mut targets = errors.iter().map(|(_, e)| (e.kind() == Some(ServerErrorKind::Ask)).then(|| e.details()));
+    let Some(Some(Some(target))) = targets.next() else { return Err(aborted) };
+    let commands = pipeline.cmd_iter().count();
+    if !pipeline.is_transaction() || errors.len() != commands || !targets.all(|t| t == Some(Some(target))) {
+        return Err(aborted);
+    }
+    let Some(address) = target.split_ascii_whitespace().nth(1) else { return Err(aborted) };
+    let transaction =
+        std::iter::once(redis::cmd("MULTI")).chain(pipeline.cmd_iter().cloned()).chain([redis::cmd("EXEC")]);
+    send_asking(cluster, address, transaction, offset, count).await.unwrap_or(Err(aborted))
+}
+
+/// Sends `ASKING` and then `commands` to the primary at `address`
+/// (`host:port`), in one pipeline so that nothing else on the shared
+/// connection comes between; `count` replies from `offset` (counted in
+/// `commands`). `None` if `address` is not one.
+async fn send_asking(
+    cluster: &mut ClusterConnection,
+    address: &str,
+    commands: impl IntoIterator<Item = Cmd>,
+    offset: usize,
+    count: usize,
+) -> Option<RedisResult<Vec<Value>>> {
+    let (host, port) = address.rsplit_once(':')?;
+    let at = SingleNodeRoutingInfo::ByAddress { host: host.to_owned(), port: port.parse().ok()? };
+    let mut pipe = redis::pipe();
+    pipe.cmd("ASKING");
+    for cmd in commands {
+        pipe.add_command(cmd);
+    }
+    Some(cluster.route_pipeline(pipe, offset + 1, count, at).await)
+}
+
+/// Whether every key of `cmd` lies in `slot`. Only the multi-key commands
+/// rolehost sends can span slots (redis-rs splits them by slot); the
+/// server answers ASK to any other command only when all its keys are in
+/// the moving slot.
+fn keys_in_slot(cmd: &Cmd, slot: u16) -> bool {
+    let mut args = cmd.args_iter().filter_map(|arg| match arg {
+        redis::Arg::Simple(bytes) => Some(bytes),
+        _ => None,
+    });
+    let Some(name) = args.next() else { return false };
+    if [&b"MGET"[..], b"DEL", b"EXISTS", b"UNLINK", b"TOUCH"].iter().any(|multi| name.eq_ignore_ascii_case(multi)) {
+        return args.all(|key| self::slot(key) == slot);
+    }
+    true
+}
+
 /// The Cluster hash slot of `key`: CRC16 of its hash tag (the part between
 /// the first `{` and the next `}`, when not empty) or of the whole key.
-pub(super) fn slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
+pub(super) fn slot(key: impl AsRef<[u8]>) -> u16 {
+    let bytes = key.as_ref();
     let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
         let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
         (close > 0).then(|| &bytes[open + 1..open + 1 + close])
@@ -537,5 +633,17 @@ e5 127.0.0.1:7000@17000 master - 0 0 4 connected 10923-16383
         assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
         assert_eq!(slot("a{}b"), crc16::State::<crc16::XMODEM>::calculate(b"a{}b") % 16384);
         assert_eq!(slot("x{tag}y"), slot("tag"));
+    }
+
+    #[test]
+    fn only_commands_whose_keys_share_the_slot_follow_an_ask() {
+        let tagged = slot("{t}");
+        let mget = |keys: &[&str]| redis::cmd("MGET").arg(keys).clone();
+        assert!(keys_in_slot(&mget(&["a{t}", "b{t}"]), tagged));
+        assert!(!keys_in_slot(&mget(&["a{t}", "b"]), tagged), "split by redis-rs across slots");
+        assert!(!keys_in_slot(&redis::cmd("del").arg("a{t}").arg("x").clone(), tagged));
+        // Single-key commands and scripts: the server already checked.
+        assert!(keys_in_slot(&redis::cmd("SET").arg("a{t}").arg("any value").clone(), tagged));
+        assert!(keys_in_slot(&redis::cmd("EVALSHA").arg("sha").arg(2).arg("a{t}").arg("b{t}").clone(), tagged));
     }
 }
