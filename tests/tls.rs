@@ -1,11 +1,13 @@
 //! `rediss://` against a TLS-only redis-server (`--port 0 --tls-port`),
-//! with a CA and a server certificate the test generates.
+//! with a CA and a server certificate the test generates; and
+//! `rediss+cluster://` and `rediss+sentinel://` against a TLS-only Cluster
+//! and a TLS-only Sentinel with its primary.
 
 use rolehost::backend::{Backend, RedisBackend, RedisOptions};
 use rolehost::config::StateConfig;
 use rolehost::manifest::RedisSection;
 use rolehost::StateError;
-use rolehost_tests::{RedisServer, TlsFiles};
+use rolehost_tests::{RedisCluster, RedisSentinels, RedisServer, TlsFiles};
 
 fn redis_section(ca_file: Option<std::path::PathBuf>) -> RedisSection {
     let mut section = RedisSection::default();
@@ -87,4 +89,47 @@ async fn an_acl_user_logs_in_over_tls_with_the_password_given_apart_from_the_url
         .unwrap()
         .to_string();
     assert!(in_url.contains("REDIS_PASSWORD"), "{in_url}");
+}
+
+/// A CA that did not sign the servers' certificates fails clearly.
+async fn wrong_ca_is_refused(url_with_ca: &str, tls: &TlsFiles) {
+    let url = url_with_ca.replace(&tls.ca.display().to_string(), &tls.other_ca.display().to_string());
+    assert_ne!(url, url_with_ca);
+    let error = StateConfig::parse(&url, &redis_section(None)).unwrap().connect().unwrap().get("k").await.unwrap_err();
+    let StateError::Unavailable(message) = &error else { panic!("expected unavailable, got {error:?}") };
+    assert!(message.contains("certificate") || message.contains("UnknownIssuer"), "unclear error: {message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_is_reached_with_a_rediss_cluster_url() {
+    let Some(tls) = TlsFiles::generate() else { return };
+    let Some(cluster) = RedisCluster::start_tls(3, &tls) else { return };
+    let url = cluster.url();
+    assert!(url.starts_with("rediss+cluster://"), "{url}");
+    let backend = StateConfig::parse(&url, &redis_section(None)).unwrap().connect().unwrap();
+    let entries: Vec<(String, Vec<u8>)> = (0..60).map(|i| (format!("tls:{i}"), vec![b'v'; i])).collect();
+    backend.set_many(&entries, None).await.unwrap();
+    let keys: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
+    let values: Vec<Vec<u8>> = backend.get_many(&keys).await.unwrap().into_iter().map(Option::unwrap).collect();
+    assert_eq!(values, entries.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>());
+    let per_node = cluster.keys_per_node("tls:*");
+    assert!(per_node.iter().all(|&n| n > 0), "keys on every primary, each reached over TLS: {per_node:?}");
+    // Listing visits every primary (routed to each by address).
+    assert_eq!(backend.delete_matching("tls:*").await.unwrap(), 60);
+    assert_eq!(backend.health().await.unwrap().details["topology"], "cluster");
+    wrong_ca_is_refused(&url, &tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_sentinel_and_its_primary_are_reached_with_a_rediss_sentinel_url() {
+    let Some(tls) = TlsFiles::generate() else { return };
+    let Some(setup) = RedisSentinels::start_tls(&tls) else { return };
+    let url = setup.url("");
+    assert!(url.starts_with("rediss+sentinel://"), "{url}");
+    let backend = StateConfig::parse(&url, &redis_section(None)).unwrap().connect().unwrap();
+    backend.set("k", b"through a TLS sentinel", None).await.unwrap();
+    assert_eq!(backend.get("k").await.unwrap(), Some(b"through a TLS sentinel".to_vec()));
+    assert!(setup.primary.cli(&["get", "k"]).contains("through a TLS sentinel"), "the primary has it");
+    assert_eq!(backend.health().await.unwrap().details["topology"], "sentinel");
+    wrong_ca_is_refused(&url, &tls).await;
 }

@@ -15,12 +15,13 @@ use crate::manifest::RedisSection;
 pub const STATE_ENV: &str = "ROLEHOST_STATE";
 /// Environment variable holding the Redis password; the only place for it.
 pub const PASSWORD_ENV: &str = "REDIS_PASSWORD";
-/// Environment variable naming a PEM file of CA certificates for `rediss://`.
+/// Environment variable naming a PEM file of CA certificates for TLS URLs
+/// (`rediss://`, `rediss+cluster://`, `rediss+sentinel://`).
 pub const CA_ENV: &str = "ROLEHOST_REDIS_CA";
 
 /// The Redis URL forms, for error messages.
-const REDIS_URLS: &str = "redis://[user@]host:port[/db], rediss://…, redis+cluster://host:port,host:port,… \
-     or redis+sentinel://host:port,…/PRIMARY";
+const REDIS_URLS: &str = "redis://[user@]host:port[/db], redis+cluster://host:port,host:port,… \
+     or redis+sentinel://host:port,…/PRIMARY (rediss… for TLS)";
 
 /// A state backend choice.
 #[derive(Debug, Clone)]
@@ -39,7 +40,10 @@ impl StateConfig {
             return Ok(Self::Memory);
         }
         let scheme = url.split("://").next().unwrap_or_default();
-        if !["redis", "rediss", "redis+cluster", "redis+sentinel"].contains(&scheme) || !url.contains("://") {
+        if !["redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"]
+            .contains(&scheme)
+            || !url.contains("://")
+        {
             bail!("unknown state backend {url:?}: use `memory`, {REDIS_URLS}");
         }
         let mut options = RedisOptions::new(url);

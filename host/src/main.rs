@@ -32,8 +32,8 @@ struct Cli {
 
 #[derive(Args)]
 struct Common {
-    /// State backend: `memory`, `redis://[user@]host:port[/db]`, `rediss://…`, `redis+cluster://h:p,h:p,…` or
-    /// `redis+sentinel://h:p,…/PRIMARY` (password from REDIS_PASSWORD).
+    /// State backend: `memory`, `redis://[user@]host:port[/db]`, `redis+cluster://h:p,h:p,…` or
+    /// `redis+sentinel://h:p,…/PRIMARY`; `rediss…` for TLS (password from REDIS_PASSWORD).
     #[arg(long, global = true, env = STATE_ENV)]
     state: Option<String>,
     /// Prefix of every key (default from the manifest, else `rolehost:`).

@@ -9,7 +9,7 @@
 //! connect-timeout-ms = 1000
 //! op-timeout-ms = 2000
 //! acl-users = false                  # connect as each role's ACL user
-//! ca-file = "ca.pem"                 # CA certificates for rediss://
+//! ca-file = "ca.pem"                 # CA certificates for rediss…://
 //! wait-replicas = 1                  # writes wait for this many replicas
 //!
 //! [[roles]]
@@ -59,7 +59,7 @@ pub struct RedisSection {
     /// Talk to Redis as each role's own ACL user (see `rolehost acl`).
     #[serde(default)]
     pub acl_users: bool,
-    /// PEM file of CA certificates trusted for `rediss://`, relative to the
+    /// PEM file of CA certificates trusted for TLS URLs (`rediss…://`), relative to the
     /// manifest.
     pub ca_file: Option<PathBuf>,
     /// Replicas a write must reach (Redis `WAIT`) before it is acknowledged.

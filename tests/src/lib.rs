@@ -69,22 +69,23 @@ impl RedisServer {
     /// Starts a TLS-only server (`--port 0 --tls-port`) with the
     /// certificates in `tls`.
     pub fn start_tls(tls: &TlsFiles) -> Option<Self> {
-        let port = free_port();
-        let path = |p: &PathBuf| p.display().to_string();
+        Self::start_tls_with(free_port(), tls, &[])
+    }
+
+    /// Starts a TLS-only server on `port` with extra arguments.
+    pub fn start_tls_with(port: u16, tls: &TlsFiles, extra: &[&str]) -> Option<Self> {
         let pairs = [
             ("--port", "0".to_owned()),
             ("--tls-port", port.to_string()),
             ("--bind", "127.0.0.1".to_owned()),
             ("--save", String::new()),
             ("--appendonly", "no".to_owned()),
-            ("--tls-cert-file", path(&tls.server_cert)),
-            ("--tls-key-file", path(&tls.server_key)),
-            ("--tls-ca-cert-file", path(&tls.ca)),
-            ("--tls-auth-clients", "no".to_owned()),
-            ("--dir", path(&scratch_dir("redis-tls"))),
+            ("--dir", scratch_dir("redis-tls").display().to_string()),
         ];
-        let args: Vec<String> = pairs.into_iter().flat_map(|(name, value)| [name.to_owned(), value]).collect();
-        Self::spawn(port, &args, &["--tls".to_owned(), "--cacert".to_owned(), path(&tls.ca)])
+        let mut args: Vec<String> = pairs.into_iter().flat_map(|(name, value)| [name.to_owned(), value]).collect();
+        args.extend(tls.server_settings().into_iter().flat_map(|(name, value)| [format!("--{name}"), value]));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Self::spawn(port, &args, &tls.cli_args())
     }
 
     /// Runs `redis-server args…` and waits until `redis-cli cli_args… -p
@@ -385,12 +386,23 @@ fn have_redis_cli() -> bool {
 /// `redis-server --cluster-enabled yes` and `redis-cli --cluster create`.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// The CA file when the nodes speak only TLS (cluster bus included).
+    tls_ca: Option<PathBuf>,
 }
 
 impl RedisCluster {
     /// Starts `primaries` nodes and joins them; `None` when Redis is
     /// skipped.
     pub fn start(primaries: usize) -> Option<Self> {
+        Self::start_with(primaries, None)
+    }
+
+    /// The same with TLS only, clients and cluster bus alike.
+    pub fn start_tls(primaries: usize, tls: &TlsFiles) -> Option<Self> {
+        Self::start_with(primaries, Some(tls))
+    }
+
+    fn start_with(primaries: usize, tls: Option<&TlsFiles>) -> Option<Self> {
         if !have_redis_cli() {
             skip_or_fail("redis-cli")?;
         }
@@ -404,10 +416,14 @@ impl RedisCluster {
             let mut args: Vec<&str> = args.to_vec();
             let config = config.display().to_string();
             args.push(&config);
-            nodes.push(RedisServer::start_on(port, &args)?);
+            nodes.push(match tls {
+                Some(tls) => RedisServer::start_tls_with(port, tls, &[&args[..], &["--tls-cluster", "yes"]].concat())?,
+                None => RedisServer::start_on(port, &args)?,
+            });
         }
         let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = Command::new("redis-cli")
+            .args(tls.map(TlsFiles::cli_args).unwrap_or_default())
             .args(["--cluster", "create"])
             .args(&addresses)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -421,13 +437,17 @@ impl RedisCluster {
                 info.contains("cluster_state:ok") && masters == primaries
             });
         }
-        Some(Self { nodes })
+        Some(Self { nodes, tls_ca: tls.map(|tls| tls.ca.clone()) })
     }
 
-    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…`
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…`, or with TLS
+    /// `rediss+cluster://…?ca=CA`.
     pub fn url(&self) -> String {
         let nodes: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        format!("redis+cluster://{}", nodes.join(","))
+        match &self.tls_ca {
+            Some(ca) => format!("rediss+cluster://{}?ca={}", nodes.join(","), ca.display()),
+            None => format!("redis+cluster://{}", nodes.join(",")),
+        }
     }
 
     /// A backend on the cluster.
@@ -467,17 +487,31 @@ pub struct RedisSentinels {
     pub primary: RedisServer,
     pub replicas: Vec<RedisServer>,
     pub sentinels: Vec<RedisServer>,
+    /// The CA file when every server speaks only TLS.
+    tls_ca: Option<PathBuf>,
 }
 
 impl RedisSentinels {
     /// Starts everything and waits until the Sentinels know each other and
     /// the replica; `None` when Redis is skipped.
     pub fn start(replicas: usize) -> Option<Self> {
+        Self::start_with(replicas, 3, None)
+    }
+
+    /// A TLS-only primary and one TLS-only Sentinel watching it (over TLS).
+    pub fn start_tls(tls: &TlsFiles) -> Option<Self> {
+        Self::start_with(0, 1, Some(tls))
+    }
+
+    fn start_with(replicas: usize, count: usize, tls: Option<&TlsFiles>) -> Option<Self> {
         if !have_redis_cli() {
             skip_or_fail("redis-cli")?;
         }
         let dir = scratch_dir("sentinel");
-        let primary = RedisServer::start()?;
+        let primary = match tls {
+            Some(tls) => RedisServer::start_tls(tls)?,
+            None => RedisServer::start()?,
+        };
         let primary_port = primary.port.to_string();
         let replicas = (0..replicas)
             .map(|_| RedisServer::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]))
@@ -486,22 +520,31 @@ impl RedisSentinels {
             primary.cli(&["info", "replication"]).matches("state=online").count() == replicas.len()
         });
         let mut sentinels = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..count {
             let port = free_port();
             let config = dir.join(format!("sentinel-{port}.conf"));
+            let listen = match tls {
+                // `tls-replication` makes the Sentinel use TLS to the servers.
+                Some(tls) => {
+                    let settings = tls.server_settings().into_iter().map(|(name, value)| format!("{name} {value}\n"));
+                    format!("port 0\ntls-port {port}\ntls-replication yes\n{}", settings.collect::<String>())
+                }
+                None => format!("port {port}\n"),
+            };
             std::fs::write(
                 &config,
                 format!(
-                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
-                     sentinel monitor {SENTINEL_PRIMARY} 127.0.0.1 {primary_port} 2\n\
+                    "{listen}bind 127.0.0.1\ndir {dir}\n\
+                     sentinel monitor {SENTINEL_PRIMARY} 127.0.0.1 {primary_port} {quorum}\n\
                      sentinel down-after-milliseconds {SENTINEL_PRIMARY} 1000\n\
                      sentinel failover-timeout {SENTINEL_PRIMARY} 10000\n",
-                    dir = dir.display()
+                    dir = dir.display(),
+                    quorum = count.min(2),
                 ),
             )
             .unwrap();
             let args = [config.display().to_string(), "--sentinel".to_owned()];
-            sentinels.push(RedisServer::spawn(port, &args, &[])?);
+            sentinels.push(RedisServer::spawn(port, &args, &tls.map(TlsFiles::cli_args).unwrap_or_default())?);
         }
         for sentinel in &sentinels {
             wait_until("the Sentinels know each other and the replica", Duration::from_secs(60), || {
@@ -515,16 +558,23 @@ impl RedisSentinels {
                     }
                     String::new()
                 };
-                field("num-other-sentinels") == "2" && field("num-slaves") == replicas.len().to_string()
+                field("num-other-sentinels") == (count - 1).to_string()
+                    && field("num-slaves") == replicas.len().to_string()
+                    && field("flags") == "master"
             });
         }
-        Some(Self { primary, replicas, sentinels })
+        Some(Self { primary, replicas, sentinels, tls_ca: tls.map(|tls| tls.ca.clone()) })
     }
 
-    /// `redis+sentinel://127.0.0.1:S1,…/rolehost` plus `query` (`?…` or "").
+    /// `redis+sentinel://127.0.0.1:S1,…/rolehost` plus `query` (`?…` or
+    /// ""); with TLS `rediss+sentinel://…?ca=CA` (then `query` must start
+    /// with `&`).
     pub fn url(&self, query: &str) -> String {
         let nodes: Vec<String> = self.sentinels.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        format!("redis+sentinel://{}/{SENTINEL_PRIMARY}{query}", nodes.join(","))
+        match &self.tls_ca {
+            Some(ca) => format!("rediss+sentinel://{}/{SENTINEL_PRIMARY}?ca={}{query}", nodes.join(","), ca.display()),
+            None => format!("redis+sentinel://{}/{SENTINEL_PRIMARY}{query}", nodes.join(",")),
+        }
     }
 
     /// The port of the server the Sentinels currently call the primary.
@@ -544,6 +594,23 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// A TLS server's settings (name, value) with these files; clients
+    /// need no certificate.
+    pub fn server_settings(&self) -> Vec<(&'static str, String)> {
+        let path = |p: &PathBuf| p.display().to_string();
+        vec![
+            ("tls-cert-file", path(&self.server_cert)),
+            ("tls-key-file", path(&self.server_key)),
+            ("tls-ca-cert-file", path(&self.ca)),
+            ("tls-auth-clients", "no".to_owned()),
+        ]
+    }
+
+    /// What redis-cli needs to talk TLS with such a server.
+    pub fn cli_args(&self) -> Vec<String> {
+        vec!["--tls".to_owned(), "--cacert".to_owned(), self.ca.display().to_string()]
+    }
+
     /// Generates the files; `None` when openssl is missing and not required.
     pub fn generate() -> Option<Self> {
         if Command::new("openssl").arg("version").output().is_err() {

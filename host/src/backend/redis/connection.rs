@@ -20,11 +20,14 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
-    RedisError, RedisFuture, RedisResult, ServerErrorKind, TlsCertificates, Value,
+    RedisError, RedisFuture, RedisResult, ServerErrorKind, TlsCertificates, TlsMode, Value,
 };
 
 use super::coalesce::Coalescing;
 use super::RedisOptions;
+
+/// The URL schemes with TLS, for error messages.
+const TLS_SCHEMES: &str = "rediss://, rediss+cluster:// or rediss+sentinel://";
 
 /// Default Sentinel port, for addresses that leave it out.
 const SENTINEL_PORT: u16 = 26379;
@@ -32,8 +35,19 @@ const SENTINEL_PORT: u16 = 26379;
 /// Where the servers are, from the URL.
 enum Endpoint {
     Single(ConnectionInfo),
-    Cluster(Vec<ConnectionInfo>),
-    Sentinel { sentinels: Vec<ConnectionAddr>, master: String, db: i64, username: Option<String> },
+    /// The nodes first asked; `tls` for all nodes.
+    Cluster {
+        nodes: Vec<ConnectionInfo>,
+        tls: bool,
+    },
+    /// `tls` for the Sentinels and the primary alike.
+    Sentinel {
+        sentinels: Vec<ConnectionAddr>,
+        master: String,
+        db: i64,
+        username: Option<String>,
+        tls: bool,
+    },
 }
 
 /// Settings a URL may carry in its query (`?ca=PATH&wait-replicas=N`).
@@ -86,29 +100,44 @@ fn host_port(address: &str, default_port: Option<u16>) -> Result<(String, u16), 
 }
 
 impl Endpoint {
+    /// Whether the servers are reached over TLS.
+    fn tls(&self) -> bool {
+        match self {
+            Endpoint::Single(info) => matches!(info.addr(), ConnectionAddr::TcpTls { .. }),
+            Endpoint::Cluster { tls, .. } | Endpoint::Sentinel { tls, .. } => *tls,
+        }
+    }
+
     fn parse(url: &str) -> Result<(Self, UrlSettings), String> {
         let (base, settings) = split_query(url)?;
         let invalid = |e: RedisError| format!("invalid Redis URL {url:?}: {e}");
-        if let Some(rest) = base.strip_prefix("redis+cluster://") {
+        let (scheme, rest) = base.split_once("://").unwrap_or_default();
+        let tls = scheme.starts_with("rediss");
+        if let "redis+cluster" | "rediss+cluster" = scheme {
             let (user, hosts) = split_user(rest.trim_end_matches('/'))?;
             let user = user.map(|u| format!("{u}@")).unwrap_or_default();
+            let node_scheme = if tls { "rediss" } else { "redis" };
             let nodes = hosts
                 .split(',')
                 .map(|node| {
                     let (host, port) = host_port(node, None)?;
-                    format!("redis://{user}{host}:{port}").into_connection_info().map_err(invalid)
+                    format!("{node_scheme}://{user}{host}:{port}").into_connection_info().map_err(invalid)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            return Ok((Self::Cluster(nodes), settings));
+            return Ok((Self::Cluster { nodes, tls }, settings));
         }
-        if let Some(rest) = base.strip_prefix("redis+sentinel://") {
+        if let "redis+sentinel" | "rediss+sentinel" = scheme {
             let (user, rest) = split_user(rest)?;
             let mut parts = rest.split('/');
+            let address = |(host, port)| match tls {
+                true => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
+                false => ConnectionAddr::Tcp(host, port),
+            };
             let sentinels = parts
                 .next()
                 .unwrap_or_default()
                 .split(',')
-                .map(|s| host_port(s, Some(SENTINEL_PORT)).map(|(host, port)| ConnectionAddr::Tcp(host, port)))
+                .map(|s| host_port(s, Some(SENTINEL_PORT)).map(address))
                 .collect::<Result<Vec<_>, _>>()?;
             let master = parts.next().filter(|m| !m.is_empty()).ok_or_else(|| {
                 format!("invalid Redis URL {url:?}: name the primary, redis+sentinel://host:port,…/NAME")
@@ -117,20 +146,18 @@ impl Endpoint {
                 Some(db) => db.parse().map_err(|_| format!("invalid database {db:?} in {url:?}"))?,
                 None => 0,
             };
-            let sentinel = Self::Sentinel { sentinels, master: master.to_owned(), db, username: user };
+            let sentinel = Self::Sentinel { sentinels, master: master.to_owned(), db, username: user, tls };
             return Ok((sentinel, settings));
         }
-        if !(base.starts_with("redis://") || base.starts_with("rediss://")) {
+        if !matches!(scheme, "redis" | "rediss") {
             return Err(format!(
-                "unknown Redis URL {url:?}: use redis://, rediss://, redis+cluster:// or redis+sentinel://"
+                "unknown Redis URL {url:?}: use redis://, rediss://, redis+cluster://, rediss+cluster://, \
+                 redis+sentinel:// or rediss+sentinel://"
             ));
         }
         let info = base.into_connection_info().map_err(invalid)?;
         if info.redis_settings().password().is_some() {
             return Err(password_in_url());
-        }
-        if settings.ca_file.is_some() && !base.starts_with("rediss://") {
-            return Err("a CA certificate needs a TLS URL, rediss://".into());
         }
         Ok((Self::Single(info), settings))
     }
@@ -278,10 +305,7 @@ impl Kind {
                 .map_err(invalid)?;
                 Kind::direct(Source::Server(client), options)
             }
-            Endpoint::Cluster(nodes) => {
-                if certificates.is_some() {
-                    return Err("TLS with a CA certificate is supported for rediss:// only".into());
-                }
+            Endpoint::Cluster { nodes, .. } => {
                 // No retries inside redis-rs: it would resend any command
                 // whose reply was lost, increments included. `retry.rs`
                 // decides instead; redis-rs still refreshes its slot map and
@@ -296,12 +320,12 @@ impl Kind {
                 if let Some(password) = &options.password {
                     builder = builder.password(password.clone());
                 }
+                if let Some(certificates) = certificates {
+                    builder = builder.certs(certificates.clone());
+                }
                 Kind::Cluster { client: builder.build().map_err(invalid)?, conn: tokio::sync::Mutex::new(None) }
             }
-            Endpoint::Sentinel { sentinels, master, db, username } => {
-                if certificates.is_some() {
-                    return Err("TLS with a CA certificate is supported for rediss:// only".into());
-                }
+            Endpoint::Sentinel { sentinels, master, db, username, tls } => {
                 let mut builder =
                     SentinelClientBuilder::new(sentinels.clone(), master.clone(), SentinelServerType::Master)
                         .map_err(invalid)?
@@ -311,6 +335,16 @@ impl Kind {
                 }
                 if let Some(password) = &options.password {
                     builder = builder.set_client_to_redis_password(password);
+                }
+                if *tls {
+                    builder = builder
+                        .set_client_to_redis_tls_mode(TlsMode::Secure)
+                        .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+                }
+                if let Some(certificates) = certificates {
+                    builder = builder
+                        .set_client_to_redis_certificates(certificates.clone())
+                        .set_client_to_sentinel_certificates(certificates.clone());
                 }
                 Kind::direct(Source::Sentinels(builder.build().map_err(invalid)?), options)
             }
@@ -396,6 +430,9 @@ impl Connector {
     pub(super) fn new(options: &RedisOptions) -> Result<Self, String> {
         let (endpoint, settings) = Endpoint::parse(&options.url)?;
         let ca_file = settings.ca_file.or_else(|| options.ca_file.clone());
+        if ca_file.is_some() && !endpoint.tls() {
+            return Err(format!("a CA certificate needs a TLS URL ({TLS_SCHEMES}), not {:?}", options.url));
+        }
         let certificates = match &ca_file {
             Some(path) => Some(TlsCertificates {
                 client_tls: None,
@@ -407,7 +444,7 @@ impl Connector {
             None => None,
         };
         let wait_replicas = settings.wait_replicas.unwrap_or(options.wait_replicas);
-        if wait_replicas > 0 && matches!(endpoint, Endpoint::Cluster(_)) {
+        if wait_replicas > 0 && matches!(endpoint, Endpoint::Cluster { .. }) {
             return Err("wait-replicas is supported for redis:// and redis+sentinel:// only".into());
         }
         let kind = Kind::new(&endpoint, options, certificates.as_ref())?;
@@ -418,7 +455,7 @@ impl Connector {
             if wait_replicas > 0 { Some(Kind::new(&endpoint, options, certificates.as_ref())?) } else { None };
         let topology = match endpoint {
             Endpoint::Single(_) => "single",
-            Endpoint::Cluster(_) => "cluster",
+            Endpoint::Cluster { .. } => "cluster",
             Endpoint::Sentinel { .. } => "sentinel",
         };
         Ok(Self { kind, acked_writes, wait_replicas, topology })
@@ -581,14 +618,26 @@ mod tests {
 
     #[test]
     fn urls_name_their_topology() {
-        let (Endpoint::Cluster(nodes), _) = Endpoint::parse("redis+cluster://a:7000,b:7001").unwrap() else {
-            panic!("not a cluster")
+        let (Endpoint::Cluster { nodes, tls: false }, _) = Endpoint::parse("redis+cluster://a:7000,b:7001").unwrap()
+        else {
+            panic!("not a plain cluster")
         };
         assert_eq!(nodes.len(), 2);
+        let (Endpoint::Cluster { nodes, tls: true }, _) = Endpoint::parse("rediss+cluster://a:7000").unwrap() else {
+            panic!("not a TLS cluster")
+        };
+        assert!(
+            matches!(nodes[0].addr(), ConnectionAddr::TcpTls { host, port: 7000, insecure: false, .. } if host == "a")
+        );
         let (endpoint, settings) = Endpoint::parse("redis+sentinel://s1:5000,s2/mymaster/3?wait-replicas=1").unwrap();
         let Endpoint::Sentinel { sentinels, master, db, .. } = endpoint else { panic!("not sentinel") };
         assert_eq!(sentinels, [ConnectionAddr::Tcp("s1".into(), 5000), ConnectionAddr::Tcp("s2".into(), 26379)]);
         assert_eq!((master.as_str(), db, settings.wait_replicas), ("mymaster", 3, Some(1)));
+        let (Endpoint::Sentinel { sentinels, tls: true, .. }, _) = Endpoint::parse("rediss+sentinel://s1/m").unwrap()
+        else {
+            panic!("not a TLS sentinel")
+        };
+        assert!(matches!(&sentinels[0], ConnectionAddr::TcpTls { port: 26379, insecure: false, .. }));
         let (_, settings) = Endpoint::parse("rediss://h:6380/0?ca=/etc/ca.pem").unwrap();
         assert_eq!(settings.ca_file, Some(PathBuf::from("/etc/ca.pem")));
     }
@@ -600,7 +649,6 @@ mod tests {
         assert!(error("redis://:secret@a:1").contains("REDIS_PASSWORD"));
         assert!(error("redis+sentinel://s:1").contains("name the primary"));
         assert!(error("redis+cluster://a").contains("host:port"));
-        assert!(error("redis://a:1?ca=/x").contains("rediss://"));
         assert!(error("redis://a:1?tls=1").contains("unknown Redis URL setting"));
         assert!(error("memcached://a").contains("unknown Redis URL"));
     }
@@ -609,7 +657,12 @@ mod tests {
     fn settings_a_topology_cannot_honour_are_refused() {
         let refused = |url: &str| Connector::new(&RedisOptions::new(url)).err().unwrap();
         assert!(refused("redis+cluster://a:1?wait-replicas=1").contains("wait-replicas"));
-        assert!(refused("redis+sentinel://s:1/p?ca=/dev/null").contains("rediss://"));
+        for plain in ["redis://a:1?ca=/x", "redis+sentinel://s:1/p?ca=/dev/null", "redis+cluster://a:1?ca=/x"] {
+            assert!(refused(plain).contains("a CA certificate needs a TLS URL (rediss://"), "{plain}");
+        }
+        let mut ca_from_config = RedisOptions::new("redis+cluster://a:1");
+        ca_from_config.ca_file = Some("/x".into());
+        assert!(Connector::new(&ca_from_config).err().unwrap().contains("needs a TLS URL"));
         assert!(Connector::new(&RedisOptions::new("redis+sentinel://s:1/p?wait-replicas=1")).is_ok());
     }
 
