@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use rolehost::config::StateConfig;
 use rolehost::manifest::RedisSection;
-use rolehost_tests::{host, probe, shared_cluster, unique, RedisCluster};
+use rolehost_tests::{host, probe, shared_cluster, unique, RedisCluster, RedisServer};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,9 +90,9 @@ fn node_id(cluster: &RedisCluster, port: u16) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operations_follow_a_slot_while_and_after_it_moves_to_another_primary() {
+async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
     // A cluster of its own: moving a slot must not disturb other tests.
-    let Some(cluster) = RedisCluster::start(3) else { return };
+    let Some(mut cluster) = RedisCluster::start(3) else { return };
     let prefix = unique("moved");
     let host = host(cluster.backend(), &prefix, &[("alice", "kvprobe")]);
     // Keys with one hash tag share a slot.
@@ -107,48 +107,68 @@ async fn operations_follow_a_slot_while_and_after_it_moves_to_another_primary() 
     let slot = cluster.nodes[0].cli(&["cluster", "keyslot", &key("n")]).trim().to_owned();
     let owner =
         cluster.nodes.iter().position(|n| n.cli(&["get", &key("n")]).trim() == "5").expect("a primary holds it");
-    let target = (owner + 1) % cluster.nodes.len();
+    // The slot goes to a node that joins now and owns no slot yet, as
+    // when a cluster grows: the backend has never talked to it.
+    let Some(target) = cluster.add_empty_primary() else { return };
     let (from, to) = (&cluster.nodes[owner], &cluster.nodes[target]);
     let (from_id, to_id) = (node_id(&cluster, from.port), node_id(&cluster, to.port));
-    let migrate = |name: &str| {
+    let migrate = |from: &RedisServer, to: &RedisServer, name: &str| {
         let moved = from.cli(&["migrate", "127.0.0.1", &to.port.to_string(), "", "0", "5000", "keys", &key(name)]);
         assert_eq!(moved.trim(), "OK", "MIGRATE {name}: {moved}");
+    };
+    let start_move = |from: &RedisServer, to: &RedisServer, from_id: &str, to_id: &str| {
+        to.cli(&["cluster", "setslot", &slot, "importing", from_id]);
+        from.cli(&["cluster", "setslot", &slot, "migrating", to_id]);
+    };
+    let end_move = |to_id: &str| {
+        for node in &cluster.nodes {
+            node.cli(&["cluster", "setslot", &slot, "node", to_id]);
+        }
     };
 
     // Mid-migration: `n` and `a` have moved, `b` has not. The old primary
     // answers ASK for the moved keys (and for new ones); each such
     // command is sent once more to the new primary, after ASKING.
-    to.cli(&["cluster", "setslot", &slot, "importing", &from_id]);
-    from.cli(&["cluster", "setslot", &slot, "migrating", &to_id]);
-    migrate("n");
-    migrate("a");
+    start_move(from, to, &from_id, &to_id);
+    migrate(from, to, "n");
+    migrate(from, to, "a");
     assert_eq!(probe(&host, "alice", get("a")).await, Ok(json!("A")), "a moved key is read where it went");
     assert_eq!(probe(&host, "alice", get("b")).await, Ok(json!("B")), "a key not yet moved is read where it is");
     assert_eq!(probe(&host, "alice", incr.clone()).await, Ok(json!(10)), "an increment runs once, on the new primary");
     assert_eq!(probe(&host, "alice", put("c", "C")).await, Ok(json!(null)));
-    let count = |node: &rolehost_tests::RedisServer| node.cli(&["cluster", "countkeysinslot", &slot]).trim().to_owned();
+    let count = |node: &RedisServer| node.cli(&["cluster", "countkeysinslot", &slot]).trim().to_owned();
     assert_eq!((count(from), count(to)), ("1".into(), "3".into()), "a new key is written where the slot is going");
-    // A script (PERSIST that reports existence) follows the redirect too,
-    // loading itself on the new primary when that one lacks it.
     // So does a transaction whose keys have all moved. (One with keys on
     // both primaries, or new ones beside moved ones, is refused by Redis
     // with TRYAGAIN and tried again until the move ends.)
     let moved_only = json!({"op":"set_many","entries":{"a{t}":"A2","c{t}":"C2"}});
     assert_eq!(probe(&host, "alice", moved_only).await, Ok(json!(null)), "a transaction of moved keys");
+    // And a script (PERSIST that reports existence), loaded on the new
+    // primary when that one lacks it.
     let persist = json!({"op":"expire","key":"a{t}"});
     assert_eq!(probe(&host, "alice", persist).await, Ok(json!(true)));
 
-    migrate("b");
-    for node in &cluster.nodes {
-        node.cli(&["cluster", "setslot", &slot, "node", &to_id]);
-    }
+    migrate(from, to, "b");
+    end_move(&to_id);
     assert_eq!(to.cli(&["get", &key("n")]).trim(), "10", "the key moved");
     assert_eq!(to.cli(&["get", &key("c")]).trim(), "C2");
     // The old primary now answers MOVED; the increment is sent again to
     // the new one (it did not run) and counts exactly once.
-    assert_eq!(probe(&host, "alice", incr).await, Ok(json!(15)));
+    assert_eq!(probe(&host, "alice", incr.clone()).await, Ok(json!(15)));
     assert_eq!(probe(&host, "alice", json!({"op":"get","key":"n{t}"})).await, Ok(json!("15")));
     assert_eq!(to.cli(&["get", &key("n")]).trim(), "15");
     let all = json!({"op":"get_many","keys":["a{t}","b{t}","c{t}"]});
+    assert_eq!(probe(&host, "alice", all.clone()).await, Ok(json!(["A2", "B", "C2"])));
+
+    // The slot moves back, to a primary the backend already talks to.
+    start_move(to, from, &to_id, &from_id);
+    migrate(to, from, "n");
+    assert_eq!(probe(&host, "alice", json!({"op":"get","key":"n{t}"})).await, Ok(json!("15")));
+    assert_eq!(probe(&host, "alice", incr).await, Ok(json!(20)));
+    for name in ["a", "b", "c"] {
+        migrate(to, from, name);
+    }
+    end_move(&from_id);
+    assert_eq!(from.cli(&["get", &key("n")]).trim(), "20");
     assert_eq!(probe(&host, "alice", all).await, Ok(json!(["A2", "B", "C2"])));
 }

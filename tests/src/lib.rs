@@ -406,21 +406,7 @@ impl RedisCluster {
         if !have_redis_cli() {
             skip_or_fail("redis-cli")?;
         }
-        let dir = scratch_dir("cluster");
-        let mut nodes = Vec::new();
-        for _ in 0..primaries {
-            let port = free_port();
-            let config = dir.join(format!("nodes-{port}.conf"));
-            let bus = free_port().to_string();
-            let args = ["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-config-file"];
-            let mut args: Vec<&str> = args.to_vec();
-            let config = config.display().to_string();
-            args.push(&config);
-            nodes.push(match tls {
-                Some(tls) => RedisServer::start_tls_with(port, tls, &[&args[..], &["--tls-cluster", "yes"]].concat())?,
-                None => RedisServer::start_on(port, &args)?,
-            });
-        }
+        let nodes = (0..primaries).map(|_| Some(Self::start_node(tls)?.0)).collect::<Option<Vec<_>>>()?;
         let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = Command::new("redis-cli")
             .args(tls.map(TlsFiles::cli_args).unwrap_or_default())
@@ -438,6 +424,39 @@ impl RedisCluster {
             });
         }
         Some(Self { nodes, tls_ca: tls.map(|tls| tls.ca.clone()) })
+    }
+
+    /// A cluster-enabled server that belongs to no cluster yet, and its
+    /// cluster bus port.
+    fn start_node(tls: Option<&TlsFiles>) -> Option<(RedisServer, String)> {
+        let port = free_port();
+        let config = scratch_dir("cluster").join(format!("nodes-{port}.conf")).display().to_string();
+        let bus = free_port().to_string();
+        let args = ["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-config-file", &config];
+        let node = match tls {
+            Some(tls) => RedisServer::start_tls_with(port, tls, &[&args[..], &["--tls-cluster", "yes"]].concat()),
+            None => RedisServer::start_on(port, &args),
+        };
+        Some((node?, bus))
+    }
+
+    /// Adds a primary that owns no slot yet (as before a resharding onto
+    /// a new node) and waits until every node knows it; its index.
+    pub fn add_empty_primary(&mut self) -> Option<usize> {
+        assert!(self.tls_ca.is_none(), "plain clusters only");
+        let (node, bus) = Self::start_node(None)?;
+        let meet = self.nodes[0].cli(&["cluster", "meet", "127.0.0.1", &node.port.to_string(), &bus]);
+        assert_eq!(meet.trim(), "OK", "CLUSTER MEET: {meet}");
+        self.nodes.push(node);
+        let count = self.nodes.len();
+        for node in &self.nodes {
+            wait_until("every node knows the new one", Duration::from_secs(60), || {
+                let nodes = node.cli(&["cluster", "nodes"]);
+                let known = nodes.lines().filter(|l| l.contains("master") && l.contains(" connected")).count();
+                known == count && node.cli(&["cluster", "info"]).contains("cluster_state:ok")
+            });
+        }
+        Some(count - 1)
     }
 
     /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…`, or with TLS

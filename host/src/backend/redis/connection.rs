@@ -11,18 +11,17 @@
 //! never notices one that stopped answering.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
-use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
     RedisError, RedisFuture, RedisResult, ServerErrorKind, TlsCertificates, TlsMode, Value,
 };
 
+use super::cluster::{ClusterConn, NewNodes, Shard};
 use super::coalesce::Coalescing;
 use super::RedisOptions;
 
@@ -168,38 +167,23 @@ impl Endpoint {
 pub(super) enum Conn {
     /// To the one server or the Sentinels' primary.
     Direct(Coalescing<MultiplexedConnection>),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConn),
 }
-
-/// One primary of a Cluster (`host`, `port`); none for the only server of
-/// the other kinds.
-pub(super) type Shard = Option<(String, u16)>;
 
 impl Conn {
     /// The primaries whose keys together are the whole key space, in a
     /// stable order.
     pub(super) async fn shards(&mut self) -> RedisResult<Vec<Shard>> {
-        let Conn::Cluster(cluster) = self else {
-            return Ok(vec![None]);
-        };
-        let nodes: String = redis::from_redis_value(
-            cluster
-                .route_command(
-                    redis::cmd("CLUSTER").arg("NODES").clone(),
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
-                )
-                .await?,
-        )?;
-        Ok(primaries(&nodes))
+        match self {
+            Conn::Cluster(cluster) => cluster.shards().await,
+            Conn::Direct(_) => Ok(vec![None]),
+        }
     }
 
     /// Runs `cmd` on `shard` (a Cluster primary) or on the only server.
     pub(super) async fn on(&mut self, shard: &Shard, cmd: &Cmd) -> RedisResult<Value> {
         match (self, shard) {
-            (Conn::Cluster(cluster), Some((host, port))) => {
-                let at = SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port };
-                cluster.route_command(cmd.clone(), RoutingInfo::SingleNode(at)).await
-            }
+            (Conn::Cluster(cluster), Some((host, port))) => cluster.on(host, *port, cmd).await,
             (conn, _) => cmd.query_async(conn).await,
         }
     }
@@ -209,14 +193,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Direct(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => Box::pin(async move {
-                match c.req_packed_command(cmd).await {
-                    Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::Ask) => {
-                        follow_ask(c, cmd, error).await
-                    }
-                    other => other,
-                }
-            }),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -228,14 +205,7 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => Box::pin(async move {
-                match c.req_packed_commands(pipeline, offset, count).await {
-                    Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort) => {
-                        follow_transaction_ask(c, pipeline, offset, count, error).await
-                    }
-                    other => other,
-                }
-            }),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -269,7 +239,7 @@ enum Kind {
         conn: Mutex<Option<Coalescing<MultiplexedConnection>>>,
     },
     /// Made on first use; it then follows slot moves and node failures itself.
-    Cluster { client: ClusterClient, conn: tokio::sync::Mutex<Option<ClusterConnection>> },
+    Cluster { client: ClusterClient, conn: tokio::sync::Mutex<Option<ClusterConn>>, new_nodes: Arc<NewNodes> },
 }
 
 /// Where a direct connection goes.
@@ -289,15 +259,7 @@ impl Kind {
         let invalid = |e: RedisError| format!("invalid Redis settings for {:?}: {e}", options.url);
         Ok(match endpoint {
             Endpoint::Single(info) => {
-                let mut info = info.clone();
-                let mut settings = info.redis_settings().clone();
-                if let Some(username) = &options.username {
-                    settings = settings.set_username(username);
-                }
-                if let Some(password) = &options.password {
-                    settings = settings.set_password(password);
-                }
-                info = info.set_redis_settings(settings);
+                let info = with_login(info, options);
                 let client = match certificates {
                     Some(certs) => Client::build_with_tls(info, certs.clone()),
                     None => Client::open(info),
@@ -323,7 +285,13 @@ impl Kind {
                 if let Some(certificates) = certificates {
                     builder = builder.certs(certificates.clone());
                 }
-                Kind::Cluster { client: builder.build().map_err(invalid)?, conn: tokio::sync::Mutex::new(None) }
+                let template = with_login(&nodes[0], options);
+                let new_nodes = NewNodes::new(template, certificates.cloned(), Kind::config(options));
+                Kind::Cluster {
+                    client: builder.build().map_err(invalid)?,
+                    conn: tokio::sync::Mutex::new(None),
+                    new_nodes: Arc::new(new_nodes),
+                }
             }
             Endpoint::Sentinel { sentinels, master, db, username, tls } => {
                 let mut builder =
@@ -352,21 +320,25 @@ impl Kind {
     }
 
     fn direct(source: Source, options: &RedisOptions) -> Self {
-        let config = AsyncConnectionConfig::new()
+        Kind::Direct { source: tokio::sync::Mutex::new(source), config: Kind::config(options), conn: Mutex::new(None) }
+    }
+
+    /// A direct connection's timeouts.
+    fn config(options: &RedisOptions) -> AsyncConnectionConfig {
+        AsyncConnectionConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.op_timeout));
-        Kind::Direct { source: tokio::sync::Mutex::new(source), config, conn: Mutex::new(None) }
+            .set_response_timeout(Some(options.op_timeout))
     }
 
     /// A connection, made now if there is none.
     async fn get(&self) -> RedisResult<Conn> {
         match self {
-            Kind::Cluster { client, conn } => {
+            Kind::Cluster { client, conn, new_nodes } => {
                 let mut slot = conn.lock().await;
                 if let Some(conn) = slot.as_ref() {
                     return Ok(Conn::Cluster(conn.clone()));
                 }
-                let fresh = client.get_async_connection().await?;
+                let fresh = ClusterConn { conn: client.get_async_connection().await?, new_nodes: new_nodes.clone() };
                 *slot = Some(fresh.clone());
                 Ok(Conn::Cluster(fresh))
             }
@@ -420,8 +392,20 @@ impl Kind {
     }
 }
 
-/// The connection slot, even after a panic elsewhere while it was held.
-fn lock<T>(slot: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// `info` with the user and password of `options`, when set.
+fn with_login(info: &ConnectionInfo, options: &RedisOptions) -> ConnectionInfo {
+    let mut settings = info.redis_settings().clone();
+    if let Some(username) = &options.username {
+        settings = settings.set_username(username);
+    }
+    if let Some(password) = &options.password {
+        settings = settings.set_password(password);
+    }
+    info.clone().set_redis_settings(settings)
+}
+
+/// A mutex's value, even after a panic elsewhere while it was held.
+pub(super) fn lock<T>(slot: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -497,121 +481,6 @@ impl Connector {
     }
 }
 
-/// The primaries owning slots in a `CLUSTER NODES` answer, sorted. Lines
-/// are `id address flags primary ping pong epoch link slot…`; a primary
-/// with slots holds keys whether reachable or not (an unreachable one makes
-/// a scan fail rather than skip its keys).
-fn primaries(nodes: &str) -> Vec<Shard> {
-    let mut primaries: Vec<Shard> = nodes
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let (address, flags) = (fields.get(1)?, fields.get(2)?);
-            if !flags.split(',').any(|f| f == "master") || fields.len() <= 8 {
-                return None;
-            }
-            let address = address.split(['@', ',']).next()?;
-            let (host, port) = address.rsplit_once(':')?;
-            Some(Some((host.to_owned(), port.parse().ok()?)))
-        })
-        .collect();
-    primaries.sort();
-    primaries
-}
-
-/// Follows an ASK redirect: `cmd`'s slot is moving to another primary,
-/// which has its key already (or will create it), so `cmd` goes there
-/// once more, after `ASKING`. (redis-rs follows ASK only with its own
-/// retries on, which would also resend commands whose reply was lost.) A
-/// multi-key command whose keys span slots keeps the error, and `retry.rs`
-/// tries it again until the move is over.
-async fn follow_ask(cluster: &mut ClusterConnection, cmd: &Cmd, ask: RedisError) -> RedisResult<Value> {
-    let Some((address, slot)) = ask.redirect_node() else { return Err(ask) };
-    if !keys_in_slot(cmd, slot) {
-        return Err(ask);
-    }
-    let Some(replies) = send_asking(cluster, address, [cmd.clone()], 0, 1).await else { return Err(ask) };
-    match replies?.pop() {
-        Some(reply) => reply.extract_error(),
-        None => Err(RedisError::from((ErrorKind::Client, "no reply after ASKING"))),
-    }
-}
-
-/// Follows ASK redirects for a transaction (`pipeline` packed as
-/// MULTI, commands, EXEC) that Redis aborted because every command in it
-/// was redirected to one node: none of its keys is left on the old primary,
-/// so the whole transaction goes to the new one after `ASKING` (which
-/// holds until EXEC). If only some were redirected, the keys are split
-/// between the two primaries and the transaction waits for the move (the
-/// abort is tried again by `retry.rs`).
-async fn follow_transaction_ask(
-    cluster: &mut ClusterConnection,
-    pipeline: &Pipeline,
-    offset: usize,
-    count: usize,
-    aborted: RedisError,
-) -> RedisResult<Vec<Value>> {
-    let Some(errors) = aborted.clone().into_server_errors() else { return Err(aborted) };
-    let mut targets = errors.iter().map(|(_, e)| (e.kind() == Some(ServerErrorKind::Ask)).then(|| e.details()));
-    let Some(Some(Some(target))) = targets.next() else { return Err(aborted) };
-    let commands = pipeline.cmd_iter().count();
-    if !pipeline.is_transaction() || errors.len() != commands || !targets.all(|t| t == Some(Some(target))) {
-        return Err(aborted);
-    }
-    let Some(address) = target.split_ascii_whitespace().nth(1) else { return Err(aborted) };
-    let transaction =
-        std::iter::once(redis::cmd("MULTI")).chain(pipeline.cmd_iter().cloned()).chain([redis::cmd("EXEC")]);
-    send_asking(cluster, address, transaction, offset, count).await.unwrap_or(Err(aborted))
-}
-
-/// Sends `ASKING` and then `commands` to the primary at `address`
-/// (`host:port`), in one pipeline so that nothing else on the shared
-/// connection comes between; `count` replies from `offset` (counted in
-/// `commands`). `None` if `address` is not one.
-async fn send_asking(
-    cluster: &mut ClusterConnection,
-    address: &str,
-    commands: impl IntoIterator<Item = Cmd>,
-    offset: usize,
-    count: usize,
-) -> Option<RedisResult<Vec<Value>>> {
-    let (host, port) = address.rsplit_once(':')?;
-    let at = SingleNodeRoutingInfo::ByAddress { host: host.to_owned(), port: port.parse().ok()? };
-    let mut pipe = redis::pipe();
-    pipe.cmd("ASKING");
-    for cmd in commands {
-        pipe.add_command(cmd);
-    }
-    Some(cluster.route_pipeline(pipe, offset + 1, count, at).await)
-}
-
-/// Whether every key of `cmd` lies in `slot`. Only the multi-key commands
-/// rolehost sends can span slots (redis-rs splits them by slot); the
-/// server answers ASK to any other command only when all its keys are in
-/// the moving slot.
-fn keys_in_slot(cmd: &Cmd, slot: u16) -> bool {
-    let mut args = cmd.args_iter().filter_map(|arg| match arg {
-        redis::Arg::Simple(bytes) => Some(bytes),
-        _ => None,
-    });
-    let Some(name) = args.next() else { return false };
-    if [&b"MGET"[..], b"DEL", b"EXISTS", b"UNLINK", b"TOUCH"].iter().any(|multi| name.eq_ignore_ascii_case(multi)) {
-        return args.all(|key| self::slot(key) == slot);
-    }
-    true
-}
-
-/// The Cluster hash slot of `key`: CRC16 of its hash tag (the part between
-/// the first `{` and the next `}`, when not empty) or of the whole key.
-pub(super) fn slot(key: impl AsRef<[u8]>) -> u16 {
-    let bytes = key.as_ref();
-    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
-        let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
-        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
-    });
-    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16384
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,39 +533,5 @@ mod tests {
         ca_from_config.ca_file = Some("/x".into());
         assert!(Connector::new(&ca_from_config).err().unwrap().contains("needs a TLS URL"));
         assert!(Connector::new(&RedisOptions::new("redis+sentinel://s:1/p?wait-replicas=1")).is_ok());
-    }
-
-    #[test]
-    fn primaries_are_the_masters_owning_slots() {
-        let nodes = "\
-a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
-b2 127.0.0.1:7002@17002,host2 master,fail? - 0 0 2 connected 5461-10922
-c3 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected
-d4 127.0.0.1:7004@17004 slave a1 0 0 1 connected
-e5 127.0.0.1:7000@17000 master - 0 0 4 connected 10923-16383
-";
-        let expected: Vec<Shard> = [7000, 7001, 7002].map(|port| Some(("127.0.0.1".to_owned(), port))).into();
-        assert_eq!(primaries(nodes), expected);
-    }
-
-    #[test]
-    fn slots_follow_hash_tags() {
-        // Reference values from CLUSTER KEYSLOT.
-        assert_eq!(slot("foo"), 12182);
-        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
-        assert_eq!(slot("a{}b"), crc16::State::<crc16::XMODEM>::calculate(b"a{}b") % 16384);
-        assert_eq!(slot("x{tag}y"), slot("tag"));
-    }
-
-    #[test]
-    fn only_commands_whose_keys_share_the_slot_follow_an_ask() {
-        let tagged = slot("{t}");
-        let mget = |keys: &[&str]| redis::cmd("MGET").arg(keys).clone();
-        assert!(keys_in_slot(&mget(&["a{t}", "b{t}"]), tagged));
-        assert!(!keys_in_slot(&mget(&["a{t}", "b"]), tagged), "split by redis-rs across slots");
-        assert!(!keys_in_slot(&redis::cmd("del").arg("a{t}").arg("x").clone(), tagged));
-        // Single-key commands and scripts: the server already checked.
-        assert!(keys_in_slot(&redis::cmd("SET").arg("a{t}").arg("any value").clone(), tagged));
-        assert!(keys_in_slot(&redis::cmd("EVALSHA").arg("sha").arg(2).arg("a{t}").arg("b{t}").clone(), tagged));
     }
 }

@@ -2,9 +2,11 @@
 //! per Cluster node), so concurrent calls pipeline on one socket. Atomics
 //! are single commands or Lua scripts; batches go out as one MULTI/EXEC
 //! pipeline. [`connection`] reaches standalone, Sentinel and Cluster
-//! deployments; [`coalesce`] gathers concurrent single commands into
-//! pipelines; [`retry`] decides what is tried again.
+//! deployments, [`cluster`] holds what is particular to a Cluster;
+//! [`coalesce`] gathers concurrent single commands into pipelines;
+//! [`retry`] decides what is tried again.
 
+mod cluster;
 mod coalesce;
 mod connection;
 mod retry;
@@ -18,7 +20,8 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use redis::{AsyncCommands, ErrorKind, RedisError, Script, ServerErrorKind};
 
-use self::connection::{Conn, Connector, Shard};
+use self::cluster::Shard;
+use self::connection::{Conn, Connector};
 use self::retry::Op;
 use super::{Backend, Expiry, Health, RateDecision, ScanPage};
 use crate::error::{StateError, StateResult};
@@ -367,7 +370,7 @@ impl RedisBackend {
         let deadline = self.deadline();
         let mut groups: BTreeMap<u16, Vec<&(String, Vec<u8>)>> = BTreeMap::new();
         for entry in entries {
-            let slot = if self.connector.is_cluster() { connection::slot(&entry.0) } else { 0 };
+            let slot = if self.connector.is_cluster() { cluster::slot(&entry.0) } else { 0 };
             groups.entry(slot).or_default().push(entry);
         }
         for group in groups.values() {

@@ -1,0 +1,333 @@
+//! What is particular to a Redis Cluster: hash slots, the primaries a scan
+//! visits, and redirects while a slot moves. redis-rs routes commands by
+//! slot and follows `MOVED` after a refresh of its slot map (its own
+//! retries are off, see `connection.rs`); `ASK` is followed here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::connection::lock;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisFuture,
+    RedisResult, ServerErrorKind, TlsCertificates, Value,
+};
+
+/// One primary of a Cluster (`host`, `port`); none for the only server of
+/// the other kinds.
+pub(super) type Shard = Option<(String, u16)>;
+
+/// Direct connections to nodes an `ASK` names that redis-rs has none to:
+/// a node given its first slots is in no slot map until one has moved.
+/// Few (one per such node), made on first need and dropped after a failure.
+pub(super) struct NewNodes {
+    /// How to reach a node of the cluster (TLS, login); the address is
+    /// replaced.
+    template: ConnectionInfo,
+    certificates: Option<TlsCertificates>,
+    config: AsyncConnectionConfig,
+    conns: Mutex<HashMap<(String, u16), MultiplexedConnection>>,
+}
+
+/// More new nodes than this at once (never seen) and all their connections
+/// are dropped, to be made again when needed.
+const MAX_NEW_NODES: usize = 16;
+
+impl NewNodes {
+    pub(super) fn new(
+        template: ConnectionInfo,
+        certificates: Option<TlsCertificates>,
+        config: AsyncConnectionConfig,
+    ) -> Self {
+        Self { template, certificates, config, conns: Mutex::new(HashMap::new()) }
+    }
+
+    /// Sends `pipe` to the node at `host:port`; `count` replies from `offset`.
+    async fn send(
+        &self,
+        host: &str,
+        port: u16,
+        pipe: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        let at = (host.to_owned(), port);
+        let known = lock(&self.conns).get(&at).cloned();
+        let mut conn = match known {
+            Some(conn) => conn,
+            None => {
+                let addr = match self.template.addr() {
+                    ConnectionAddr::TcpTls { insecure, .. } => {
+                        ConnectionAddr::TcpTls { host: at.0.clone(), port, insecure: *insecure, tls_params: None }
+                    }
+                    _ => ConnectionAddr::Tcp(at.0.clone(), port),
+                };
+                let info = self.template.clone().set_addr(addr);
+                let client = match &self.certificates {
+                    Some(certificates) => Client::build_with_tls(info, certificates.clone())?,
+                    None => Client::open(info)?,
+                };
+                let conn = client.get_multiplexed_async_connection_with_config(&self.config).await?;
+                let mut conns = lock(&self.conns);
+                if conns.len() >= MAX_NEW_NODES {
+                    conns.clear();
+                }
+                conns.insert(at.clone(), conn.clone());
+                conn
+            }
+        };
+        let replies = conn.req_packed_commands(pipe, offset, count).await;
+        if let Err(error) = &replies {
+            if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
+                lock(&self.conns).remove(&at);
+            }
+        }
+        replies
+    }
+
+    /// Sends `cmd` to every new node connected; errors are ignored.
+    async fn broadcast(&self, cmd: &Cmd) {
+        let conns: Vec<MultiplexedConnection> = lock(&self.conns).values().cloned().collect();
+        for mut conn in conns {
+            let _ = conn.req_packed_command(cmd).await;
+        }
+    }
+}
+
+/// A connection to a Cluster: redis-rs's, plus what follows `ASK`.
+#[derive(Clone)]
+pub(super) struct ClusterConn {
+    pub(super) conn: ClusterConnection,
+    pub(super) new_nodes: Arc<NewNodes>,
+}
+
+impl ClusterConn {
+    /// The primaries whose keys together are the whole key space, in a
+    /// stable order.
+    pub(super) async fn shards(&mut self) -> RedisResult<Vec<Shard>> {
+        let nodes = redis::cmd("CLUSTER").arg("NODES").clone();
+        let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+        let nodes: String = redis::from_redis_value(self.conn.route_command(nodes, at).await?)?;
+        Ok(primaries(&nodes))
+    }
+
+    /// Runs `cmd` on the primary at `host:port`.
+    pub(super) async fn on(&mut self, host: &str, port: u16, cmd: &Cmd) -> RedisResult<Value> {
+        let at = SingleNodeRoutingInfo::ByAddress { host: host.to_owned(), port };
+        self.conn.route_command(cmd.clone(), RoutingInfo::SingleNode(at)).await
+    }
+
+    /// Follows an ASK redirect: `cmd`'s slot is moving to another primary,
+    /// which has its key already (or will create it), so `cmd` goes there
+    /// once more, after `ASKING`. (redis-rs follows ASK only with its own
+    /// retries on, which would also resend commands whose reply was lost.)
+    /// A multi-key command whose keys span slots keeps the error, and
+    /// `retry.rs` tries it again until the move is over.
+    async fn follow_ask(&mut self, cmd: &Cmd, ask: RedisError) -> RedisResult<Value> {
+        let Some((address, slot)) = ask.redirect_node() else { return Err(ask) };
+        if !keys_in_slot(cmd, slot) {
+            return Err(ask);
+        }
+        let Some(replies) = self.send_asking(address, [cmd.clone()], 0, 1).await else { return Err(ask) };
+        match replies?.pop() {
+            Some(reply) => reply.extract_error(),
+            None => Err(RedisError::from((ErrorKind::Client, "no reply after ASKING"))),
+        }
+    }
+
+    /// Follows ASK redirects for a transaction (`pipeline` packed as
+    /// MULTI, commands, EXEC) that Redis aborted because every command in
+    /// it was redirected to one node: none of its keys is left on the old
+    /// primary, so the whole transaction goes to the new one after `ASKING`
+    /// (which holds until EXEC). If only some were redirected, the keys are
+    /// split between the two primaries and the transaction waits for the
+    /// move (the abort is tried again by `retry.rs`).
+    async fn follow_transaction_ask(
+        &mut self,
+        pipeline: &Pipeline,
+        offset: usize,
+        count: usize,
+        aborted: RedisError,
+    ) -> RedisResult<Vec<Value>> {
+        let Some(errors) = aborted.clone().into_server_errors() else { return Err(aborted) };
+        let mut targets = errors.iter().map(|(_, e)| (e.kind() == Some(ServerErrorKind::Ask)).then(|| e.details()));
+        let Some(Some(Some(target))) = targets.next() else { return Err(aborted) };
+        let commands = pipeline.cmd_iter().count();
+        if !pipeline.is_transaction() || errors.len() != commands || !targets.all(|t| t == Some(Some(target))) {
+            return Err(aborted);
+        }
+        let Some(address) = target.split_ascii_whitespace().nth(1) else { return Err(aborted) };
+        let transaction =
+            std::iter::once(redis::cmd("MULTI")).chain(pipeline.cmd_iter().cloned()).chain([redis::cmd("EXEC")]);
+        self.send_asking(address, transaction, offset, count).await.unwrap_or(Err(aborted))
+    }
+
+    /// Sends `ASKING` and then `commands` to the primary at `address`
+    /// (`host:port`), in one pipeline so that nothing else on the shared
+    /// connection comes between; `count` replies from `offset` (counted in
+    /// `commands`). `None` if `address` is not one.
+    async fn send_asking(
+        &mut self,
+        address: &str,
+        commands: impl IntoIterator<Item = Cmd>,
+        offset: usize,
+        count: usize,
+    ) -> Option<RedisResult<Vec<Value>>> {
+        let (host, port) = address.rsplit_once(':')?;
+        let port = port.parse().ok()?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("ASKING");
+        for cmd in commands {
+            pipe.add_command(cmd);
+        }
+        let at = SingleNodeRoutingInfo::ByAddress { host: host.to_owned(), port };
+        Some(match self.conn.route_pipeline(pipe.clone(), offset + 1, count, at).await {
+            Err(error) if error.kind() == ErrorKind::ClusterConnectionNotFound => {
+                self.new_nodes.send(host, port, &pipe, offset + 1, count).await
+            }
+            other => other,
+        })
+    }
+}
+
+impl ConnectionLike for ClusterConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            match self.conn.req_packed_command(cmd).await {
+                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::Ask) => {
+                    self.follow_ask(cmd, error).await
+                }
+                // redis-rs loads a script on the primaries it knows, after
+                // a NOSCRIPT; a new node an EVALSHA was sent to needs it too.
+                Ok(hash) if is_script_load(cmd) => {
+                    self.new_nodes.broadcast(cmd).await;
+                    Ok(hash)
+                }
+                other => other,
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            match self.conn.req_packed_commands(pipeline, offset, count).await {
+                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort) => {
+                    self.follow_transaction_ask(pipeline, offset, count, error).await
+                }
+                other => other,
+            }
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+}
+
+/// The primaries owning slots in a `CLUSTER NODES` answer, sorted. Lines
+/// are `id address flags primary ping pong epoch link slot…`; a primary
+/// with slots holds keys whether reachable or not (an unreachable one makes
+/// a scan fail rather than skip its keys).
+fn primaries(nodes: &str) -> Vec<Shard> {
+    let mut primaries: Vec<Shard> = nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (address, flags) = (fields.get(1)?, fields.get(2)?);
+            if !flags.split(',').any(|f| f == "master") || fields.len() <= 8 {
+                return None;
+            }
+            let address = address.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some(Some((host.to_owned(), port.parse().ok()?)))
+        })
+        .collect();
+    primaries.sort();
+    primaries
+}
+
+/// Whether every key of `cmd` lies in `slot`. Only the multi-key commands
+/// rolehost sends can span slots (redis-rs splits them by slot); the
+/// server answers ASK to any other command only when all its keys are in
+/// the moving slot.
+fn keys_in_slot(cmd: &Cmd, slot: u16) -> bool {
+    let mut args = arguments(cmd);
+    let Some(name) = args.next() else { return false };
+    if [&b"MGET"[..], b"DEL", b"EXISTS", b"UNLINK", b"TOUCH"].iter().any(|multi| name.eq_ignore_ascii_case(multi)) {
+        return args.all(|key| self::slot(key) == slot);
+    }
+    true
+}
+
+/// `cmd`'s words, its name first.
+fn arguments(cmd: &Cmd) -> impl Iterator<Item = &[u8]> {
+    cmd.args_iter().filter_map(|arg| match arg {
+        redis::Arg::Simple(bytes) => Some(bytes),
+        _ => None,
+    })
+}
+
+/// Whether `cmd` is `SCRIPT LOAD`.
+fn is_script_load(cmd: &Cmd) -> bool {
+    let mut args = arguments(cmd);
+    let mut next_is = |word: &[u8]| args.next().is_some_and(|arg| arg.eq_ignore_ascii_case(word));
+    next_is(b"SCRIPT") && next_is(b"LOAD")
+}
+
+/// The Cluster hash slot of `key`: CRC16 of its hash tag (the part between
+/// the first `{` and the next `}`, when not empty) or of the whole key.
+pub(super) fn slot(key: impl AsRef<[u8]>) -> u16 {
+    let bytes = key.as_ref();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16384
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primaries_are_the_masters_owning_slots() {
+        let nodes = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002,host2 master,fail? - 0 0 2 connected 5461-10922
+c3 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected
+d4 127.0.0.1:7004@17004 slave a1 0 0 1 connected
+e5 127.0.0.1:7000@17000 master - 0 0 4 connected 10923-16383
+";
+        let expected: Vec<Shard> = [7000, 7001, 7002].map(|port| Some(("127.0.0.1".to_owned(), port))).into();
+        assert_eq!(primaries(nodes), expected);
+    }
+
+    #[test]
+    fn slots_follow_hash_tags() {
+        // Reference values from CLUSTER KEYSLOT.
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+        assert_eq!(slot("a{}b"), crc16::State::<crc16::XMODEM>::calculate(b"a{}b") % 16384);
+        assert_eq!(slot("x{tag}y"), slot("tag"));
+    }
+
+    #[test]
+    fn only_commands_whose_keys_share_the_slot_follow_an_ask() {
+        let tagged = slot("{t}");
+        let mget = |keys: &[&str]| redis::cmd("MGET").arg(keys).clone();
+        assert!(keys_in_slot(&mget(&["a{t}", "b{t}"]), tagged));
+        assert!(!keys_in_slot(&mget(&["a{t}", "b"]), tagged), "split by redis-rs across slots");
+        assert!(!keys_in_slot(&redis::cmd("del").arg("a{t}").arg("x").clone(), tagged));
+        // Single-key commands and scripts: the server already checked.
+        assert!(keys_in_slot(&redis::cmd("SET").arg("a{t}").arg("any value").clone(), tagged));
+        assert!(keys_in_slot(&redis::cmd("EVALSHA").arg("sha").arg(2).arg("a{t}").arg("b{t}").clone(), tagged));
+    }
+}
