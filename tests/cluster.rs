@@ -6,6 +6,10 @@
 //! and after it moves to another primary.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rolehost::backend::{RedisBackend, RedisOptions};
 
 use rolehost::config::StateConfig;
 use rolehost::manifest::RedisSection;
@@ -94,7 +98,10 @@ async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
     // A cluster of its own: moving a slot must not disturb other tests.
     let Some(mut cluster) = RedisCluster::start(3) else { return };
     let prefix = unique("moved");
-    let host = host(cluster.backend(), &prefix, &[("alice", "kvprobe")]);
+    // Operations may wait for the move below; give them time enough.
+    let mut options = RedisOptions::new(cluster.url());
+    options.op_timeout = Duration::from_secs(8);
+    let host = Arc::new(host(Arc::new(RedisBackend::new(&options).unwrap()), &prefix, &[("alice", "kvprobe")]));
     // Keys with one hash tag share a slot.
     let key = |name: &str| format!("{prefix}alice:kv:{name}{{t}}");
     let put = |name: &str, value: &str| json!({"op":"set","key":format!("{name}{{t}}"),"value":value});
@@ -138,9 +145,7 @@ async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
     assert_eq!(probe(&host, "alice", put("c", "C")).await, Ok(json!(null)));
     let count = |node: &RedisServer| node.cli(&["cluster", "countkeysinslot", &slot]).trim().to_owned();
     assert_eq!((count(from), count(to)), ("1".into(), "3".into()), "a new key is written where the slot is going");
-    // So does a transaction whose keys have all moved. (One with keys on
-    // both primaries, or new ones beside moved ones, is refused by Redis
-    // with TRYAGAIN and tried again until the move ends.)
+    // So does a transaction whose keys have all moved.
     let moved_only = json!({"op":"set_many","entries":{"a{t}":"A2","c{t}":"C2"}});
     assert_eq!(probe(&host, "alice", moved_only).await, Ok(json!(null)), "a transaction of moved keys");
     // And a script (PERSIST that reports existence), loaded on the new
@@ -148,8 +153,19 @@ async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
     let persist = json!({"op":"expire","key":"a{t}"});
     assert_eq!(probe(&host, "alice", persist).await, Ok(json!(true)));
 
+    // One with keys on both primaries cannot run until the move ends: it
+    // is tried again until then.
+    let mixed = {
+        let host = host.clone();
+        let both = json!({"op":"set_many","entries":{"a{t}":"A3","b{t}":"B3"}});
+        tokio::spawn(async move { probe(&host, "alice", both).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!mixed.is_finished(), "a split transaction waits for the move: {:?}", mixed.await);
+
     migrate(from, to, "b");
     end_move(&to_id);
+    assert_eq!(mixed.await.unwrap(), Ok(json!(null)), "and runs once it is over");
     assert_eq!(to.cli(&["get", &key("n")]).trim(), "10", "the key moved");
     assert_eq!(to.cli(&["get", &key("c")]).trim(), "C2");
     // The old primary now answers MOVED; the increment is sent again to
@@ -158,7 +174,7 @@ async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
     assert_eq!(probe(&host, "alice", json!({"op":"get","key":"n{t}"})).await, Ok(json!("15")));
     assert_eq!(to.cli(&["get", &key("n")]).trim(), "15");
     let all = json!({"op":"get_many","keys":["a{t}","b{t}","c{t}"]});
-    assert_eq!(probe(&host, "alice", all.clone()).await, Ok(json!(["A2", "B", "C2"])));
+    assert_eq!(probe(&host, "alice", all.clone()).await, Ok(json!(["A3", "B3", "C2"])));
 
     // The slot moves back, to a primary the backend already talks to.
     start_move(to, from, &to_id, &from_id);
@@ -170,5 +186,5 @@ async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
     }
     end_move(&from_id);
     assert_eq!(from.cli(&["get", &key("n")]).trim(), "20");
-    assert_eq!(probe(&host, "alice", all).await, Ok(json!(["A2", "B", "C2"])));
+    assert_eq!(probe(&host, "alice", all).await, Ok(json!(["A3", "B3", "C2"])));
 }

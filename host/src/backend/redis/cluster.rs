@@ -20,10 +20,12 @@ use redis::{
 /// the other kinds.
 pub(super) type Shard = Option<(String, u16)>;
 
-/// Direct connections to nodes an `ASK` names that redis-rs has none to:
-/// a node given its first slots is in no slot map until one has moved.
-/// Few (one per such node), made on first need and dropped after a failure.
-pub(super) struct NewNodes {
+/// Connections of rolehost's own to the nodes `ASK` redirects name (a
+/// slot's importing primary). Not redis-rs's: a node given its first slots
+/// is in no slot map of redis-rs until one has moved, and asking redis-rs
+/// for a node it lacks makes it reconnect to the whole cluster. Few (one
+/// per such node), made on first need and dropped after a failure.
+pub(super) struct AskTargets {
     /// How to reach a node of the cluster (TLS, login); the address is
     /// replaced.
     template: ConnectionInfo,
@@ -32,11 +34,11 @@ pub(super) struct NewNodes {
     conns: Mutex<HashMap<(String, u16), MultiplexedConnection>>,
 }
 
-/// More new nodes than this at once (never seen) and all their connections
+/// More targets than this at once (never seen) and all their connections
 /// are dropped, to be made again when needed.
-const MAX_NEW_NODES: usize = 16;
+const MAX_ASK_TARGETS: usize = 16;
 
-impl NewNodes {
+impl AskTargets {
     pub(super) fn new(
         template: ConnectionInfo,
         certificates: Option<TlsCertificates>,
@@ -72,7 +74,7 @@ impl NewNodes {
                 };
                 let conn = client.get_multiplexed_async_connection_with_config(&self.config).await?;
                 let mut conns = lock(&self.conns);
-                if conns.len() >= MAX_NEW_NODES {
+                if conns.len() >= MAX_ASK_TARGETS {
                     conns.clear();
                 }
                 conns.insert(at.clone(), conn.clone());
@@ -101,7 +103,7 @@ impl NewNodes {
 #[derive(Clone)]
 pub(super) struct ClusterConn {
     pub(super) conn: ClusterConnection,
-    pub(super) new_nodes: Arc<NewNodes>,
+    pub(super) ask_targets: Arc<AskTargets>,
 }
 
 impl ClusterConn {
@@ -143,8 +145,10 @@ impl ClusterConn {
     /// it was redirected to one node: none of its keys is left on the old
     /// primary, so the whole transaction goes to the new one after `ASKING`
     /// (which holds until EXEC). If only some were redirected, the keys are
-    /// split between the two primaries and the transaction waits for the
-    /// move (the abort is tried again by `retry.rs`).
+    /// split between the two primaries: nothing ran, and the transaction
+    /// must wait for the move, so the abort becomes `TRYAGAIN` (which
+    /// `retry.rs` tries again). So does one sent to the slot's old primary
+    /// after the move (MOVED).
     async fn follow_transaction_ask(
         &mut self,
         pipeline: &Pipeline,
@@ -153,11 +157,29 @@ impl ClusterConn {
         aborted: RedisError,
     ) -> RedisResult<Vec<Value>> {
         let Some(errors) = aborted.clone().into_server_errors() else { return Err(aborted) };
-        let mut targets = errors.iter().map(|(_, e)| (e.kind() == Some(ServerErrorKind::Ask)).then(|| e.details()));
-        let Some(Some(Some(target))) = targets.next() else { return Err(aborted) };
-        let commands = pipeline.cmd_iter().count();
-        if !pipeline.is_transaction() || errors.len() != commands || !targets.all(|t| t == Some(Some(target))) {
+        let redirected =
+            |kind| matches!(kind, Some(ServerErrorKind::Ask | ServerErrorKind::Moved | ServerErrorKind::TryAgain));
+        if !pipeline.is_transaction() || !errors.iter().all(|(_, e)| redirected(e.kind())) {
             return Err(aborted);
+        }
+        let try_again = || {
+            let detail = format!("a transaction's slot is moving or moved ({aborted})");
+            Err(RedisError::from((ErrorKind::Server(ServerErrorKind::TryAgain), "TRYAGAIN", detail)))
+        };
+        if errors.iter().any(|(_, e)| e.kind() == Some(ServerErrorKind::Moved)) {
+            // The slot has moved. redis-rs refreshes its slot map after a
+            // MOVED it sees itself, not one inside a transaction: show it
+            // one (all keys of a transaction share a slot).
+            if let Some(key) = pipeline.cmd_iter().next().and_then(|cmd| arguments(cmd).nth(1)) {
+                let _ = self.conn.req_packed_command(redis::cmd("EXISTS").arg(key)).await;
+            }
+            return try_again();
+        }
+        let mut targets = errors.iter().map(|(_, e)| (e.kind() == Some(ServerErrorKind::Ask)).then(|| e.details()));
+        let Some(Some(Some(target))) = targets.next() else { return try_again() };
+        let commands = pipeline.cmd_iter().count();
+        if errors.len() != commands || !targets.all(|t| t == Some(Some(target))) {
+            return try_again();
         }
         let Some(address) = target.split_ascii_whitespace().nth(1) else { return Err(aborted) };
         let transaction =
@@ -166,7 +188,7 @@ impl ClusterConn {
     }
 
     /// Sends `ASKING` and then `commands` to the primary at `address`
-    /// (`host:port`), in one pipeline so that nothing else on the shared
+    /// (`host:port`), in one pipeline so that nothing else on the
     /// connection comes between; `count` replies from `offset` (counted in
     /// `commands`). `None` if `address` is not one.
     async fn send_asking(
@@ -183,13 +205,7 @@ impl ClusterConn {
         for cmd in commands {
             pipe.add_command(cmd);
         }
-        let at = SingleNodeRoutingInfo::ByAddress { host: host.to_owned(), port };
-        Some(match self.conn.route_pipeline(pipe.clone(), offset + 1, count, at).await {
-            Err(error) if error.kind() == ErrorKind::ClusterConnectionNotFound => {
-                self.new_nodes.send(host, port, &pipe, offset + 1, count).await
-            }
-            other => other,
-        })
+        Some(self.ask_targets.send(host, port, &pipe, offset + 1, count).await)
     }
 }
 
@@ -201,9 +217,10 @@ impl ConnectionLike for ClusterConn {
                     self.follow_ask(cmd, error).await
                 }
                 // redis-rs loads a script on the primaries it knows, after
-                // a NOSCRIPT; a new node an EVALSHA was sent to needs it too.
+                // a NOSCRIPT; a node an EVALSHA was sent to after ASK (maybe
+                // new) needs it too.
                 Ok(hash) if is_script_load(cmd) => {
-                    self.new_nodes.broadcast(cmd).await;
+                    self.ask_targets.broadcast(cmd).await;
                     Ok(hash)
                 }
                 other => other,

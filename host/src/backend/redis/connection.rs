@@ -21,7 +21,7 @@ use redis::{
     RedisError, RedisFuture, RedisResult, ServerErrorKind, TlsCertificates, TlsMode, Value,
 };
 
-use super::cluster::{ClusterConn, NewNodes, Shard};
+use super::cluster::{AskTargets, ClusterConn, Shard};
 use super::coalesce::Coalescing;
 use super::RedisOptions;
 
@@ -239,7 +239,7 @@ enum Kind {
         conn: Mutex<Option<Coalescing<MultiplexedConnection>>>,
     },
     /// Made on first use; it then follows slot moves and node failures itself.
-    Cluster { client: ClusterClient, conn: tokio::sync::Mutex<Option<ClusterConn>>, new_nodes: Arc<NewNodes> },
+    Cluster { client: ClusterClient, conn: tokio::sync::Mutex<Option<ClusterConn>>, ask_targets: Arc<AskTargets> },
 }
 
 /// Where a direct connection goes.
@@ -286,11 +286,11 @@ impl Kind {
                     builder = builder.certs(certificates.clone());
                 }
                 let template = with_login(&nodes[0], options);
-                let new_nodes = NewNodes::new(template, certificates.cloned(), Kind::config(options));
+                let ask_targets = AskTargets::new(template, certificates.cloned(), Kind::config(options));
                 Kind::Cluster {
                     client: builder.build().map_err(invalid)?,
                     conn: tokio::sync::Mutex::new(None),
-                    new_nodes: Arc::new(new_nodes),
+                    ask_targets: Arc::new(ask_targets),
                 }
             }
             Endpoint::Sentinel { sentinels, master, db, username, tls } => {
@@ -333,12 +333,13 @@ impl Kind {
     /// A connection, made now if there is none.
     async fn get(&self) -> RedisResult<Conn> {
         match self {
-            Kind::Cluster { client, conn, new_nodes } => {
+            Kind::Cluster { client, conn, ask_targets } => {
                 let mut slot = conn.lock().await;
                 if let Some(conn) = slot.as_ref() {
                     return Ok(Conn::Cluster(conn.clone()));
                 }
-                let fresh = ClusterConn { conn: client.get_async_connection().await?, new_nodes: new_nodes.clone() };
+                let fresh =
+                    ClusterConn { conn: client.get_async_connection().await?, ask_targets: ask_targets.clone() };
                 *slot = Some(fresh.clone());
                 Ok(Conn::Cluster(fresh))
             }
