@@ -56,9 +56,9 @@ async fn subject_reads_writes_and_buffering(b: Arc<dyn Backend>, p: String) {
     op(json!({"op":"set","key":"u1","value":"kv"})).await.unwrap();
     assert_eq!(op(json!({"op":"subject_exists","subject":"u1"})).await, Ok(json!(true)));
     assert_eq!(op(json!({"op":"get","key":"u1"})).await, Ok(json!("kv")));
-    assert_eq!(op(json!({"op":"subject_expire","subject":"u1","ttl_ms":150})).await, Ok(json!(true)));
+    assert_eq!(op(json!({"op":"subject_expire","subject":"u1","ttl_ms":1000})).await, Ok(json!(true)));
     assert!(op(json!({"op":"subject_expiry","subject":"u1"})).await.unwrap().is_u64());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     assert_eq!(op(json!({"op":"subject_exists","subject":"u1"})).await, Ok(json!(false)));
     assert_eq!(op(json!({"op":"subject_delete","subject":"u2"})).await, Ok(json!(true)));
     assert_eq!(op(json!({"op":"subject_delete","subject":"u2"})).await, Ok(json!(false)));
@@ -262,11 +262,12 @@ async fn subjects_and_locks_are_per_role(b: Arc<dyn Backend>, p: String) {
         probe(&host, "alice", json!({"op":"subject_get","subject":"secret","prop":"pin"})).await,
         Ok(json!("1234"))
     );
-    // Alice holds lock `job` for a while; Bob's lock `job` is another lock.
+    // Alice holds lock `job` for a while (long enough for the checks
+    // below on a slow machine); Bob's lock `job` is another lock.
     let holding = {
         let host = host.clone();
         tokio::spawn(async move {
-            probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":10000,"wait_ms":0,"sleep_ms":1500}))
+            probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":10000,"wait_ms":0,"sleep_ms":4000}))
                 .await
         })
     };
@@ -299,17 +300,21 @@ async fn a_call_whose_caller_goes_away_releases_its_locks(b: Arc<dyn Backend>, p
     // The call takes lock `job` (TTL 60 s) and sleeps holding it; its
     // caller gives up once the lock is taken, dropping the call mid-way.
     let hold = json!({"op":"lock_hold","name":"job","ttl_ms":60000,"wait_ms":0,"sleep_ms":30000});
+    let b = host.backend();
+    b.exists(&lock_key).await.unwrap(); // connected before the call starts
     let mut call = Box::pin(probe(&host, "alice", hold));
-    let start = std::time::Instant::now();
-    loop {
-        tokio::select! {
-            answer = &mut call => panic!("the call ended before its caller went away: {answer:?}"),
-            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+    // Watched while the call runs (an unpolled call could hold up the
+    // watching, e.g. while it connects).
+    let taken = async {
+        let start = std::time::Instant::now();
+        while !b.exists(&lock_key).await.unwrap() {
+            assert!(start.elapsed() < Duration::from_secs(60), "alice never took the lock");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if host.backend().exists(&lock_key).await.unwrap() {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "alice never took the lock");
+    };
+    tokio::select! {
+        answer = &mut call => panic!("the call ended before its caller went away: {answer:?}"),
+        () = taken => {}
     }
     drop(call);
     // Released in the background, long before its TTL.

@@ -27,14 +27,14 @@ async fn counter_counts_from_one(b: Arc<dyn Backend>, p: String) {
 async fn session_cache_put_get_expire_delete(b: Arc<dyn Backend>, p: String) {
     let host = host(b, &p, &[("session-cache", "session-cache")]);
     let put = |id: &str, ttl: Option<u64>| json!({"op":"put","id":id,"session":{"user":id,"roles":["a"]},"ttl_ms":ttl});
-    assert_eq!(call_json(&host, "session-cache", put("short", Some(200))).await, json!({"stored":true}));
+    assert_eq!(call_json(&host, "session-cache", put("short", Some(1000))).await, json!({"stored":true}));
     assert_eq!(call_json(&host, "session-cache", put("long", None)).await, json!({"stored":true}));
     let get = |id: &str| json!({"op":"get","id":id});
     assert_eq!(
         call_json(&host, "session-cache", get("short")).await,
         json!({"session":{"user":"short","roles":["a"]}})
     );
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     assert_eq!(call_json(&host, "session-cache", get("short")).await, json!({"session":null}));
     assert_eq!(call_json(&host, "session-cache", get("long")).await["session"]["user"], "long");
     assert_eq!(call_json(&host, "session-cache", json!({"op":"delete","id":"long"})).await, json!({"deleted":true}));

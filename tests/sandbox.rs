@@ -260,9 +260,11 @@ async fn idle_warm_instances_give_their_pool_slots_to_other_roles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reloaded_role_keeps_its_concurrency_budget() {
-    let limits = RoleLimits { max_concurrency: 1, ..limits() };
+    // The first call holds the role's one slot for a minute (the test
+    // aborts it); reloading, which compiles, must not outlast it.
+    let limits = RoleLimits { max_concurrency: 1, deadline_ms: 120_000, ..limits() };
     let host = std::sync::Arc::new(host_with_limits(backend("memory").unwrap(), "t:", &[("probe", "kvprobe")], limits));
-    let hold = json!({"op":"lock_hold","name":"l","ttl_ms":5000,"wait_ms":0,"sleep_ms":5000});
+    let hold = json!({"op":"lock_hold","name":"l","ttl_ms":60_000,"wait_ms":0,"sleep_ms":60_000});
     let running = {
         let host = host.clone();
         tokio::spawn(async move { probe(&host, "probe", hold).await })
@@ -276,6 +278,7 @@ async fn a_reloaded_role_keeps_its_concurrency_budget() {
     // The new version is bound by the same budget as the old one, whose
     // call still runs.
     host.reload("probe").unwrap();
+    assert!(!running.is_finished(), "the first call ended early: {:?}", running.await);
     let second = host.call("probe", br#"{"op":"incr","key":"n","delta":1}"#).await;
     assert!(matches!(second, Err(CallError::Busy { .. })), "{second:?}");
     running.abort();

@@ -165,14 +165,17 @@ async fn a_crashed_holders_lock_is_freed_by_its_ttl() {
     let Some(server) = shared_redis() else { return };
     let db = server.fresh_db();
     let manifest = manifest("crash", &server.url(db));
-    let hold = r#"{"op":"lock_hold","name":"job","ttl_ms":1500,"wait_ms":0,"sleep_ms":120000}"#;
-    let mut holder = spawn(&manifest, "shared", hold, 1, 1);
+    // Ready before the holder starts, so that the checks below fit well
+    // inside its lock's TTL even on a slow machine.
     let host = rolehost_tests::host(server.backend(db), "rolehost:", &[("shared", "kvprobe")]);
+    let hold = r#"{"op":"lock_hold","name":"job","ttl_ms":8000,"wait_ms":0,"sleep_ms":120000}"#;
+    let mut holder = spawn(&manifest, "shared", hold, 1, 1);
     let try_lock = json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0});
-    // Wait until the other process holds the lock.
+    // Wait until the other process has taken the lock (its fencing
+    // counter, unlike the lock, outlives the TTL).
     let start = Instant::now();
     loop {
-        if server.all_keys(db).iter().any(|k| k == "rolehost:shared:lock:{job}") {
+        if server.all_keys(db).iter().any(|k| k == "rolehost:shared:fence:{job}") {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(120), "the holder never took the lock");
@@ -182,6 +185,6 @@ async fn a_crashed_holders_lock_is_freed_by_its_ttl() {
     holder.kill().unwrap(); // SIGKILL: no chance to release
     holder.wait().unwrap();
     assert_eq!(probe(&host, "shared", try_lock.clone()).await, Ok(json!(null)), "still held until the TTL ends");
-    let wait = json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":5000});
+    let wait = json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":9000});
     assert_eq!(probe(&host, "shared", wait).await, Ok(json!(2)), "taken after the TTL, with the next token");
 }

@@ -139,7 +139,8 @@ fn busy_roles_answer_503_with_retry_after() {
     let dir = dir("busy");
     let manifest = manifest(&dir, "memory", &[("slow", &role_path("kvprobe"), "limits = { max-concurrency = 1 }")]);
     let server = Server::start(&manifest, &[]);
-    let hold = r#"{"op":"lock_hold","name":"l","ttl_ms":5000,"wait_ms":0,"sleep_ms":1500}"#;
+    // Long enough for the busy answer below on a slow machine.
+    let hold = r#"{"op":"lock_hold","name":"l","ttl_ms":10000,"wait_ms":0,"sleep_ms":4000}"#;
     let base = server.base.clone();
     let first = std::thread::spawn(move || {
         let mut response = Server::agent().post(format!("{base}/roles/slow")).send(hold).unwrap();

@@ -90,6 +90,33 @@ impl CallCtx {
 
 impl Host for CallCtx {}
 
+impl CallCtx {
+    /// Tries to take the lock at `key` for `owner` until `give_up`, with
+    /// growing pauses; its fencing token, or `None` if it stayed taken.
+    async fn take_lock(
+        &mut self,
+        key: &str,
+        fence: &str,
+        owner: &str,
+        ttl: Duration,
+        give_up: Instant,
+    ) -> StateResult<Option<u64>> {
+        let mut delay = Duration::from_millis(2);
+        loop {
+            if let Some(token) = self.backend.lock_acquire(key, fence, owner, ttl).await? {
+                return Ok(Some(token));
+            }
+            self.charge(1)?;
+            let now = Instant::now();
+            if now >= give_up {
+                return Ok(None);
+            }
+            tokio::time::sleep(delay.min(give_up - now)).await;
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    }
+}
+
 impl HostLock for CallCtx {
     async fn acquire(
         &mut self,
@@ -105,20 +132,17 @@ impl HostLock for CallCtx {
         let ttl = self.lock_ttl(ttl_ms)?;
         let owner = new_owner();
         let give_up = Instant::now() + Duration::from_millis(wait_ms.min(self.role.limits.deadline_ms));
-        let mut delay = Duration::from_millis(2);
-        let token = loop {
-            if let Some(token) = self.backend.lock_acquire(&key, &fence, &owner, ttl).await? {
-                break token;
-            }
-            self.charge(1)?;
-            let now = Instant::now();
-            if now >= give_up {
+        // Noted as held before asking, so that a call dropped while Redis
+        // takes the lock still releases it (or one whose answer was lost).
+        // Releasing compares the owner: a lock never taken is left alone.
+        self.held_locks.push((key.clone(), owner.clone()));
+        let token = match self.take_lock(&key, &fence, &owner, ttl, give_up).await? {
+            Some(token) => token,
+            None => {
+                self.held_locks.retain(|(_, held)| *held != owner);
                 return Ok(None);
             }
-            tokio::time::sleep(delay.min(give_up - now)).await;
-            delay = (delay * 2).min(MAX_RETRY_DELAY);
         };
-        self.held_locks.push((key.clone(), owner.clone()));
         let lock = Lock { name, key, owner, token };
         let handle = self.table.push(lock).map_err(|e| StateError::Internal(format!("cannot hold lock: {e}")))?;
         Ok(Some(handle))
