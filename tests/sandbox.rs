@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use rolehost::backend::Backend;
-use rolehost::{CallError, RoleLimits};
-use rolehost_tests::{backend, free_port, host, host_with_limits, probe, RedisServer};
+use rolehost::{CallError, Grants, RoleLimits};
+use rolehost_tests::{backend, free_port, host, host_with_limits, host_with_specs, probe, RedisServer};
 use serde_json::json;
 
 fn limits() -> RoleLimits {
@@ -32,11 +32,15 @@ async fn a_panic_is_a_trap_and_the_host_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_endless_loop_hits_the_deadline_while_others_run() {
-    let host = std::sync::Arc::new(host_with_limits(
+    // The counter's calls get the default deadline: they run beside the
+    // spinning one, which may slow them on a loaded machine.
+    let host = std::sync::Arc::new(host_with_specs(
         backend("memory").unwrap(),
         "t:",
-        &[("spinner", "kvprobe"), ("counter", "counter")],
-        limits(),
+        vec![
+            ("spinner", "kvprobe", limits(), Grants::default()),
+            ("counter", "counter", RoleLimits::default(), Grants::default()),
+        ],
     ));
     let spinning = {
         let host = host.clone();

@@ -105,7 +105,7 @@ fn calls_map_to_status_codes() {
         "memory",
         &[
             ("counter", &role_path("counter"), ""),
-            ("probe", &probe, "limits = { deadline-ms = 300, max-ops-per-call = 3 }"),
+            ("probe", &probe, "limits = { deadline-ms = 2000, max-ops-per-call = 3 }"),
             ("tight", &role_path("counter"), "limits = { max-ops-per-call = 1 }"),
         ],
     );
