@@ -145,9 +145,7 @@ fn blocked_clients(server: &RedisServer) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_waiting_for_a_lost_replica_does_not_hold_up_reads() {
     let Some(primary) = RedisServer::start() else { return };
-    let Some(mut replica) =
-        RedisServer::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary.port.to_string()])
-    else {
+    let Some(mut replica) = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]) else {
         return;
     };
     wait_until("the replica is in sync", Duration::from_secs(30), || {

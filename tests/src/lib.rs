@@ -48,12 +48,35 @@ impl RedisServer {
     /// Starts a fresh server on a free port, or `None` when redis-server is
     /// not installed and not required.
     pub fn start() -> Option<Self> {
-        Self::start_on(free_port(), &[])
+        Self::start_with(&[])
+    }
+
+    /// The same with extra arguments (see [`RedisServer::start_on`]).
+    pub fn start_with(extra: &[&str]) -> Option<Self> {
+        Self::on_free_port(|port| Self::try_start_on(port, extra))
+    }
+
+    /// `start(port)` on a free port. A server that exits at once (another
+    /// socket took the port after it was found free) is started again on
+    /// another one.
+    fn on_free_port(start: impl Fn(u16) -> Result<Option<Self>, String>) -> Option<Self> {
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            match start(free_port()) {
+                Ok(server) => return server,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("redis-server did not start on 5 free ports: {failures:?}");
     }
 
     /// Starts a server on `port` with extra arguments (later arguments win,
     /// so `extra` may override the defaults, e.g. `--appendonly yes`).
     pub fn start_on(port: u16, extra: &[&str]) -> Option<Self> {
+        Self::try_start_on(port, extra).unwrap_or_else(|failure| panic!("{failure}"))
+    }
+
+    fn try_start_on(port: u16, extra: &[&str]) -> Result<Option<Self>, String> {
         let mut args: Vec<String> =
             ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
                 .iter()
@@ -63,17 +86,17 @@ impl RedisServer {
         // Replicas and shutdowns write RDB files; keep them out of the source tree.
         args.extend(["--dir".to_owned(), scratch_dir("redis").display().to_string()]);
         args.extend(extra.iter().map(|a| a.to_string()));
-        Self::spawn(port, &args, &[])
+        Self::try_spawn(port, &args, &[])
     }
 
     /// Starts a TLS-only server (`--port 0 --tls-port`) with the
     /// certificates in `tls`.
     pub fn start_tls(tls: &TlsFiles) -> Option<Self> {
-        Self::start_tls_with(free_port(), tls, &[])
+        Self::on_free_port(|port| Self::try_start_tls_with(port, tls, &[]))
     }
 
     /// Starts a TLS-only server on `port` with extra arguments.
-    pub fn start_tls_with(port: u16, tls: &TlsFiles, extra: &[&str]) -> Option<Self> {
+    fn try_start_tls_with(port: u16, tls: &TlsFiles, extra: &[&str]) -> Result<Option<Self>, String> {
         let pairs = [
             ("--port", "0".to_owned()),
             ("--tls-port", port.to_string()),
@@ -85,12 +108,17 @@ impl RedisServer {
         let mut args: Vec<String> = pairs.into_iter().flat_map(|(name, value)| [name.to_owned(), value]).collect();
         args.extend(tls.server_settings().into_iter().flat_map(|(name, value)| [format!("--{name}"), value]));
         args.extend(extra.iter().map(|a| a.to_string()));
-        Self::spawn(port, &args, &tls.cli_args())
+        Self::try_spawn(port, &args, &tls.cli_args())
     }
 
     /// Runs `redis-server args…` and waits until `redis-cli cli_args… -p
     /// port ping` answers.
     pub fn spawn(port: u16, args: &[String], cli_args: &[String]) -> Option<Self> {
+        Self::try_spawn(port, args, cli_args).unwrap_or_else(|failure| panic!("{failure}"))
+    }
+
+    /// [`RedisServer::spawn`], or why the server exited before it was ready.
+    fn try_spawn(port: u16, args: &[String], cli_args: &[String]) -> Result<Option<Self>, String> {
         let mut command = Command::new("redis-server");
         command.args(args).stdout(Stdio::null()).stderr(Stdio::null());
         // The server dies with the thread that started it, even if the test
@@ -105,13 +133,13 @@ impl RedisServer {
             Ok(child) => child,
             Err(e) if !redis_required() => {
                 eprintln!("skipping Redis test: cannot start redis-server ({e})");
-                return None;
+                return Ok(None);
             }
             Err(e) => panic!("redis-server is required (CI) but cannot start: {e}"),
         };
-        let server = Self { port, child: Some(child), next_db: AtomicU32::new(1), cli_args: cli_args.to_vec() };
-        server.wait_ready();
-        Some(server)
+        let mut server = Self { port, child: Some(child), next_db: AtomicU32::new(1), cli_args: cli_args.to_vec() };
+        server.wait_ready()?;
+        Ok(Some(server))
     }
 
     /// Runs `redis-cli -p PORT args…` against this server; its output.
@@ -125,17 +153,21 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn wait_ready(&self) {
+    /// Waits until the server answers; why not if it exited first.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten()) {
+                return Err(format!("redis-server for port {} exited at once ({status})", self.port));
+            }
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 let ping = Command::new("redis-cli")
                     .args(&self.cli_args)
                     .args(["-p", &self.port.to_string(), "ping"])
                     .output();
                 match ping {
-                    Ok(out) if String::from_utf8_lossy(&out.stdout).contains("PONG") => return,
-                    Err(_) => return, // no redis-cli: the open port will do
+                    Ok(out) if String::from_utf8_lossy(&out.stdout).contains("PONG") => return Ok(()),
+                    Err(_) => return Ok(()), // no redis-cli: the open port will do
                     _ => {}
                 }
             }
@@ -429,15 +461,20 @@ impl RedisCluster {
     /// A cluster-enabled server that belongs to no cluster yet, and its
     /// cluster bus port.
     fn start_node(tls: Option<&TlsFiles>) -> Option<(RedisServer, String)> {
-        let port = free_port();
-        let config = scratch_dir("cluster").join(format!("nodes-{port}.conf")).display().to_string();
-        let bus = free_port().to_string();
-        let args = ["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-config-file", &config];
-        let node = match tls {
-            Some(tls) => RedisServer::start_tls_with(port, tls, &[&args[..], &["--tls-cluster", "yes"]].concat()),
-            None => RedisServer::start_on(port, &args),
-        };
-        Some((node?, bus))
+        let bus = std::cell::RefCell::new(String::new());
+        let node = RedisServer::on_free_port(|port| {
+            let config = scratch_dir("cluster").join(format!("nodes-{port}.conf")).display().to_string();
+            *bus.borrow_mut() = free_port().to_string();
+            let bus = bus.borrow().clone();
+            let args = ["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-config-file", &config];
+            match tls {
+                Some(tls) => {
+                    RedisServer::try_start_tls_with(port, tls, &[&args[..], &["--tls-cluster", "yes"]].concat())
+                }
+                None => RedisServer::try_start_on(port, &args),
+            }
+        })?;
+        Some((node, bus.into_inner()))
     }
 
     /// Adds a primary that owns no slot yet (as before a resharding onto
@@ -533,37 +570,40 @@ impl RedisSentinels {
         };
         let primary_port = primary.port.to_string();
         let replicas = (0..replicas)
-            .map(|_| RedisServer::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]))
+            .map(|_| RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary_port]))
             .collect::<Option<Vec<_>>>()?;
         wait_until("the replicas are in sync", Duration::from_secs(30), || {
             primary.cli(&["info", "replication"]).matches("state=online").count() == replicas.len()
         });
         let mut sentinels = Vec::new();
         for _ in 0..count {
-            let port = free_port();
-            let config = dir.join(format!("sentinel-{port}.conf"));
-            let listen = match tls {
-                // `tls-replication` makes the Sentinel use TLS to the servers.
-                Some(tls) => {
-                    let settings = tls.server_settings().into_iter().map(|(name, value)| format!("{name} {value}\n"));
-                    format!("port 0\ntls-port {port}\ntls-replication yes\n{}", settings.collect::<String>())
-                }
-                None => format!("port {port}\n"),
-            };
-            std::fs::write(
-                &config,
-                format!(
-                    "{listen}bind 127.0.0.1\ndir {dir}\n\
+            let sentinel = RedisServer::on_free_port(|port| {
+                let config = dir.join(format!("sentinel-{port}.conf"));
+                let listen = match tls {
+                    // `tls-replication` makes the Sentinel use TLS to the servers.
+                    Some(tls) => {
+                        let settings =
+                            tls.server_settings().into_iter().map(|(name, value)| format!("{name} {value}\n"));
+                        format!("port 0\ntls-port {port}\ntls-replication yes\n{}", settings.collect::<String>())
+                    }
+                    None => format!("port {port}\n"),
+                };
+                std::fs::write(
+                    &config,
+                    format!(
+                        "{listen}bind 127.0.0.1\ndir {dir}\n\
                      sentinel monitor {SENTINEL_PRIMARY} 127.0.0.1 {primary_port} {quorum}\n\
                      sentinel down-after-milliseconds {SENTINEL_PRIMARY} 1000\n\
                      sentinel failover-timeout {SENTINEL_PRIMARY} 10000\n",
-                    dir = dir.display(),
-                    quorum = count.min(2),
-                ),
-            )
-            .unwrap();
-            let args = [config.display().to_string(), "--sentinel".to_owned()];
-            sentinels.push(RedisServer::spawn(port, &args, &tls.map(TlsFiles::cli_args).unwrap_or_default())?);
+                        dir = dir.display(),
+                        quorum = count.min(2),
+                    ),
+                )
+                .unwrap();
+                let args = [config.display().to_string(), "--sentinel".to_owned()];
+                RedisServer::try_spawn(port, &args, &tls.map(TlsFiles::cli_args).unwrap_or_default())
+            });
+            sentinels.push(sentinel?);
         }
         for sentinel in &sentinels {
             wait_until("the Sentinels know each other and the replica", Duration::from_secs(60), || {
