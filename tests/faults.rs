@@ -4,7 +4,8 @@
 //! it returns, calls succeed again by themselves, and a read waiting inside
 //! its deadline is retried until it succeeds. A write waiting for a replica
 //! that is gone (`wait-replicas`) holds up no read. A connection that
-//! stops answering, or whose login was refused, is replaced by itself.
+//! stops answering, or whose login was refused, is replaced by itself. A
+//! lock Redis took for a call that gave up before the answer is released.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -176,48 +177,48 @@ async fn a_write_waiting_for_a_lost_replica_does_not_hold_up_reads() {
     }
 }
 
-/// A TCP proxy to `target` whose connections open so far can be frozen:
-/// they stay open but carry nothing more, like a server cut off the
-/// network. Connections made after that are forwarded normally.
+/// A TCP proxy to `target` whose connections open so far can be frozen
+/// (they stay open but carry nothing more, like a server cut off the
+/// network) or muted (requests still reach the server, its replies never
+/// come back). Connections made after that are forwarded normally.
 struct FreezingProxy {
     port: u16,
-    freeze: Arc<tokio::sync::watch::Sender<u64>>,
-    /// Connections still forwarding; a freeze waits for it to reach 0.
-    forwarding: Arc<tokio::sync::watch::Sender<usize>>,
+    /// Bumped to freeze, or to mute, the connections open so far.
+    freeze: Arc<Sender<u64>>,
+    mute: Arc<Sender<u64>>,
+    /// Directions still forwarding: requests, replies. A freeze or mute
+    /// waits until those it stops are all stopped.
+    requests: Arc<Sender<u64>>,
+    replies: Arc<Sender<u64>>,
 }
+
+type Sender<T> = tokio::sync::watch::Sender<T>;
 
 impl FreezingProxy {
     async fn start(target: u16) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let freeze = Arc::new(tokio::sync::watch::channel(0u64).0);
-        let forwarding = Arc::new(tokio::sync::watch::channel(0usize).0);
-        let (frozen, open) = (freeze.clone(), forwarding.clone());
+        let counter = || Arc::new(tokio::sync::watch::channel(0).0);
+        let proxy = Self { port, freeze: counter(), mute: counter(), requests: counter(), replies: counter() };
+        let (freeze, mute, requests, replies) =
+            (proxy.freeze.clone(), proxy.mute.clone(), proxy.requests.clone(), proxy.replies.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { continue };
-                let mut freezes = frozen.subscribe();
-                let born = *freezes.borrow_and_update();
-                open.send_modify(|n| *n += 1);
-                let open = open.clone();
-                tokio::spawn(async move {
-                    let (mut client, mut server) = (client, server);
-                    let frozen = tokio::select! {
-                        // Checked first, so nothing is forwarded once a
-                        // freeze is seen.
-                        biased;
-                        _ = freezes.wait_for(|&n| n > born) => true,
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
-                    };
-                    open.send_modify(|n| *n -= 1);
-                    if frozen {
-                        // Hold both sockets open, silent, for ever.
-                        std::future::pending::<()>().await;
+                let (client_in, client_out) = client.into_split();
+                let (server_in, server_out) = server.into_split();
+                forward(client_in, server_out, bumped(&freeze), requests.clone());
+                let replies_cut = (bumped(&freeze), bumped(&mute));
+                let replies_cut = async move {
+                    tokio::select! {
+                        () = replies_cut.0 => {}
+                        () = replies_cut.1 => {}
                     }
-                });
+                };
+                forward(server_in, client_out, replies_cut, replies.clone());
             }
         });
-        Self { port, freeze, forwarding }
+        proxy
     }
 
     /// Freezes every open connection and returns once none of them
@@ -225,8 +226,48 @@ impl FreezingProxy {
     /// after could still slip through before its connection saw the freeze.
     async fn freeze_open_connections(&self) {
         self.freeze.send_modify(|n| *n += 1);
-        self.forwarding.subscribe().wait_for(|&n| n == 0).await.unwrap();
+        self.requests.subscribe().wait_for(|&n| n == 0).await.unwrap();
+        self.replies.subscribe().wait_for(|&n| n == 0).await.unwrap();
     }
+
+    /// Mutes every open connection: from now on Redis gets its requests
+    /// and runs them, but no answer comes back.
+    async fn mute_open_connections(&self) {
+        self.mute.send_modify(|n| *n += 1);
+        self.replies.subscribe().wait_for(|&n| n == 0).await.unwrap();
+    }
+}
+
+/// Resolves once `signal` is bumped past its value now.
+fn bumped(signal: &Sender<u64>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut watched = signal.subscribe();
+    let now = *watched.borrow_and_update();
+    async move {
+        let _ = watched.wait_for(|&n| n > now).await;
+    }
+}
+
+/// Copies `from` to `to` until `cut` (checked first, so nothing passes
+/// once it is seen); then holds both open, silent, for ever. `flowing`
+/// counts the directions still copying.
+fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: impl std::future::Future<Output = ()> + Send + 'static,
+    flowing: Arc<Sender<u64>>,
+) {
+    flowing.send_modify(|n| *n += 1);
+    tokio::spawn(async move {
+        let cut = tokio::select! {
+            biased;
+            () = cut => true,
+            _ = tokio::io::copy(&mut from, &mut to) => false,
+        };
+        flowing.send_modify(|n| *n -= 1);
+        if cut {
+            std::future::pending::<()>().await;
+        }
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,4 +304,40 @@ async fn a_refused_login_is_tried_again_once_the_server_accepts_it() {
     let answered = backend.get("k").await;
     server.cli(&["-a", "s3cret-for-tests", "--no-auth-warning", "CONFIG", "SET", "requirepass", ""]);
     assert_eq!(answered, Ok(None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_taken_for_a_call_dropped_before_the_answer_came_is_released() {
+    let Some(server) = RedisServer::start() else { return };
+    let proxy = FreezingProxy::start(server.port).await;
+    let host = host(backend(proxy.port, Duration::from_secs(5)), "rolehost:", &[("alice", "kvprobe")]);
+    // Connected, and the lock scripts loaded (a NOSCRIPT answer would be
+    // lost, too): a lock taken and released.
+    let warm_up = json!({"op":"lock_hold","name":"warm-up","ttl_ms":60000,"wait_ms":0});
+    assert_eq!(probe(&host, "alice", warm_up).await, Ok(json!(1)));
+    proxy.mute_open_connections().await;
+    let lock_key = "rolehost:alice:lock:{job}";
+    let exists = || server.cli(&["exists", lock_key]).trim() == "1";
+    let hold = json!({"op":"lock_hold","name":"job","ttl_ms":60000,"wait_ms":0,"sleep_ms":30000});
+    let mut call = Box::pin(probe(&host, "alice", hold));
+    let taken = async {
+        let start = std::time::Instant::now();
+        while !exists() {
+            assert!(start.elapsed() < Duration::from_secs(30), "Redis never took the lock");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        answer = &mut call => panic!("the call ended though Redis's answer was held back: {answer:?}"),
+        () = taken => {}
+    }
+    // Redis took the lock for the call, which never heard so; its caller
+    // gives up. The lock is released (the release reaches Redis; only its
+    // answer is lost), long before its 60 s TTL.
+    drop(call);
+    let dropped = std::time::Instant::now();
+    while exists() {
+        assert!(dropped.elapsed() < Duration::from_secs(20), "the dropped call's lock is still held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
