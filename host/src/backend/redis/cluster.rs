@@ -6,8 +6,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::connection::lock;
-
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -15,6 +13,8 @@ use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisFuture,
     RedisResult, ServerErrorKind, TlsCertificates, Value,
 };
+
+use super::connection::lock;
 
 /// One primary of a Cluster (`host`, `port`); none for the only server of
 /// the other kinds.
@@ -90,7 +90,7 @@ impl AskTargets {
         replies
     }
 
-    /// Sends `cmd` to every new node connected; errors are ignored.
+    /// Sends `cmd` to every target connected; errors are ignored.
     async fn broadcast(&self, cmd: &Cmd) {
         let conns: Vec<MultiplexedConnection> = lock(&self.conns).values().cloned().collect();
         for mut conn in conns {
