@@ -286,8 +286,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 bail!("this deletes every key of role `{role}`; add --yes to do it");
             }
             let (backend, namespace, _) = role_state(&common, &manifest, &role)?;
-            let pattern = format!("{}*", rolehost::namespace::escape_glob(namespace.prefix()));
-            println!("deleted {} keys of role `{role}`", backend.delete_matching(&pattern).await?);
+            // Fencing counters stay: a lock's tokens must keep increasing,
+            // or a holder from before the clear could outrank the next one.
+            let mut deleted = 0;
+            for space in [Space::Kv, Space::Subject, Space::Lock, Space::Rate] {
+                deleted += backend.delete_matching(&namespace.pattern(space, None)?).await?;
+            }
+            println!("deleted {deleted} keys of role `{role}` (its locks' fencing counters are kept)");
             Ok(())
         }
         Command::Checkpoint { manifest, role, file, common } => {
