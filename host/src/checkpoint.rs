@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Expiry};
 use crate::error::{StateError, StateResult};
-use crate::limits::MAX_TTL_MS;
+use crate::limits::{RoleLimits, MAX_TTL_MS};
 use crate::namespace::{Namespace, Space};
 
 /// The format tag of this version.
@@ -104,30 +104,50 @@ pub async fn take(backend: &dyn Backend, namespace: &Namespace, role: &str) -> S
         let name = namespace.local(Space::Subject, &full).unwrap_or_default().to_owned();
         subjects.push(SubjectEntry { name, ttl_ms: ttl, fields });
     }
-    let created_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-    Ok(Checkpoint { format: FORMAT.to_owned(), role: role.to_owned(), created_unix_ms, kv, subjects })
+    Ok(Checkpoint { format: FORMAT.to_owned(), role: role.to_owned(), created_unix_ms: now_unix_ms(), kv, subjects })
+}
+
+/// What a restore wrote, and what it left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// kv keys written.
+    pub kv: usize,
+    /// Subjects written.
+    pub subjects: usize,
+    /// Keys and subjects whose TTL ran out since the checkpoint was taken.
+    pub expired: usize,
 }
 
 /// Writes every key and subject of `checkpoint` into `namespace`, replacing
-/// what is there under the same names and keeping the rest. Returns the
-/// number of kv keys and subjects written.
+/// what is there under the same names and keeping the rest, under the
+/// target role's `limits` (value size and TTL policy, as the role's own
+/// writes). TTLs count from when the checkpoint was taken, as an RDB file's
+/// do: what expired since is left out.
 pub async fn restore(
     backend: &dyn Backend,
     namespace: &Namespace,
-    max_value_bytes: usize,
+    limits: &RoleLimits,
     checkpoint: &Checkpoint,
-) -> StateResult<(usize, usize)> {
+) -> StateResult<Restored> {
     if checkpoint.format != FORMAT {
         return Err(StateError::InvalidArgument(format!("unknown checkpoint format {:?}", checkpoint.format)));
     }
+    let age = now_unix_ms().saturating_sub(checkpoint.created_unix_ms);
     // Everything is checked before anything is written: a bad entry
-    // (named in the error) leaves the role's state as it was.
+    // (named in the error) leaves the role's state as it was. `None`:
+    // expired since.
     let ttl = |what: &str, ms: Option<u64>| match ms {
         Some(ms) if ms == 0 || ms > MAX_TTL_MS => {
             Err(StateError::InvalidArgument(format!("{what}: a TTL of {ms} ms is outside 1 ms to {MAX_TTL_MS} ms")))
         }
-        ms => Ok(ms.map(Duration::from_millis)),
+        Some(ms) if ms <= age => Ok(None),
+        ms => limits
+            .write_ttl(ms.map(|ms| Duration::from_millis(ms - age)))
+            .map(Some)
+            .map_err(|e| StateError::InvalidArgument(format!("{what}: {e}"))),
     };
+    let max_value_bytes = limits.max_value_bytes;
+    let mut expired = 0;
     let mut kv = Vec::with_capacity(checkpoint.kv.len());
     for entry in &checkpoint.kv {
         let what = format!("key {:?}", entry.key);
@@ -141,7 +161,10 @@ pub async fn restore(
             )));
         }
         let key = namespace.key(Space::Kv, &entry.key).map_err(|e| e.context(&what))?;
-        kv.push((key, value, ttl(&what, entry.ttl_ms)?));
+        match ttl(&what, entry.ttl_ms)? {
+            Some(ttl) => kv.push((key, value, ttl)),
+            None => expired += 1,
+        }
     }
     let mut subjects = Vec::with_capacity(checkpoint.subjects.len());
     for subject in &checkpoint.subjects {
@@ -149,7 +172,10 @@ pub async fn restore(
         let key = namespace.key(Space::Subject, &subject.name).map_err(|e| e.context(&what))?;
         let fields: Vec<(String, Vec<u8>)> =
             subject.fields.iter().map(|(f, v)| (f.clone(), v.clone().into_bytes())).collect();
-        subjects.push((key, fields, ttl(&what, subject.ttl_ms)?));
+        match ttl(&what, subject.ttl_ms)? {
+            Some(ttl) => subjects.push((key, fields, ttl)),
+            None => expired += 1,
+        }
     }
     for (key, value, ttl) in &kv {
         backend.set(key, value, *ttl).await?;
@@ -159,5 +185,9 @@ pub async fn restore(
         backend.hash_apply(key, fields, &[], None).await?;
         backend.expire(key, *ttl).await?;
     }
-    Ok((kv.len(), subjects.len()))
+    Ok(Restored { kv: kv.len(), subjects: subjects.len(), expired })
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }

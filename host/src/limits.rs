@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +82,24 @@ pub const MAX_DEADLINE_MS: u64 = 24 * 3600 * 1000;
 pub const MAX_CONCURRENCY: usize = 1 << 20;
 
 impl RoleLimits {
+    /// The TTL given to keys written without one: the default, else the
+    /// maximum.
+    pub fn default_ttl(&self) -> Option<Duration> {
+        self.default_ttl_ms.or(self.max_ttl_ms).map(Duration::from_millis)
+    }
+
+    /// The TTL of a write asking for `ttl`: that, if within the maximum
+    /// (a longer one is refused, not clamped), or the default when none.
+    pub fn write_ttl(&self, ttl: Option<Duration>) -> Result<Option<Duration>, String> {
+        match (ttl, self.max_ttl_ms) {
+            (None, _) => Ok(self.default_ttl()),
+            (Some(ttl), Some(max)) if ttl > Duration::from_millis(max) => {
+                Err(format!("a TTL of {} ms is over this role's maximum of {max} ms", ttl.as_millis()))
+            }
+            (ttl, _) => Ok(ttl),
+        }
+    }
+
     /// Checks that the limits make sense together: nothing that must be
     /// positive is zero, nothing is past what the host can honour, and the
     /// default TTL is within the maximum. Says which limit is wrong.

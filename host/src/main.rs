@@ -320,11 +320,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             let (backend, namespace, spec) = role_state(&common, &manifest, &role)?;
-            let max_value_bytes = spec.limits.max_value_bytes;
-            let (kv, subjects) = checkpoint::restore(backend.as_ref(), &namespace, max_value_bytes, &checkpoint)
+            let restored = checkpoint::restore(backend.as_ref(), &namespace, &spec.limits, &checkpoint)
                 .await
                 .with_context(|| format!("cannot restore {} into role `{role}`", file.display()))?;
-            println!("restored {kv} kv keys and {subjects} subjects into role `{role}`");
+            println!(
+                "restored {} kv keys and {} subjects into role `{role}` ({} expired since the checkpoint)",
+                restored.kv, restored.subjects, restored.expired
+            );
             Ok(())
         }
         Command::Keys { manifest, role, pattern, common } => {

@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use rolehost::backend::{Backend, MemoryBackend};
+use rolehost::backend::{Backend, Expiry, MemoryBackend};
 use rolehost::checkpoint;
 use rolehost::namespace::Namespace;
 use rolehost::RoleLimits;
@@ -87,8 +87,9 @@ fn roles_get_clear_checkpoint_restore_on_redis() {
     assert_eq!(call(&source, "app", lock), r#"{"ok":2}"#, "fencing tokens go on increasing after a clear");
     let after = call(&source, "app", r#"{"op":"expiry","key":"session"}"#);
     let ms = |answer: &str| serde_json::from_str::<serde_json::Value>(answer).unwrap()["ok"].as_u64().unwrap();
-    // The restored TTL is the saved one, less the time since the restore
-    // began (process start-up included), within a second.
+    // The restored TTL is the saved one, less the time since the
+    // checkpoint was taken (about as long as since the restore began,
+    // process start-up included), within a second.
     let (saved_ttl, after_ms) = (saved_ttl.unwrap(), ms(&after));
     let since = restored_at.elapsed().as_millis() as u64;
     assert!(
@@ -112,13 +113,13 @@ async fn checkpoints_move_between_memory_and_redis() {
     probe(&on_memory, "app", json!({"op":"set","key":"short","value":"v","ttl_ms":600000})).await.unwrap();
     probe(&on_memory, "app", json!({"op":"subject_store","subject":"s","set":{"a":[1,2]}})).await.unwrap();
     let first = checkpoint::take(memory.as_ref(), &namespace, "app").await.unwrap();
-    checkpoint::restore(redis.as_ref(), &namespace, 1 << 20, &first).await.unwrap();
+    checkpoint::restore(redis.as_ref(), &namespace, &RoleLimits::default(), &first).await.unwrap();
     let on_redis = host(redis.clone(), "rolehost:", &[("app", "kvprobe")]);
     assert_eq!(probe(&on_redis, "app", json!({"op":"get","key":"bin"})).await, Ok(json!("\u{0}\u{ff}text")));
     assert!(probe(&on_redis, "app", json!({"op":"expiry","key":"short"})).await.unwrap().as_u64().unwrap() > 590_000);
     let second = checkpoint::take(redis.as_ref(), &namespace, "app").await.unwrap();
     let back: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
-    checkpoint::restore(back.as_ref(), &namespace, 1 << 20, &second).await.unwrap();
+    checkpoint::restore(back.as_ref(), &namespace, &RoleLimits::default(), &second).await.unwrap();
     let third = checkpoint::take(back.as_ref(), &namespace, "app").await.unwrap();
     let strip = |c: &checkpoint::Checkpoint| {
         let mut c = c.clone();
@@ -171,4 +172,51 @@ fn bad_checkpoints_and_settings_are_refused_before_anything_is_written() {
     for command in [&["keys", "--manifest", &memory, "app"][..], &["checkpoint", "--manifest", &memory, "app", &file]] {
         fails(rolehost(command), "in-memory store");
     }
+}
+
+/// TTLs in a checkpoint count from when it was taken (what expired since
+/// is left out), and the target role's TTL policy applies as to its own
+/// writes: a persistent key gets its default TTL, a longer TTL than its
+/// maximum is refused (naming the key) and nothing is written.
+#[tokio::test]
+async fn restores_count_ttls_from_the_checkpoint_and_follow_the_roles_policy() {
+    let entry = |key: &str, ttl_ms: Option<u64>| checkpoint::KvEntry {
+        key: key.to_owned(),
+        value_base64: "dg==".to_owned(), // "v"
+        ttl_ms,
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let minutes = |n: u64| n * 60_000;
+    let old = checkpoint::Checkpoint {
+        format: checkpoint::FORMAT.to_owned(),
+        role: "app".to_owned(),
+        created_unix_ms: now - minutes(10),
+        kv: vec![entry("gone", Some(minutes(5))), entry("left", Some(minutes(20))), entry("kept", None)],
+        subjects: Vec::new(),
+    };
+    let backend = MemoryBackend::new();
+    let namespace = Namespace::new("rolehost:", "app", &RoleLimits::default());
+    let restored = checkpoint::restore(&backend, &namespace, &RoleLimits::default(), &old).await.unwrap();
+    assert_eq!((restored.kv, restored.expired), (2, 1));
+    assert_eq!(backend.get("rolehost:app:kv:gone").await.unwrap(), None, "expired 5 minutes ago");
+    let ms = |expiry| match expiry {
+        Expiry::ExpiresIn(left) => left.as_millis() as u64,
+        other => panic!("expected a TTL, got {other:?}"),
+    };
+    let left = ms(backend.expiry("rolehost:app:kv:left").await.unwrap());
+    assert!(left <= minutes(10) && left > minutes(10) - 5_000, "20 minutes less the 10 since: {left} ms");
+    assert_eq!(backend.expiry("rolehost:app:kv:kept").await.unwrap(), Expiry::Persistent);
+
+    // A role whose keys live at most 15 minutes (default: that maximum).
+    let capped = RoleLimits { max_ttl_ms: Some(minutes(15)), ..RoleLimits::default() };
+    let backend = MemoryBackend::new();
+    let restored = checkpoint::restore(&backend, &namespace, &capped, &old).await.unwrap();
+    assert_eq!((restored.kv, restored.expired), (2, 1));
+    assert!(ms(backend.expiry("rolehost:app:kv:kept").await.unwrap()) > minutes(15) - 5_000, "the role's default");
+    let fresh = checkpoint::Checkpoint { created_unix_ms: now, ..old.clone() };
+    let error = checkpoint::restore(&backend, &namespace, &capped, &fresh).await.unwrap_err().to_string();
+    assert!(error.contains("key \"left\"") && error.contains("maximum"), "{error}");
+    let empty = MemoryBackend::new();
+    assert!(checkpoint::restore(&empty, &namespace, &capped, &fresh).await.is_err());
+    assert_eq!(empty.get("rolehost:app:kv:kept").await.unwrap(), None, "nothing written");
 }

@@ -226,20 +226,7 @@ impl CallCtx {
     /// The TTL of a write: the guest's, checked against the role's maximum,
     /// or the role's default when the guest gives none.
     fn write_ttl(&self, ttl_ms: Option<u64>) -> StateResult<Option<Duration>> {
-        match ttl(ttl_ms)? {
-            None => Ok(self.default_ttl()),
-            Some(ttl) => {
-                if let Some(max) = self.role.limits.max_ttl_ms {
-                    if ttl > Duration::from_millis(max) {
-                        return Err(StateError::InvalidArgument(format!(
-                            "a TTL of {} ms is over this role's maximum of {max} ms",
-                            ttl.as_millis()
-                        )));
-                    }
-                }
-                Ok(Some(ttl))
-            }
-        }
+        self.role.limits.write_ttl(ttl(ttl_ms)?).map_err(StateError::InvalidArgument)
     }
 
     /// The TTL for `expire`: none (persist) is refused when the role has a
@@ -257,8 +244,7 @@ impl CallCtx {
     /// The TTL given to keys an operation leaves without one (increments,
     /// subject writes).
     fn default_ttl(&self) -> Option<Duration> {
-        let limits = &self.role.limits;
-        limits.default_ttl_ms.or(limits.max_ttl_ms).map(Duration::from_millis)
+        self.role.limits.default_ttl()
     }
 
     /// One page of local names in `space` matching a guest pattern.
