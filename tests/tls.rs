@@ -7,7 +7,7 @@ use rolehost::backend::{Backend, RedisBackend, RedisOptions};
 use rolehost::config::StateConfig;
 use rolehost::manifest::RedisSection;
 use rolehost::StateError;
-use rolehost_tests::{RedisCluster, RedisSentinels, RedisServer, TlsFiles};
+use rolehost_tests::{RedisCluster, RedisSentinels, RedisServer, TlsFiles, SENTINEL_PASSWORD};
 
 fn redis_section(ca_file: Option<std::path::PathBuf>) -> RedisSection {
     let mut section = RedisSection::default();
@@ -126,7 +126,17 @@ async fn a_tls_sentinel_and_its_primary_are_reached_with_a_rediss_sentinel_url()
     let Some(setup) = RedisSentinels::start_tls(&tls) else { return };
     let url = setup.url("");
     assert!(url.starts_with("rediss+sentinel://"), "{url}");
-    let backend = StateConfig::parse(&url, &redis_section(None)).unwrap().connect().unwrap();
+    let StateConfig::Redis(mut options) = StateConfig::parse(&url, &redis_section(None)).unwrap() else {
+        panic!("a Redis URL")
+    };
+    // The Sentinel wants a password: without it, no primary is found.
+    let error = RedisBackend::new(&options).unwrap().get("k").await.unwrap_err();
+    assert!(
+        matches!(&error, StateError::AccessDenied(m) if m.contains("REDIS_SENTINEL_PASSWORD")),
+        "the login refusal says what to set: {error:?}"
+    );
+    options.sentinel_password = Some(SENTINEL_PASSWORD.to_owned());
+    let backend = RedisBackend::new(&options).unwrap();
     backend.set("k", b"through a TLS sentinel", None).await.unwrap();
     assert_eq!(backend.get("k").await.unwrap(), Some(b"through a TLS sentinel".to_vec()));
     assert!(setup.primary.cli(&["get", "k"]).contains("through a TLS sentinel"), "the primary has it");

@@ -15,6 +15,8 @@ use crate::manifest::RedisSection;
 pub const STATE_ENV: &str = "ROLEHOST_STATE";
 /// Environment variable holding the Redis password; the only place for it.
 pub const PASSWORD_ENV: &str = "REDIS_PASSWORD";
+/// Environment variable holding the Sentinels' password, if they ask for one.
+pub const SENTINEL_PASSWORD_ENV: &str = "REDIS_SENTINEL_PASSWORD";
 /// Environment variable naming a PEM file of CA certificates for TLS URLs
 /// (`rediss://`, `rediss+cluster://`, `rediss+sentinel://`).
 pub const CA_ENV: &str = "ROLEHOST_REDIS_CA";
@@ -48,6 +50,7 @@ impl StateConfig {
         }
         let mut options = RedisOptions::new(url);
         options.password = std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty());
+        options.sentinel_password = std::env::var(SENTINEL_PASSWORD_ENV).ok().filter(|p| !p.is_empty());
         options.ca_file = std::env::var_os(CA_ENV).filter(|p| !p.is_empty()).map(Into::into).or(redis.ca_file.clone());
         options.wait_replicas = redis.wait_replicas.unwrap_or(0);
         if let Some(ms) = redis.connect_timeout_ms {

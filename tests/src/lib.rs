@@ -535,6 +535,9 @@ pub fn shared_cluster() -> Option<&'static RedisCluster> {
         .as_ref()
 }
 
+/// The password of the TLS Sentinel ([`RedisSentinels::start_tls`]).
+pub const SENTINEL_PASSWORD: &str = "sentinel-secret-for-tests";
+
 /// The primary name the Sentinel setup monitors.
 pub const SENTINEL_PRIMARY: &str = "rolehost";
 
@@ -554,12 +557,16 @@ impl RedisSentinels {
         Self::start_with(replicas, 3, None)
     }
 
-    /// A TLS-only primary and one TLS-only Sentinel watching it (over TLS).
+    /// A TLS-only primary and one TLS-only Sentinel watching it (over
+    /// TLS) that asks its clients for [`SENTINEL_PASSWORD`].
     pub fn start_tls(tls: &TlsFiles) -> Option<Self> {
         Self::start_with(0, 1, Some(tls))
     }
 
     fn start_with(replicas: usize, count: usize, tls: Option<&TlsFiles>) -> Option<Self> {
+        // With TLS, the Sentinel also wants a password (a single Sentinel:
+        // no other Sentinel needs to know it).
+        let password = tls.map(|_| SENTINEL_PASSWORD);
         if !have_redis_cli() {
             skip_or_fail("redis-cli")?;
         }
@@ -588,6 +595,10 @@ impl RedisSentinels {
                     }
                     None => format!("port {port}\n"),
                 };
+                let listen = match password {
+                    Some(password) => format!("{listen}requirepass {password}\n"),
+                    None => listen,
+                };
                 std::fs::write(
                     &config,
                     format!(
@@ -601,7 +612,11 @@ impl RedisSentinels {
                 )
                 .unwrap();
                 let args = [config.display().to_string(), "--sentinel".to_owned()];
-                RedisServer::try_spawn(port, &args, &tls.map(TlsFiles::cli_args).unwrap_or_default())
+                let mut cli_args = tls.map(TlsFiles::cli_args).unwrap_or_default();
+                if let Some(password) = password {
+                    cli_args.extend(["-a".to_owned(), password.to_owned(), "--no-auth-warning".to_owned()]);
+                }
+                RedisServer::try_spawn(port, &args, &cli_args)
             });
             sentinels.push(sentinel?);
         }

@@ -304,6 +304,9 @@ impl Kind {
                 if let Some(password) = &options.password {
                     builder = builder.set_client_to_redis_password(password);
                 }
+                if let Some(password) = &options.sentinel_password {
+                    builder = builder.set_client_to_sentinel_password(password);
+                }
                 if *tls {
                     builder = builder
                         .set_client_to_redis_tls_mode(TlsMode::Secure)

@@ -166,6 +166,10 @@ pub struct RedisOptions {
     pub username: Option<String>,
     /// The password, taken from `REDIS_PASSWORD` only.
     pub password: Option<String>,
+    /// The Sentinels' own password (`requirepass` in their configuration),
+    /// taken from `REDIS_SENTINEL_PASSWORD` only; none: they are asked
+    /// without one.
+    pub sentinel_password: Option<String>,
     /// Longest wait for a connection.
     pub connect_timeout: Duration,
     /// Longest wait for any one operation, reconnecting included.
@@ -181,6 +185,7 @@ impl RedisOptions {
             wait_replicas: 0,
             username: None,
             password: None,
+            sentinel_password: None,
             connect_timeout: Duration::from_secs(1),
             op_timeout: Duration::from_secs(2),
         }
@@ -397,7 +402,8 @@ fn map_error(error: RedisError) -> StateError {
     }
     if error.kind() == ErrorKind::AuthenticationFailed || matches!(error.code(), Some("NOAUTH" | "WRONGPASS")) {
         return StateError::AccessDenied(format!(
-            "Redis refused the login (check the user and REDIS_PASSWORD): {error}"
+            "Redis refused the login (check the user and REDIS_PASSWORD, or REDIS_SENTINEL_PASSWORD for \
+             Sentinels): {error}"
         ));
     }
     if error.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
