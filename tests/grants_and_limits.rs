@@ -16,6 +16,7 @@ on_all_backends!(
     ungranted_namespaces_are_denied_everywhere,
     default_and_max_ttl_apply_to_every_write,
     operation_quotas_per_call_and_per_second,
+    sdk_listings_fit_a_small_batch_limit,
 );
 
 fn grants(namespaces: &[(&str, Access)]) -> Grants {
@@ -282,4 +283,23 @@ async fn wasi_grants_expose_only_what_is_named() {
     }
     assert_eq!(op("bare", json!({"op":"read_file","path":"/data/hello.txt"})).await, Err("access-denied".into()));
     assert_eq!(op("bare", json!({"op":"list_dir","path":"/"})).await, Err("access-denied".into()));
+}
+
+/// The SDK's helpers that page for the role (get-by-prefix, list-keys)
+/// stay within a small `max-batch-entries`.
+async fn sdk_listings_fit_a_small_batch_limit(b: Arc<dyn Backend>, p: String) {
+    let small = RoleLimits { max_batch_entries: 100, ..RoleLimits::default() };
+    let host = host_with_specs(b, &p, vec![("small", "kvprobe", small, Grants::default())]);
+    for start in [0, 100] {
+        let entries: serde_json::Map<String, Value> =
+            (start..start + 75).map(|i| (format!("item:{i:03}"), json!(i.to_string()))).collect();
+        probe(&host, "small", json!({"op":"set_many","entries":entries})).await.unwrap();
+    }
+    let pairs = probe(&host, "small", json!({"op":"by_prefix","prefix":"item:"})).await.unwrap();
+    let pairs = pairs.as_array().unwrap();
+    assert_eq!(pairs.len(), 150, "every key, though over the batch limit");
+    assert_eq!(pairs[0], json!(["item:000", "0"]));
+    assert_eq!(pairs[149], json!(["item:174", "174"]), "sorted by key");
+    let keys = probe(&host, "small", json!({"op":"list_all","pattern":"item:*"})).await.unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 150);
 }

@@ -314,14 +314,22 @@ impl Bucket {
 
     /// Every key starting with `prefix`, with its value, sorted by key.
     pub fn get_by_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut keys = self.list_keys(Some(&format!("{}*", escape_glob(prefix))))?;
-        keys.sort();
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(PAGE as usize) {
-            let values = self.get_many(chunk)?;
+        let pattern = format!("{}*", escape_glob(prefix));
+        let mut out = Vec::new();
+        let mut cursor = None;
+        loop {
+            // The host caps a page at the role's `max-batch-entries`, so
+            // its keys fit one get-many.
+            let page = self.list_keys_page(Some(&pattern), cursor.as_deref(), PAGE)?;
+            let values = self.get_many(&page.keys)?;
             // A key deleted between the listing and the read is skipped.
-            out.extend(chunk.iter().cloned().zip(values).filter_map(|(k, v)| Some((k, v?))));
+            out.extend(page.keys.into_iter().zip(values).filter_map(|(k, v)| Some((k, v?))));
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
         }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
