@@ -81,6 +81,10 @@ async fn the_cluster_url_configures_a_cluster_backend() {
     assert_eq!(health.details["topology"], "cluster");
     assert_eq!(health.details["primaries"], "3");
     assert!(health.details["redis_version"].starts_with(|c: char| c.is_ascii_digit()), "{health:?}");
+    // Counted over every primary: this backend has a connection to each.
+    let clients: usize = health.details["connected_clients"].parse().unwrap();
+    assert!(clients >= 3, "{health:?}");
+    assert!(!health.details.contains_key("warning"), "no memory limit, nothing evicted: {health:?}");
     let key = format!("{}k", unique("url"));
     backend.set(&key, b"v", None).await.unwrap();
     assert_eq!(backend.get(&key).await.unwrap(), Some(b"v".to_vec()));

@@ -341,3 +341,14 @@ async fn a_lock_taken_for_a_call_dropped_before_the_answer_came_is_released() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_warns_when_redis_may_evict_keys() {
+    let evicting = ["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"];
+    let Some(server) = RedisServer::start_with(&evicting) else { return };
+    let health = backend(server.port, Duration::from_secs(2)).health().await.unwrap();
+    assert!(health.details["warning"].contains("allkeys-lru may evict"), "{health:?}");
+    server.cli(&["config", "set", "maxmemory-policy", "noeviction"]);
+    let health = backend(server.port, Duration::from_secs(2)).health().await.unwrap();
+    assert!(!health.details.contains_key("warning"), "{health:?}");
+}

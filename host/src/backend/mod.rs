@@ -58,8 +58,11 @@ pub struct RateDecision {
 pub struct Health {
     /// `memory` or `redis`.
     pub kind: &'static str,
-    /// Server facts: for Redis `redis_version`, `used_memory`,
-    /// `used_memory_human`, `connected_clients`, `rdb_last_save_time`.
+    /// Server facts: for Redis `redis_version`, `used_memory` (and
+    /// `_human`, `_peak`), `connected_clients`, `keyspace_hits`,
+    /// `keyspace_misses`, `expired_keys`, `evicted_keys` (summed over a
+    /// Cluster's primaries), `rdb_last_save_time`, `maxmemory_policy`,
+    /// `topology`, `primaries`, and `warning` when keys may be evicted.
     pub details: BTreeMap<String, String>,
 }
 

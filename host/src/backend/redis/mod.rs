@@ -394,6 +394,68 @@ impl RedisBackend {
     }
 }
 
+/// Server facts from the `INFO` answers of every primary: counters summed
+/// over them, the rest as the first says; and a `warning` when a primary
+/// may evict keys (locks and fencing counters among them) when full.
+fn health_details(infos: &[String]) -> BTreeMap<String, String> {
+    const FIRST: &[&str] = &["redis_version", "rdb_last_save_time", "maxmemory_policy"];
+    const SUMMED: &[&str] = &[
+        "used_memory",
+        "used_memory_peak",
+        "connected_clients",
+        "keyspace_hits",
+        "keyspace_misses",
+        "expired_keys",
+        "evicted_keys",
+    ];
+    let fields = |info: &str| -> BTreeMap<String, String> {
+        info.lines()
+            .filter_map(|line| line.trim().split_once(':'))
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect()
+    };
+    let all: Vec<BTreeMap<String, String>> = infos.iter().map(|info| fields(info)).collect();
+    let mut details = BTreeMap::new();
+    for name in FIRST {
+        if let Some(value) = all.first().and_then(|f| f.get(*name)) {
+            details.insert((*name).to_owned(), value.clone());
+        }
+    }
+    for name in SUMMED {
+        let values: Vec<u64> = all.iter().filter_map(|f| f.get(*name)?.parse().ok()).collect();
+        if !values.is_empty() {
+            details.insert((*name).to_owned(), values.iter().sum::<u64>().to_string());
+        }
+    }
+    if let Some(used) = details.get("used_memory").and_then(|u| u.parse::<u64>().ok()) {
+        details.insert("used_memory_human".into(), human_bytes(used));
+    }
+    let evicting = all.iter().find(|f| {
+        let limited = f.get("maxmemory").is_some_and(|m| m != "0");
+        limited && f.get("maxmemory_policy").is_some_and(|p| p != "noeviction")
+    });
+    if let Some(f) = evicting {
+        details.insert(
+            "warning".into(),
+            format!(
+                "maxmemory-policy {} may evict rolehost's keys (locks, fencing counters, state) when Redis is \
+                 full; use noeviction",
+                f["maxmemory_policy"]
+            ),
+        );
+    }
+    details
+}
+
+/// Bytes as Redis shows them: `1.50M`.
+fn human_bytes(bytes: u64) -> String {
+    let units = [("G", 1u64 << 30), ("M", 1 << 20), ("K", 1 << 10)];
+    match units.iter().find(|(_, size)| bytes >= *size) {
+        Some((unit, size)) => format!("{:.2}{unit}", bytes as f64 / *size as f64),
+        None => format!("{bytes}B"),
+    }
+}
+
 /// Sorts Redis failures into the state API's errors.
 fn map_error(error: RedisError) -> StateError {
     let transient = retry::is_transient(&error);
@@ -486,22 +548,21 @@ impl Backend for RedisBackend {
     }
 
     async fn health(&self) -> StateResult<Health> {
-        const FIELDS: &[&str] =
-            &["redis_version", "used_memory", "used_memory_human", "connected_clients", "rdb_last_save_time"];
         let deadline = self.deadline();
         let shards = self.shards(deadline).await?;
-        let first = shards.first().ok_or_else(|| StateError::Unavailable("no Redis Cluster primary is up".into()))?;
-        let info: String = self
-            .run_by(deadline, Op::Read, |mut c| async move {
-                redis::from_redis_value(c.on(first, &redis::cmd("INFO")).await?).map_err(Into::into)
-            })
-            .await?;
-        let mut details: BTreeMap<String, String> = info
-            .lines()
-            .filter_map(|line| line.trim().split_once(':'))
-            .filter(|(name, _)| FIELDS.contains(name))
-            .map(|(name, value)| (name.to_owned(), value.to_owned()))
-            .collect();
+        if shards.is_empty() {
+            return Err(StateError::Unavailable("no Redis Cluster primary is up".into()));
+        }
+        let mut infos = Vec::with_capacity(shards.len());
+        for shard in &shards {
+            let info: String = self
+                .run_by(deadline, Op::Read, |mut c| async move {
+                    redis::from_redis_value(c.on(shard, &redis::cmd("INFO")).await?).map_err(Into::into)
+                })
+                .await?;
+            infos.push(info);
+        }
+        let mut details = health_details(&infos);
         details.insert("topology".into(), self.connector.topology().into());
         details.insert("primaries".into(), shards.len().to_string());
         Ok(Health { kind: "redis", details })
@@ -791,5 +852,34 @@ impl Backend for RedisBackend {
             }
         }
         Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_sums_counters_over_primaries_and_warns_of_eviction() {
+        let info = |clients: u64, memory: u64, policy: &str, max: &str| {
+            format!(
+                "# Server\r\nredis_version:7.0.15\r\n# Clients\r\nconnected_clients:{clients}\r\n\
+                 # Memory\r\nused_memory:{memory}\r\nmaxmemory:{max}\r\nmaxmemory_policy:{policy}\r\n\
+                 # Stats\r\nevicted_keys:0\r\nkeyspace_hits:5\r\n"
+            )
+        };
+        let safe = health_details(&[info(2, 1 << 20, "noeviction", "0"), info(3, 1 << 20, "noeviction", "0")]);
+        assert_eq!(safe["connected_clients"], "5");
+        assert_eq!(safe["used_memory"], (2u64 << 20).to_string());
+        assert_eq!(safe["used_memory_human"], "2.00M");
+        assert_eq!(safe["keyspace_hits"], "10");
+        assert_eq!(safe["redis_version"], "7.0.15");
+        assert!(!safe.contains_key("warning"));
+        // An eviction policy matters only with a memory limit.
+        let unlimited = health_details(&[info(1, 10, "allkeys-lru", "0")]);
+        assert!(!unlimited.contains_key("warning"));
+        let risky = health_details(&[info(1, 10, "noeviction", "0"), info(1, 10, "volatile-lru", "104857600")]);
+        assert!(risky["warning"].contains("maxmemory-policy volatile-lru may evict"), "{risky:?}");
+        assert_eq!(human_bytes(512), "512B");
     }
 }
