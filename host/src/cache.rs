@@ -30,9 +30,11 @@ impl CompileCache {
 
     /// The default place: `$XDG_CACHE_HOME/rolehost` or `~/.cache/rolehost`.
     pub fn default_dir() -> Option<PathBuf> {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))?;
+        // An empty variable counts as unset (as the XDG spec says), not as
+        // the current directory.
+        let set = |name| std::env::var_os(name).filter(|value| !value.is_empty());
+        let base =
+            set("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| Some(Path::new(&set("HOME")?).join(".cache")))?;
         Some(base.join("rolehost"))
     }
 

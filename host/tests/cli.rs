@@ -15,16 +15,25 @@ fn rolehost(args: &[&str]) -> Output {
 
 /// Like [`rolehost`], allowing `limit` before it counts as a hang.
 fn rolehost_within(args: &[&str], limit: Duration) -> Output {
+    rolehost_with(args, &[], b"", limit)
+}
+
+/// Like [`rolehost_within`], with `env` set and `stdin` on its standard input.
+fn rolehost_with(args: &[&str], env: &[(&str, &str)], stdin: &[u8], limit: Duration) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rolehost"))
         .args(args)
         .env_remove("ROLEHOST_STATE")
         .env_remove("ROLEHOST_PREFIX")
         .env_remove("REDIS_PASSWORD")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Written whole, then closed: the child reads to the end.
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin).unwrap();
     let start = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if start.elapsed() > limit {
@@ -127,6 +136,36 @@ fn run_passes_the_body_and_prints_the_response() {
     let probe = role_path("kvprobe");
     let out = rolehost(&["run", probe.to_str().unwrap(), r#"{"op":"incr","key":"n","delta":41}"#]);
     assert_eq!(stdout(&out), r#"{"ok":41}"#);
+}
+
+#[test]
+fn a_body_of_dash_is_read_from_stdin() {
+    let probe = role_path("kvprobe");
+    let body = br#"{"op":"incr","key":"n","delta":2}"#;
+    let out = rolehost_with(&["run", probe.to_str().unwrap(), "-"], &[], body, Duration::from_secs(60));
+    assert_eq!(stdout(&out), r#"{"ok":2}"#, "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn the_compile_cache_goes_where_rolehost_cache_says() {
+    let home = temp_dir("cache-home");
+    let home = home.to_str().unwrap();
+    let run = |cache: Option<&str>| {
+        let mut env = vec![("HOME", home), ("XDG_CACHE_HOME", "")];
+        env.extend(cache.map(|dir| ("ROLEHOST_CACHE", dir)));
+        let out = rolehost_with(&["run", &counter()], &env, b"", Duration::from_secs(60));
+        assert_eq!(stdout(&out), "1", "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let entries = |dir: &Path| std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let default = Path::new(home).join(".cache/rolehost");
+    run(Some("off"));
+    assert!(!default.exists(), "off: nothing written");
+    let chosen = temp_dir("cache-chosen");
+    run(Some(chosen.to_str().unwrap()));
+    assert_eq!(entries(&chosen), 1, "the compiled counter, in the directory named");
+    assert!(!default.exists());
+    run(None);
+    assert_eq!(entries(&default), 1, "by default under ~/.cache/rolehost");
 }
 
 #[test]
