@@ -325,3 +325,26 @@ async fn without_warm_instances_every_call_is_fresh() {
         assert_eq!(left, Ok(json!("")));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_metrics_count_hits_misses_errors_and_bytes() {
+    let host = host(backend("memory").unwrap(), "t:", &[("m", "kvprobe")]);
+    let op = |body: serde_json::Value| probe(&host, "m", body);
+    op(json!({"op":"set","key":"k","value":"hello"})).await.unwrap();
+    op(json!({"op":"get","key":"k"})).await.unwrap();
+    op(json!({"op":"get","key":"k"})).await.unwrap();
+    op(json!({"op":"get","key":"missing"})).await.unwrap();
+    assert_eq!(op(json!({"op":"incr","key":"k","delta":1})).await, Err("invalid-argument".into()));
+    let metrics = host.metrics().render();
+    let value = |name: &str, labels: &[&str]| -> Option<f64> {
+        let line = metrics.lines().find(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))?;
+        line.rsplit(' ').next()?.parse().ok()
+    };
+    let role = r#"role="m""#;
+    assert_eq!(value("rolehost_state_hits_total", &[role, r#"op="get""#]), Some(2.0));
+    assert_eq!(value("rolehost_state_misses_total", &[role, r#"op="get""#]), Some(1.0));
+    assert_eq!(value("rolehost_state_read_bytes_total", &[role]), Some(10.0), "two reads of 5 bytes");
+    assert_eq!(value("rolehost_state_written_bytes_total", &[role]), Some(5.0));
+    let error = value("rolehost_state_errors_total", &[role, r#"op="increment""#, r#"kind="invalid-argument""#]);
+    assert_eq!(error, Some(1.0), "{metrics}");
+}
