@@ -352,3 +352,26 @@ async fn health_warns_when_redis_may_evict_keys() {
     let health = backend(server.port, Duration::from_secs(2)).health().await.unwrap();
     assert!(!health.details.contains_key("warning"), "{health:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_refuses_writes_as_quota_exceeded() {
+    let Some(server) = RedisServer::start_with(&["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"]) else {
+        return;
+    };
+    let b = backend(server.port, Duration::from_secs(2));
+    b.set("keep", b"v", None).await.unwrap();
+    let value = vec![7u8; 100_000];
+    let mut i = 0;
+    let error = loop {
+        match b.set(&format!("k{i}"), &value, None).await {
+            Ok(()) => i += 1,
+            Err(error) => break error,
+        }
+        assert!(i < 100, "never full");
+    };
+    assert!(matches!(&error, StateError::QuotaExceeded(m) if m.contains("Redis is full")), "{error:?}");
+    let batch = b.set_many(&[("m1".to_owned(), value.clone()), ("m2".to_owned(), value)], None).await;
+    assert!(matches!(batch, Err(StateError::QuotaExceeded(_))), "{batch:?}");
+    assert_eq!(b.get("keep").await, Ok(Some(b"v".to_vec())), "reads go on");
+    assert_eq!(b.delete_many(&["keep".to_owned()]).await, Ok(1), "and deletes");
+}

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 
-use crate::backend::{Backend, MemoryBackend, RedisBackend, RedisOptions};
+use crate::backend::{Backend, MemoryBackend, RedisBackend, RedisOptions, MEMORY_DEFAULT_MAX_BYTES};
 use crate::manifest::RedisSection;
 
 /// Environment variable naming the state backend.
@@ -28,8 +28,9 @@ const REDIS_URLS: &str = "redis://[user@]host:port[/db], redis+cluster://host:po
 /// A state backend choice.
 #[derive(Debug, Clone)]
 pub enum StateConfig {
-    /// The embedded in-memory store.
-    Memory,
+    /// The embedded in-memory store, refusing writes past `max_bytes`
+    /// (`memory?max-bytes=N`; default [`MEMORY_DEFAULT_MAX_BYTES`]).
+    Memory { max_bytes: usize },
     /// A Redis server.
     Redis(RedisOptions),
 }
@@ -38,8 +39,15 @@ impl StateConfig {
     /// Parses `memory` or a Redis URL, taking the password and CA file
     /// from the environment and the rest from the manifest's `[redis]`.
     pub fn parse(url: &str, redis: &RedisSection) -> anyhow::Result<Self> {
-        if url == "memory" {
-            return Ok(Self::Memory);
+        if let Some(rest) = url.strip_prefix("memory").filter(|rest| rest.is_empty() || rest.starts_with('?')) {
+            let max_bytes = match rest.strip_prefix("?max-bytes=") {
+                None if rest.is_empty() => MEMORY_DEFAULT_MAX_BYTES,
+                Some(n) => n.parse().ok().filter(|&n| n > 0).with_context(|| {
+                    format!("invalid state backend {url:?}: max-bytes must be a positive number of bytes")
+                })?,
+                None => bail!("invalid state backend {url:?}: `memory` takes only ?max-bytes=N"),
+            };
+            return Ok(Self::Memory { max_bytes });
         }
         let scheme = url.split("://").next().unwrap_or_default();
         if !["redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"]
@@ -79,7 +87,7 @@ impl StateConfig {
     /// Builds the backend. Redis connects lazily, on first use.
     pub fn connect(&self) -> anyhow::Result<Arc<dyn Backend>> {
         Ok(match self {
-            Self::Memory => Arc::new(MemoryBackend::new()),
+            Self::Memory { max_bytes } => Arc::new(MemoryBackend::with_max_bytes(*max_bytes)),
             Self::Redis(options) => Arc::new(RedisBackend::new(options).map_err(anyhow::Error::msg)?),
         })
     }

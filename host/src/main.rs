@@ -399,7 +399,7 @@ fn role_state(common: &Common, manifest: &Path, role: &str) -> anyhow::Result<(A
         .find(|s| s.name == role)
         .with_context(|| format!("the manifest has no role `{role}`"))?;
     let state = state(common, Some(&manifest))?;
-    if matches!(state, StateConfig::Memory) {
+    if matches!(state, StateConfig::Memory { .. }) {
         bail!(
             "the state is the in-memory store, which starts empty in every process and so holds nothing to \
              work on here; name the Redis that holds the role's state (--state redis://… or the manifest's state)"

@@ -6,6 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rolehost_tests::{role_path, shared_redis};
+use serde_json::json;
 
 /// Runs `rolehost ARGS` with no inherited state setting, failing the test
 /// if it takes over 60 s (a hang).
@@ -169,6 +170,20 @@ fn the_compile_cache_goes_where_rolehost_cache_says() {
 }
 
 #[test]
+fn a_full_in_memory_store_refuses_writes() {
+    let probe = role_path("kvprobe");
+    let set = |key: &str| json!({"op":"set","key":key,"len":5000});
+    let batch = json!({"op":"batch","ops":[set("a"), set("b"), {"op":"get","key":"missing"}]}).to_string();
+    let out = rolehost(&["run", probe.to_str().unwrap(), &batch, "--state", "memory?max-bytes=4000"]);
+    let answers: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let answers = &answers["ok"];
+    assert_eq!(answers[0], json!({"ok":null}), "the first write fits an empty store");
+    assert_eq!(answers[1]["err"]["kind"], "quota-exceeded", "{answers}");
+    assert!(answers[1]["err"]["message"].as_str().unwrap().contains("store is full"), "{answers}");
+    assert_eq!(answers[2], json!({"ok":null}), "reads go on");
+}
+
+#[test]
 fn call_and_keys_use_the_manifest() {
     let Some(server) = shared_redis() else { return };
     let url = server.url(server.fresh_db());
@@ -226,6 +241,9 @@ fn bad_manifests_are_refused_clearly() {
     let url_password = rolehost(&["run", &counter(), "--state", "redis://:hunter2@127.0.0.1:1"]);
     assert_fails_with(&url_password, "REDIS_PASSWORD");
     assert_fails_with(&rolehost(&["run", &counter(), "--state", "mongodb://x"]), "unknown state backend");
+    for bad in ["memory?max-bytes=0", "memory?max-bytes=lots", "memory?size=1"] {
+        assert_fails_with(&rolehost(&["run", &counter(), "--state", bad]), "invalid state backend");
+    }
     // Limits the host cannot honour are refused at load, not a panic later.
     let huge = format!(
         "[[roles]]\nname = \"c\"\nwasm = {:?}\nlimits = {{ max-concurrency = 9223372036854775807 }}\n",

@@ -1,5 +1,8 @@
 //! The embedded store: a sorted map in the host process, with Redis's
 //! semantics (TTL included) so roles behave the same on either backend.
+//! Like a Redis with `maxmemory` and `noeviction`, it refuses writes
+//! (`quota-exceeded`) while it holds more than its size limit; deletes and
+//! reads go on.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -20,6 +23,12 @@ const MAX_SCAN_EXAMINED: usize = 10_000;
 const MAX_SCAN_WORK: usize = 1_000_000;
 /// Operations between sweeps of expired entries that nobody touched.
 const SWEEP_EVERY: u64 = 4096;
+/// The size limit of [`MemoryBackend::new`].
+pub const DEFAULT_MAX_BYTES: usize = 1 << 30;
+/// Bytes counted for an entry besides its key and value (map node, entry,
+/// allocation headers), and for a hash field besides its name and value.
+const ENTRY_OVERHEAD: usize = 96;
+const FIELD_OVERHEAD: usize = 64;
 
 enum Value {
     Bytes(Vec<u8>),
@@ -36,6 +45,15 @@ impl Entry {
         Self { value, expires_at: ttl.map(|ttl| Instant::now() + ttl) }
     }
 
+    /// About the memory the entry at `key` takes.
+    fn footprint(&self, key: &str) -> usize {
+        let value = match &self.value {
+            Value::Bytes(bytes) => bytes.len(),
+            Value::Hash(hash) => hash.iter().map(|(field, v)| FIELD_OVERHEAD + field.len() + v.len()).sum(),
+        };
+        ENTRY_OVERHEAD + key.len() + value
+    }
+
     fn is_live(&self, now: Instant) -> bool {
         self.expires_at.is_none_or(|at| at > now)
     }
@@ -49,9 +67,16 @@ fn wrong_type() -> StateError {
 struct Map {
     entries: BTreeMap<String, Entry>,
     writes: u64,
+    /// The sum of the entries' footprints.
+    bytes: usize,
 }
 
 impl Map {
+    /// The footprint of the entries at `keys` (distinct).
+    fn footprint(&self, keys: &[&str]) -> usize {
+        keys.iter().filter_map(|key| Some(self.entries.get(*key)?.footprint(key))).sum()
+    }
+
     fn bytes(&self, key: &str) -> StateResult<Option<&Vec<u8>>> {
         match self.entries.get(key).map(|e| &e.value) {
             None => Ok(None),
@@ -95,15 +120,27 @@ impl Map {
 }
 
 /// The in-process backend. Data lives as long as the process.
-#[derive(Default)]
 pub struct MemoryBackend {
     map: Mutex<Map>,
+    max_bytes: usize,
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl MemoryBackend {
-    /// An empty store.
+    /// An empty store of at most [`DEFAULT_MAX_BYTES`].
     pub fn new() -> Self {
-        Self::default()
+        Self::with_max_bytes(DEFAULT_MAX_BYTES)
+    }
+
+    /// An empty store that refuses writes while it holds more than
+    /// `max_bytes` (keys, values and bookkeeping, approximately).
+    pub fn with_max_bytes(max_bytes: usize) -> Self {
+        Self { map: Mutex::new(Map::default()), max_bytes }
     }
 
     fn lock(&self) -> MutexGuard<'_, Map> {
@@ -113,21 +150,59 @@ impl MemoryBackend {
     }
 
     /// Runs `f` on the map after dropping `keys` if they have expired, so
-    /// `f` sees only live entries for them. Now and then sweeps every
-    /// expired entry, so keys nobody reads again do not pile up.
+    /// `f` sees only live entries for them; `keys` are all that `f` may
+    /// change, so the store's size follows from theirs before and after.
+    /// Now and then sweeps every expired entry, so keys nobody reads again
+    /// do not pile up.
     fn with<R>(&self, keys: &[&str], f: impl FnOnce(&mut Map) -> R) -> R {
+        let mut distinct;
+        let keys = if keys.len() > 1 {
+            distinct = keys.to_vec();
+            distinct.sort_unstable();
+            distinct.dedup();
+            &distinct[..]
+        } else {
+            keys
+        };
         let mut map = self.lock();
         let now = Instant::now();
         for key in keys {
             if map.entries.get(*key).is_some_and(|entry| !entry.is_live(now)) {
-                map.entries.remove(*key);
+                if let Some(entry) = map.entries.remove(*key) {
+                    map.bytes = map.bytes.saturating_sub(entry.footprint(key));
+                }
             }
         }
         map.writes += 1;
         if map.writes.is_multiple_of(SWEEP_EVERY) {
-            map.entries.retain(|_, entry| entry.is_live(now));
+            let mut freed = 0;
+            map.entries.retain(|key, entry| {
+                let live = entry.is_live(now);
+                if !live {
+                    freed += entry.footprint(key);
+                }
+                live
+            });
+            map.bytes = map.bytes.saturating_sub(freed);
         }
-        f(&mut map)
+        let before = map.footprint(keys);
+        let result = f(&mut map);
+        map.bytes = (map.bytes + map.footprint(keys)).saturating_sub(before);
+        result
+    }
+
+    /// [`MemoryBackend::with`] for an operation that may add data: refused
+    /// while the store is over its size limit.
+    fn write<R>(&self, keys: &[&str], f: impl FnOnce(&mut Map) -> StateResult<R>) -> StateResult<R> {
+        self.with(keys, |map| {
+            if map.bytes > self.max_bytes {
+                return Err(StateError::QuotaExceeded(format!(
+                    "the in-memory store is full ({} of {} bytes); delete keys or give it more room",
+                    map.bytes, self.max_bytes
+                )));
+            }
+            f(map)
+        })
     }
 }
 
@@ -138,8 +213,9 @@ impl Backend for MemoryBackend {
     }
 
     async fn health(&self) -> StateResult<Health> {
-        let keys = self.lock().entries.len();
-        Ok(Health { kind: "memory", details: [("keys".to_owned(), keys.to_string())].into() })
+        let map = self.lock();
+        let details = [("keys", map.entries.len()), ("used_bytes", map.bytes), ("max_bytes", self.max_bytes)];
+        Ok(Health { kind: "memory", details: details.map(|(name, n)| (name.to_owned(), n.to_string())).into() })
     }
 
     async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
@@ -147,8 +223,10 @@ impl Backend for MemoryBackend {
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()> {
-        self.with(&[], |map| map.put(key, value, ttl));
-        Ok(())
+        self.write(&[key], |map| {
+            map.put(key, value, ttl);
+            Ok(())
+        })
     }
 
     async fn exists(&self, key: &str) -> StateResult<bool> {
@@ -164,12 +242,13 @@ impl Backend for MemoryBackend {
     }
 
     async fn set_many(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()> {
-        self.with(&[], |map| {
+        let keys: Vec<&str> = entries.iter().map(|(key, _)| key.as_str()).collect();
+        self.write(&keys, |map| {
             for (key, value) in entries {
                 map.put(key, value, ttl);
             }
-        });
-        Ok(())
+            Ok(())
+        })
     }
 
     async fn delete_many(&self, keys: &[String]) -> StateResult<u64> {
@@ -229,7 +308,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn increment(&self, key: &str, delta: i64, fallback_ttl: Option<Duration>) -> StateResult<i64> {
-        self.with(&[key], |map| {
+        self.write(&[key], |map| {
             let next = add_integer(map.bytes(key)?.map(Vec::as_slice), delta)?;
             let value = next.to_string().into_bytes();
             match map.entries.get_mut(key) {
@@ -242,13 +321,13 @@ impl Backend for MemoryBackend {
     }
 
     async fn set_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool> {
-        Ok(self.with(&[key], |map| {
+        self.write(&[key], |map| {
             if map.entries.contains_key(key) {
-                return false;
+                return Ok(false);
             }
             map.put(key, value, ttl);
-            true
-        }))
+            Ok(true)
+        })
     }
 
     async fn compare_and_swap(
@@ -258,7 +337,7 @@ impl Backend for MemoryBackend {
         new: Option<&[u8]>,
         ttl: Option<Duration>,
     ) -> StateResult<bool> {
-        self.with(&[key], |map| {
+        let swap = |map: &mut Map| {
             if map.bytes(key)?.map(Vec::as_slice) != expected {
                 return Ok(false);
             }
@@ -269,7 +348,13 @@ impl Backend for MemoryBackend {
                 }
             }
             Ok(true)
-        })
+        };
+        // Deleting needs no room.
+        if new.is_some() {
+            self.write(&[key], swap)
+        } else {
+            self.with(&[key], swap)
+        }
     }
 
     async fn get_and_delete(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
@@ -302,7 +387,7 @@ impl Backend for MemoryBackend {
         if set.is_empty() && remove.is_empty() {
             return Ok(()); // As on Redis: nothing to write touches nothing, TTL included.
         }
-        self.with(&[key], |map| {
+        let apply = |map: &mut Map| {
             let hash = map.hash_mut(key)?;
             for (field, value) in set {
                 hash.insert(field.clone(), value.clone());
@@ -312,7 +397,12 @@ impl Backend for MemoryBackend {
             }
             map.settle(key, fallback_ttl);
             Ok(())
-        })
+        };
+        if set.is_empty() {
+            self.with(&[key], apply)
+        } else {
+            self.write(&[key], apply)
+        }
     }
 
     async fn hash_increment(
@@ -322,7 +412,7 @@ impl Backend for MemoryBackend {
         delta: i64,
         fallback_ttl: Option<Duration>,
     ) -> StateResult<i64> {
-        self.with(&[key], |map| {
+        self.write(&[key], |map| {
             let hash = map.hash_mut(key)?;
             let next = add_integer(hash.get(field).map(Vec::as_slice), delta);
             if let Ok(next) = next {
@@ -340,7 +430,7 @@ impl Backend for MemoryBackend {
         delta: f64,
         fallback_ttl: Option<Duration>,
     ) -> StateResult<f64> {
-        self.with(&[key], |map| {
+        self.write(&[key], |map| {
             let hash = map.hash_mut(key)?;
             // Answer what was stored, as Redis does, so both round alike.
             let next = add_float(hash.get(field).map(Vec::as_slice), delta).map(|n| {
@@ -361,7 +451,7 @@ impl Backend for MemoryBackend {
         new: Option<&[u8]>,
         fallback_ttl: Option<Duration>,
     ) -> StateResult<bool> {
-        self.with(&[key], |map| {
+        let set = |map: &mut Map| {
             if map.hash(key)?.and_then(|h| h.get(field)).map(Vec::as_slice) != expected {
                 return Ok(false);
             }
@@ -372,11 +462,16 @@ impl Backend for MemoryBackend {
             };
             map.settle(key, new.and(fallback_ttl));
             Ok(true)
-        })
+        };
+        if new.is_some() {
+            self.write(&[key], set)
+        } else {
+            self.with(&[key], set)
+        }
     }
 
     async fn lock_acquire(&self, key: &str, fence_key: &str, owner: &str, ttl: Duration) -> StateResult<Option<u64>> {
-        self.with(&[key, fence_key], |map| {
+        self.write(&[key, fence_key], |map| {
             if map.entries.contains_key(key) {
                 return Ok(None);
             }
@@ -401,7 +496,7 @@ impl Backend for MemoryBackend {
 
     async fn rate_check(&self, key: &str, limit: u64, window: Duration, cost: u64) -> StateResult<RateDecision> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
-        self.with(&[key], |map| {
+        self.write(&[key], |map| {
             let tat = map.bytes(key)?.and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
             let (decision, new_tat) = gcra(tat, now, limit, window.as_micros() as u64, cost);
             if let Some(new_tat) = new_tat {
@@ -470,6 +565,71 @@ fn format_float(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The store's size as counted, and as recounted from scratch.
+    fn sizes(store: &MemoryBackend) -> (usize, usize) {
+        let map = store.lock();
+        (map.bytes, map.entries.iter().map(|(key, entry)| entry.footprint(key)).sum())
+    }
+
+    #[tokio::test]
+    async fn the_size_follows_every_kind_of_change() {
+        let store = MemoryBackend::new();
+        let b: &dyn Backend = &store;
+        b.set("a", b"12345", None).await.unwrap();
+        b.set("a", b"1", None).await.unwrap();
+        let pairs = [("x".to_owned(), b"xx".to_vec()), ("x".to_owned(), b"xxx".to_vec()), ("y".to_owned(), vec![0; 9])];
+        b.set_many(&pairs, None).await.unwrap();
+        b.increment("n", 1000, None).await.unwrap();
+        b.hash_apply("h", &[("f".into(), b"v".to_vec()), ("g".into(), b"w".to_vec())], &[], None).await.unwrap();
+        b.hash_apply("h", &[], &["f".into()], None).await.unwrap();
+        b.hash_increment_float("h", "z", 1.5, None).await.unwrap();
+        b.hash_compare_and_set("h2", "f", None, Some(b"v"), None).await.unwrap();
+        b.lock_acquire("l", "fence", "me", Duration::from_secs(60)).await.unwrap();
+        b.set_if_absent("s", b"v", Some(Duration::from_millis(1))).await.unwrap();
+        b.compare_and_swap("a", Some(b"1"), Some(b"22"), None).await.unwrap();
+        b.get_and_delete("x").await.unwrap();
+        b.delete_many(&["y".to_owned(), "y".to_owned(), "none".to_owned()]).await.unwrap();
+        let (counted, actual) = sizes(&store);
+        assert_eq!(counted, actual);
+        assert!(counted > 0);
+        // An expired entry leaves the count when it is dropped.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(b.get("s").await.unwrap(), None);
+        assert_eq!(sizes(&store).0, sizes(&store).1);
+        b.delete_matching("*").await.unwrap();
+        assert_eq!(sizes(&store), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_full_store_refuses_writes_but_reads_and_deletes() {
+        let store = MemoryBackend::with_max_bytes(10_000);
+        let b: &dyn Backend = &store;
+        b.set("keep", b"v", None).await.unwrap();
+        let mut i = 0;
+        let error = loop {
+            match b.set(&format!("k{i}"), &[7; 1000], None).await {
+                Ok(()) => i += 1,
+                Err(error) => break error,
+            }
+            assert!(i < 100, "never full");
+        };
+        assert!(matches!(&error, StateError::QuotaExceeded(m) if m.contains("store is full")), "{error:?}");
+        assert!(error.is_retryable(), "room may come back");
+        for refused in [
+            b.increment("n", 1, None).await.err(),
+            b.hash_apply("h", &[("f".into(), b"v".to_vec())], &[], None).await.err(),
+            b.lock_acquire("l", "fence", "me", Duration::from_secs(1)).await.err(),
+        ] {
+            assert!(matches!(refused, Some(StateError::QuotaExceeded(_))), "{refused:?}");
+        }
+        assert_eq!(b.get("keep").await.unwrap(), Some(b"v".to_vec()), "reads go on");
+        assert!(b.compare_and_swap("keep", Some(b"v"), None, None).await.unwrap(), "a delete needs no room");
+        let health = b.health().await.unwrap();
+        assert_eq!(health.details["max_bytes"], "10000");
+        b.delete_matching("k*").await.unwrap();
+        b.set("again", b"v", None).await.unwrap();
+    }
 
     #[tokio::test]
     async fn a_costly_pattern_makes_short_pages_and_still_finds_every_match() {

@@ -8,7 +8,7 @@ mod memory;
 mod metered;
 mod redis;
 
-pub use self::memory::MemoryBackend;
+pub use self::memory::{MemoryBackend, DEFAULT_MAX_BYTES as MEMORY_DEFAULT_MAX_BYTES};
 pub use self::metered::Metered;
 pub use self::redis::{RedisBackend, RedisOptions};
 

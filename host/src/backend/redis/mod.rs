@@ -462,6 +462,15 @@ fn map_error(error: RedisError) -> StateError {
     if transient {
         return StateError::Unavailable(format!("Redis: {error}"));
     }
+    // Errors inside MULTI/EXEC come wrapped; look at the whole text.
+    let detail = error.to_string();
+    let in_transaction =
+        |code| error.clone().into_server_errors().is_some_and(|e| e.iter().any(|(_, e)| e.code() == code));
+    if error.code() == Some("OOM") || in_transaction("OOM") {
+        return StateError::QuotaExceeded(format!(
+            "Redis is full (maxmemory reached, no eviction); delete keys or give it more room: {error}"
+        ));
+    }
     if error.kind() == ErrorKind::AuthenticationFailed || matches!(error.code(), Some("NOAUTH" | "WRONGPASS")) {
         return StateError::AccessDenied(format!(
             "Redis refused the login (check the user and REDIS_PASSWORD, or REDIS_SENTINEL_PASSWORD for \
@@ -471,8 +480,6 @@ fn map_error(error: RedisError) -> StateError {
     if error.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
         return StateError::AccessDenied(format!("Redis refused: {error}"));
     }
-    // Errors inside MULTI/EXEC come wrapped; look at the whole text.
-    let detail = error.to_string();
     if detail.contains("not an integer")
         || detail.contains("overflow")
         || detail.contains("not a float")
