@@ -93,6 +93,7 @@ enum Command {
     Get {
         #[arg(long)]
         manifest: PathBuf,
+        /// A role's name, or `@NAME` for a shared namespace.
         role: String,
         key: String,
         #[command(flatten)]
@@ -102,6 +103,7 @@ enum Command {
     Clear {
         #[arg(long)]
         manifest: PathBuf,
+        /// A role's name, or `@NAME` for a shared namespace.
         role: String,
         /// Really delete.
         #[arg(long)]
@@ -113,6 +115,7 @@ enum Command {
     Checkpoint {
         #[arg(long)]
         manifest: PathBuf,
+        /// A role's name, or `@NAME` for a shared namespace.
         role: String,
         file: PathBuf,
         #[command(flatten)]
@@ -122,6 +125,7 @@ enum Command {
     Restore {
         #[arg(long)]
         manifest: PathBuf,
+        /// A role's name, or `@NAME` for a shared namespace.
         role: String,
         file: PathBuf,
         /// Restore a checkpoint taken from another role.
@@ -148,7 +152,7 @@ enum Command {
     Call {
         #[arg(long)]
         manifest: PathBuf,
-        /// The role's name.
+        /// A role's name, or `@NAME` for a shared namespace.
         role: String,
         /// Request body; `-` reads standard input.
         body: Option<String>,
@@ -171,7 +175,7 @@ enum Command {
     Keys {
         #[arg(long)]
         manifest: PathBuf,
-        /// The role's name.
+        /// A role's name, or `@NAME` for a shared namespace.
         role: String,
         /// Glob pattern over the role's local key names.
         pattern: Option<String>,
@@ -391,13 +395,22 @@ fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> any
 
 /// The backend and namespace of one role of a manifest, for the operator
 /// commands that work on state directly.
+/// The state of `role`, or of the shared namespace `@name` (with the
+/// limits of the first role granted it), and the backend holding it.
 fn role_state(common: &Common, manifest: &Path, role: &str) -> anyhow::Result<(Arc<dyn Backend>, Namespace, RoleSpec)> {
     let manifest = Manifest::load(manifest)?;
+    let shared = role.strip_prefix('@');
     let spec = manifest
         .role_specs()?
         .into_iter()
-        .find(|s| s.name == role)
-        .with_context(|| format!("the manifest has no role `{role}`"))?;
+        .find(|s| match shared {
+            Some(name) => s.grants.namespaces.contains_key(name),
+            None => s.name == role,
+        })
+        .with_context(|| match shared {
+            Some(name) => format!("no role of the manifest is granted the shared namespace `{name}`"),
+            None => format!("the manifest has no role `{role}`"),
+        })?;
     let state = state(common, Some(&manifest))?;
     if matches!(state, StateConfig::Memory { .. }) {
         bail!(
@@ -405,7 +418,11 @@ fn role_state(common: &Common, manifest: &Path, role: &str) -> anyhow::Result<(A
              work on here; name the Redis that holds the role's state (--state redis://… or the manifest's state)"
         );
     }
-    let namespace = Namespace::new(&prefix(common, Some(&manifest))?, &spec.name, &spec.limits);
+    let prefix = prefix(common, Some(&manifest))?;
+    let namespace = match shared {
+        Some(name) => Namespace::shared(&prefix, name, &spec.limits),
+        None => Namespace::new(&prefix, &spec.name, &spec.limits),
+    };
     let backend = state.connect()?;
     Ok((backend, namespace, spec))
 }

@@ -220,3 +220,38 @@ async fn restores_count_ttls_from_the_checkpoint_and_follow_the_roles_policy() {
     assert!(checkpoint::restore(&empty, &namespace, &capped, &fresh).await.is_err());
     assert_eq!(empty.get("rolehost:app:kv:kept").await.unwrap(), None, "nothing written");
 }
+
+/// The operator commands work on a shared namespace (`@name`) as on a
+/// role: its keys, one value, checkpoint, clear and restore; a namespace
+/// no role is granted is refused.
+#[test]
+fn operator_commands_reach_shared_namespaces() {
+    let Some(server) = shared_redis() else { return };
+    let dir = std::env::temp_dir().join(format!("rolehost-admin-shared-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = dir.join("shared.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "state = \"{}\"\n[[roles]]\nname = \"bob\"\nwasm = \"{}\"\ngrants = {{ namespaces = {{ catalog = \"read-write\" }} }}\n",
+            server.url(server.fresh_db()),
+            role_path("kvprobe").display()
+        ),
+    )
+    .unwrap();
+    let manifest = manifest.to_str().unwrap();
+    let call = |body: &str| ok(rolehost(&["call", "--manifest", manifest, "bob", body]));
+    call(r#"{"op":"set","ns":"catalog","key":"sku-1","value":"lamp"}"#);
+    call(r#"{"op":"set","key":"own","value":"bob's"}"#);
+    assert_eq!(ok(rolehost(&["get", "--manifest", manifest, "@catalog", "sku-1"])), "lamp");
+    assert!(ok(rolehost(&["keys", "--manifest", manifest, "@catalog"])).contains("sku-1"));
+    let file = dir.join("catalog.json");
+    let file = file.to_str().unwrap();
+    ok(rolehost(&["checkpoint", "--manifest", manifest, "@catalog", file]));
+    assert!(ok(rolehost(&["clear", "--manifest", manifest, "@catalog", "--yes"])).contains("deleted 1 keys"));
+    fails(rolehost(&["get", "--manifest", manifest, "@catalog", "sku-1"]), "no key");
+    assert_eq!(ok(rolehost(&["get", "--manifest", manifest, "bob", "own"])), "bob's", "bob's own keys stay");
+    ok(rolehost(&["restore", "--manifest", manifest, "@catalog", file]));
+    assert_eq!(call(r#"{"op":"get","ns":"catalog","key":"sku-1"}"#), r#"{"ok":"lamp"}"#);
+    fails(rolehost(&["keys", "--manifest", manifest, "@nobody"]), "granted the shared namespace `nobody`");
+}
