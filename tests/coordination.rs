@@ -167,6 +167,13 @@ async fn subject_updates_lose_nothing(b: Arc<dyn Backend>, p: String) {
         task.await.unwrap();
     }
     assert_eq!(probe(&host, "alice", json!({"op":"subject_get","subject":"hot","prop":"n"})).await, Ok(json!("200")));
+    // An update that loses every time gives up with `conflict` after the
+    // SDK's 1000 attempts (each one's rival write landed).
+    let lost = probe(&host, "alice", json!({"op":"subject_update_contended","subject":"hot","prop":"n"})).await;
+    let lost = lost.unwrap();
+    assert_eq!(lost["attempts"], 1000, "{lost}");
+    assert!(lost["conflict"].as_str().unwrap().contains("1000 attempts"), "{lost}");
+    assert_eq!(probe(&host, "alice", json!({"op":"subject_get","subject":"hot","prop":"n"})).await, Ok(json!("1200")));
 }
 
 async fn lock_takeover_fences_the_stale_holder(b: Arc<dyn Backend>, p: String) {

@@ -170,6 +170,11 @@ enum Op {
         #[serde(default = "one")]
         times: usize,
     },
+    /// An update whose every attempt loses to a write made meanwhile.
+    SubjectUpdateContended {
+        subject: String,
+        prop: String,
+    },
     SubjectDelete {
         subject: String,
     },
@@ -444,6 +449,19 @@ fn run(ns: &str, op: Op) -> Result<Value> {
                 last = subject.update(Kind::Default, &prop, |old: Option<i64>| Some(old.unwrap_or(0) + 1))?;
             }
             json!(last)
+        }
+        Op::SubjectUpdateContended { subject, prop } => {
+            let (subject, rival) = (Subject::open_in(ns, &subject)?, Subject::open_in(ns, &subject)?);
+            let mut attempts = 0;
+            let updated = subject.update(Kind::Default, &prop, |old: Option<i64>| {
+                attempts += 1;
+                rival.increment(Kind::Default, &prop, 1).expect("the rival's write");
+                Some(old.unwrap_or(0) + 1)
+            });
+            match updated {
+                Err(Error::Conflict(message)) => json!({"attempts": attempts, "conflict": message}),
+                other => json!({"unexpected": format!("{other:?}")}),
+            }
         }
         Op::SubjectDelete { subject } => json!(Subject::open_in(ns, &subject)?.delete()?),
         Op::SubjectExpire { subject, ttl_ms } => match ttl_ms {
