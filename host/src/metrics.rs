@@ -1,6 +1,9 @@
 //! Prometheus metrics: calls per role, state operations per role and
 //! operation, backend latency, instances in flight.
 
+use crate::backend::Health;
+use crate::error::StateResult;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -82,6 +85,37 @@ impl Metrics {
     }
 }
 
+/// What a backend's health report says, as Prometheus text: whether it
+/// answered (`rolehost_backend_up`) and its server figures (memory,
+/// clients, keyspace hits and misses, expired and evicted keys), read
+/// afresh at each scrape.
+pub fn render_backend(health: &StateResult<Health>) -> String {
+    // (detail, metric, type, help); the memory store and Redis name some alike.
+    const FIGURES: &[(&str, &str, &str, &str)] = &[
+        ("used_memory", "rolehost_backend_used_memory_bytes", "gauge", "Memory the store uses"),
+        ("used_bytes", "rolehost_backend_used_memory_bytes", "gauge", "Memory the store uses"),
+        ("max_bytes", "rolehost_backend_max_memory_bytes", "gauge", "The store's size limit"),
+        ("keys", "rolehost_backend_keys", "gauge", "Keys in the store"),
+        ("connected_clients", "rolehost_backend_connected_clients", "gauge", "Clients connected to Redis"),
+        ("keyspace_hits", "rolehost_backend_keyspace_hits_total", "counter", "Redis lookups that found a key"),
+        ("keyspace_misses", "rolehost_backend_keyspace_misses_total", "counter", "Redis lookups that found none"),
+        ("expired_keys", "rolehost_backend_expired_keys_total", "counter", "Keys Redis expired"),
+        ("evicted_keys", "rolehost_backend_evicted_keys_total", "counter", "Keys Redis evicted for memory"),
+    ];
+    let mut out = String::from(
+        "# HELP rolehost_backend_up Whether the state backend answered\n# TYPE rolehost_backend_up gauge\n",
+    );
+    out += &format!("rolehost_backend_up {}\n", u8::from(health.is_ok()));
+    if let Ok(health) = health {
+        for (detail, metric, kind, help) in FIGURES {
+            if let Some(value) = health.details.get(*detail).and_then(|v| v.parse::<u64>().ok()) {
+                out += &format!("# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}\n");
+            }
+        }
+    }
+    out
+}
+
 /// One role's call metrics, looked up once when the role is loaded rather
 /// than by label on every call.
 pub struct RoleMetrics {
@@ -107,5 +141,29 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::StateError;
+
+    #[test]
+    fn backend_figures_become_metrics() {
+        let details = [("keys", "3"), ("used_bytes", "300"), ("max_bytes", "1000"), ("topology", "single")];
+        let health = Health { kind: "memory", details: details.map(|(k, v)| (k.to_owned(), v.to_owned())).into() };
+        let text = render_backend(&Ok(health));
+        for line in [
+            "rolehost_backend_up 1",
+            "rolehost_backend_keys 3",
+            "rolehost_backend_used_memory_bytes 300",
+            "rolehost_backend_max_memory_bytes 1000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from {text}");
+        }
+        assert!(!text.contains("topology"), "only numbers");
+        let down = render_backend(&Err(StateError::Unavailable("gone".into())));
+        assert!(down.lines().any(|l| l == "rolehost_backend_up 0"), "{down}");
     }
 }

@@ -257,7 +257,9 @@ async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.host.metrics().render()).into_response()
+    let backend = crate::metrics::render_backend(&app.host.backend().health().await);
+    let body = app.host.metrics().render() + &backend;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn reload(State(app): State<Arc<App>>, Path(role): Path<String>, headers: HeaderMap) -> Response {

@@ -185,6 +185,10 @@ fn health_readiness_and_metrics_on_redis() {
         "rolehost_call_seconds_bucket",
         "rolehost_backend_seconds_bucket",
         "rolehost_calls_in_flight",
+        "rolehost_backend_up 1",
+        "rolehost_backend_used_memory_bytes ",
+        "rolehost_backend_connected_clients ",
+        "rolehost_backend_evicted_keys_total 0",
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }
@@ -194,6 +198,7 @@ fn health_readiness_and_metrics_on_redis() {
     assert_eq!(server.get("/readyz").0, 503);
     let (status, body, retry) = server.post("/roles/counter", "");
     assert_eq!((status, retry.as_deref()), (503, Some("1")), "{body}");
+    assert!(server.get("/metrics").1.contains("rolehost_backend_up 0"));
     let Some(_redis) = RedisServer::start_on(redis.port, &[]) else { return };
     let start = Instant::now();
     while server.get("/readyz").0 != 200 {
