@@ -25,6 +25,70 @@ pub const CA_ENV: &str = "ROLEHOST_REDIS_CA";
 const REDIS_URLS: &str = "redis://[user@]host:port[/db], redis+cluster://host:port,host:port,… \
      or redis+sentinel://host:port,…/PRIMARY (rediss… for TLS)";
 
+/// Environment variables that override the manifest's Redis server
+/// (host, port, database), as twelve-factor deployments set them.
+pub const REDIS_HOST_ENV: &str = "REDIS_HOST";
+pub const REDIS_PORT_ENV: &str = "REDIS_PORT";
+pub const REDIS_DB_ENV: &str = "REDIS_DB";
+
+/// The manifest's state URL with `REDIS_HOST`, `REDIS_PORT` and `REDIS_DB`
+/// (given as `host`, `port`, `db`) put in: they replace those parts of a
+/// `redis://` or `rediss://` URL, or make `redis://HOST:6379/0` when the
+/// manifest names no Redis. Other URLs do not take them.
+pub fn with_redis_overrides(
+    url: Option<&str>,
+    host: Option<&str>,
+    port: Option<&str>,
+    db: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    if host.is_none() && port.is_none() && db.is_none() {
+        return Ok(url.map(str::to_owned));
+    }
+    if let Some(port) = port {
+        port.parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .with_context(|| format!("{REDIS_PORT_ENV} {port:?} is not a port"))?;
+    }
+    if let Some(db) = db {
+        db.parse::<u32>().with_context(|| format!("{REDIS_DB_ENV} {db:?} is not a database number"))?;
+    }
+    let url = url.filter(|url| *url != "memory" && !url.starts_with("memory?"));
+    let Some(url) = url else {
+        let host = host.with_context(|| {
+            format!("{REDIS_PORT_ENV} or {REDIS_DB_ENV} is set but there is no Redis: set {REDIS_HOST_ENV} too")
+        })?;
+        return Ok(Some(format!("redis://{host}:{}/{}", port.unwrap_or("6379"), db.unwrap_or("0"))));
+    };
+    let Some((scheme, rest)) = url.split_once("://").filter(|(scheme, _)| matches!(*scheme, "redis" | "rediss")) else {
+        bail!(
+            "{REDIS_HOST_ENV}, {REDIS_PORT_ENV} and {REDIS_DB_ENV} apply to a redis:// or rediss:// URL, not {url:?}"
+        );
+    };
+    let (rest, query) = rest.split_once('?').map_or((rest, None), |(rest, query)| (rest, Some(query)));
+    let (authority, old_db) = rest.split_once('/').map_or((rest, None), |(a, db)| (a, Some(db)));
+    let (user, address) = authority.rsplit_once('@').map_or((None, authority), |(user, a)| (Some(user), a));
+    let (old_host, old_port) = match address.rsplit_once(':') {
+        Some((h, p)) if !address.ends_with(']') => (h, Some(p)),
+        _ => (address, None),
+    };
+    let mut out = format!("{scheme}://");
+    if let Some(user) = user {
+        out += &format!("{user}@");
+    }
+    out += host.unwrap_or(old_host);
+    if let Some(port) = port.or(old_port) {
+        out += &format!(":{port}");
+    }
+    if let Some(db) = db.or(old_db.filter(|d| !d.is_empty())) {
+        out += &format!("/{db}");
+    }
+    if let Some(query) = query {
+        out += &format!("?{query}");
+    }
+    Ok(Some(out))
+}
+
 /// A state backend choice.
 #[derive(Debug, Clone)]
 pub enum StateConfig {
@@ -90,5 +154,27 @@ impl StateConfig {
             Self::Memory { max_bytes } => Arc::new(MemoryBackend::with_max_bytes(*max_bytes)),
             Self::Redis(options) => Arc::new(RedisBackend::new(options).map_err(anyhow::Error::msg)?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_host_port_and_db_override_the_manifests_server() {
+        let o = |url, host, port, db| with_redis_overrides(url, host, port, db).map_err(|e| e.to_string());
+        assert_eq!(o(Some("memory"), None, None, None), Ok(Some("memory".into())), "nothing set: as it was");
+        assert_eq!(o(None, Some("cache"), None, None), Ok(Some("redis://cache:6379/0".into())));
+        assert_eq!(o(Some("memory"), Some("cache"), Some("6380"), Some("2")), Ok(Some("redis://cache:6380/2".into())));
+        let url = Some("rediss://app@old:7000/1?ca=/etc/ca.pem");
+        assert_eq!(o(url, Some("new"), None, None), Ok(Some("rediss://app@new:7000/1?ca=/etc/ca.pem".into())));
+        assert_eq!(o(url, None, Some("7001"), Some("3")), Ok(Some("rediss://app@old:7001/3?ca=/etc/ca.pem".into())));
+        assert_eq!(o(Some("redis://h"), None, Some("1"), None), Ok(Some("redis://h:1".into())));
+        assert_eq!(o(Some("redis://[::1]"), None, Some("1"), None), Ok(Some("redis://[::1]:1".into())));
+        assert!(o(Some("redis+cluster://a:1"), Some("b"), None, None).unwrap_err().contains("redis:// or rediss://"));
+        assert!(o(None, None, Some("1"), None).unwrap_err().contains("set REDIS_HOST too"));
+        assert!(o(None, Some("h"), Some("http"), None).unwrap_err().contains("not a port"));
+        assert!(o(None, Some("h"), None, Some("x")).unwrap_err().contains("not a database"));
     }
 }

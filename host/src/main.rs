@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use rolehost::backend::Backend;
 use rolehost::backend::Expiry;
 use rolehost::cache::CompileCache;
-use rolehost::config::{StateConfig, STATE_ENV};
+use rolehost::config::{with_redis_overrides, StateConfig, REDIS_DB_ENV, REDIS_HOST_ENV, REDIS_PORT_ENV, STATE_ENV};
 use rolehost::manifest::{Manifest, DEFAULT_GLOBAL_PREFIX};
 use rolehost::namespace::{validate_global_prefix, Namespace, Space};
 use rolehost::serve::{serve, ServeOptions, ADMIN_TOKEN_ENV};
@@ -361,8 +361,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 fn state(common: &Common, manifest: Option<&Manifest>) -> anyhow::Result<StateConfig> {
-    let url =
-        common.state.clone().or_else(|| manifest.and_then(|m| m.state.clone())).unwrap_or_else(|| "memory".to_owned());
+    // `--state` (or ROLEHOST_STATE) wins; REDIS_HOST, REDIS_PORT and
+    // REDIS_DB override the manifest's.
+    let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+    let (host, port, db) = (env(REDIS_HOST_ENV), env(REDIS_PORT_ENV), env(REDIS_DB_ENV));
+    let url = match common.state.clone() {
+        Some(url) => url,
+        None => with_redis_overrides(
+            manifest.and_then(|m| m.state.as_deref()),
+            host.as_deref(),
+            port.as_deref(),
+            db.as_deref(),
+        )?
+        .unwrap_or_else(|| "memory".to_owned()),
+    };
     let redis = manifest.map(|m| m.redis.clone()).unwrap_or_default();
     StateConfig::parse(&url, &redis)
 }

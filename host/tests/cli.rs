@@ -26,6 +26,9 @@ fn rolehost_with(args: &[&str], env: &[(&str, &str)], stdin: &[u8], limit: Durat
         .env_remove("ROLEHOST_STATE")
         .env_remove("ROLEHOST_PREFIX")
         .env_remove("REDIS_PASSWORD")
+        .env_remove("REDIS_HOST")
+        .env_remove("REDIS_PORT")
+        .env_remove("REDIS_DB")
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
@@ -93,6 +96,26 @@ fn run_counts_on_redis_and_keys_carry_the_prefix() {
     assert_eq!(stdout(&out), "1", "another identity has its own count");
     let keys = server.all_keys(db);
     assert_eq!(keys, ["rolehost:counter:kv:count", "rolehost:tally:kv:count"]);
+}
+
+#[test]
+fn redis_host_port_and_db_from_the_environment_override_the_manifest() {
+    let Some(server) = shared_redis() else { return };
+    let db = server.fresh_db();
+    let dir = temp_dir("redis-env");
+    // The manifest says memory (and then another database): the
+    // environment wins, so the count lives in Redis across processes.
+    for state in ["memory", &server.url(server.fresh_db())] {
+        let manifest =
+            write(&dir, "m.toml", format!("state = {state:?}\n[[roles]]\nname = \"c\"\nwasm = {:?}\n", counter()));
+        let port = server.port.to_string();
+        let db = db.to_string();
+        let env = [("REDIS_HOST", "127.0.0.1"), ("REDIS_PORT", port.as_str()), ("REDIS_DB", db.as_str())];
+        let out = rolehost_with(&["call", "--manifest", &manifest, "c"], &env, b"", Duration::from_secs(60));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(server.all_keys(db), ["rolehost:c:kv:count"]);
+    assert_eq!(server.cli(&["-n", &db.to_string(), "get", "rolehost:c:kv:count"]).trim(), "2");
 }
 
 #[test]
