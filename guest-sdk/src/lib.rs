@@ -321,15 +321,19 @@ impl Bucket {
             // The host caps a page at the role's `max-batch-entries`, so
             // its keys fit one get-many.
             let page = self.list_keys_page(Some(&pattern), cursor.as_deref(), PAGE)?;
-            let values = self.get_many(&page.keys)?;
-            // A key deleted between the listing and the read is skipped.
-            out.extend(page.keys.into_iter().zip(values).filter_map(|(k, v)| Some((k, v?))));
+            if !page.keys.is_empty() {
+                let values = self.get_many(&page.keys)?;
+                // A key deleted between the listing and the read is skipped.
+                out.extend(page.keys.into_iter().zip(values).filter_map(|(k, v)| Some((k, v?))));
+            }
             match page.cursor {
                 Some(next) => cursor = Some(next),
                 None => break,
             }
         }
+        // A Redis scan may list a key twice (if the table grew meanwhile).
         out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.dedup_by(|a, b| a.0 == b.0);
         Ok(out)
     }
 

@@ -85,6 +85,9 @@ fn ttl_ms(expiry: Expiry) -> Option<Option<u64>> {
 
 /// Reads every kv key and subject of `role` (whose namespace is `namespace`).
 pub async fn take(backend: &dyn Backend, namespace: &Namespace, role: &str) -> StateResult<Checkpoint> {
+    // Taken before the scan: TTLs read later count from here, so restored
+    // keys may expire a little early, never late.
+    let created_unix_ms = now_unix_ms();
     let mut kv = Vec::new();
     for full in all_keys(backend, namespace, Space::Kv).await? {
         let (Some(value), Some(ttl)) = (backend.get(&full).await?, ttl_ms(backend.expiry(&full).await?)) else {
@@ -104,7 +107,7 @@ pub async fn take(backend: &dyn Backend, namespace: &Namespace, role: &str) -> S
         let name = namespace.local(Space::Subject, &full).unwrap_or_default().to_owned();
         subjects.push(SubjectEntry { name, ttl_ms: ttl, fields });
     }
-    Ok(Checkpoint { format: FORMAT.to_owned(), role: role.to_owned(), created_unix_ms: now_unix_ms(), kv, subjects })
+    Ok(Checkpoint { format: FORMAT.to_owned(), role: role.to_owned(), created_unix_ms, kv, subjects })
 }
 
 /// What a restore wrote, and what it left out.

@@ -18,7 +18,7 @@ use rolehost::backend::Expiry;
 use rolehost::cache::CompileCache;
 use rolehost::config::{with_redis_overrides, StateConfig, REDIS_DB_ENV, REDIS_HOST_ENV, REDIS_PORT_ENV, STATE_ENV};
 use rolehost::manifest::{Manifest, DEFAULT_GLOBAL_PREFIX};
-use rolehost::namespace::{validate_global_prefix, Namespace, Space};
+use rolehost::namespace::{validate_global_prefix, validate_identity, Namespace, Space};
 use rolehost::serve::{serve, ServeOptions, ADMIN_TOKEN_ENV};
 use rolehost::{acl, checkpoint, Host, HostOptions, RoleSpec};
 use sha2::Digest as _;
@@ -152,7 +152,7 @@ enum Command {
     Call {
         #[arg(long)]
         manifest: PathBuf,
-        /// A role's name, or `@NAME` for a shared namespace.
+        /// The role to call.
         role: String,
         /// Request body; `-` reads standard input.
         body: Option<String>,
@@ -412,6 +412,9 @@ fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> any
 fn role_state(common: &Common, manifest: &Path, role: &str) -> anyhow::Result<(Arc<dyn Backend>, Namespace, RoleSpec)> {
     let manifest = Manifest::load(manifest)?;
     let shared = role.strip_prefix('@');
+    if let Some(name) = shared {
+        validate_identity(name).map_err(|e| anyhow::anyhow!("invalid shared namespace `{name}`: {e}"))?;
+    }
     let spec = manifest
         .role_specs()?
         .into_iter()

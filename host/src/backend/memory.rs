@@ -32,7 +32,43 @@ const FIELD_OVERHEAD: usize = 64;
 
 enum Value {
     Bytes(Vec<u8>),
-    Hash(BTreeMap<String, Vec<u8>>),
+    Hash(Fields),
+}
+
+/// A hash's fields, with their footprint kept up to date so that sizing
+/// the store never walks a big hash.
+#[derive(Default)]
+struct Fields {
+    fields: BTreeMap<String, Vec<u8>>,
+    bytes: usize,
+}
+
+impl Fields {
+    fn get(&self, field: &str) -> Option<&Vec<u8>> {
+        self.fields.get(field)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &Vec<u8>)> {
+        self.fields.iter()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    fn insert(&mut self, field: String, value: Vec<u8>) {
+        let (name, len) = (field.len(), value.len());
+        match self.fields.insert(field, value) {
+            Some(old) => self.bytes = self.bytes + len - old.len(),
+            None => self.bytes += FIELD_OVERHEAD + name + len,
+        }
+    }
+
+    fn remove(&mut self, field: &str) {
+        if let Some(old) = self.fields.remove(field) {
+            self.bytes -= FIELD_OVERHEAD + field.len() + old.len();
+        }
+    }
 }
 
 struct Entry {
@@ -49,7 +85,7 @@ impl Entry {
     fn footprint(&self, key: &str) -> usize {
         let value = match &self.value {
             Value::Bytes(bytes) => bytes.len(),
-            Value::Hash(hash) => hash.iter().map(|(field, v)| FIELD_OVERHEAD + field.len() + v.len()).sum(),
+            Value::Hash(hash) => hash.bytes,
         };
         ENTRY_OVERHEAD + key.len() + value
     }
@@ -72,6 +108,19 @@ struct Map {
 }
 
 impl Map {
+    /// Drops every expired entry.
+    fn sweep(&mut self, now: Instant) {
+        let mut freed = 0;
+        self.entries.retain(|key, entry| {
+            let live = entry.is_live(now);
+            if !live {
+                freed += entry.footprint(key);
+            }
+            live
+        });
+        self.bytes = self.bytes.saturating_sub(freed);
+    }
+
     /// The footprint of the entries at `keys` (distinct).
     fn footprint(&self, keys: &[&str]) -> usize {
         keys.iter().filter_map(|key| Some(self.entries.get(*key)?.footprint(key))).sum()
@@ -85,7 +134,7 @@ impl Map {
         }
     }
 
-    fn hash(&self, key: &str) -> StateResult<Option<&BTreeMap<String, Vec<u8>>>> {
+    fn hash(&self, key: &str) -> StateResult<Option<&Fields>> {
         match self.entries.get(key).map(|e| &e.value) {
             None => Ok(None),
             Some(Value::Hash(hash)) => Ok(Some(hash)),
@@ -94,9 +143,9 @@ impl Map {
     }
 
     /// The hash at `key` for writing, created empty when absent.
-    fn hash_mut(&mut self, key: &str) -> StateResult<&mut BTreeMap<String, Vec<u8>>> {
+    fn hash_mut(&mut self, key: &str) -> StateResult<&mut Fields> {
         let entry =
-            self.entries.entry(key.to_owned()).or_insert_with(|| Entry::new(Value::Hash(BTreeMap::new()), None));
+            self.entries.entry(key.to_owned()).or_insert_with(|| Entry::new(Value::Hash(Fields::default()), None));
         match &mut entry.value {
             Value::Hash(hash) => Ok(hash),
             Value::Bytes(_) => Err(wrong_type()),
@@ -175,15 +224,7 @@ impl MemoryBackend {
         }
         map.writes += 1;
         if map.writes.is_multiple_of(SWEEP_EVERY) {
-            let mut freed = 0;
-            map.entries.retain(|key, entry| {
-                let live = entry.is_live(now);
-                if !live {
-                    freed += entry.footprint(key);
-                }
-                live
-            });
-            map.bytes = map.bytes.saturating_sub(freed);
+            map.sweep(now);
         }
         let before = map.footprint(keys);
         let result = f(&mut map);
@@ -195,6 +236,10 @@ impl MemoryBackend {
     /// while the store is over its size limit.
     fn write<R>(&self, keys: &[&str], f: impl FnOnce(&mut Map) -> StateResult<R>) -> StateResult<R> {
         self.with(keys, |map| {
+            if map.bytes > self.max_bytes {
+                // Expired entries still counted may be what fills it.
+                map.sweep(Instant::now());
+            }
             if map.bytes > self.max_bytes {
                 return Err(StateError::QuotaExceeded(format!(
                     "the in-memory store is full ({} of {} bytes); delete keys or give it more room",
@@ -496,7 +541,7 @@ impl Backend for MemoryBackend {
 
     async fn rate_check(&self, key: &str, limit: u64, window: Duration, cost: u64) -> StateResult<RateDecision> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
-        self.write(&[key], |map| {
+        let check = |map: &mut Map| {
             let tat = map.bytes(key)?.and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
             let (decision, new_tat) = gcra(tat, now, limit, window.as_micros() as u64, cost);
             if let Some(new_tat) = new_tat {
@@ -504,7 +549,13 @@ impl Backend for MemoryBackend {
                 map.put(key, new_tat.to_string().as_bytes(), Some(ttl));
             }
             Ok(decision)
-        })
+        };
+        // A peek (cost 0) writes nothing, so a full store still answers it.
+        if cost == 0 {
+            self.with(&[key], check)
+        } else {
+            self.write(&[key], check)
+        }
     }
 }
 
@@ -569,7 +620,14 @@ mod tests {
     /// The store's size as counted, and as recounted from scratch.
     fn sizes(store: &MemoryBackend) -> (usize, usize) {
         let map = store.lock();
-        (map.bytes, map.entries.iter().map(|(key, entry)| entry.footprint(key)).sum())
+        let recount = |key: &String, entry: &Entry| {
+            let value = match &entry.value {
+                Value::Bytes(bytes) => bytes.len(),
+                Value::Hash(hash) => hash.iter().map(|(f, v)| FIELD_OVERHEAD + f.len() + v.len()).sum(),
+            };
+            ENTRY_OVERHEAD + key.len() + value
+        };
+        (map.bytes, map.entries.iter().map(|(key, entry)| recount(key, entry)).sum())
     }
 
     #[tokio::test]
@@ -582,7 +640,8 @@ mod tests {
         b.set_many(&pairs, None).await.unwrap();
         b.increment("n", 1000, None).await.unwrap();
         b.hash_apply("h", &[("f".into(), b"v".to_vec()), ("g".into(), b"w".to_vec())], &[], None).await.unwrap();
-        b.hash_apply("h", &[], &["f".into()], None).await.unwrap();
+        b.hash_apply("h", &[("g".into(), b"longer".to_vec())], &["f".into()], None).await.unwrap();
+        b.hash_increment("h", "i", 5, None).await.unwrap();
         b.hash_increment_float("h", "z", 1.5, None).await.unwrap();
         b.hash_compare_and_set("h2", "f", None, Some(b"v"), None).await.unwrap();
         b.lock_acquire("l", "fence", "me", Duration::from_secs(60)).await.unwrap();
@@ -597,8 +656,31 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(b.get("s").await.unwrap(), None);
         assert_eq!(sizes(&store).0, sizes(&store).1);
+        // So do entries the periodic sweep drops, untouched since.
+        for i in 0..50 {
+            b.set(&format!("short{i}"), b"v", Some(Duration::from_millis(1))).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        for _ in 0..SWEEP_EVERY {
+            b.exists("a").await.unwrap();
+        }
+        assert_eq!(store.lock().entries.keys().filter(|k| k.starts_with("short")).count(), 0, "swept");
+        assert_eq!(sizes(&store).0, sizes(&store).1);
         b.delete_matching("*").await.unwrap();
         assert_eq!(sizes(&store), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn expired_entries_do_not_keep_a_store_full() {
+        let store = MemoryBackend::with_max_bytes(5_000);
+        let b: &dyn Backend = &store;
+        let mut full = false;
+        for i in 0..10 {
+            full |= b.set(&format!("t{i}"), &[1; 1000], Some(Duration::from_millis(1))).await.is_err();
+        }
+        assert!(full, "filled past the limit");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        b.set("fresh", b"v", None).await.expect("room again once they expired");
     }
 
     #[tokio::test]
@@ -624,6 +706,7 @@ mod tests {
             assert!(matches!(refused, Some(StateError::QuotaExceeded(_))), "{refused:?}");
         }
         assert_eq!(b.get("keep").await.unwrap(), Some(b"v".to_vec()), "reads go on");
+        assert!(b.rate_check("r", 5, Duration::from_secs(1), 0).await.unwrap().allowed, "a rate peek too");
         assert!(b.compare_and_swap("keep", Some(b"v"), None, None).await.unwrap(), "a delete needs no room");
         let health = b.health().await.unwrap();
         assert_eq!(health.details["max_bytes"], "10000");
