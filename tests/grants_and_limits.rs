@@ -302,4 +302,7 @@ async fn sdk_listings_fit_a_small_batch_limit(b: Arc<dyn Backend>, p: String) {
     assert_eq!(pairs[149], json!(["item:174", "174"]), "sorted by key");
     let keys = probe(&host, "small", json!({"op":"list_all","pattern":"item:*"})).await.unwrap();
     assert_eq!(keys.as_array().unwrap().len(), 150);
+    probe(&host, "small", json!({"op":"set","key":"other","value":"v"})).await.unwrap();
+    assert_eq!(probe(&host, "small", json!({"op":"count","pattern":"item:*"})).await, Ok(json!(150)));
+    assert_eq!(probe(&host, "small", json!({"op":"count"})).await, Ok(json!(151)));
 }

@@ -312,6 +312,20 @@ impl Bucket {
         }
     }
 
+    /// How many keys match a glob `pattern` (none: all keys), counted
+    /// page by page without keeping them.
+    pub fn count(&self, pattern: Option<&str>) -> Result<u64> {
+        let (mut count, mut cursor) = (0, None);
+        loop {
+            let page = self.list_keys_page(pattern, cursor.as_deref(), PAGE)?;
+            count += page.keys.len() as u64;
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(count),
+            }
+        }
+    }
+
     /// Every key starting with `prefix`, with its value, sorted by key.
     pub fn get_by_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let pattern = format!("{}*", escape_glob(prefix));

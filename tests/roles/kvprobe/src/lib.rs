@@ -70,6 +70,9 @@ enum Op {
     ByPrefix {
         prefix: String,
     },
+    Count {
+        pattern: Option<String>,
+    },
     Clear,
     Incr {
         key: String,
@@ -337,6 +340,7 @@ fn run(ns: &str, op: Op) -> Result<Value> {
                 bucket.get_by_prefix(&prefix)?.into_iter().map(|(k, v)| (k, text(Some(v)))).collect();
             json!(pairs)
         }
+        Op::Count { pattern } => json!(bucket.count(pattern.as_deref())?),
         Op::Clear => json!(bucket.clear()?),
         Op::Incr { key, delta } => json!(bucket.increment(&key, delta)?),
         Op::SetIfAbsent { key, value, ttl_ms } => {
