@@ -313,7 +313,9 @@ impl Bucket {
     }
 
     /// How many keys match a glob `pattern` (none: all keys), counted
-    /// page by page without keeping them.
+    /// page by page without keeping them. On Redis, a key may be counted
+    /// twice if the keyspace grows while counting (as SCAN may list it
+    /// twice).
     pub fn count(&self, pattern: Option<&str>) -> Result<u64> {
         let (mut count, mut cursor) = (0, None);
         loop {

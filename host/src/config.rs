@@ -34,16 +34,34 @@ pub const REDIS_DB_ENV: &str = "REDIS_DB";
 /// The manifest's state URL with `REDIS_HOST`, `REDIS_PORT` and `REDIS_DB`
 /// (given as `host`, `port`, `db`) put in: they replace those parts of a
 /// `redis://` or `rediss://` URL, or make `redis://HOST:6379/0` when the
-/// manifest names no Redis. Other URLs do not take them.
+/// manifest names no Redis (or `memory`). Other URLs do not take them.
+/// Nothing happens without `REDIS_HOST`: Kubernetes and Docker links set
+/// `REDIS_PORT=tcp://…` in containers that never asked for it.
 pub fn with_redis_overrides(
     url: Option<&str>,
     host: Option<&str>,
     port: Option<&str>,
     db: Option<&str>,
 ) -> anyhow::Result<Option<String>> {
-    if host.is_none() && port.is_none() && db.is_none() {
+    let Some(host) = host else {
         return Ok(url.map(str::to_owned));
+    };
+    if host.is_empty() || host.contains(['/', '@', '?', '#', ' ']) {
+        bail!("{REDIS_HOST_ENV} {host:?} is not a host name or address");
     }
+    // An IPv6 address goes in brackets; a port belongs in REDIS_PORT.
+    let bracketed;
+    let host = if host.contains(':') && !host.starts_with('[') {
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            bail!("{REDIS_HOST_ENV} {host:?} is not a host name or address (set the port in {REDIS_PORT_ENV})");
+        }
+        bracketed = format!("[{host}]");
+        bracketed.as_str()
+    } else {
+        host
+    };
+    // A link-style `tcp://address:port` gives its port.
+    let port = port.map(|p| if p.starts_with("tcp://") { p.rsplit(':').next().unwrap_or(p) } else { p });
     if let Some(port) = port {
         port.parse::<u16>()
             .ok()
@@ -55,9 +73,6 @@ pub fn with_redis_overrides(
     }
     let url = url.filter(|url| *url != "memory" && !url.starts_with("memory?"));
     let Some(url) = url else {
-        let host = host.with_context(|| {
-            format!("{REDIS_PORT_ENV} or {REDIS_DB_ENV} is set but there is no Redis: set {REDIS_HOST_ENV} too")
-        })?;
         return Ok(Some(format!("redis://{host}:{}/{}", port.unwrap_or("6379"), db.unwrap_or("0"))));
     };
     let Some((scheme, rest)) = url.split_once("://").filter(|(scheme, _)| matches!(*scheme, "redis" | "rediss")) else {
@@ -68,15 +83,13 @@ pub fn with_redis_overrides(
     let (rest, query) = rest.split_once('?').map_or((rest, None), |(rest, query)| (rest, Some(query)));
     let (authority, old_db) = rest.split_once('/').map_or((rest, None), |(a, db)| (a, Some(db)));
     let (user, address) = authority.rsplit_once('@').map_or((None, authority), |(user, a)| (Some(user), a));
-    let (old_host, old_port) = match address.rsplit_once(':') {
-        Some((h, p)) if !address.ends_with(']') => (h, Some(p)),
-        _ => (address, None),
-    };
+    // The host gives way to REDIS_HOST; the port stays unless REDIS_PORT is set.
+    let old_port = address.rsplit_once(':').filter(|_| !address.ends_with(']')).map(|(_, port)| port);
     let mut out = format!("{scheme}://");
     if let Some(user) = user {
         out += &format!("{user}@");
     }
-    out += host.unwrap_or(old_host);
+    out += host;
     if let Some(port) = port.or(old_port) {
         out += &format!(":{port}");
     }
@@ -165,15 +178,22 @@ mod tests {
     fn redis_host_port_and_db_override_the_manifests_server() {
         let o = |url, host, port, db| with_redis_overrides(url, host, port, db).map_err(|e| e.to_string());
         assert_eq!(o(Some("memory"), None, None, None), Ok(Some("memory".into())), "nothing set: as it was");
+        let k8s = o(Some("memory"), None, Some("tcp://10.0.0.7:6379"), None);
+        assert_eq!(k8s, Ok(Some("memory".into())), "a port without a host changes nothing");
         assert_eq!(o(None, Some("cache"), None, None), Ok(Some("redis://cache:6379/0".into())));
+        let linked = o(None, Some("cache"), Some("tcp://10.0.0.7:6380"), None);
+        assert_eq!(linked, Ok(Some("redis://cache:6380/0".into())));
+        assert_eq!(o(None, Some("::1"), None, None), Ok(Some("redis://[::1]:6379/0".into())));
+        assert!(o(None, Some("cache:6380"), None, None).unwrap_err().contains("REDIS_PORT"));
+        assert!(o(None, Some("evil/x"), None, None).unwrap_err().contains("not a host"));
         assert_eq!(o(Some("memory"), Some("cache"), Some("6380"), Some("2")), Ok(Some("redis://cache:6380/2".into())));
         let url = Some("rediss://app@old:7000/1?ca=/etc/ca.pem");
         assert_eq!(o(url, Some("new"), None, None), Ok(Some("rediss://app@new:7000/1?ca=/etc/ca.pem".into())));
-        assert_eq!(o(url, None, Some("7001"), Some("3")), Ok(Some("rediss://app@old:7001/3?ca=/etc/ca.pem".into())));
-        assert_eq!(o(Some("redis://h"), None, Some("1"), None), Ok(Some("redis://h:1".into())));
-        assert_eq!(o(Some("redis://[::1]"), None, Some("1"), None), Ok(Some("redis://[::1]:1".into())));
+        let moved = o(url, Some("old"), Some("7001"), Some("3"));
+        assert_eq!(moved, Ok(Some("rediss://app@old:7001/3?ca=/etc/ca.pem".into())));
+        assert_eq!(o(Some("redis://h"), Some("h"), Some("1"), None), Ok(Some("redis://h:1".into())));
+        assert_eq!(o(Some("redis://[::1]"), Some("h"), None, None), Ok(Some("redis://h".into())));
         assert!(o(Some("redis+cluster://a:1"), Some("b"), None, None).unwrap_err().contains("redis:// or rediss://"));
-        assert!(o(None, None, Some("1"), None).unwrap_err().contains("set REDIS_HOST too"));
         assert!(o(None, Some("h"), Some("http"), None).unwrap_err().contains("not a port"));
         assert!(o(None, Some("h"), None, Some("x")).unwrap_err().contains("not a database"));
     }

@@ -23,6 +23,8 @@ const MAX_SCAN_EXAMINED: usize = 10_000;
 const MAX_SCAN_WORK: usize = 1_000_000;
 /// Operations between sweeps of expired entries that nobody touched.
 const SWEEP_EVERY: u64 = 4096;
+/// Least time between sweeps made because a write found the store full.
+const FULL_SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// The size limit of [`MemoryBackend::new`].
 pub const DEFAULT_MAX_BYTES: usize = 1 << 30;
 /// Bytes counted for an entry besides its key and value (map node, entry,
@@ -105,11 +107,14 @@ struct Map {
     writes: u64,
     /// The sum of the entries' footprints.
     bytes: usize,
+    /// When every expired entry was last dropped.
+    last_sweep: Option<Instant>,
 }
 
 impl Map {
     /// Drops every expired entry.
     fn sweep(&mut self, now: Instant) {
+        self.last_sweep = Some(now);
         let mut freed = 0;
         self.entries.retain(|key, entry| {
             let live = entry.is_live(now);
@@ -204,6 +209,27 @@ impl MemoryBackend {
     /// Now and then sweeps every expired entry, so keys nobody reads again
     /// do not pile up.
     fn with<R>(&self, keys: &[&str], f: impl FnOnce(&mut Map) -> R) -> R {
+        self.access(keys, false, f)
+    }
+
+    /// [`MemoryBackend::with`] for an operation that may add data: refused
+    /// while the store is over its size limit.
+    fn write<R>(&self, keys: &[&str], f: impl FnOnce(&mut Map) -> StateResult<R>) -> StateResult<R> {
+        self.access(keys, true, |map| {
+            if map.bytes > self.max_bytes {
+                return Err(StateError::QuotaExceeded(format!(
+                    "the in-memory store is full ({} of {} bytes); delete keys or give it more room",
+                    map.bytes, self.max_bytes
+                )));
+            }
+            f(map)
+        })
+    }
+
+    /// The body of `with` and `write`: for a write to a full store, first
+    /// a sweep of expired entries (they may be what fills it), at most once
+    /// a second so refused writes cannot keep the lock busy.
+    fn access<R>(&self, keys: &[&str], writes: bool, f: impl FnOnce(&mut Map) -> R) -> R {
         let mut distinct;
         let keys = if keys.len() > 1 {
             distinct = keys.to_vec();
@@ -223,31 +249,16 @@ impl MemoryBackend {
             }
         }
         map.writes += 1;
-        if map.writes.is_multiple_of(SWEEP_EVERY) {
+        let full_and_due = writes
+            && map.bytes > self.max_bytes
+            && map.last_sweep.is_none_or(|at| now.duration_since(at) >= FULL_SWEEP_EVERY);
+        if map.writes.is_multiple_of(SWEEP_EVERY) || full_and_due {
             map.sweep(now);
         }
         let before = map.footprint(keys);
         let result = f(&mut map);
         map.bytes = (map.bytes + map.footprint(keys)).saturating_sub(before);
         result
-    }
-
-    /// [`MemoryBackend::with`] for an operation that may add data: refused
-    /// while the store is over its size limit.
-    fn write<R>(&self, keys: &[&str], f: impl FnOnce(&mut Map) -> StateResult<R>) -> StateResult<R> {
-        self.with(keys, |map| {
-            if map.bytes > self.max_bytes {
-                // Expired entries still counted may be what fills it.
-                map.sweep(Instant::now());
-            }
-            if map.bytes > self.max_bytes {
-                return Err(StateError::QuotaExceeded(format!(
-                    "the in-memory store is full ({} of {} bytes); delete keys or give it more room",
-                    map.bytes, self.max_bytes
-                )));
-            }
-            f(map)
-        })
     }
 }
 
@@ -679,8 +690,10 @@ mod tests {
             full |= b.set(&format!("t{i}"), &[1; 1000], Some(Duration::from_millis(1))).await.is_err();
         }
         assert!(full, "filled past the limit");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // A full store sweeps at most once a second.
+        tokio::time::sleep(FULL_SWEEP_EVERY + Duration::from_millis(50)).await;
         b.set("fresh", b"v", None).await.expect("room again once they expired");
+        assert_eq!(sizes(&store).0, sizes(&store).1);
     }
 
     #[tokio::test]
