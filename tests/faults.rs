@@ -348,6 +348,7 @@ async fn health_warns_when_redis_may_evict_keys() {
     let Some(server) = RedisServer::start_with(&evicting) else { return };
     let health = backend(server.port, Duration::from_secs(2)).health().await.unwrap();
     assert!(health.details["warning"].contains("allkeys-lru may evict"), "{health:?}");
+    assert_eq!(health.details["maxmemory"], (100u64 << 20).to_string());
     server.cli(&["config", "set", "maxmemory-policy", "noeviction"]);
     let health = backend(server.port, Duration::from_secs(2)).health().await.unwrap();
     assert!(!health.details.contains_key("warning"), "{health:?}");

@@ -95,6 +95,7 @@ pub fn render_backend(health: &StateResult<Health>) -> String {
         ("used_memory", "rolehost_backend_used_memory_bytes", "gauge", "Memory the store uses"),
         ("used_bytes", "rolehost_backend_used_memory_bytes", "gauge", "Memory the store uses"),
         ("max_bytes", "rolehost_backend_max_memory_bytes", "gauge", "The store's size limit"),
+        ("maxmemory", "rolehost_backend_max_memory_bytes", "gauge", "The store's size limit"),
         ("keys", "rolehost_backend_keys", "gauge", "Keys in the store"),
         ("connected_clients", "rolehost_backend_connected_clients", "gauge", "Clients connected to Redis"),
         ("keyspace_hits", "rolehost_backend_keyspace_hits_total", "counter", "Redis lookups that found a key"),
@@ -108,7 +109,9 @@ pub fn render_backend(health: &StateResult<Health>) -> String {
     out += &format!("rolehost_backend_up {}\n", u8::from(health.is_ok()));
     if let Ok(health) = health {
         for (detail, metric, kind, help) in FIGURES {
-            if let Some(value) = health.details.get(*detail).and_then(|v| v.parse::<u64>().ok()) {
+            let value = health.details.get(*detail).and_then(|v| v.parse::<u64>().ok());
+            // Redis's maxmemory 0 means no limit: nothing to show.
+            if let Some(value) = value.filter(|&v| v > 0 || *detail != "maxmemory") {
                 out += &format!("# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}\n");
             }
         }

@@ -192,6 +192,7 @@ fn health_readiness_and_metrics_on_redis() {
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }
+    assert!(!metrics.contains("rolehost_backend_max_memory_bytes"), "no maxmemory: no limit to show");
     // Redis goes away: not ready, calls fail with 503; it returns: ready again.
     redis.kill();
     assert_eq!(server.get("/healthz").0, 200);

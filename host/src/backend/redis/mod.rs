@@ -430,6 +430,12 @@ fn health_details(infos: &[String]) -> BTreeMap<String, String> {
     if let Some(used) = details.get("used_memory").and_then(|u| u.parse::<u64>().ok()) {
         details.insert("used_memory_human".into(), human_bytes(used));
     }
+    // The limit of them all, if each has one (0: unlimited, as in INFO).
+    let limits: Option<Vec<u64>> = all.iter().map(|f| f.get("maxmemory")?.parse().ok()).collect();
+    if let Some(limits) = limits.filter(|l| !l.is_empty()) {
+        let total = if limits.contains(&0) { 0 } else { limits.iter().sum() };
+        details.insert("maxmemory".into(), total.to_string());
+    }
     let evicting = all.iter().find(|f| {
         let limited = f.get("maxmemory").is_some_and(|m| m != "0");
         limited && f.get("maxmemory_policy").is_some_and(|p| p != "noeviction")
@@ -881,12 +887,15 @@ mod tests {
         assert_eq!(safe["used_memory_human"], "2.00M");
         assert_eq!(safe["keyspace_hits"], "10");
         assert_eq!(safe["redis_version"], "7.0.15");
+        assert_eq!(safe["maxmemory"], "0", "one without a limit: unlimited");
         assert!(!safe.contains_key("warning"));
         // An eviction policy matters only with a memory limit.
         let unlimited = health_details(&[info(1, 10, "allkeys-lru", "0")]);
         assert!(!unlimited.contains_key("warning"));
         let risky = health_details(&[info(1, 10, "noeviction", "0"), info(1, 10, "volatile-lru", "104857600")]);
         assert!(risky["warning"].contains("maxmemory-policy volatile-lru may evict"), "{risky:?}");
+        let limited = health_details(&[info(1, 10, "noeviction", "100"), info(1, 10, "noeviction", "50")]);
+        assert_eq!(limited["maxmemory"], "150");
         assert_eq!(human_bytes(512), "512B");
     }
 }
