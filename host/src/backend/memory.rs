@@ -204,18 +204,23 @@ impl MemoryBackend {
     }
 
     /// Runs `f` on the map after dropping `keys` if they have expired, so
-    /// `f` sees only live entries for them; `keys` are all that `f` may
-    /// change, so the store's size follows from theirs before and after.
-    /// Now and then sweeps every expired entry, so keys nobody reads again
-    /// do not pile up.
+    /// `f` sees only live entries for them. Now and then sweeps every
+    /// expired entry, so keys nobody reads again do not pile up.
+    fn read<R>(&self, keys: &[&str], f: impl FnOnce(&Map) -> R) -> R {
+        self.access(keys, Access::Read, |map| f(map))
+    }
+
+    /// [`MemoryBackend::read`] for an operation that may change `keys`
+    /// (only those), without adding data: the store's size follows from
+    /// theirs before and after.
     fn with<R>(&self, keys: &[&str], f: impl FnOnce(&mut Map) -> R) -> R {
-        self.access(keys, false, f)
+        self.access(keys, Access::Change, f)
     }
 
     /// [`MemoryBackend::with`] for an operation that may add data: refused
     /// while the store is over its size limit.
     fn write<R>(&self, keys: &[&str], f: impl FnOnce(&mut Map) -> StateResult<R>) -> StateResult<R> {
-        self.access(keys, true, |map| {
+        self.access(keys, Access::Write, |map| {
             if map.bytes > self.max_bytes {
                 return Err(StateError::QuotaExceeded(format!(
                     "the in-memory store is full ({} of {} bytes); delete keys or give it more room",
@@ -226,12 +231,14 @@ impl MemoryBackend {
         })
     }
 
-    /// The body of `with` and `write`: for a write to a full store, first
-    /// a sweep of expired entries (they may be what fills it), at most once
-    /// a second so refused writes cannot keep the lock busy.
-    fn access<R>(&self, keys: &[&str], writes: bool, f: impl FnOnce(&mut Map) -> R) -> R {
+    /// The body of `read`, `with` and `write`: for a write to a full store,
+    /// first a sweep of expired entries (they may be what fills it), at most
+    /// once a second so refused writes cannot keep the lock busy.
+    fn access<R>(&self, keys: &[&str], access: Access, f: impl FnOnce(&mut Map) -> R) -> R {
+        let sized = access != Access::Read;
         let mut distinct;
-        let keys = if keys.len() > 1 {
+        // Distinct keys, so none is sized twice.
+        let keys = if sized && keys.len() > 1 {
             distinct = keys.to_vec();
             distinct.sort_unstable();
             distinct.dedup();
@@ -249,17 +256,31 @@ impl MemoryBackend {
             }
         }
         map.writes += 1;
-        let full_and_due = writes
+        let full_and_due = access == Access::Write
             && map.bytes > self.max_bytes
             && map.last_sweep.is_none_or(|at| now.duration_since(at) >= FULL_SWEEP_EVERY);
         if map.writes.is_multiple_of(SWEEP_EVERY) || full_and_due {
             map.sweep(now);
+        }
+        if !sized {
+            return f(&mut map);
         }
         let before = map.footprint(keys);
         let result = f(&mut map);
         map.bytes = (map.bytes + map.footprint(keys)).saturating_sub(before);
         result
     }
+}
+
+/// What an operation on the store does, for its bookkeeping.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Changes nothing (but drops its expired keys, which are accounted).
+    Read,
+    /// May change or delete its keys, not add data.
+    Change,
+    /// May add data: refused while the store is full.
+    Write,
 }
 
 #[async_trait]
@@ -275,7 +296,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
-        self.with(&[key], |map| Ok(map.bytes(key)?.cloned()))
+        self.read(&[key], |map| Ok(map.bytes(key)?.cloned()))
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()> {
@@ -286,12 +307,12 @@ impl Backend for MemoryBackend {
     }
 
     async fn exists(&self, key: &str) -> StateResult<bool> {
-        Ok(self.with(&[key], |map| map.entries.contains_key(key)))
+        Ok(self.read(&[key], |map| map.entries.contains_key(key)))
     }
 
     async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        self.with(&refs, |map| {
+        self.read(&refs, |map| {
             // MGET answers nil for a key of another type.
             Ok(refs.iter().map(|k| map.bytes(k).ok().flatten().cloned()).collect())
         })
@@ -314,7 +335,7 @@ impl Backend for MemoryBackend {
 
     async fn expiry(&self, key: &str) -> StateResult<Expiry> {
         let now = Instant::now();
-        Ok(self.with(&[key], |map| match map.entries.get(key) {
+        Ok(self.read(&[key], |map| match map.entries.get(key) {
             None => Expiry::Missing,
             Some(Entry { expires_at: None, .. }) => Expiry::Persistent,
             Some(Entry { expires_at: Some(at), .. }) => Expiry::ExpiresIn(at.saturating_duration_since(now)),
@@ -424,11 +445,11 @@ impl Backend for MemoryBackend {
     }
 
     async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>> {
-        self.with(&[key], |map| Ok(map.hash(key)?.and_then(|h| h.get(field).cloned())))
+        self.read(&[key], |map| Ok(map.hash(key)?.and_then(|h| h.get(field).cloned())))
     }
 
     async fn hash_get_all(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
-        self.with(&[key], |map| {
+        self.read(&[key], |map| {
             Ok(map.hash(key)?.map(|h| h.iter().map(|(f, v)| (f.clone(), v.clone())).collect()).unwrap_or_default())
         })
     }
