@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rolehost::backend::Backend;
 use rolehost::{Host, RoleLimits};
-use rolehost_tests::{call_json, host, host_with_limits, on_all_backends, probe};
+use rolehost_tests::{call_json, eventually, host, host_with_limits, on_all_backends, probe};
 use serde_json::{json, Value};
 
 on_all_backends!(
@@ -312,24 +312,16 @@ async fn a_call_whose_caller_goes_away_releases_its_locks(b: Arc<dyn Backend>, p
     let mut call = Box::pin(probe(&host, "alice", hold));
     // Watched while the call runs (an unpolled call could hold up the
     // watching, e.g. while it connects).
-    let taken = async {
-        let start = std::time::Instant::now();
-        while !b.exists(&lock_key).await.unwrap() {
-            assert!(start.elapsed() < Duration::from_secs(60), "alice never took the lock");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
+    let held = async || b.exists(&lock_key).await.unwrap();
+    let taken = eventually("alice never took the lock", Duration::from_secs(60), held);
     tokio::select! {
         answer = &mut call => panic!("the call ended before its caller went away: {answer:?}"),
         () = taken => {}
     }
     drop(call);
     // Released in the background, long before its TTL.
-    let dropped = std::time::Instant::now();
-    while host.backend().exists(&lock_key).await.unwrap() {
-        assert!(dropped.elapsed() < Duration::from_secs(20), "the dropped call's lock is still held");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let released = async || !b.exists(&lock_key).await.unwrap();
+    eventually("the dropped call's lock is still held", Duration::from_secs(20), released).await;
     assert_eq!(
         probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})).await,
         Ok(json!(2))

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rolehost::backend::{Backend, RedisBackend, RedisOptions};
 use rolehost::StateError;
-use rolehost_tests::{free_port, host, probe, scratch_dir, wait_until, RedisServer};
+use rolehost_tests::{eventually, free_port, host, probe, scratch_dir, wait_until, RedisServer};
 use serde_json::json;
 
 fn backend(port: u16, op_timeout: Duration) -> Arc<dyn Backend> {
@@ -320,13 +320,7 @@ async fn a_lock_taken_for_a_call_dropped_before_the_answer_came_is_released() {
     let exists = || server.cli(&["exists", lock_key]).trim() == "1";
     let hold = json!({"op":"lock_hold","name":"job","ttl_ms":60000,"wait_ms":0,"sleep_ms":30000});
     let mut call = Box::pin(probe(&host, "alice", hold));
-    let taken = async {
-        let start = std::time::Instant::now();
-        while !exists() {
-            assert!(start.elapsed() < Duration::from_secs(30), "Redis never took the lock");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
+    let taken = eventually("Redis never took the lock", Duration::from_secs(30), async || exists());
     tokio::select! {
         answer = &mut call => panic!("the call ended though Redis's answer was held back: {answer:?}"),
         () = taken => {}
@@ -335,11 +329,7 @@ async fn a_lock_taken_for_a_call_dropped_before_the_answer_came_is_released() {
     // gives up. The lock is released (the release reaches Redis; only its
     // answer is lost), long before its 60 s TTL.
     drop(call);
-    let dropped = std::time::Instant::now();
-    while exists() {
-        assert!(dropped.elapsed() < Duration::from_secs(20), "the dropped call's lock is still held");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the dropped call's lock is still held", Duration::from_secs(20), async || !exists()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

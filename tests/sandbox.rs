@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use rolehost::backend::Backend;
+use rolehost::backend::{Backend, ScanPage};
 use rolehost::{CallError, Grants, RoleLimits};
-use rolehost_tests::{backend, free_port, host, host_with_limits, host_with_specs, probe, RedisServer};
+use rolehost_tests::{backend, free_port, host, host_with_limits, host_with_specs, probe, scan_pages, RedisServer};
 use serde_json::json;
 
 fn limits() -> RoleLimits {
@@ -81,15 +81,9 @@ async fn oversized_responses_and_log_floods_are_contained() {
 
 /// How many keys match `pattern`, page by page.
 async fn count_keys(b: &dyn Backend, pattern: &str) -> usize {
-    let (mut count, mut cursor) = (0, None);
-    loop {
-        let page = b.scan(pattern, cursor.as_deref(), 1000).await.unwrap();
-        count += page.keys.len();
-        match page.cursor {
-            Some(next) => cursor = Some(next),
-            None => return count,
-        }
-    }
+    let mut count = 0;
+    scan_pages(b, pattern, 1000, async |page: ScanPage| count += page.keys.len()).await;
+    count
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

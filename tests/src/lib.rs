@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use rolehost::backend::{Backend, MemoryBackend, RedisBackend, RedisOptions};
+use rolehost::backend::{Backend, MemoryBackend, RedisBackend, RedisOptions, ScanPage};
 use rolehost::cache::CompileCache;
 use rolehost::{Grants, Host, HostOptions, RoleLimits, RoleSpec};
 use serde_json::Value;
@@ -407,6 +407,34 @@ pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) 
     while !ready() {
         assert!(start.elapsed() < limit, "timed out waiting: {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The async [`wait_until`]: polls `ready` every 10 ms, failing with
+/// `what` after `limit`.
+pub async fn eventually(what: &str, limit: Duration, mut ready: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !ready().await {
+        assert!(start.elapsed() < limit, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Pages through the keys matching `pattern`, `limit` a page, handing each
+/// page to `each` before the next is asked for; fails if the scan does not
+/// end.
+pub async fn scan_pages(b: &dyn Backend, pattern: &str, limit: usize, mut each: impl AsyncFnMut(ScanPage)) {
+    let (mut cursor, mut pages) = (None, 0);
+    loop {
+        let page = b.scan(pattern, cursor.as_deref(), limit).await.unwrap();
+        let next = page.cursor.clone();
+        each(page).await;
+        pages += 1;
+        match next {
+            Some(next) => cursor = Some(next),
+            None => return,
+        }
+        assert!(pages < 10_000, "scan does not end");
     }
 }
 
