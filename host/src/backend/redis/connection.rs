@@ -34,18 +34,14 @@ const SENTINEL_PORT: u16 = 26379;
 /// Where the servers are, from the URL.
 enum Endpoint {
     Single(ConnectionInfo),
-    /// The nodes first asked; `tls` for all nodes.
-    Cluster {
-        nodes: Vec<ConnectionInfo>,
-        tls: bool,
-    },
-    /// `tls` for the Sentinels and the primary alike.
+    /// The nodes first asked (all with TLS, or none).
+    Cluster(Vec<ConnectionInfo>),
+    /// TLS to the Sentinels (their addresses say) means TLS to the primary.
     Sentinel {
         sentinels: Vec<ConnectionAddr>,
         master: String,
         db: i64,
         username: Option<String>,
-        tls: bool,
     },
 }
 
@@ -101,10 +97,12 @@ fn host_port(address: &str, default_port: Option<u16>) -> Result<(String, u16), 
 impl Endpoint {
     /// Whether the servers are reached over TLS.
     fn tls(&self) -> bool {
-        match self {
-            Endpoint::Single(info) => matches!(info.addr(), ConnectionAddr::TcpTls { .. }),
-            Endpoint::Cluster { tls, .. } | Endpoint::Sentinel { tls, .. } => *tls,
-        }
+        let addr = match self {
+            Endpoint::Single(info) => Some(info.addr()),
+            Endpoint::Cluster(nodes) => nodes.first().map(ConnectionInfo::addr),
+            Endpoint::Sentinel { sentinels, .. } => sentinels.first(),
+        };
+        matches!(addr, Some(ConnectionAddr::TcpTls { .. }))
     }
 
     fn parse(url: &str) -> Result<(Self, UrlSettings), String> {
@@ -123,7 +121,7 @@ impl Endpoint {
                     format!("{node_scheme}://{user}{host}:{port}").into_connection_info().map_err(invalid)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            return Ok((Self::Cluster { nodes, tls }, settings));
+            return Ok((Self::Cluster(nodes), settings));
         }
         if let "redis+sentinel" | "rediss+sentinel" = scheme {
             let (user, rest) = split_user(rest)?;
@@ -145,7 +143,7 @@ impl Endpoint {
                 Some(db) => db.parse().map_err(|_| format!("invalid database {db:?} in {url:?}"))?,
                 None => 0,
             };
-            let sentinel = Self::Sentinel { sentinels, master: master.to_owned(), db, username: user, tls };
+            let sentinel = Self::Sentinel { sentinels, master: master.to_owned(), db, username: user };
             return Ok((sentinel, settings));
         }
         if !matches!(scheme, "redis" | "rediss") {
@@ -267,7 +265,7 @@ impl Kind {
                 .map_err(invalid)?;
                 Kind::direct(Source::Server(client), options)
             }
-            Endpoint::Cluster { nodes, .. } => {
+            Endpoint::Cluster(nodes) => {
                 // No retries inside redis-rs: it would resend any command
                 // whose reply was lost, increments included. `retry.rs`
                 // decides instead; redis-rs still refreshes its slot map and
@@ -293,7 +291,7 @@ impl Kind {
                     ask_targets: Arc::new(ask_targets),
                 }
             }
-            Endpoint::Sentinel { sentinels, master, db, username, tls } => {
+            Endpoint::Sentinel { sentinels, master, db, username } => {
                 let mut builder =
                     SentinelClientBuilder::new(sentinels.clone(), master.clone(), SentinelServerType::Master)
                         .map_err(invalid)?
@@ -307,7 +305,7 @@ impl Kind {
                 if let Some(password) = &options.sentinel_password {
                     builder = builder.set_client_to_sentinel_password(password);
                 }
-                if *tls {
+                if endpoint.tls() {
                     builder = builder
                         .set_client_to_redis_tls_mode(TlsMode::Secure)
                         .set_client_to_sentinel_tls_mode(TlsMode::Secure);
@@ -432,7 +430,7 @@ impl Connector {
             None => None,
         };
         let wait_replicas = settings.wait_replicas.unwrap_or(options.wait_replicas);
-        if wait_replicas > 0 && matches!(endpoint, Endpoint::Cluster { .. }) {
+        if wait_replicas > 0 && matches!(endpoint, Endpoint::Cluster(_)) {
             return Err("wait-replicas is supported for redis:// and redis+sentinel:// only".into());
         }
         let kind = Kind::new(&endpoint, options, certificates.as_ref())?;
@@ -443,7 +441,7 @@ impl Connector {
             if wait_replicas > 0 { Some(Kind::new(&endpoint, options, certificates.as_ref())?) } else { None };
         let topology = match endpoint {
             Endpoint::Single(_) => "single",
-            Endpoint::Cluster { .. } => "cluster",
+            Endpoint::Cluster(_) => "cluster",
             Endpoint::Sentinel { .. } => "sentinel",
         };
         Ok(Self { kind, acked_writes, wait_replicas, topology })
@@ -491,14 +489,13 @@ mod tests {
 
     #[test]
     fn urls_name_their_topology() {
-        let (Endpoint::Cluster { nodes, tls: false }, _) = Endpoint::parse("redis+cluster://a:7000,b:7001").unwrap()
-        else {
-            panic!("not a plain cluster")
-        };
+        let (plain, _) = Endpoint::parse("redis+cluster://a:7000,b:7001").unwrap();
+        assert!(!plain.tls(), "not a plain cluster");
+        let Endpoint::Cluster(nodes) = plain else { panic!("not a plain cluster") };
         assert_eq!(nodes.len(), 2);
-        let (Endpoint::Cluster { nodes, tls: true }, _) = Endpoint::parse("rediss+cluster://a:7000").unwrap() else {
-            panic!("not a TLS cluster")
-        };
+        let (secure, _) = Endpoint::parse("rediss+cluster://a:7000").unwrap();
+        assert!(secure.tls(), "not a TLS cluster");
+        let Endpoint::Cluster(nodes) = secure else { panic!("not a TLS cluster") };
         assert!(
             matches!(nodes[0].addr(), ConnectionAddr::TcpTls { host, port: 7000, insecure: false, .. } if host == "a")
         );
@@ -506,10 +503,9 @@ mod tests {
         let Endpoint::Sentinel { sentinels, master, db, .. } = endpoint else { panic!("not sentinel") };
         assert_eq!(sentinels, [ConnectionAddr::Tcp("s1".into(), 5000), ConnectionAddr::Tcp("s2".into(), 26379)]);
         assert_eq!((master.as_str(), db, settings.wait_replicas), ("mymaster", 3, Some(1)));
-        let (Endpoint::Sentinel { sentinels, tls: true, .. }, _) = Endpoint::parse("rediss+sentinel://s1/m").unwrap()
-        else {
-            panic!("not a TLS sentinel")
-        };
+        let (secure, _) = Endpoint::parse("rediss+sentinel://s1/m").unwrap();
+        assert!(secure.tls(), "not a TLS sentinel");
+        let Endpoint::Sentinel { sentinels, .. } = secure else { panic!("not a TLS sentinel") };
         assert!(matches!(&sentinels[0], ConnectionAddr::TcpTls { port: 26379, insecure: false, .. }));
         let (_, settings) = Endpoint::parse("rediss://h:6380/0?ca=/etc/ca.pem").unwrap();
         assert_eq!(settings.ca_file, Some(PathBuf::from("/etc/ca.pem")));
