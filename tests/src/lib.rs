@@ -592,9 +592,6 @@ impl RedisSentinels {
     }
 
     fn start_with(replicas: usize, count: usize, tls: Option<&TlsFiles>) -> Option<Self> {
-        // With TLS, the Sentinel also wants a password (a single Sentinel:
-        // no other Sentinel needs to know it).
-        let password = tls.map(|_| SENTINEL_PASSWORD);
         if !have_redis_cli() {
             skip_or_fail("redis-cli")?;
         }
@@ -614,18 +611,21 @@ impl RedisSentinels {
         for _ in 0..count {
             let sentinel = RedisServer::on_free_port(|port| {
                 let config = dir.join(format!("sentinel-{port}.conf"));
-                let listen = match tls {
-                    // `tls-replication` makes the Sentinel use TLS to the servers.
+                let (listen, cli_args) = match tls {
+                    // `tls-replication` makes the Sentinel use TLS to the
+                    // servers. It also wants a password (a single Sentinel:
+                    // no other one needs to know it).
                     Some(tls) => {
                         let settings =
                             tls.server_settings().into_iter().map(|(name, value)| format!("{name} {value}\n"));
-                        format!("port 0\ntls-port {port}\ntls-replication yes\n{}", settings.collect::<String>())
+                        let listen = format!(
+                            "port 0\ntls-port {port}\ntls-replication yes\nrequirepass {SENTINEL_PASSWORD}\n{}",
+                            settings.collect::<String>()
+                        );
+                        let password = ["-a", SENTINEL_PASSWORD, "--no-auth-warning"].map(String::from);
+                        (listen, [tls.cli_args(), password.to_vec()].concat())
                     }
-                    None => format!("port {port}\n"),
-                };
-                let listen = match password {
-                    Some(password) => format!("{listen}requirepass {password}\n"),
-                    None => listen,
+                    None => (format!("port {port}\n"), Vec::new()),
                 };
                 std::fs::write(
                     &config,
@@ -640,10 +640,6 @@ impl RedisSentinels {
                 )
                 .unwrap();
                 let args = [config.display().to_string(), "--sentinel".to_owned()];
-                let mut cli_args = tls.map(TlsFiles::cli_args).unwrap_or_default();
-                if let Some(password) = password {
-                    cli_args.extend(["-a".to_owned(), password.to_owned(), "--no-auth-warning".to_owned()]);
-                }
                 RedisServer::try_spawn(port, &args, &cli_args)
             });
             sentinels.push(sentinel?);
