@@ -3,7 +3,8 @@
 //! Redis is down calls fail with `unavailable` and the host stays up; when
 //! it returns, calls succeed again by themselves, and a read waiting inside
 //! its deadline is retried until it succeeds. A write waiting for a replica
-//! that is gone (`wait-replicas`) holds up no read. A connection that
+//! that is gone (`wait-replicas`) holds up no read, nor does a large
+//! batch in flight hold up single commands. A connection that
 //! stops answering, or whose login was refused, is replaced by itself. A
 //! lock Redis took for a call that gave up before the answer is released.
 
@@ -175,6 +176,36 @@ async fn a_write_waiting_for_a_lost_replica_does_not_hold_up_reads() {
         Err(StateError::Unavailable(message)) => assert!(message.contains("not confirmed"), "{message}"),
         other => panic!("an unconfirmed write is `unavailable`, not {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_in_flight_does_not_hold_up_single_commands() {
+    let Some(server) = RedisServer::start() else { return };
+    let proxy = FreezingProxy::start(server.port).await;
+    let b = backend(proxy.port, Duration::from_secs(8));
+    let entries: Vec<(String, Vec<u8>)> = (0..100).map(|i| (format!("big:{i}"), vec![b'x'; 1000])).collect();
+    let keys: Vec<String> = entries.iter().map(|(key, _)| key.clone()).collect();
+    // The only connection so far is the one large batches take.
+    b.set_many(&entries, None).await.unwrap();
+    // It now carries nothing, as if busy moving a huge batch.
+    proxy.freeze_open_connections().await;
+    let reader = b.clone();
+    let read_keys = keys.clone();
+    let batch = tokio::spawn(async move { reader.get_many(&read_keys).await });
+
+    // Single commands and small batches meanwhile are answered at once,
+    // on a connection of their own.
+    b.set("small", b"v", None).await.unwrap();
+    assert_eq!(b.get("small").await, Ok(Some(b"v".to_vec())));
+    assert_eq!(b.get_many(&keys[..3]).await.unwrap(), vec![Some(vec![b'x'; 1000]); 3]);
+    assert!(!batch.is_finished(), "the stuck batch ended before the single commands were answered");
+
+    // The stuck batch runs out of time; the next one connects afresh.
+    match batch.await.unwrap() {
+        Err(StateError::Unavailable(message)) => assert!(message.contains("did not answer"), "{message}"),
+        other => panic!("a batch whose connection froze is `unavailable`, not {other:?}"),
+    }
+    assert_eq!(b.get_many(&keys).await.unwrap(), vec![Some(vec![b'x'; 1000]); 100]);
 }
 
 /// A TCP proxy to `target` whose connections open so far can be frozen

@@ -215,11 +215,24 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// Which connection an operation wants: large batches travel apart, so a
+/// role moving a gigabyte never holds up another role's single `GET`
+/// queued behind it on the same socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lane {
+    /// Single commands and small batches.
+    Main,
+    /// Batches of many keys or bytes.
+    Bulk,
+}
+
 /// Hands out connections, making them when needed.
 pub(super) struct Connector {
-    /// The connection for every operation, but for writes that wait for
-    /// replicas.
+    /// The connection for every operation but large batches and writes
+    /// that wait for replicas.
     kind: Kind,
+    /// The connection for large batches, made on the first one.
+    bulk: Kind,
     /// With `wait-replicas`, the connection for writes and their `WAIT`s.
     acked_writes: Option<Kind>,
     /// Replicas each write waits for (`WAIT`); 0 for none.
@@ -434,6 +447,7 @@ impl Connector {
             return Err("wait-replicas is supported for redis:// and redis+sentinel:// only".into());
         }
         let kind = Kind::new(&endpoint, options, certificates.as_ref())?;
+        let bulk = Kind::new(&endpoint, options, certificates.as_ref())?;
         // `WAIT` blocks the connection it is sent on until the replicas
         // answer; reads must not queue behind it, so acknowledged writes
         // get a connection of their own.
@@ -444,33 +458,38 @@ impl Connector {
             Endpoint::Cluster(_) => "cluster",
             Endpoint::Sentinel { .. } => "sentinel",
         };
-        Ok(Self { kind, acked_writes, wait_replicas, topology })
+        Ok(Self { kind, bulk, acked_writes, wait_replicas, topology })
     }
 
-    /// A connection for an operation; `writes` when it writes (and so
-    /// may wait for replicas).
-    pub(super) async fn get(&self, writes: bool) -> RedisResult<Conn> {
-        match (&self.acked_writes, writes) {
-            (Some(acked_writes), true) => acked_writes.get().await,
-            _ => self.kind.get().await,
+    /// The connection for an operation on `lane`; `writes` when it writes
+    /// (and so may wait for replicas: then its `WAIT` must follow it on
+    /// the same connection, whatever its size).
+    fn pick(&self, writes: bool, lane: Lane) -> &Kind {
+        match (&self.acked_writes, writes, lane) {
+            (Some(acked_writes), true, _) => acked_writes,
+            (_, _, Lane::Bulk) => &self.bulk,
+            _ => &self.kind,
         }
     }
 
-    /// Notes a failed operation (see [`Kind::failed`]). Both connections
-    /// go to the same primary, so what one learns about it holds for both.
+    /// A connection for an operation (see [`Connector::pick`]).
+    pub(super) async fn get(&self, writes: bool, lane: Lane) -> RedisResult<Conn> {
+        self.pick(writes, lane).get().await
+    }
+
+    /// Notes a failed operation (see [`Kind::failed`]). All connections
+    /// go to the same primary, so what one learns about it holds for all.
     pub(super) fn failed(&self, error: &RedisError) {
-        self.kind.failed(error);
-        if let Some(acked_writes) = &self.acked_writes {
-            acked_writes.failed(error);
+        for kind in [Some(&self.kind), Some(&self.bulk), self.acked_writes.as_ref()].into_iter().flatten() {
+            kind.failed(error);
         }
     }
 
-    /// Notes an operation that ran out of time (see [`Kind::timed_out`]).
-    pub(super) fn timed_out(&self) {
-        self.kind.timed_out();
-        if let Some(acked_writes) = &self.acked_writes {
-            acked_writes.timed_out();
-        }
+    /// Notes an operation that ran out of time (see [`Kind::timed_out`]):
+    /// only its own connection is in doubt, as a large batch may simply
+    /// be slow.
+    pub(super) fn timed_out(&self, writes: bool, lane: Lane) {
+        self.pick(writes, lane).timed_out();
     }
 
     pub(super) fn is_cluster(&self) -> bool {

@@ -21,7 +21,7 @@ use base64::Engine as _;
 use redis::{AsyncCommands, ErrorKind, RedisError, Script, ServerErrorKind};
 
 use self::cluster::Shard;
-use self::connection::{Conn, Connector};
+use self::connection::{Conn, Connector, Lane};
 use self::retry::Op;
 use super::{Backend, Expiry, Health, RateDecision, ScanPage};
 use crate::error::{StateError, StateResult};
@@ -31,6 +31,21 @@ use crate::glob;
 const SCAN_COUNT: usize = 256;
 /// SCAN steps one page may take before it returns what it has.
 const SCAN_STEPS_PER_PAGE: usize = 64;
+
+/// Batches of at least this many keys, or this many bytes of values, take
+/// the bulk connection ([`Lane::Bulk`]). Below them a batch costs about
+/// what a few single commands do.
+const BULK_KEYS: usize = 64;
+const BULK_BYTES: usize = 256 << 10;
+
+/// The lane for a batch of `keys` keys and `bytes` bytes of values.
+fn lane(keys: usize, bytes: usize) -> Lane {
+    if keys >= BULK_KEYS || bytes >= BULK_BYTES {
+        Lane::Bulk
+    } else {
+        Lane::Main
+    }
+}
 
 /// Compare-and-swap. ARGV: has-expected, expected, has-new, new, ttl-ms ("" = none).
 const CAS_SCRIPT: &str = r#"
@@ -232,7 +247,17 @@ impl RedisBackend {
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        self.run_by(self.deadline(), op, attempt).await
+        self.run_by(self.deadline(), op, Lane::Main, attempt).await
+    }
+
+    /// [`RedisBackend::run`] for a batch of `keys` keys and `bytes` bytes
+    /// of values: a large one goes on the bulk connection.
+    async fn run_batch<T, F, Fut>(&self, op: Op, keys: usize, bytes: usize, attempt: F) -> StateResult<T>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.run_by(self.deadline(), op, lane(keys, bytes), attempt).await
     }
 
     /// When an operation starting now must be done.
@@ -244,7 +269,7 @@ impl RedisBackend {
     /// steps shares one). Transient failures are tried again with backoff
     /// as far as `op` allows; a write then waits for replicas when the
     /// deployment asks for it.
-    async fn run_by<T, F, Fut>(&self, deadline: tokio::time::Instant, op: Op, attempt: F) -> StateResult<T>
+    async fn run_by<T, F, Fut>(&self, deadline: tokio::time::Instant, op: Op, lane: Lane, attempt: F) -> StateResult<T>
     where
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
@@ -264,7 +289,7 @@ impl RedisBackend {
         let mut before = None;
         for tries in 0.. {
             let outcome = tokio::time::timeout_at(deadline, async {
-                let conn = self.connector.get(op.writes()).await?;
+                let conn = self.connector.get(op.writes(), lane).await?;
                 let value = attempt(conn.clone()).await?;
                 if op.writes() && self.connector.wait_replicas > 0 {
                     self.wait_for_replicas(conn, deadline).await?;
@@ -274,7 +299,7 @@ impl RedisBackend {
             .await;
             let error = match outcome {
                 Err(_) => {
-                    self.connector.timed_out();
+                    self.connector.timed_out(op.writes(), lane);
                     return Err(maybe_written(late(before), false));
                 }
                 Ok(Ok(value)) => return Ok(value),
@@ -316,7 +341,7 @@ impl RedisBackend {
 
     /// The primaries to scan: every Cluster primary, or the one server.
     async fn shards(&self, deadline: tokio::time::Instant) -> StateResult<Vec<Shard>> {
-        self.run_by(deadline, Op::Read, |mut c| async move { c.shards().await }).await
+        self.run_by(deadline, Op::Read, Lane::Main, |mut c| async move { c.shards().await }).await
     }
 
     /// One raw SCAN step on `shard`: the next cursor and the UTF-8 keys of
@@ -333,7 +358,7 @@ impl RedisBackend {
         scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count);
         let scan = &scan;
         let (next, raw): (u64, Vec<Vec<u8>>) = self
-            .run_by(deadline, Op::Read, |mut c| async move {
+            .run_by(deadline, Op::Read, Lane::Main, |mut c| async move {
                 redis::from_redis_value(c.on(shard, scan).await?).map_err(Into::into)
             })
             .await?;
@@ -388,7 +413,9 @@ impl RedisBackend {
                 };
             }
             let pipe = &pipe;
-            self.run_by(deadline, Op::Idempotent, |mut c| async move { pipe.query_async::<()>(&mut c).await }).await?;
+            let lane = lane(group.len(), group.iter().map(|(_, value)| value.len()).sum());
+            self.run_by(deadline, Op::Idempotent, lane, |mut c| async move { pipe.query_async::<()>(&mut c).await })
+                .await?;
         }
         Ok(())
     }
@@ -569,7 +596,7 @@ impl Backend for RedisBackend {
         let mut infos = Vec::with_capacity(shards.len());
         for shard in &shards {
             let info: String = self
-                .run_by(deadline, Op::Read, |mut c| async move {
+                .run_by(deadline, Op::Read, Lane::Main, |mut c| async move {
                     redis::from_redis_value(c.on(shard, &redis::cmd("INFO")).await?).map_err(Into::into)
                 })
                 .await?;
@@ -586,7 +613,7 @@ impl Backend for RedisBackend {
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()> {
-        self.run(Op::Idempotent, |mut c| async move {
+        self.run_batch(Op::Idempotent, 1, value.len(), |mut c| async move {
             match ttl {
                 Some(ttl) => c.pset_ex(key, value, ttl_ms(ttl)).await,
                 None => c.set(key, value).await,
@@ -604,7 +631,10 @@ impl Backend for RedisBackend {
             return Ok(Vec::new());
         }
         // On a Cluster, redis-rs splits MGET by slot and merges the answers in order.
-        self.run(Op::Read, |mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await }).await
+        self.run_batch(Op::Read, keys.len(), 0, |mut c| async move {
+            redis::cmd("MGET").arg(keys).query_async(&mut c).await
+        })
+        .await
     }
 
     async fn set_many(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()> {
@@ -619,7 +649,7 @@ impl Backend for RedisBackend {
             return Ok(0);
         }
         // A retried DEL leaves the same state but may count fewer keys.
-        self.run(Op::Idempotent, |mut c| async move { c.del(keys).await }).await
+        self.run_batch(Op::Idempotent, keys.len(), 0, |mut c| async move { c.del(keys).await }).await
     }
 
     async fn expiry(&self, key: &str) -> StateResult<Expiry> {
