@@ -200,11 +200,10 @@ async fn a_large_batch_in_flight_does_not_hold_up_single_commands() {
     assert_eq!(b.get_many(&keys[..3]).await.unwrap(), vec![Some(vec![b'x'; 1000]); 3]);
     assert!(!batch.is_finished(), "the stuck batch ended before the single commands were answered");
 
-    // The stuck batch runs out of time; the next one connects afresh.
-    match batch.await.unwrap() {
-        Err(StateError::Unavailable(message)) => assert!(message.contains("did not answer"), "{message}"),
-        other => panic!("a batch whose connection froze is `unavailable`, not {other:?}"),
-    }
+    // The stuck batch runs out of time (redis-rs's timer or ours, both
+    // set to the operation timeout); the next one connects afresh.
+    let stuck = batch.await.unwrap();
+    assert!(matches!(stuck, Err(StateError::Unavailable(_))), "a frozen batch is `unavailable`, not {stuck:?}");
     assert_eq!(b.get_many(&keys).await.unwrap(), vec![Some(vec![b'x'; 1000]); 100]);
 }
 
