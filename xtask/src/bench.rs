@@ -20,6 +20,12 @@ struct Row {
     ratio: String,
 }
 
+impl Row {
+    fn empty() -> Self {
+        Row { case: String::new(), rolehost: "—".into(), baseline: "—".into(), ratio: "—".into() }
+    }
+}
+
 /// Runs the rows named in `only` (letters `a`…`g`), or every row.
 pub fn run(root: &Path, only: &[String]) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -223,6 +229,7 @@ async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<V
             let warm = Arc::new(host_for(root, backend, None, 128, 64)?);
             rows.extend(redis_pairs(&host_redis, &warm, &url, &redis).await?);
             rows.extend(backend_pairs(&backend_for_pairs, &redis.pid()).await?);
+            rows.extend(redis_bound_pairs(root).await?);
         }
         if wanted("d") {
             rows.extend(redis_batches(&host_redis, redis.1).await?);
@@ -264,50 +271,15 @@ const ROUNDS: usize = 5;
 /// `warm` is the same role with `warm-instances`, measured at the highest
 /// concurrency to show what instantiation costs there.
 async fn redis_pairs(host: &Arc<Host>, warm: &Arc<Host>, url: &str, redis: &Redis) -> anyhow::Result<Vec<Row>> {
-    let (port, redis_pid) = (redis.1, redis.pid());
     let mut rows = Vec::new();
-    let client = redis::Client::open(url)?;
-    let native = client.get_multiplexed_async_connection().await?;
+    let native = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
     for (concurrency, host) in [(1, host), (16, host), (64, host), (64, warm)] {
         let n = if concurrency == 1 { 5_000 } else { 30_000 };
-        let (mut ours, mut theirs) = (Rounds::default(), Rounds::default());
-        for _ in 0..ROUNDS {
-            let h = host.clone();
-            let cpu = CpuUse::start(&redis_pid);
-            let rate = concurrent(n, concurrency, move || {
-                let h = h.clone();
-                async move {
-                    h.call("bench", b"gs").await?;
-                    Ok(())
-                }
-            })
-            .await?;
-            ours.add(rate, cpu.per_op(n));
-            let conn = native.clone();
-            let cpu = CpuUse::start(&redis_pid);
-            let rate = concurrent(n, concurrency, move || {
-                let mut conn = conn.clone();
-                async move {
-                    let _: Option<Vec<u8>> = redis::cmd("GET").arg("bench:bench:kv:k").query_async(&mut conn).await?;
-                    let () =
-                        redis::cmd("SET").arg("bench:bench:kv:k").arg(&[b'v'; 100][..]).query_async(&mut conn).await?;
-                    Ok(())
-                }
-            })
-            .await?;
-            theirs.add(rate, cpu.per_op(n));
-        }
+        let (ours, theirs) = pair_rounds(host, &native, n, concurrency, &redis.pid()).await?;
         let how = if Arc::ptr_eq(host, warm) { ", warm instances" } else { "" };
-        let ratio = ours.median().0 / theirs.median().0;
-        let goal = if concurrency == 64 { format!(" (goal ≥ 0.90): {}", met(ratio >= 0.9)) } else { String::new() };
-        rows.push(Row {
-            case: format!("(c) GET + SET 100 B, Redis, concurrency {concurrency}{how}"),
-            rolehost: format!("{} calls; CPU per call: {}", ours.shown(), ours.median().1),
-            baseline: format!("redis-rs: {} pairs; CPU per pair: {}", theirs.shown(), theirs.median().1),
-            ratio: format!("{ratio:.2}{goal}"),
-        });
+        rows.push(pairs_row(format!("Redis, concurrency {concurrency}{how}"), &ours, &theirs, concurrency == 64));
     }
-    if let Some(figures) = redis_benchmark(port, &[]) {
+    if let Some(figures) = redis_benchmark(redis.1, &[]) {
         rows.push(Row {
             case: "(c) redis-benchmark -c 50 -d 100".into(),
             rolehost: "—".into(),
@@ -316,6 +288,134 @@ async fn redis_pairs(host: &Arc<Host>, warm: &Arc<Host>, url: &str, redis: &Redi
         });
     }
     Ok(rows)
+}
+
+/// `ROUNDS` rounds of `n` GET + SET calls of `host` and, alternating with
+/// them, of the same pairs straight on `native`, `concurrency` at a time.
+async fn pair_rounds(
+    host: &Arc<Host>,
+    native: &redis::aio::MultiplexedConnection,
+    n: usize,
+    concurrency: usize,
+    redis_pid: &str,
+) -> anyhow::Result<(Rounds, Rounds)> {
+    let (mut ours, mut theirs) = (Rounds::default(), Rounds::default());
+    for _ in 0..ROUNDS {
+        let h = host.clone();
+        let cpu = CpuUse::start(redis_pid);
+        let rate = concurrent(n, concurrency, move || {
+            let h = h.clone();
+            async move {
+                h.call("bench", b"gs").await?;
+                Ok(())
+            }
+        })
+        .await?;
+        ours.add(rate, cpu.per_op(n));
+        let conn = native.clone();
+        let cpu = CpuUse::start(redis_pid);
+        let rate = concurrent(n, concurrency, move || {
+            let mut conn = conn.clone();
+            async move {
+                let _: Option<Vec<u8>> = redis::cmd("GET").arg("bench:bench:kv:k").query_async(&mut conn).await?;
+                let () = redis::cmd("SET").arg("bench:bench:kv:k").arg(&[b'v'; 100][..]).query_async(&mut conn).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        theirs.add(rate, cpu.per_op(n));
+    }
+    Ok((ours, theirs))
+}
+
+/// A (c) row: rolehost's calls next to redis-rs's pairs; with `goal`, the
+/// ratio checked against the goal (0.9).
+fn pairs_row(how: String, ours: &Rounds, theirs: &Rounds, goal: bool) -> Row {
+    let ratio = ours.median().0 / theirs.median().0;
+    let goal = if goal { format!(" (goal ≥ 0.90): {}", met(ratio >= 0.9)) } else { String::new() };
+    Row {
+        case: format!("(c) GET + SET 100 B, {how}"),
+        rolehost: format!("{} calls; CPU per call: {}", ours.shown(), ours.median().1),
+        baseline: format!("redis-rs: {} pairs; CPU per pair: {}", theirs.shown(), theirs.median().1),
+        ratio: format!("{ratio:.2}{goal}"),
+    }
+}
+
+/// (c) again with Redis as the bottleneck, as when one Redis serves many
+/// hosts or runs on a smaller machine than they do: a redis-server of its
+/// own held to a tenth of one core by a cgroup CPU quota, so throughput
+/// follows the server's CPU per pair rather than the client's. Skipped
+/// where the process may not make cgroups.
+async fn redis_bound_pairs(root: &Path) -> anyhow::Result<Vec<Row>> {
+    const SHARE: u32 = 10;
+    let case = format!("Redis held to {SHARE} % of one core, concurrency 64");
+    let redis = start_redis()?;
+    let _limit = match CpuLimit::apply(&redis.pid(), SHARE) {
+        Ok(limit) => limit,
+        Err(why) => {
+            let skipped = format!("skipped: cannot limit redis-server's CPU ({why})");
+            return Ok(vec![Row { case: format!("(c) GET + SET 100 B, {case}"), rolehost: skipped, ..Row::empty() }]);
+        }
+    };
+    let url = format!("redis://127.0.0.1:{}/0", redis.1);
+    let backend: Arc<dyn Backend> = Arc::new(RedisBackend::new(&RedisOptions::new(&url)).map_err(anyhow::Error::msg)?);
+    let native = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+    let mut rows = Vec::new();
+    for (warm_instances, how) in [(0, ""), (64, ", warm instances")] {
+        let host = Arc::new(host_for(root, backend.clone(), None, 128, warm_instances)?);
+        let (ours, theirs) = pair_rounds(&host, &native, 20_000, 64, &redis.pid()).await?;
+        rows.push(pairs_row(format!("{case}{how}"), &ours, &theirs, true));
+    }
+    Ok(rows)
+}
+
+/// A process held to a share of one core: a cgroup of its own (v1 `cpu`
+/// controller or v2 `cpu.max`). Dropping it moves the process back to
+/// the root cgroup and removes the one made.
+struct CpuLimit {
+    dir: std::path::PathBuf,
+    /// The root cgroup's process list, and the process.
+    back: (std::path::PathBuf, String),
+}
+
+impl CpuLimit {
+    fn apply(pid: &str, percent: u32) -> Result<Self, String> {
+        const PERIOD_US: u32 = 10_000;
+        let quota = PERIOD_US * percent / 100;
+        let v1 = Path::new("/sys/fs/cgroup/cpu");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let write = |file: std::path::PathBuf, text: String| {
+            std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))
+        };
+        let (root, settings) = if v1.join("cpu.cfs_quota_us").exists() {
+            let settings = vec![
+                ("cpu.cfs_period_us", PERIOD_US.to_string()),
+                ("cpu.cfs_quota_us", quota.to_string()),
+                ("tasks", pid.to_owned()),
+            ];
+            (v1, settings)
+        } else if std::fs::read_to_string(v2.join("cgroup.controllers")).is_ok_and(|c| c.contains("cpu")) {
+            write(v2.join("cgroup.subtree_control"), "+cpu".into())?;
+            (v2, vec![("cpu.max", format!("{quota} {PERIOD_US}")), ("cgroup.procs", pid.to_owned())])
+        } else {
+            return Err("no cgroup cpu controller".into());
+        };
+        let dir = root.join(format!("rolehost-bench-{}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let procs = settings.last().map_or("tasks", |(file, _)| file);
+        let limit = Self { dir, back: (root.join(procs), pid.to_owned()) };
+        for (file, text) in settings {
+            write(limit.dir.join(file), text)?;
+        }
+        Ok(limit)
+    }
+}
+
+impl Drop for CpuLimit {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.back.0, &self.back.1);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 /// (c) broken down: the same GET + SET pairs straight on the Redis
