@@ -113,7 +113,8 @@ async fn a_hostile_role_changes_nothing_it_does_not_own(b: Arc<dyn Backend>, p: 
 }
 
 /// Buffered subject writes and queued fire-and-forget writes live in host
-/// memory; together they may hold at most the role's memory limit.
+/// memory; together they may hold at most the role's memory limit. A
+/// get-many reads no more than that limit either.
 async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) {
     let limits = RoleLimits { max_memory_bytes: 8 << 20, ..RoleLimits::default() };
     let host = host_with_specs(b, &p, vec![("mallory", "kvprobe", limits, Grants::default())]);
@@ -133,4 +134,18 @@ async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) 
     assert!(first_refused["message"].as_str().unwrap().contains("memory limit"), "{answers}");
     // Each call starts with nothing held: the same fill fits again.
     assert_eq!(mallory(json!({"op":"subject_fill","subjects":4,"props":100,"len":10_000})).await, Ok(json!(4)));
+
+    // Reads too: values the role's memory could not hold (9 × 1 MiB) are
+    // refused, not read whole into the host (and then trap the guest).
+    let big: Vec<String> = (0..9).map(|i| format!("big{i}")).collect();
+    for key in &big {
+        mallory(json!({"op":"set","key":key,"len":1 << 20})).await.unwrap();
+    }
+    assert_eq!(mallory(json!({"op":"get_many","keys":big})).await, Err("too-large".into()));
+    // Reading in chunks (8 MiB / 1 MiB: 8 keys each) still answers every
+    // key, in order.
+    assert_eq!(mallory(json!({"op":"set_many","entries":{},"count":20})).await, Ok(Value::Null));
+    let keys: Vec<String> = (0..20).rev().map(|i| format!("bulk:{i}")).chain(["nope".into()]).collect();
+    let expected: Vec<Value> = (0..20).rev().map(|i| json!(i.to_string())).chain([Value::Null]).collect();
+    assert_eq!(mallory(json!({"op":"get_many","keys":keys})).await, Ok(Value::Array(expected)));
 }

@@ -67,6 +67,34 @@ impl Bucket {
 
 impl Host for CallCtx {}
 
+impl CallCtx {
+    /// Reads `keys` a few at a time, so that however large their values,
+    /// the host holds at most about twice the role's memory limit for the
+    /// call: values the guest could not hold are refused as `too-large`
+    /// rather than read whole. Chunks are consecutive reads, not one
+    /// snapshot; with small values (a limit of many values' worth) it is
+    /// one read.
+    async fn get_within_memory(&mut self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let limits = &self.role.limits;
+        let chunk = (limits.max_memory_bytes / limits.max_value_bytes).max(1);
+        let mut values = Vec::with_capacity(keys.len());
+        let mut bytes = 0usize;
+        for part in keys.chunks(chunk) {
+            let got = self.backend.get_many(part).await?;
+            bytes += got.iter().flatten().map(Vec::len).sum::<usize>();
+            if bytes > limits.max_memory_bytes {
+                return Err(StateError::TooLarge(format!(
+                    "the values of these {} keys come to more than {} bytes (the role's memory limit); ask for fewer at once",
+                    keys.len(),
+                    limits.max_memory_bytes
+                )));
+            }
+            values.extend(got);
+        }
+        Ok(values)
+    }
+}
+
 impl HostBucket for CallCtx {
     async fn open(&mut self, name: String) -> StateResult<Resource<Bucket>> {
         self.charge(1)?;
@@ -105,7 +133,7 @@ impl HostBucket for CallCtx {
 
     async fn get_many(&mut self, bucket: Resource<Bucket>, keys: Vec<String>) -> StateResult<Vec<Option<Vec<u8>>>> {
         let keys = self.bucket_keys(&bucket, &keys, false)?;
-        self.backend.get_many(&keys).await
+        self.get_within_memory(&keys).await
     }
 
     async fn set_many(
