@@ -341,13 +341,16 @@ fn fields(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
 async fn hash_reads_and_atomic_writes(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}subject");
     assert_eq!(b.hash_get(&k, "pname").await.unwrap(), None);
-    assert!(b.hash_get_all(&k).await.unwrap().is_empty());
+    assert!(b.hash_get_all(&k, usize::MAX).await.unwrap().is_empty());
     b.hash_apply(&k, &fields(&[("pname", "\"ada\""), ("page", "36"), ("elogin", "1")]), &[], None).await.unwrap();
     assert_eq!(b.hash_get(&k, "page").await.unwrap().as_deref(), Some(&b"36"[..]));
     b.hash_apply(&k, &fields(&[("page", "37")]), &["elogin".to_owned(), "pmissing".to_owned()], None).await.unwrap();
-    let mut all = b.hash_get_all(&k).await.unwrap();
+    let mut all = b.hash_get_all(&k, usize::MAX).await.unwrap();
     all.sort();
     assert_eq!(all, fields(&[("page", "37"), ("pname", "\"ada\"")]));
+    // 16 bytes of fields and values: a caller taking fewer is refused them.
+    assert_eq!(b.hash_get_all(&k, 16).await.unwrap().len(), 2);
+    assert!(matches!(b.hash_get_all(&k, 15).await, Err(StateError::TooLarge(_))));
     // The TTL survives writes; removing the last field deletes the hash.
     assert!(b.expire(&k, Some(Duration::from_secs(30))).await.unwrap());
     b.hash_apply(&k, &fields(&[("page", "38")]), &[], None).await.unwrap();

@@ -168,8 +168,13 @@ async fn key_states(backend: &Arc<dyn Backend>, full_keys: Vec<String>, prefix: 
         let (value, fields) = match backend.get(&full).await {
             Ok(value) => (value, Vec::new()),
             Err(_) => {
-                let mut fields: Vec<String> =
-                    backend.hash_get_all(&full).await.unwrap().into_iter().map(|(field, _)| field).collect();
+                let mut fields: Vec<String> = backend
+                    .hash_get_all(&full, usize::MAX)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|(field, _)| field)
+                    .collect();
                 fields.sort();
                 (None, fields)
             }

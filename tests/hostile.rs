@@ -117,7 +117,7 @@ async fn a_hostile_role_changes_nothing_it_does_not_own(b: Arc<dyn Backend>, p: 
 /// get-many reads no more than that limit either.
 async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) {
     let limits = RoleLimits { max_memory_bytes: 8 << 20, ..RoleLimits::default() };
-    let host = host_with_specs(b, &p, vec![("mallory", "kvprobe", limits, Grants::default())]);
+    let host = host_with_specs(b.clone(), &p, vec![("mallory", "kvprobe", limits, Grants::default())]);
     let mallory = |op: Value| probe(&host, "mallory", op);
     // Within the limit: 4 subjects × 100 writes of 10 kB.
     assert_eq!(mallory(json!({"op":"subject_fill","subjects":4,"props":100,"len":10_000})).await, Ok(json!(4)));
@@ -148,4 +148,14 @@ async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) 
     let keys: Vec<String> = (0..20).rev().map(|i| format!("bulk:{i}")).chain(["nope".into()]).collect();
     let expected: Vec<Value> = (0..20).rev().map(|i| json!(i.to_string())).chain([Value::Null]).collect();
     assert_eq!(mallory(json!({"op":"get_many","keys":keys})).await, Ok(Value::Array(expected)));
+
+    // A subject grown past the memory limit (9 properties of 1 MiB) is
+    // refused whole; its properties one at a time are still readable.
+    let huge = format!("{p}mallory:s:huge");
+    let value = format!("\"{}\"", "x".repeat(1 << 20));
+    let props: Vec<(String, Vec<u8>)> = (0..9).map(|i| (format!("p{i}"), value.clone().into_bytes())).collect();
+    b.hash_apply(&huge, &props, &[], None).await.unwrap();
+    assert_eq!(mallory(json!({"op":"subject_load","subject":"huge"})).await, Err("too-large".into()));
+    let one = mallory(json!({"op":"subject_get","subject":"huge","prop":"3"})).await.unwrap();
+    assert_eq!(one.as_str().map(str::len), Some((1 << 20) + 2), "the raw JSON string, quotes included");
 }

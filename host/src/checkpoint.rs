@@ -98,7 +98,7 @@ pub async fn take(backend: &dyn Backend, namespace: &Namespace, role: &str) -> S
     }
     let mut subjects = Vec::new();
     for full in all_keys(backend, namespace, Space::Subject).await? {
-        let fields = backend.hash_get_all(&full).await?;
+        let fields = backend.hash_get_all(&full, usize::MAX).await?;
         let Some(ttl) = ttl_ms(backend.expiry(&full).await?) else { continue };
         if fields.is_empty() {
             continue;

@@ -448,9 +448,14 @@ impl Backend for MemoryBackend {
         self.read(&[key], |map| Ok(map.hash(key)?.and_then(|h| h.get(field).cloned())))
     }
 
-    async fn hash_get_all(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
+    async fn hash_get_all(&self, key: &str, max_bytes: usize) -> StateResult<Vec<(String, Vec<u8>)>> {
         self.read(&[key], |map| {
-            Ok(map.hash(key)?.map(|h| h.iter().map(|(f, v)| (f.clone(), v.clone())).collect()).unwrap_or_default())
+            let Some(hash) = map.hash(key)? else { return Ok(Vec::new()) };
+            let size = hash.iter().map(|(f, v)| f.len() + v.len()).sum();
+            if size > max_bytes {
+                return Err(super::hash_too_large(size, max_bytes));
+            }
+            Ok(hash.iter().map(|(f, v)| (f.clone(), v.clone())).collect())
         })
     }
 

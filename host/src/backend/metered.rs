@@ -221,8 +221,8 @@ impl Backend for Metered {
         Ok(value)
     }
 
-    async fn hash_get_all(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
-        let fields = self.observe(Op::HashGetAll, self.inner.hash_get_all(key)).await?;
+    async fn hash_get_all(&self, key: &str, max_bytes: usize) -> StateResult<Vec<(String, Vec<u8>)>> {
+        let fields = self.observe(Op::HashGetAll, self.inner.hash_get_all(key, max_bytes)).await?;
         self.read(Op::HashGetAll, !fields.is_empty() as usize, fields.iter().map(|(_, v)| v.len()).sum(), 1);
         Ok(fields)
     }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::StateResult;
+use crate::error::{StateError, StateResult};
 
 /// The remaining lifetime of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,8 +117,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The value of one field of the hash at `key`.
     async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>>;
-    /// Every field of the hash at `key` (empty when absent).
-    async fn hash_get_all(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>>;
+    /// Every field of the hash at `key` (empty when absent); `too-large`
+    /// when its fields and values come to more than `max_bytes`, checked
+    /// before they reach the host.
+    async fn hash_get_all(&self, key: &str, max_bytes: usize) -> StateResult<Vec<(String, Vec<u8>)>>;
     /// Writes and removes fields in one atomic step. A hash left empty is
     /// deleted; the key's TTL is kept.
     async fn hash_apply(
@@ -280,4 +282,9 @@ pub(crate) fn gcra(tat: Option<u64>, now: u64, limit: u64, window: u64, cost: u6
         };
         (decision, None)
     }
+}
+
+/// A hash of `size` bytes asked for by a caller that takes `max_bytes`.
+fn hash_too_large(size: usize, max_bytes: usize) -> StateError {
+    StateError::TooLarge(format!("{size} bytes of fields and values, more than {max_bytes}"))
 }

@@ -159,7 +159,14 @@ impl HostSubject for CallCtx {
     async fn load(&mut self, subject: Resource<Subject>) -> StateResult<Snapshot> {
         let key = self.subject_key(&subject, false)?;
         let mut snapshot = Snapshot { default: Vec::new(), extended: Vec::new() };
-        for (field, value) in self.backend.hash_get_all(&key).await? {
+        let max = self.role.limits.max_memory_bytes;
+        let fields = self.backend.hash_get_all(&key, max).await.map_err(|error| match error {
+            StateError::TooLarge(size) => StateError::TooLarge(format!(
+                "the subject holds {size} (the role's memory limit): read its properties one at a time"
+            )),
+            other => other,
+        })?;
+        for (field, value) in fields {
             let (list, name) = match field.split_at_checked(1) {
                 Some(("p", name)) => (&mut snapshot.default, name),
                 Some(("e", name)) => (&mut snapshot.extended, name),

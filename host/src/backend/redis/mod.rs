@@ -124,6 +124,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX')
 return value
 "#;
 
+/// HGETALL, or only the size of the answer (an integer) when that is over
+/// ARGV[1] bytes: an oversized hash never leaves the server.
+const HASH_GET_ALL_SCRIPT: &str = r#"
+local all = redis.call('HGETALL', KEYS[1])
+local size = 0
+for i = 1, #all do size = size + #all[i] end
+if size > tonumber(ARGV[1]) then return size end
+return all
+"#;
+
 /// Takes a free lock and draws a fencing token in one step.
 /// KEYS: lock, fence counter. ARGV: owner, ttl-ms.
 const LOCK_ACQUIRE_SCRIPT: &str = r#"
@@ -214,6 +224,7 @@ pub struct RedisBackend {
     cas: Script,
     persist: Script,
     hash_cas: Script,
+    hash_get_all: Script,
     hash_incr_float: Script,
     incr_with_ttl: Script,
     lock_acquire: Script,
@@ -232,6 +243,7 @@ impl RedisBackend {
             cas: Script::new(CAS_SCRIPT),
             persist: Script::new(PERSIST_SCRIPT),
             hash_cas: Script::new(HASH_CAS_SCRIPT),
+            hash_get_all: Script::new(HASH_GET_ALL_SCRIPT),
             hash_incr_float: Script::new(HASH_INCR_FLOAT_SCRIPT),
             incr_with_ttl: Script::new(INCR_WITH_TTL_SCRIPT),
             lock_acquire: Script::new(LOCK_ACQUIRE_SCRIPT),
@@ -763,8 +775,15 @@ impl Backend for RedisBackend {
         self.run(Op::Read, |mut c| async move { c.hget(key, field).await }).await
     }
 
-    async fn hash_get_all(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
-        self.run(Op::Read, |mut c| async move { c.hgetall(key).await }).await
+    async fn hash_get_all(&self, key: &str, max_bytes: usize) -> StateResult<Vec<(String, Vec<u8>)>> {
+        let script = &self.hash_get_all;
+        let answer: redis::Value = self
+            .run(Op::Read, |mut c| async move { script.key(key).arg(max_bytes).invoke_async(&mut c).await })
+            .await?;
+        match answer {
+            redis::Value::Int(size) => Err(super::hash_too_large(size as usize, max_bytes)),
+            fields => redis::from_redis_value(fields).map_err(|e| map_error(e.into())),
+        }
     }
 
     async fn hash_apply(
