@@ -391,7 +391,8 @@ impl CpuLimit {
             let settings = vec![
                 ("cpu.cfs_period_us", PERIOD_US.to_string()),
                 ("cpu.cfs_quota_us", quota.to_string()),
-                ("tasks", pid.to_owned()),
+                // cgroup.procs moves every thread of the process.
+                ("cgroup.procs", pid.to_owned()),
             ];
             (v1, settings)
         } else if std::fs::read_to_string(v2.join("cgroup.controllers")).is_ok_and(|c| c.contains("cpu")) {
@@ -402,8 +403,7 @@ impl CpuLimit {
         };
         let dir = root.join(format!("rolehost-bench-{}", std::process::id()));
         std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let procs = settings.last().map_or("tasks", |(file, _)| file);
-        let limit = Self { dir, back: (root.join(procs), pid.to_owned()) };
+        let limit = Self { dir, back: (root.join("cgroup.procs"), pid.to_owned()) };
         for (file, text) in settings {
             write(limit.dir.join(file), text)?;
         }
