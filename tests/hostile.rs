@@ -117,7 +117,8 @@ async fn a_hostile_role_changes_nothing_it_does_not_own(b: Arc<dyn Backend>, p: 
 /// get-many reads no more than that limit either.
 async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) {
     let limits = RoleLimits { max_memory_bytes: 8 << 20, ..RoleLimits::default() };
-    let host = host_with_specs(b.clone(), &p, vec![("mallory", "kvprobe", limits, Grants::default())]);
+    let shared = Grants { namespaces: [("shared".to_owned(), Access::Read)].into(), ..Grants::default() };
+    let host = host_with_specs(b.clone(), &p, vec![("mallory", "kvprobe", limits, shared)]);
     let mallory = |op: Value| probe(&host, "mallory", op);
     // Within the limit: 4 subjects × 100 writes of 10 kB.
     assert_eq!(mallory(json!({"op":"subject_fill","subjects":4,"props":100,"len":10_000})).await, Ok(json!(4)));
@@ -148,6 +149,36 @@ async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) 
     let keys: Vec<String> = (0..20).rev().map(|i| format!("bulk:{i}")).chain(["nope".into()]).collect();
     let expected: Vec<Value> = (0..20).rev().map(|i| json!(i.to_string())).chain([Value::Null]).collect();
     assert_eq!(mallory(json!({"op":"get_many","keys":keys})).await, Ok(Value::Array(expected)));
+
+    // A shared namespace holds values no limit of this role bounded (here
+    // 5 MiB each, written from outside): the store measures them first, so
+    // values over the memory limit are refused without being read at all.
+    let read_bytes = || {
+        let metrics = host.metrics().render();
+        let line = metrics.lines().find(|l| l.starts_with("rolehost_state_read_bytes_total") && l.contains("mallory"));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let wide: Vec<String> = (0..2).map(|i| format!("wide{i}")).collect();
+    for key in &wide {
+        b.set(&format!("{p}@shared:kv:{key}"), &vec![b'w'; 5 << 20], None).await.unwrap();
+    }
+    b.set(&format!("{p}@shared:kv:huge"), &vec![b'h'; 9 << 20], None).await.unwrap();
+    b.set(&format!("{p}@shared:kv:small"), b"fits", None).await.unwrap();
+    b.set(&format!("{p}@shared:kv:mid"), &vec![b'm'; 3 << 19], None).await.unwrap();
+    let before = read_bytes();
+    assert_eq!(mallory(json!({"op":"get_many","keys":wide,"ns":"shared"})).await, Err("too-large".into()));
+    assert_eq!(mallory(json!({"op":"get","key":"huge","ns":"shared"})).await, Err("too-large".into()));
+    assert_eq!(read_bytes(), before, "refused values were never read into the host");
+    // Within the limit they are read, larger than this role's own
+    // max-value-bytes (1 MiB) or not.
+    let some = json!({"op":"get_many","keys":["small","nope","mid"],"ns":"shared"});
+    let answer = mallory(some).await.unwrap();
+    assert_eq!(
+        (&answer[0], &answer[1], answer[2].as_str().map(str::len)),
+        (&json!("fits"), &Value::Null, Some(3 << 19))
+    );
+    assert_eq!(mallory(json!({"op":"get","key":"small","ns":"shared"})).await, Ok(json!("fits")));
+    assert_eq!(read_bytes(), before + 4 + (3 << 19) + 4);
 
     // A subject grown past the memory limit (9 properties of 1 MiB) is
     // refused whole; its properties one at a time are still readable.

@@ -42,6 +42,8 @@ const COMMANDS: &[&str] = &[
     "hincrbyfloat",
     "eval",
     "evalsha",
+    "eval_ro",
+    "evalsha_ro",
     "script|load",
     "scan",
     "multi",

@@ -64,6 +64,15 @@ fn acl_users_confine_each_role_inside_redis() {
     assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "writer", set_public])), r#"{"ok":null}"#);
     let get_public = r#"{"op":"get","key":"notice","ns":"public"}"#;
     assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "reader", get_public])), r#"{"ok":"hi"}"#);
+    // Reads of a shared namespace are measured by read-only scripts first,
+    // which a read-only grant's user may run.
+    let get_many_public = r#"{"op":"get_many","keys":["notice","nope"],"ns":"public"}"#;
+    assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "reader", get_many_public])), r#"{"ok":["hi",null]}"#);
+    let store_public = r#"{"op":"subject_store","subject":"s","set":{"a":1},"ns":"public"}"#;
+    assert!(ok(rolehost(&["call", "--manifest", manifest, "writer", store_public])).starts_with(r#"{"ok":"#));
+    let load_public = r#"{"op":"subject_load","subject":"s","ns":"public"}"#;
+    let loaded = ok(rolehost(&["call", "--manifest", manifest, "reader", load_public]));
+    assert!(loaded.starts_with(r#"{"ok":"#) && loaded.contains(r#""a""#), "{loaded}");
     let subject = r#"{"op":"subject_store","subject":"s","set":{"a":1}}"#;
     assert!(ok(rolehost(&["call", "--manifest", manifest, "writer", subject])).starts_with(r#"{"ok":"#));
     let with_ttl = r#"{"op":"set","key":"t","value":"v","ttl_ms":60000}"#;

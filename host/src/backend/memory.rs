@@ -318,6 +318,18 @@ impl Backend for MemoryBackend {
         })
     }
 
+    async fn get_many_within(&self, keys: &[String], max_bytes: usize) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.read(&refs, |map| {
+            let values: Vec<Option<&Vec<u8>>> = refs.iter().map(|k| map.bytes(k).ok().flatten()).collect();
+            let size = values.iter().flatten().map(|v| v.len()).sum();
+            if size > max_bytes {
+                return Err(super::values_too_large(size, max_bytes));
+            }
+            Ok(values.into_iter().map(|v| v.cloned()).collect())
+        })
+    }
+
     async fn set_many(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()> {
         let keys: Vec<&str> = entries.iter().map(|(key, _)| key.as_str()).collect();
         self.write(&keys, |map| {

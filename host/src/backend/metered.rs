@@ -129,6 +129,12 @@ impl Metered {
         self.bytes_read.inc_by(bytes as u64);
     }
 
+    /// [`Metered::read`] for the answers of a `get-many`.
+    fn read_many(&self, values: &[Option<Vec<u8>>]) {
+        let found = values.iter().flatten().count();
+        self.read(Op::GetMany, found, values.iter().flatten().map(Vec::len).sum(), values.len());
+    }
+
     fn wrote(&self, bytes: usize) {
         self.bytes_written.inc_by(bytes as u64);
     }
@@ -163,8 +169,13 @@ impl Backend for Metered {
 
     async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
         let values = self.observe(Op::GetMany, self.inner.get_many(keys)).await?;
-        let found = values.iter().flatten().count();
-        self.read(Op::GetMany, found, values.iter().flatten().map(Vec::len).sum(), values.len());
+        self.read_many(&values);
+        Ok(values)
+    }
+
+    async fn get_many_within(&self, keys: &[String], max_bytes: usize) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let values = self.observe(Op::GetMany, self.inner.get_many_within(keys, max_bytes)).await?;
+        self.read_many(&values);
         Ok(values)
     }
 

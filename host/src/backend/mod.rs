@@ -84,6 +84,10 @@ pub trait Backend: Send + Sync + 'static {
     async fn exists(&self, key: &str) -> StateResult<bool>;
     /// One answer per key, in order.
     async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>>;
+    /// [`Backend::get_many`] for keys others write, whose values nothing
+    /// bounds: `too-large` when they come to more than `max_bytes`, checked
+    /// on the store before they reach the host.
+    async fn get_many_within(&self, keys: &[String], max_bytes: usize) -> StateResult<Vec<Option<Vec<u8>>>>;
     /// Writes every entry in one atomic step.
     async fn set_many(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()>;
     /// Deletes the keys; the number that existed.
@@ -287,4 +291,9 @@ pub(crate) fn gcra(tat: Option<u64>, now: u64, limit: u64, window: u64, cost: u6
 /// A hash of `size` bytes asked for by a caller that takes `max_bytes`.
 fn hash_too_large(size: usize, max_bytes: usize) -> StateError {
     StateError::TooLarge(format!("{size} bytes of fields and values, more than {max_bytes}"))
+}
+
+/// Values of at least `size` bytes asked for by a caller that takes `max_bytes`.
+fn values_too_large(size: usize, max_bytes: usize) -> StateError {
+    StateError::TooLarge(format!("at least {size} bytes of values, more than {max_bytes}"))
 }

@@ -54,6 +54,11 @@ impl CallCtx {
 }
 
 impl Bucket {
+    /// True for a granted namespace, which others write too.
+    fn shared(&self) -> bool {
+        !self.name.is_empty()
+    }
+
     fn check_write(&self, write: bool) -> StateResult<()> {
         if write && !self.writable {
             return Err(StateError::AccessDenied(format!(
@@ -68,14 +73,32 @@ impl Bucket {
 impl Host for CallCtx {}
 
 impl CallCtx {
-    /// Reads `keys` a few at a time, so that however large their values,
-    /// the host holds at most about twice the role's memory limit for the
-    /// call: values the guest could not hold are refused as `too-large`
-    /// rather than read whole. Chunks are consecutive reads, not one
-    /// snapshot; with small values (a limit of many values' worth) it is
-    /// one read.
-    async fn get_within_memory(&mut self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
+    /// Reads `keys` so that however large their values, the host holds at
+    /// most about twice the role's memory limit for the call: values the
+    /// guest could not hold are refused as `too-large` rather than read
+    /// whole.
+    ///
+    /// In the role's own namespace every value passed this role's
+    /// `max-value-bytes` when written, so reading memory-limit / value-limit
+    /// keys at a time bounds each read (consecutive reads, not one
+    /// snapshot; one read when the limits allow). Values in a shared
+    /// namespace are bounded by no limit of this role, so the store checks
+    /// their size before it sends them.
+    async fn get_within_memory(&mut self, keys: &[String], shared: bool) -> StateResult<Vec<Option<Vec<u8>>>> {
         let limits = &self.role.limits;
+        let too_large = || {
+            StateError::TooLarge(format!(
+                "the values of these {} keys come to more than {} bytes (the role's memory limit); ask for fewer at once",
+                keys.len(),
+                limits.max_memory_bytes
+            ))
+        };
+        if shared {
+            return match self.backend.get_many_within(keys, limits.max_memory_bytes).await {
+                Err(StateError::TooLarge(_)) => Err(too_large()),
+                answer => answer,
+            };
+        }
         let chunk = (limits.max_memory_bytes / limits.max_value_bytes).max(1);
         let mut values = Vec::with_capacity(keys.len());
         let mut bytes = 0usize;
@@ -83,11 +106,7 @@ impl CallCtx {
             let got = self.backend.get_many(part).await?;
             bytes += got.iter().flatten().map(Vec::len).sum::<usize>();
             if bytes > limits.max_memory_bytes {
-                return Err(StateError::TooLarge(format!(
-                    "the values of these {} keys come to more than {} bytes (the role's memory limit); ask for fewer at once",
-                    keys.len(),
-                    limits.max_memory_bytes
-                )));
+                return Err(too_large());
             }
             values.extend(got);
         }
@@ -107,6 +126,10 @@ impl HostBucket for CallCtx {
 
     async fn get(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<Option<Vec<u8>>> {
         let key = self.bucket_key(&bucket, &key, false)?;
+        if self.bucket(&bucket)?.shared() {
+            let mut value = self.get_within_memory(&[key], true).await?;
+            return Ok(value.pop().flatten());
+        }
         self.backend.get(&key).await
     }
 
@@ -133,7 +156,8 @@ impl HostBucket for CallCtx {
 
     async fn get_many(&mut self, bucket: Resource<Bucket>, keys: Vec<String>) -> StateResult<Vec<Option<Vec<u8>>>> {
         let keys = self.bucket_keys(&bucket, &keys, false)?;
-        self.get_within_memory(&keys).await
+        let shared = self.bucket(&bucket)?.shared();
+        self.get_within_memory(&keys, shared).await
     }
 
     async fn set_many(

@@ -478,8 +478,13 @@ impl Connector {
     }
 
     /// Notes a failed operation (see [`Kind::failed`]). All connections
-    /// go to the same primary, so what one learns about it holds for all.
-    pub(super) fn failed(&self, error: &RedisError) {
+    /// go to the same primary, so what one learns about it holds for all;
+    /// but a timeout, like [`Connector::timed_out`], puts only the
+    /// operation's own connection in doubt.
+    pub(super) fn failed(&self, error: &RedisError, writes: bool, lane: Lane) {
+        if error.is_timeout() {
+            return self.timed_out(writes, lane);
+        }
         for kind in [Some(&self.kind), Some(&self.bulk), self.acked_writes.as_ref()].into_iter().flatten() {
             kind.failed(error);
         }

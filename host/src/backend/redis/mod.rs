@@ -134,6 +134,22 @@ if size > tonumber(ARGV[1]) then return size end
 return all
 "#;
 
+/// MGET, or only the size of the answer (an integer) when the values come
+/// to more than ARGV[1] bytes: oversized values never leave the server.
+/// A key of another type counts as nil, as in MGET.
+const GET_WITHIN_SCRIPT: &str = r#"
+local size = 0
+for i = 1, #KEYS do
+  local n = redis.pcall('STRLEN', KEYS[i])
+  if type(n) == 'number' then size = size + n end
+end
+if size > tonumber(ARGV[1]) then return size end
+return redis.call('MGET', unpack(KEYS))
+"#;
+
+/// Most keys given to one script call: Lua's `unpack` takes a few thousand.
+const SCRIPT_KEYS: usize = 1000;
+
 /// Takes a free lock and draws a fencing token in one step.
 /// KEYS: lock, fence counter. ARGV: owner, ttl-ms.
 const LOCK_ACQUIRE_SCRIPT: &str = r#"
@@ -225,6 +241,7 @@ pub struct RedisBackend {
     persist: Script,
     hash_cas: Script,
     hash_get_all: Script,
+    get_within: Script,
     hash_incr_float: Script,
     incr_with_ttl: Script,
     lock_acquire: Script,
@@ -244,6 +261,7 @@ impl RedisBackend {
             persist: Script::new(PERSIST_SCRIPT),
             hash_cas: Script::new(HASH_CAS_SCRIPT),
             hash_get_all: Script::new(HASH_GET_ALL_SCRIPT),
+            get_within: Script::new(GET_WITHIN_SCRIPT),
             hash_incr_float: Script::new(HASH_INCR_FLOAT_SCRIPT),
             incr_with_ttl: Script::new(INCR_WITH_TTL_SCRIPT),
             lock_acquire: Script::new(LOCK_ACQUIRE_SCRIPT),
@@ -317,7 +335,7 @@ impl RedisBackend {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(error)) => error,
             };
-            self.connector.failed(&error);
+            self.connector.failed(&error, op.writes(), lane);
             let pause = retry::backoff(tries);
             if !retry::may_retry(op, &error) || tokio::time::Instant::now() + pause >= deadline {
                 let not_run = retry::not_run(&error);
@@ -410,26 +428,47 @@ impl RedisBackend {
     /// Cluster: a transaction cannot span slots).
     async fn set_in_transactions(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()> {
         let deadline = self.deadline();
-        let mut groups: BTreeMap<u16, Vec<&(String, Vec<u8>)>> = BTreeMap::new();
-        for entry in entries {
-            let slot = if self.connector.is_cluster() { cluster::slot(&entry.0) } else { 0 };
-            groups.entry(slot).or_default().push(entry);
-        }
-        for group in groups.values() {
+        let lane = lane(entries.len(), entries.iter().map(|(_, value)| value.len()).sum());
+        for group in self.slot_groups(entries.iter().map(|(key, _)| key.as_str())) {
             let mut pipe = redis::pipe();
             pipe.atomic();
-            for (key, value) in group {
+            for (key, value) in group.into_iter().map(|i| &entries[i]) {
                 match ttl {
                     Some(ttl) => pipe.pset_ex(key, value, ttl_ms(ttl)).ignore(),
                     None => pipe.set(key, value).ignore(),
                 };
             }
             let pipe = &pipe;
-            let lane = lane(group.len(), group.iter().map(|(_, value)| value.len()).sum());
             self.run_by(deadline, Op::Idempotent, lane, |mut c| async move { pipe.query_async::<()>(&mut c).await })
                 .await?;
         }
         Ok(())
+    }
+
+    /// Positions of `keys` grouped by Cluster slot (off a Cluster, one
+    /// group), so that each group can go in one transaction or script.
+    fn slot_groups<'a>(&self, keys: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
+        let mut groups: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (i, key) in keys.enumerate() {
+            let slot = if self.connector.is_cluster() { cluster::slot(key) } else { 0 };
+            groups.entry(slot).or_default().push(i);
+        }
+        groups.into_values().collect()
+    }
+}
+
+/// Runs a script that only reads with `EVALSHA_RO`, which Redis lets a
+/// user with read-only access to the keys (a read-only grant's `%R~`) run;
+/// after a `NOSCRIPT` it loads the script, as redis-rs's own invocation does.
+async fn eval_read_only(c: &mut Conn, script: &Script, keys: &[&str], arg: usize) -> redis::RedisResult<redis::Value> {
+    let mut cmd = redis::cmd("EVALSHA_RO");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys).arg(arg);
+    match cmd.query_async(c).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(c).await?;
+            cmd.query_async(c).await
+        }
+        answer => answer,
     }
 }
 
@@ -649,6 +688,36 @@ impl Backend for RedisBackend {
         .await
     }
 
+    async fn get_many_within(&self, keys: &[String], max_bytes: usize) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let deadline = self.deadline();
+        let lane = lane(keys.len(), 0);
+        let script = &self.get_within;
+        let mut values = vec![None; keys.len()];
+        let mut left = max_bytes;
+        for group in self.slot_groups(keys.iter().map(String::as_str)) {
+            for part in group.chunks(SCRIPT_KEYS) {
+                let part_keys: Vec<&str> = part.iter().map(|&i| keys[i].as_str()).collect();
+                let part_keys = &part_keys;
+                let answer = self
+                    .run_by(deadline, Op::Read, lane, |mut c| async move {
+                        eval_read_only(&mut c, script, part_keys, left).await
+                    })
+                    .await?;
+                let got: Vec<Option<Vec<u8>>> = match answer {
+                    redis::Value::Int(size) => {
+                        return Err(super::values_too_large(max_bytes - left + size as usize, max_bytes))
+                    }
+                    answer => redis::from_redis_value(answer).map_err(|e| map_error(e.into()))?,
+                };
+                left = left.saturating_sub(got.iter().flatten().map(Vec::len).sum());
+                for (&i, value) in part.iter().zip(got) {
+                    values[i] = value;
+                }
+            }
+        }
+        Ok(values)
+    }
+
     async fn set_many(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()> {
         if entries.is_empty() {
             return Ok(());
@@ -777,9 +846,8 @@ impl Backend for RedisBackend {
 
     async fn hash_get_all(&self, key: &str, max_bytes: usize) -> StateResult<Vec<(String, Vec<u8>)>> {
         let script = &self.hash_get_all;
-        let answer: redis::Value = self
-            .run(Op::Read, |mut c| async move { script.key(key).arg(max_bytes).invoke_async(&mut c).await })
-            .await?;
+        let answer =
+            self.run(Op::Read, |mut c| async move { eval_read_only(&mut c, script, &[key], max_bytes).await }).await?;
         match answer {
             redis::Value::Int(size) => Err(super::hash_too_large(size as usize, max_bytes)),
             fields => redis::from_redis_value(fields).map_err(|e| map_error(e.into())),
