@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
+use futures_util::future::join_all;
 use redis::{AsyncCommands, ErrorKind, RedisError, Script, ServerErrorKind};
 
 use self::cluster::Shard;
@@ -445,6 +446,31 @@ impl RedisBackend {
         Ok(())
     }
 
+    /// The values of `keys` at the positions `part` (one Cluster slot) if
+    /// they come to at most `max_bytes`, or else their size, measured by a
+    /// read-only script on the server.
+    async fn read_within(
+        &self,
+        deadline: tokio::time::Instant,
+        lane: Lane,
+        keys: &[String],
+        part: &[usize],
+        max_bytes: usize,
+    ) -> StateResult<Result<Vec<Option<Vec<u8>>>, usize>> {
+        let script = &self.get_within;
+        let part_keys: Vec<&str> = part.iter().map(|&i| keys[i].as_str()).collect();
+        let part_keys = &part_keys;
+        let answer = self
+            .run_by(deadline, Op::Read, lane, |mut c| async move {
+                eval_read_only(&mut c, script, part_keys, max_bytes).await
+            })
+            .await?;
+        match answer {
+            redis::Value::Int(size) => Ok(Err(size as usize)),
+            answer => redis::from_redis_value(answer).map(Ok).map_err(|e| map_error(e.into())),
+        }
+    }
+
     /// Positions of `keys` grouped by Cluster slot (off a Cluster, one
     /// group), so that each group can go in one transaction or script.
     fn slot_groups<'a>(&self, keys: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
@@ -455,6 +481,16 @@ impl RedisBackend {
         }
         groups.into_values().collect()
     }
+}
+
+/// Puts the answers for the positions `part` in `values`; their bytes.
+fn place(values: &mut [Option<Vec<u8>>], part: &[usize], got: Vec<Option<Vec<u8>>>) -> usize {
+    let mut bytes = 0;
+    for (&i, value) in part.iter().zip(got) {
+        bytes += value.as_ref().map_or(0, Vec::len);
+        values[i] = value;
+    }
+    bytes
 }
 
 /// Runs a script that only reads with `EVALSHA_RO`, which Redis lets a
@@ -691,28 +727,32 @@ impl Backend for RedisBackend {
     async fn get_many_within(&self, keys: &[String], max_bytes: usize) -> StateResult<Vec<Option<Vec<u8>>>> {
         let deadline = self.deadline();
         let lane = lane(keys.len(), 0);
-        let script = &self.get_within;
+        let groups = self.slot_groups(keys.iter().map(String::as_str));
+        let parts: Vec<&[usize]> = groups.iter().flat_map(|group| group.chunks(SCRIPT_KEYS)).collect();
         let mut values = vec![None; keys.len()];
-        let mut left = max_bytes;
-        for group in self.slot_groups(keys.iter().map(String::as_str)) {
-            for part in group.chunks(SCRIPT_KEYS) {
-                let part_keys: Vec<&str> = part.iter().map(|&i| keys[i].as_str()).collect();
-                let part_keys = &part_keys;
-                let answer = self
-                    .run_by(deadline, Op::Read, lane, |mut c| async move {
-                        eval_read_only(&mut c, script, part_keys, left).await
-                    })
-                    .await?;
-                let got: Vec<Option<Vec<u8>>> = match answer {
-                    redis::Value::Int(size) => {
-                        return Err(super::values_too_large(max_bytes - left + size as usize, max_bytes))
-                    }
-                    answer => redis::from_redis_value(answer).map_err(|e| map_error(e.into()))?,
-                };
-                left = left.saturating_sub(got.iter().flatten().map(Vec::len).sum());
-                for (&i, value) in part.iter().zip(got) {
-                    values[i] = value;
+        let mut read = 0;
+        // Each Cluster slot (and each thousand keys) is a script of its
+        // own. They run at once, each within an equal share of the budget;
+        // a part over its share is read again afterwards within what is left.
+        let share = max_bytes / parts.len().max(1);
+        let answers = join_all(parts.iter().map(|part| self.read_within(deadline, lane, keys, part, share))).await;
+        let (mut again, mut refused) = (Vec::new(), 0);
+        for (part, answer) in parts.iter().zip(answers) {
+            match answer? {
+                Ok(got) => read += place(&mut values, part, got),
+                Err(size) => {
+                    again.push(*part);
+                    refused += size;
                 }
+            }
+        }
+        if read + refused > max_bytes {
+            return Err(super::values_too_large(read + refused, max_bytes));
+        }
+        for part in again {
+            match self.read_within(deadline, lane, keys, part, max_bytes - read).await? {
+                Ok(got) => read += place(&mut values, part, got),
+                Err(size) => return Err(super::values_too_large(read + size, max_bytes)),
             }
         }
         Ok(values)
