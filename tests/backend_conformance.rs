@@ -229,8 +229,13 @@ async fn set_if_absent_and_get_and_delete(b: Arc<dyn Backend>, p: String) {
     assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"first"[..]));
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert!(b.set_if_absent(&k, b"third", None).await.unwrap(), "expired key counts as absent");
-    assert_eq!(b.get_and_delete(&k).await.unwrap().as_deref(), Some(&b"third"[..]));
-    assert_eq!(b.get_and_delete(&k).await.unwrap(), None);
+    // Within a byte limit: a value one byte over it is refused and kept.
+    assert!(matches!(b.get_and_delete(&k, Some(4)).await, Err(StateError::TooLarge(_))));
+    assert_eq!(b.get_and_delete(&k, Some(5)).await.unwrap().as_deref(), Some(&b"third"[..]));
+    assert_eq!(b.get_and_delete(&k, Some(5)).await.unwrap(), None);
+    assert!(b.set_if_absent(&k, b"third", None).await.unwrap());
+    assert_eq!(b.get_and_delete(&k, None).await.unwrap().as_deref(), Some(&b"third"[..]));
+    assert_eq!(b.get_and_delete(&k, None).await.unwrap(), None);
     assert!(!b.exists(&k).await.unwrap());
 }
 
@@ -352,10 +357,13 @@ fn fields(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
 
 async fn hash_reads_and_atomic_writes(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}subject");
-    assert_eq!(b.hash_get(&k, "pname").await.unwrap(), None);
+    assert_eq!(b.hash_get(&k, "pname", None).await.unwrap(), None);
     assert!(b.hash_get_all(&k, usize::MAX).await.unwrap().is_empty());
     b.hash_apply(&k, &fields(&[("pname", "\"ada\""), ("page", "36"), ("elogin", "1")]), &[], None).await.unwrap();
-    assert_eq!(b.hash_get(&k, "page").await.unwrap().as_deref(), Some(&b"36"[..]));
+    assert_eq!(b.hash_get(&k, "page", None).await.unwrap().as_deref(), Some(&b"36"[..]));
+    assert_eq!(b.hash_get(&k, "page", Some(2)).await.unwrap().as_deref(), Some(&b"36"[..]));
+    assert!(matches!(b.hash_get(&k, "page", Some(1)).await, Err(StateError::TooLarge(_))));
+    assert_eq!(b.hash_get(&k, "pmissing", Some(0)).await.unwrap(), None);
     b.hash_apply(&k, &fields(&[("page", "37")]), &["elogin".to_owned(), "pmissing".to_owned()], None).await.unwrap();
     let mut all = b.hash_get_all(&k, usize::MAX).await.unwrap();
     all.sort();
@@ -379,10 +387,14 @@ async fn hash_increments(b: Arc<dyn Backend>, p: String) {
     assert_eq!(b.hash_increment(&k, "pn", -5, None).await.unwrap(), -2);
     assert_eq!(b.hash_increment_float(&k, "pf", 1.5, None).await.unwrap(), 1.5);
     assert_eq!(b.hash_increment_float(&k, "pf", 2.25, None).await.unwrap(), 3.75);
-    assert_eq!(b.hash_get(&k, "pf").await.unwrap().as_deref(), Some(&b"3.75"[..]));
+    assert_eq!(b.hash_get(&k, "pf", None).await.unwrap().as_deref(), Some(&b"3.75"[..]));
     assert_eq!(b.hash_increment_float(&k, "pn", 0.5, None).await.unwrap(), -1.5);
     assert_eq!(b.hash_increment_float(&k, "pw", 2.0, None).await.unwrap(), 2.0);
-    assert_eq!(b.hash_get(&k, "pw").await.unwrap().as_deref(), Some(&b"2"[..]), "whole floats stored as integers");
+    assert_eq!(
+        b.hash_get(&k, "pw", None).await.unwrap().as_deref(),
+        Some(&b"2"[..]),
+        "whole floats stored as integers"
+    );
     b.hash_apply(&k, &fields(&[("ptext", "\"x\"")]), &[], None).await.unwrap();
     assert!(matches!(b.hash_increment(&k, "ptext", 1, None).await, Err(StateError::InvalidArgument(_))));
     assert!(matches!(b.hash_increment(&k, "pf", 1, None).await, Err(StateError::InvalidArgument(_))));
@@ -399,7 +411,7 @@ async fn hash_compare_and_set_branches(b: Arc<dyn Backend>, p: String) {
     assert!(b.hash_compare_and_set(&k, "pa", None, Some(b"1"), None).await.unwrap());
     assert!(!b.hash_compare_and_set(&k, "pa", None, Some(b"9"), None).await.unwrap());
     assert!(b.hash_compare_and_set(&k, "pa", Some(b"1"), Some(b"2"), None).await.unwrap());
-    assert_eq!(b.hash_get(&k, "pa").await.unwrap().as_deref(), Some(&b"2"[..]));
+    assert_eq!(b.hash_get(&k, "pa", None).await.unwrap().as_deref(), Some(&b"2"[..]));
     assert!(b.hash_compare_and_set(&k, "pa", Some(b"2"), None, None).await.unwrap());
     assert!(!b.exists(&k).await.unwrap(), "the last field removed deletes the hash");
 }

@@ -117,7 +117,7 @@ async fn a_hostile_role_changes_nothing_it_does_not_own(b: Arc<dyn Backend>, p: 
 /// get-many reads no more than that limit either.
 async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) {
     let limits = RoleLimits { max_memory_bytes: 8 << 20, ..RoleLimits::default() };
-    let shared = Grants { namespaces: [("shared".to_owned(), Access::Read)].into(), ..Grants::default() };
+    let shared = Grants { namespaces: [("shared".to_owned(), Access::ReadWrite)].into(), ..Grants::default() };
     let host = host_with_specs(b.clone(), &p, vec![("mallory", "kvprobe", limits, shared)]);
     let mallory = |op: Value| probe(&host, "mallory", op);
     // Within the limit: 4 subjects × 100 writes of 10 kB.
@@ -168,6 +168,12 @@ async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) 
     let before = read_bytes();
     assert_eq!(mallory(json!({"op":"get_many","keys":wide,"ns":"shared"})).await, Err("too-large".into()));
     assert_eq!(mallory(json!({"op":"get","key":"huge","ns":"shared"})).await, Err("too-large".into()));
+    assert_eq!(mallory(json!({"op":"get_and_delete","key":"huge","ns":"shared"})).await, Err("too-large".into()));
+    assert!(b.exists(&format!("{p}@shared:kv:huge")).await.unwrap(), "a refused get-and-delete deletes nothing");
+    let field = (String::from("pbig"), vec![b'x'; 9 << 20]);
+    b.hash_apply(&format!("{p}@shared:s:wide"), &[field], &[], None).await.unwrap();
+    let big_prop = json!({"op":"subject_get","subject":"wide","prop":"big","ns":"shared"});
+    assert_eq!(mallory(big_prop).await, Err("too-large".into()));
     assert_eq!(read_bytes(), before, "refused values were never read into the host");
     // Within the limit they are read, larger than this role's own
     // max-value-bytes (1 MiB) or not.

@@ -28,6 +28,8 @@ const COMMANDS: &[&str] = &[
     "del",
     "exists",
     "mget",
+    "strlen",
+    "hstrlen",
     "pttl",
     "pexpire",
     "persist",

@@ -73,6 +73,10 @@ fn acl_users_confine_each_role_inside_redis() {
     let load_public = r#"{"op":"subject_load","subject":"s","ns":"public"}"#;
     let loaded = ok(rolehost(&["call", "--manifest", manifest, "reader", load_public]));
     assert!(loaded.starts_with(r#"{"ok":"#) && loaded.contains(r#""a""#), "{loaded}");
+    let get_prop = r#"{"op":"subject_get","subject":"s","prop":"a","ns":"public"}"#;
+    assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "reader", get_prop])), r#"{"ok":"1"}"#);
+    let take = r#"{"op":"get_and_delete","key":"notice","ns":"public"}"#;
+    assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "writer", take])), r#"{"ok":"hi"}"#);
     let subject = r#"{"op":"subject_store","subject":"s","set":{"a":1}}"#;
     assert!(ok(rolehost(&["call", "--manifest", manifest, "writer", subject])).starts_with(r#"{"ok":"#));
     let with_ttl = r#"{"op":"set","key":"t","value":"v","ttl_ms":60000}"#;

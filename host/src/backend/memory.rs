@@ -446,9 +446,9 @@ impl Backend for MemoryBackend {
         }
     }
 
-    async fn get_and_delete(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
+    async fn get_and_delete(&self, key: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>> {
         self.with(&[key], |map| {
-            map.bytes(key)?;
+            within(map.bytes(key)?, max_bytes)?;
             Ok(map.entries.remove(key).map(|e| match e.value {
                 Value::Bytes(bytes) => bytes,
                 Value::Hash(_) => unreachable!("checked above"),
@@ -456,8 +456,8 @@ impl Backend for MemoryBackend {
         })
     }
 
-    async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>> {
-        self.read(&[key], |map| Ok(map.hash(key)?.and_then(|h| h.get(field).cloned())))
+    async fn hash_get(&self, key: &str, field: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>> {
+        self.read(&[key], |map| Ok(within(map.hash(key)?.and_then(|h| h.get(field)), max_bytes)?.cloned()))
     }
 
     async fn hash_get_all(&self, key: &str, max_bytes: usize) -> StateResult<Vec<(String, Vec<u8>)>> {
@@ -662,6 +662,14 @@ fn format_float(value: f64) -> String {
     format!("{rounded}")
 }
 
+/// `value`, unless it is longer than `max_bytes`.
+fn within(value: Option<&Vec<u8>>, max_bytes: Option<usize>) -> StateResult<Option<&Vec<u8>>> {
+    match (value, max_bytes) {
+        (Some(value), Some(max)) if value.len() > max => Err(super::values_too_large(value.len(), max)),
+        _ => Ok(value),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,7 +704,7 @@ mod tests {
         b.lock_acquire("l", "fence", "me", Duration::from_secs(60)).await.unwrap();
         b.set_if_absent("s", b"v", Some(Duration::from_millis(1))).await.unwrap();
         b.compare_and_swap("a", Some(b"1"), Some(b"22"), None).await.unwrap();
-        b.get_and_delete("x").await.unwrap();
+        b.get_and_delete("x", None).await.unwrap();
         b.delete_many(&["y".to_owned(), "y".to_owned(), "none".to_owned()]).await.unwrap();
         let (counted, actual) = sizes(&store);
         assert_eq!(counted, actual);

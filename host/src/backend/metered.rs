@@ -220,14 +220,14 @@ impl Backend for Metered {
         self.observe(Op::CompareAndSwap, self.inner.compare_and_swap(key, expected, new, ttl)).await
     }
 
-    async fn get_and_delete(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
-        let value = self.observe(Op::GetAndDelete, self.inner.get_and_delete(key)).await?;
+    async fn get_and_delete(&self, key: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>> {
+        let value = self.observe(Op::GetAndDelete, self.inner.get_and_delete(key, max_bytes)).await?;
         self.read(Op::GetAndDelete, value.is_some() as usize, value.as_ref().map_or(0, Vec::len), 1);
         Ok(value)
     }
 
-    async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>> {
-        let value = self.observe(Op::HashGet, self.inner.hash_get(key, field)).await?;
+    async fn hash_get(&self, key: &str, field: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>> {
+        let value = self.observe(Op::HashGet, self.inner.hash_get(key, field, max_bytes)).await?;
         self.read(Op::HashGet, value.is_some() as usize, value.as_ref().map_or(0, Vec::len), 1);
         Ok(value)
     }

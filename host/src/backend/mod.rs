@@ -116,11 +116,14 @@ pub trait Backend: Send + Sync + 'static {
         new: Option<&[u8]>,
         ttl: Option<Duration>,
     ) -> StateResult<bool>;
-    /// Returns the value and deletes the key in one step.
-    async fn get_and_delete(&self, key: &str) -> StateResult<Option<Vec<u8>>>;
+    /// Returns the value and deletes the key in one step. With
+    /// `max_bytes` (keys others write), a larger value is refused as
+    /// `too-large` and kept, checked on the store.
+    async fn get_and_delete(&self, key: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>>;
 
-    /// The value of one field of the hash at `key`.
-    async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>>;
+    /// The value of one field of the hash at `key`; `max_bytes` as for
+    /// [`Backend::get_and_delete`].
+    async fn hash_get(&self, key: &str, field: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>>;
     /// Every field of the hash at `key` (empty when absent); `too-large`
     /// when its fields and values come to more than `max_bytes`, checked
     /// before they reach the host.

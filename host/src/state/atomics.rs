@@ -45,6 +45,7 @@ impl Host for CallCtx {
 
     async fn get_and_delete(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<Option<Vec<u8>>> {
         let key = self.bucket_key(&bucket, &key, true)?;
-        self.backend.get_and_delete(&key).await
+        let max = self.read_limit(self.bucket(&bucket)?.shared());
+        self.backend.get_and_delete(&key, max).await.map_err(super::over_memory)
     }
 }

@@ -55,7 +55,7 @@ impl CallCtx {
 
 impl Bucket {
     /// True for a granted namespace, which others write too.
-    fn shared(&self) -> bool {
+    pub(super) fn shared(&self) -> bool {
         !self.name.is_empty()
     }
 
@@ -126,11 +126,12 @@ impl HostBucket for CallCtx {
 
     async fn get(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<Option<Vec<u8>>> {
         let key = self.bucket_key(&bucket, &key, false)?;
-        if self.bucket(&bucket)?.shared() {
-            let mut value = self.get_within_memory(&[key], true).await?;
-            return Ok(value.pop().flatten());
+        match self.read_limit(self.bucket(&bucket)?.shared()) {
+            Some(max) => {
+                Ok(self.backend.get_many_within(&[key], max).await.map_err(super::over_memory)?.pop().flatten())
+            }
+            None => self.backend.get(&key).await,
         }
-        self.backend.get(&key).await
     }
 
     async fn set(

@@ -114,6 +114,13 @@ impl CallCtx {
         self.table.get(handle).map_err(|e| StateError::Internal(format!("bad bucket handle: {e}")))
     }
 
+    /// The most bytes one read may bring of values others write (those of
+    /// a granted namespace, which no limit of this role bounded): none in
+    /// the role's own namespace, whose values passed its own limits.
+    fn read_limit(&self, shared: bool) -> Option<usize> {
+        shared.then_some(self.role.limits.max_memory_bytes)
+    }
+
     // Guards: every state operation passes through these, so each limit
     // and grant is enforced here and nowhere else.
 
@@ -265,6 +272,17 @@ impl CallCtx {
         let page = self.backend.scan(&pattern, cursor.as_deref(), limit).await?;
         let names = page.keys.iter().filter_map(|full| namespace.local(space, full)).map(str::to_owned).collect();
         Ok((names, page.cursor))
+    }
+}
+
+/// A store's `too-large` for a read, said in terms of the role's memory
+/// limit.
+fn over_memory(error: StateError) -> StateError {
+    match error {
+        StateError::TooLarge(size) => {
+            StateError::TooLarge(format!("{size} bytes (the role's memory limit): the guest could not hold it"))
+        }
+        other => other,
     }
 }
 

@@ -19,6 +19,8 @@ pub struct Subject {
     key: String,
     /// The granted namespace's name when it is read-only.
     read_only: Option<String>,
+    /// True in a granted namespace, which others write too.
+    shared: bool,
     /// Field → new value, or none to remove it.
     pending: BTreeMap<String, Option<Vec<u8>>>,
 }
@@ -142,8 +144,9 @@ impl HostSubject for CallCtx {
     async fn open(&mut self, namespace: String, name: String) -> StateResult<Resource<Subject>> {
         self.charge(1)?;
         let key = self.namespace(&namespace, false)?.key(Space::Subject, &name)?;
+        let shared = !namespace.is_empty();
         let read_only = self.namespace(&namespace, true).is_err().then_some(namespace);
-        let subject = Subject { name, key, read_only, pending: BTreeMap::new() };
+        let subject = Subject { name, key, read_only, shared, pending: BTreeMap::new() };
         self.table.push(subject).map_err(|e| StateError::Internal(format!("cannot open subject: {e}")))
     }
 
@@ -153,7 +156,9 @@ impl HostSubject for CallCtx {
 
     async fn get(&mut self, subject: Resource<Subject>, kind: Kind, property: String) -> StateResult<Option<String>> {
         let (key, field) = self.property(&subject, kind, &property, false)?;
-        Ok(self.backend.hash_get(&key, &field).await?.map(text))
+        let shared = self.subject(&subject)?.shared;
+        let max = self.read_limit(shared);
+        Ok(self.backend.hash_get(&key, &field, max).await.map_err(super::over_memory)?.map(text))
     }
 
     async fn load(&mut self, subject: Resource<Subject>) -> StateResult<Snapshot> {

@@ -137,15 +137,36 @@ return all
 
 /// MGET, or only the size of the answer (an integer) when the values come
 /// to more than ARGV[1] bytes: oversized values never leave the server.
-/// A key of another type counts as nil, as in MGET.
+/// A key of another type counts as nil, as in MGET; any other error (say
+/// an ACL refusal) is the answer.
 const GET_WITHIN_SCRIPT: &str = r#"
 local size = 0
 for i = 1, #KEYS do
   local n = redis.pcall('STRLEN', KEYS[i])
-  if type(n) == 'number' then size = size + n end
+  if type(n) == 'number' then
+    size = size + n
+  elseif not string.find(n.err, '^WRONGTYPE') then
+    return n
+  end
 end
 if size > tonumber(ARGV[1]) then return size end
 return redis.call('MGET', unpack(KEYS))
+"#;
+
+/// GETDEL, or only the value's size (an integer) when it is over ARGV[1]
+/// bytes, and then the key stays.
+const GET_AND_DELETE_WITHIN_SCRIPT: &str = r#"
+local size = redis.call('STRLEN', KEYS[1])
+if size > tonumber(ARGV[1]) then return size end
+return redis.call('GETDEL', KEYS[1])
+"#;
+
+/// HGET, or only the value's size (an integer) when it is over ARGV[2]
+/// bytes. ARGV: field, max bytes.
+const HASH_GET_WITHIN_SCRIPT: &str = r#"
+local size = redis.call('HSTRLEN', KEYS[1], ARGV[1])
+if size > tonumber(ARGV[2]) then return size end
+return redis.call('HGET', KEYS[1], ARGV[1])
 "#;
 
 /// Most keys given to one script call: Lua's `unpack` takes a few thousand.
@@ -243,6 +264,8 @@ pub struct RedisBackend {
     hash_cas: Script,
     hash_get_all: Script,
     get_within: Script,
+    get_and_delete_within: Script,
+    hash_get_within: Script,
     hash_incr_float: Script,
     incr_with_ttl: Script,
     lock_acquire: Script,
@@ -263,6 +286,8 @@ impl RedisBackend {
             hash_cas: Script::new(HASH_CAS_SCRIPT),
             hash_get_all: Script::new(HASH_GET_ALL_SCRIPT),
             get_within: Script::new(GET_WITHIN_SCRIPT),
+            get_and_delete_within: Script::new(GET_AND_DELETE_WITHIN_SCRIPT),
+            hash_get_within: Script::new(HASH_GET_WITHIN_SCRIPT),
             hash_incr_float: Script::new(HASH_INCR_FLOAT_SCRIPT),
             incr_with_ttl: Script::new(INCR_WITH_TTL_SCRIPT),
             lock_acquire: Script::new(LOCK_ACQUIRE_SCRIPT),
@@ -483,6 +508,14 @@ impl RedisBackend {
     }
 }
 
+/// A value from a `…_WITHIN` script: the value, or its size when over `max`.
+fn value_within(answer: redis::Value, max: usize) -> StateResult<Option<Vec<u8>>> {
+    match answer {
+        redis::Value::Int(size) => Err(super::values_too_large(size as usize, max)),
+        answer => redis::from_redis_value(answer).map_err(|e| map_error(e.into())),
+    }
+}
+
 /// Puts the answers for the positions `part` in `values`; their bytes.
 fn place(values: &mut [Option<Vec<u8>>], part: &[usize], got: Vec<Option<Vec<u8>>>) -> usize {
     let mut bytes = 0;
@@ -496,9 +529,14 @@ fn place(values: &mut [Option<Vec<u8>>], part: &[usize], got: Vec<Option<Vec<u8>
 /// Runs a script that only reads with `EVALSHA_RO`, which Redis lets a
 /// user with read-only access to the keys (a read-only grant's `%R~`) run;
 /// after a `NOSCRIPT` it loads the script, as redis-rs's own invocation does.
-async fn eval_read_only(c: &mut Conn, script: &Script, keys: &[&str], arg: usize) -> redis::RedisResult<redis::Value> {
+async fn eval_read_only(
+    c: &mut Conn,
+    script: &Script,
+    keys: &[&str],
+    args: impl redis::ToRedisArgs,
+) -> redis::RedisResult<redis::Value> {
     let mut cmd = redis::cmd("EVALSHA_RO");
-    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys).arg(arg);
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys).arg(args);
     match cmd.query_async(c).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
             script.load_async(c).await?;
@@ -726,31 +764,46 @@ impl Backend for RedisBackend {
 
     async fn get_many_within(&self, keys: &[String], max_bytes: usize) -> StateResult<Vec<Option<Vec<u8>>>> {
         let deadline = self.deadline();
-        let lane = lane(keys.len(), 0);
         let groups = self.slot_groups(keys.iter().map(String::as_str));
         let parts: Vec<&[usize]> = groups.iter().flat_map(|group| group.chunks(SCRIPT_KEYS)).collect();
         let mut values = vec![None; keys.len()];
         let mut read = 0;
         // Each Cluster slot (and each thousand keys) is a script of its
-        // own. They run at once, each within an equal share of the budget;
-        // a part over its share is read again afterwards within what is left.
-        let share = max_bytes / parts.len().max(1);
-        let answers = join_all(parts.iter().map(|part| self.read_within(deadline, lane, keys, part, share))).await;
-        let (mut again, mut refused) = (Vec::new(), 0);
-        for (part, answer) in parts.iter().zip(answers) {
-            match answer? {
-                Ok(got) => read += place(&mut values, part, got),
-                Err(size) => {
-                    again.push(*part);
-                    refused += size;
+        // own. First they run at once, each within an equal share of the
+        // budget (of at most a large batch's bytes on the main connection);
+        // then the parts over their share run at once on the bulk
+        // connection, each within its measured size and an equal share of
+        // what is left; a part that grew in between is read last, alone.
+        let (mut round_lane, first_budget) = match lane(keys.len(), 0) {
+            Lane::Main => (Lane::Main, max_bytes.min(BULK_BYTES)),
+            Lane::Bulk => (Lane::Bulk, max_bytes),
+        };
+        let share = first_budget / parts.len().max(1);
+        let mut pending: Vec<(&[usize], usize)> = parts.into_iter().map(|part| (part, share)).collect();
+        for _ in 0..2 {
+            if pending.is_empty() {
+                break;
+            }
+            let reads =
+                pending.iter().map(|&(part, budget)| self.read_within(deadline, round_lane, keys, part, budget));
+            let answers = join_all(reads).await;
+            let mut refused = Vec::new();
+            for (&(part, _), answer) in pending.iter().zip(answers) {
+                match answer? {
+                    Ok(got) => read += place(&mut values, part, got),
+                    Err(size) => refused.push((part, size)),
                 }
             }
+            let sizes: usize = refused.iter().map(|(_, size)| size).sum();
+            if read + sizes > max_bytes {
+                return Err(super::values_too_large(read + sizes, max_bytes));
+            }
+            let slack = (max_bytes - read - sizes) / refused.len().max(1);
+            pending = refused.into_iter().map(|(part, size)| (part, size + slack)).collect();
+            round_lane = Lane::Bulk;
         }
-        if read + refused > max_bytes {
-            return Err(super::values_too_large(read + refused, max_bytes));
-        }
-        for part in again {
-            match self.read_within(deadline, lane, keys, part, max_bytes - read).await? {
+        for (part, _) in pending {
+            match self.read_within(deadline, Lane::Bulk, keys, part, max_bytes - read).await? {
                 Ok(got) => read += place(&mut values, part, got),
                 Err(size) => return Err(super::values_too_large(read + size, max_bytes)),
             }
@@ -876,12 +929,25 @@ impl Backend for RedisBackend {
         .await
     }
 
-    async fn get_and_delete(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
-        self.run(Op::Once, |mut c| async move { c.get_del(key).await }).await
+    async fn get_and_delete(&self, key: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>> {
+        let Some(max) = max_bytes else {
+            return self.run(Op::Once, |mut c| async move { c.get_del(key).await }).await;
+        };
+        let script = &self.get_and_delete_within;
+        let answer =
+            self.run(Op::Once, |mut c| async move { script.key(key).arg(max).invoke_async(&mut c).await }).await?;
+        value_within(answer, max)
     }
 
-    async fn hash_get(&self, key: &str, field: &str) -> StateResult<Option<Vec<u8>>> {
-        self.run(Op::Read, |mut c| async move { c.hget(key, field).await }).await
+    async fn hash_get(&self, key: &str, field: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>> {
+        let Some(max) = max_bytes else {
+            return self.run(Op::Read, |mut c| async move { c.hget(key, field).await }).await;
+        };
+        let script = &self.hash_get_within;
+        let answer = self
+            .run(Op::Read, |mut c| async move { eval_read_only(&mut c, script, &[key], (field, max)).await })
+            .await?;
+        value_within(answer, max)
     }
 
     async fn hash_get_all(&self, key: &str, max_bytes: usize) -> StateResult<Vec<(String, Vec<u8>)>> {
