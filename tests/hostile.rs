@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rolehost::backend::Backend;
 use rolehost::{Access, CallError, Grants, RoleLimits};
-use rolehost_tests::{host_with_specs, on_both_backends, probe};
+use rolehost_tests::{host_with_specs, on_both_backends, probe, unique, RedisServer};
 use serde_json::{json, Value};
 
 on_both_backends!(a_hostile_role_changes_nothing_it_does_not_own, host_memory_held_for_a_role_is_bounded);
@@ -174,7 +174,7 @@ async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) 
     b.hash_apply(&format!("{p}@shared:s:wide"), &[field], &[], None).await.unwrap();
     let big_prop = json!({"op":"subject_get","subject":"wide","prop":"big","ns":"shared"});
     assert_eq!(mallory(big_prop).await, Err("too-large".into()));
-    assert_eq!(read_bytes(), before, "refused values were never read into the host");
+    assert_eq!(read_bytes(), before, "refused reads count no bytes read");
     // Within the limit they are read, larger than this role's own
     // max-value-bytes (1 MiB) or not.
     let some = json!({"op":"get_many","keys":["small","nope","mid"],"ns":"shared"});
@@ -195,4 +195,43 @@ async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) 
     assert_eq!(mallory(json!({"op":"subject_load","subject":"huge"})).await, Err("too-large".into()));
     let one = mallory(json!({"op":"subject_get","subject":"huge","prop":"3"})).await.unwrap();
     assert_eq!(one.as_str().map(str::len), Some((1 << 20) + 2), "the raw JSON string, quotes included");
+}
+
+/// On Redis, values a role may not read are measured and refused by the
+/// server itself: they never cross the network, as the server's own count
+/// of the bytes it sent shows (a server of its own, so no other test adds
+/// to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_shared_reads_never_leave_redis() {
+    let Some(server) = RedisServer::start() else { return };
+    let (b, p) = (server.backend(0), unique("refused"));
+    let limits = RoleLimits { max_memory_bytes: 8 << 20, ..RoleLimits::default() };
+    let shared = Grants { namespaces: [("shared".to_owned(), Access::ReadWrite)].into(), ..Grants::default() };
+    let host = host_with_specs(b.clone(), &p, vec![("mallory", "kvprobe", limits, shared)]);
+    let mallory = |op: Value| probe(&host, "mallory", op);
+    for (key, len) in [("wide0", 5 << 20), ("wide1", 5 << 20), ("huge", 9 << 20), ("mid", 3 << 19)] {
+        b.set(&format!("{p}@shared:kv:{key}"), &vec![b'v'; len], None).await.unwrap();
+    }
+    b.hash_apply(&format!("{p}@shared:s:wide"), &[("pbig".to_owned(), vec![b'x'; 9 << 20])], &[], None).await.unwrap();
+    let sent = || -> u64 {
+        let info = server.cli(&["INFO", "stats"]);
+        let line = info.lines().find_map(|l| l.trim().strip_prefix("total_net_output_bytes:"));
+        line.and_then(|n| n.parse().ok()).expect("INFO stats has total_net_output_bytes")
+    };
+    let before = sent();
+    let refused = [
+        json!({"op":"get_many","keys":["wide0","wide1"],"ns":"shared"}),
+        json!({"op":"get","key":"huge","ns":"shared"}),
+        json!({"op":"get_and_delete","key":"huge","ns":"shared"}),
+        json!({"op":"subject_get","subject":"wide","prop":"big","ns":"shared"}),
+    ];
+    for op in refused {
+        assert_eq!(mallory(op.clone()).await, Err("too-large".into()), "{op}");
+    }
+    let after = sent();
+    assert!(after - before < 64 << 10, "{} bytes sent for refused reads of 28 MiB", after - before);
+    // The count is not blind: a value that fits (1.5 MiB) is sent.
+    let mid = mallory(json!({"op":"get","key":"mid","ns":"shared"})).await.unwrap();
+    assert_eq!(mid.as_str().map(str::len), Some(3 << 19));
+    assert!(sent() - after >= 3 << 19);
 }
