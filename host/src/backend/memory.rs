@@ -311,16 +311,13 @@ impl Backend for MemoryBackend {
     }
 
     async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
-        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        self.read(&refs, |map| {
-            // MGET answers nil for a key of another type.
-            Ok(refs.iter().map(|k| map.bytes(k).ok().flatten().cloned()).collect())
-        })
+        self.get_many_within(keys, usize::MAX).await
     }
 
     async fn get_many_within(&self, keys: &[String], max_bytes: usize) -> StateResult<Vec<Option<Vec<u8>>>> {
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         self.read(&refs, |map| {
+            // MGET answers nil for a key of another type.
             let values: Vec<Option<&Vec<u8>>> = refs.iter().map(|k| map.bytes(k).ok().flatten()).collect();
             let size = values.iter().flatten().map(|v| v.len()).sum();
             if size > max_bytes {

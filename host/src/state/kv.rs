@@ -85,6 +85,7 @@ impl CallCtx {
     /// namespace are bounded by no limit of this role, so the store checks
     /// their size before it sends them.
     async fn get_within_memory(&mut self, keys: &[String], shared: bool) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let measured = self.read_limit(shared);
         let limits = &self.role.limits;
         let too_large = || {
             StateError::TooLarge(format!(
@@ -93,8 +94,8 @@ impl CallCtx {
                 limits.max_memory_bytes
             ))
         };
-        if shared {
-            return match self.backend.get_many_within(keys, limits.max_memory_bytes).await {
+        if let Some(max) = measured {
+            return match self.backend.get_many_within(keys, max).await {
                 Err(StateError::TooLarge(_)) => Err(too_large()),
                 answer => answer,
             };

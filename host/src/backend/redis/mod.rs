@@ -490,10 +490,7 @@ impl RedisBackend {
                 eval_read_only(&mut c, script, part_keys, max_bytes).await
             })
             .await?;
-        match answer {
-            redis::Value::Int(size) => Ok(Err(size as usize)),
-            answer => redis::from_redis_value(answer).map(Ok).map_err(|e| map_error(e.into())),
-        }
+        measured(answer)
     }
 
     /// Positions of `keys` grouped by Cluster slot (off a Cluster, one
@@ -508,12 +505,18 @@ impl RedisBackend {
     }
 }
 
-/// A value from a `…_WITHIN` script: the value, or its size when over `max`.
-fn value_within(answer: redis::Value, max: usize) -> StateResult<Option<Vec<u8>>> {
+/// The answer of a script that measures before it reads: what it read,
+/// or (an integer) the size it refused to send.
+fn measured<T: redis::FromRedisValue>(answer: redis::Value) -> StateResult<Result<T, usize>> {
     match answer {
-        redis::Value::Int(size) => Err(super::values_too_large(size as usize, max)),
-        answer => redis::from_redis_value(answer).map_err(|e| map_error(e.into())),
+        redis::Value::Int(size) => Ok(Err(size as usize)),
+        answer => redis::from_redis_value(answer).map(Ok).map_err(|e| map_error(e.into())),
     }
+}
+
+/// A single value from a script that measures it first.
+fn value_within(answer: redis::Value, max: usize) -> StateResult<Option<Vec<u8>>> {
+    measured(answer)?.map_err(|size| super::values_too_large(size, max))
 }
 
 /// Puts the answers for the positions `part` in `values`; their bytes.
@@ -954,10 +957,7 @@ impl Backend for RedisBackend {
         let script = &self.hash_get_all;
         let answer =
             self.run(Op::Read, |mut c| async move { eval_read_only(&mut c, script, &[key], max_bytes).await }).await?;
-        match answer {
-            redis::Value::Int(size) => Err(super::hash_too_large(size as usize, max_bytes)),
-            fields => redis::from_redis_value(fields).map_err(|e| map_error(e.into())),
-        }
+        measured(answer)?.map_err(|size| super::hash_too_large(size, max_bytes))
     }
 
     async fn hash_apply(
