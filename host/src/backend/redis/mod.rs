@@ -331,8 +331,8 @@ impl RedisBackend {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         // Out of time: says why the earlier tries failed, too.
-        let late = |before: Option<RedisError>| {
-            let before = before.map(|e| format!(" (before that: {})", map_error(e))).unwrap_or_default();
+        let late = |before: Option<StateError>| {
+            let before = before.map(|e| format!(" (before that: {e})")).unwrap_or_default();
             StateError::Unavailable(format!("Redis did not answer within {} ms{before}", self.op_timeout.as_millis()))
         };
         // A write that may have run: the role must know before it retries.
@@ -342,30 +342,41 @@ impl RedisBackend {
             ),
             other => other,
         };
+        let wanted = if op.writes() { self.connector.wait_replicas } else { 0 };
         let mut before = None;
         for tries in 0.. {
             let outcome = tokio::time::timeout_at(deadline, async {
                 let conn = self.connector.get(op.writes(), lane).await?;
                 let value = attempt(conn.clone()).await?;
-                if op.writes() && self.connector.wait_replicas > 0 {
-                    self.wait_for_replicas(conn, deadline).await?;
-                }
-                Ok(value)
+                let reached = if wanted > 0 { self.replicas_with_writes(conn, deadline).await? } else { 0 };
+                Ok((value, reached))
             })
             .await;
-            let error = match outcome {
+            // The error, whether another try may help, and whether Redis
+            // certainly did not run the command.
+            let (error, retry, not_run) = match outcome {
                 Err(_) => {
                     self.connector.timed_out(op.writes(), lane);
                     return Err(maybe_written(late(before), false));
                 }
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(error)) => error,
+                Ok(Ok((value, reached))) if reached >= wanted => return Ok(value),
+                // Like a lost reply: the write happened but may not last,
+                // so only idempotent writes are tried again. The connection
+                // is sound, so it is kept.
+                Ok(Ok((_, reached))) => {
+                    let message =
+                        format!("write not confirmed: {reached} of {wanted} replicas have it; it may or may not last");
+                    (StateError::Unavailable(message), op == Op::Idempotent, false)
+                }
+                Ok(Err(error)) => {
+                    self.connector.failed(&error, op.writes(), lane);
+                    let (retry, not_run) = (retry::may_retry(op, &error), retry::not_run(&error));
+                    (map_error(error), retry, not_run)
+                }
             };
-            self.connector.failed(&error, op.writes(), lane);
             let pause = retry::backoff(tries);
-            if !retry::may_retry(op, &error) || tokio::time::Instant::now() + pause >= deadline {
-                let not_run = retry::not_run(&error);
-                return Err(maybe_written(map_error(error), not_run));
+            if !retry || tokio::time::Instant::now() + pause >= deadline {
+                return Err(maybe_written(error, not_run));
             }
             tokio::time::sleep(pause).await;
             before = Some(error);
@@ -374,25 +385,15 @@ impl RedisBackend {
     }
 
     /// `WAIT`s until the configured number of replicas has every write this
-    /// connection sent so far (so the write just made, too). The server
-    /// stops waiting with a quarter of the time to `deadline` left, so its
-    /// answer (how many replicas have the write) comes before the operation
-    /// times out.
-    async fn wait_for_replicas(&self, mut conn: Conn, deadline: tokio::time::Instant) -> redis::RedisResult<()> {
-        let wanted = self.connector.wait_replicas;
+    /// connection sent so far (so the write just made, too), and says how
+    /// many have them. The server stops waiting with a quarter of the time
+    /// to `deadline` left, so its answer comes before the operation times
+    /// out.
+    async fn replicas_with_writes(&self, mut conn: Conn, deadline: tokio::time::Instant) -> redis::RedisResult<u32> {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         // At least 1: `WAIT n 0` would block for ever.
         let millis = (left.as_millis() as u64 * 3 / 4).max(1);
-        let reached: u32 = redis::cmd("WAIT").arg(wanted).arg(millis).query_async(&mut conn).await?;
-        if reached < wanted {
-            // Like a lost reply: the write happened but may not last, so
-            // only idempotent writes are tried again.
-            return Err(RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("write not confirmed: {reached} of {wanted} replicas have it; it may or may not last"),
-            )));
-        }
-        Ok(())
+        redis::cmd("WAIT").arg(self.connector.wait_replicas).arg(millis).query_async(&mut conn).await
     }
 
     /// The primaries to scan: every Cluster primary, or the one server.
