@@ -38,25 +38,25 @@ on_all_backends!(
 
 async fn get_set_exists_delete(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}k");
-    assert_eq!(b.get(&k).await.unwrap(), None);
+    assert_eq!(b.get(&k, None).await.unwrap(), None);
     assert!(!b.exists(&k).await.unwrap());
     b.set(&k, b"v1", None).await.unwrap();
-    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v1"[..]));
+    assert_eq!(b.get(&k, None).await.unwrap().as_deref(), Some(&b"v1"[..]));
     assert!(b.exists(&k).await.unwrap());
     b.set(&k, b"v2", None).await.unwrap();
-    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v2"[..]));
+    assert_eq!(b.get(&k, None).await.unwrap().as_deref(), Some(&b"v2"[..]));
     assert_eq!(b.delete_many(std::slice::from_ref(&k)).await.unwrap(), 1);
     assert_eq!(b.delete_many(std::slice::from_ref(&k)).await.unwrap(), 0);
-    assert_eq!(b.get(&k).await.unwrap(), None);
+    assert_eq!(b.get(&k, None).await.unwrap(), None);
 }
 
 async fn binary_values_round_trip(b: Arc<dyn Backend>, p: String) {
     let value: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
     let k = format!("{p}embedding");
     b.set(&k, &value, None).await.unwrap();
-    assert_eq!(b.get(&k).await.unwrap(), Some(value.clone()));
+    assert_eq!(b.get(&k, None).await.unwrap(), Some(value.clone()));
     b.set(&k, b"", None).await.unwrap();
-    assert_eq!(b.get(&k).await.unwrap(), Some(Vec::new()), "empty value is not absence");
+    assert_eq!(b.get(&k, None).await.unwrap(), Some(Vec::new()), "empty value is not absence");
 }
 
 async fn ttl_expires_keys(b: Arc<dyn Backend>, p: String) {
@@ -69,10 +69,10 @@ async fn ttl_expires_keys(b: Arc<dyn Backend>, p: String) {
         other => panic!("expected a TTL, got {other:?}"),
     }
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(b.get(&short).await.unwrap(), None);
+    assert_eq!(b.get(&short, None).await.unwrap(), None);
     assert!(!b.exists(&short).await.unwrap());
     assert_eq!(b.expiry(&short).await.unwrap(), Expiry::Missing);
-    assert_eq!(b.get(&long).await.unwrap().as_deref(), Some(&b"y"[..]));
+    assert_eq!(b.get(&long, None).await.unwrap().as_deref(), Some(&b"y"[..]));
     // An expired key is not listed either.
     let page = b.scan(&format!("{p}*"), None, 100).await.unwrap();
     assert_eq!(page.keys, vec![long.clone()]);
@@ -86,13 +86,14 @@ async fn batch_operations(b: Arc<dyn Backend>, p: String) {
     let entries: Vec<(String, Vec<u8>)> = keys.iter().map(|k| (k.clone(), k.as_bytes().to_vec())).collect();
     b.set_many(&entries[..3], None).await.unwrap();
     b.set_many(&entries[3..], Some(Duration::from_millis(1000))).await.unwrap();
-    let values = b.get_many(&keys).await.unwrap();
+    let values = b.get_many(&keys, None).await.unwrap();
     assert_eq!(values.len(), 5);
     for (key, value) in keys.iter().zip(&values) {
         assert_eq!(value.as_deref(), Some(key.as_bytes()));
     }
-    // get_many_within gives the same answers while the values fit (a key
-    // of another type is nil, as in MGET) and refuses them one byte less.
+    // With a limit, get-many gives the same answers while the values fit
+    // (a key of another type is nil, as in MGET) and refuses them one byte
+    // less; so does get for one value.
     let hash = format!("{p}hash");
     b.hash_apply(&hash, &[("f".to_owned(), b"v".to_vec())], &[], None).await.unwrap();
     let mut asked = keys.clone();
@@ -100,17 +101,21 @@ async fn batch_operations(b: Arc<dyn Backend>, p: String) {
     let mut expected = values.clone();
     expected.insert(1, None);
     let size = keys.iter().map(String::len).sum::<usize>();
-    assert_eq!(b.get_many_within(&asked, size).await.unwrap(), expected);
-    assert!(matches!(b.get_many_within(&asked, size - 1).await, Err(StateError::TooLarge(_))));
-    assert_eq!(b.get_many_within(&[], 0).await.unwrap(), Vec::<Option<Vec<u8>>>::new());
+    assert_eq!(b.get_many(&asked, Some(size)).await.unwrap(), expected);
+    assert!(matches!(b.get_many(&asked, Some(size - 1)).await, Err(StateError::TooLarge(_))));
+    assert_eq!(b.get_many(&[], Some(0)).await.unwrap(), Vec::<Option<Vec<u8>>>::new());
+    let one = &keys[0];
+    assert_eq!(b.get(one, Some(one.len())).await.unwrap().as_deref(), Some(one.as_bytes()));
+    assert!(matches!(b.get(one, Some(one.len() - 1)).await, Err(StateError::TooLarge(_))));
+    assert_eq!(b.get(&format!("{p}absent"), Some(0)).await.unwrap(), None);
     assert!(matches!(b.expiry(&keys[4]).await.unwrap(), Expiry::ExpiresIn(_)));
     assert_eq!(b.expiry(&keys[0]).await.unwrap(), Expiry::Persistent);
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    let values = b.get_many(&keys).await.unwrap();
+    let values = b.get_many(&keys, None).await.unwrap();
     assert_eq!(values.iter().filter(|v| v.is_some()).count(), 3);
     let missing = format!("{p}missing");
     assert_eq!(b.delete_many(&[keys[0].clone(), keys[1].clone(), missing]).await.unwrap(), 2);
-    assert_eq!(b.get_many(&[]).await.unwrap(), Vec::<Option<Vec<u8>>>::new());
+    assert_eq!(b.get_many(&[], None).await.unwrap(), Vec::<Option<Vec<u8>>>::new());
     b.set_many(&[], None).await.unwrap();
     assert_eq!(b.delete_many(&[]).await.unwrap(), 0);
 }
@@ -132,7 +137,7 @@ async fn expire_and_persist(b: Arc<dyn Backend>, p: String) {
     assert_eq!(b.expiry(&k).await.unwrap(), Expiry::Persistent);
     assert!(b.expire(&k, Some(Duration::from_millis(100))).await.unwrap());
     tokio::time::sleep(Duration::from_millis(250)).await;
-    assert_eq!(b.get(&k).await.unwrap(), None);
+    assert_eq!(b.get(&k, None).await.unwrap(), None);
 }
 
 /// Pages of every size, including ones smaller than a Redis SCAN batch, so
@@ -208,7 +213,7 @@ async fn increment_semantics(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}n");
     assert_eq!(b.increment(&k, 5, None).await.unwrap(), 5);
     assert_eq!(b.increment(&k, -7, None).await.unwrap(), -2);
-    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"-2"[..]));
+    assert_eq!(b.get(&k, None).await.unwrap().as_deref(), Some(&b"-2"[..]));
     // The TTL survives an increment.
     b.expire(&k, Some(Duration::from_secs(30))).await.unwrap();
     b.increment(&k, 1, None).await.unwrap();
@@ -219,14 +224,18 @@ async fn increment_semantics(b: Arc<dyn Backend>, p: String) {
     let max = format!("{p}max");
     b.set(&max, i64::MAX.to_string().as_bytes(), None).await.unwrap();
     assert!(matches!(b.increment(&max, 1, None).await, Err(StateError::InvalidArgument(_))));
-    assert_eq!(b.get(&max).await.unwrap(), Some(i64::MAX.to_string().into_bytes()), "failed increment changed nothing");
+    assert_eq!(
+        b.get(&max, None).await.unwrap(),
+        Some(i64::MAX.to_string().into_bytes()),
+        "failed increment changed nothing"
+    );
 }
 
 async fn set_if_absent_and_get_and_delete(b: Arc<dyn Backend>, p: String) {
     let k = format!("{p}k");
     assert!(b.set_if_absent(&k, b"first", Some(Duration::from_millis(1000))).await.unwrap());
     assert!(!b.set_if_absent(&k, b"second", None).await.unwrap());
-    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"first"[..]));
+    assert_eq!(b.get(&k, None).await.unwrap().as_deref(), Some(&b"first"[..]));
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert!(b.set_if_absent(&k, b"third", None).await.unwrap(), "expired key counts as absent");
     // Within a byte limit: a value one byte over it is refused and kept.
@@ -248,7 +257,7 @@ async fn compare_and_swap_branches(b: Arc<dyn Backend>, p: String) {
     // value → value, with TTL
     assert!(!b.compare_and_swap(&k, Some(b"wrong"), Some(b"v2"), None).await.unwrap());
     assert!(b.compare_and_swap(&k, Some(b"v1"), Some(b"v2"), Some(Duration::from_secs(30))).await.unwrap());
-    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v2"[..]));
+    assert_eq!(b.get(&k, None).await.unwrap().as_deref(), Some(&b"v2"[..]));
     assert!(matches!(b.expiry(&k).await.unwrap(), Expiry::ExpiresIn(_)));
     // value → delete
     assert!(b.compare_and_swap(&k, Some(b"v2"), None, None).await.unwrap());
@@ -277,7 +286,7 @@ async fn concurrent_increments_are_exact(b: Arc<dyn Backend>, p: String) {
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(b.get(&k).await.unwrap(), Some(b"800".to_vec()));
+    assert_eq!(b.get(&k, None).await.unwrap(), Some(b"800".to_vec()));
 }
 
 /// Many callers at once, some of whose operations fail: each gets its own
@@ -293,7 +302,7 @@ async fn concurrent_calls_keep_their_own_results(b: Arc<dyn Backend>, p: String)
             match i % 3 {
                 0 => {
                     b.set(&key, i.to_string().as_bytes(), None).await.unwrap();
-                    assert_eq!(b.get(&key).await.unwrap(), Some(i.to_string().into_bytes()), "key {key}");
+                    assert_eq!(b.get(&key, None).await.unwrap(), Some(i.to_string().into_bytes()), "key {key}");
                 }
                 1 => assert_eq!(b.increment(&key, i as i64, None).await.unwrap(), i as i64),
                 _ => {
@@ -306,7 +315,7 @@ async fn concurrent_calls_keep_their_own_results(b: Arc<dyn Backend>, p: String)
     while let Some(task) = tasks.join_next().await {
         task.unwrap();
     }
-    assert_eq!(b.get(&format!("{p}text")).await.unwrap(), Some(b"not a number".to_vec()));
+    assert_eq!(b.get(&format!("{p}text"), None).await.unwrap(), Some(b"not a number".to_vec()));
 }
 
 async fn concurrent_set_if_absent_has_one_winner(b: Arc<dyn Backend>, p: String) {
@@ -334,7 +343,7 @@ async fn concurrent_compare_and_swap_loses_no_update(b: Arc<dyn Backend>, p: Str
             tokio::spawn(async move {
                 for _ in 0..25 {
                     loop {
-                        let old = b.get(&k).await.unwrap();
+                        let old = b.get(&k, None).await.unwrap();
                         let n: u64 = old.as_deref().map_or(0, |v| std::str::from_utf8(v).unwrap().parse().unwrap());
                         let new = (n + 1).to_string();
                         if b.compare_and_swap(&k, old.as_deref(), Some(new.as_bytes()), None).await.unwrap() {
@@ -348,7 +357,7 @@ async fn concurrent_compare_and_swap_loses_no_update(b: Arc<dyn Backend>, p: Str
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(b.get(&k).await.unwrap(), Some((TASKS * 25).to_string().into_bytes()));
+    assert_eq!(b.get(&k, None).await.unwrap(), Some((TASKS * 25).to_string().into_bytes()));
 }
 
 fn fields(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {

@@ -87,7 +87,7 @@ async fn the_cluster_url_configures_a_cluster_backend() {
     assert!(!health.details.contains_key("warning"), "no memory limit, nothing evicted: {health:?}");
     let key = format!("{}k", unique("url"));
     backend.set(&key, b"v", None).await.unwrap();
-    assert_eq!(backend.get(&key).await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(backend.get(&key, None).await.unwrap(), Some(b"v".to_vec()));
 }
 
 /// The node id of the primary at `port`, from any node's `CLUSTER NODES`.

@@ -165,7 +165,7 @@ async fn key_states(backend: &Arc<dyn Backend>, full_keys: Vec<String>, prefix: 
         let local = full.strip_prefix(prefix).expect("filtered by prefix").to_owned();
         let lifetime = lifetime(backend.expiry(&full).await.unwrap());
         // A subject is a hash; `last_login` holds the clock, so only field names compare.
-        let (value, fields) = match backend.get(&full).await {
+        let (value, fields) = match backend.get(&full, None).await {
             Ok(value) => (value, Vec::new()),
             Err(_) => {
                 let mut fields: Vec<String> = backend

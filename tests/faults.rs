@@ -85,7 +85,7 @@ async fn kill_9_with_aof_always_keeps_every_acknowledged_write() {
     let log = std::mem::take(&mut *log.lock().unwrap());
     let check = backend(port, Duration::from_secs(5));
     let keys: Vec<String> = log.acked.iter().cloned().collect();
-    let values = check.get_many(&keys).await.unwrap();
+    let values = check.get_many(&keys, None).await.unwrap();
     let lost: Vec<&String> = keys.iter().zip(&values).filter(|(_, v)| v.is_none()).map(|(k, _)| k).collect();
     assert!(
         lost.is_empty(),
@@ -94,7 +94,7 @@ async fn kill_9_with_aof_always_keeps_every_acknowledged_write() {
         keys.len(),
         &lost[..lost.len().min(10)]
     );
-    let count: i64 = String::from_utf8(check.get("count").await.unwrap().unwrap()).unwrap().parse().unwrap();
+    let count: i64 = String::from_utf8(check.get("count", None).await.unwrap().unwrap()).unwrap().parse().unwrap();
     assert!(count >= log.last_count, "acknowledged count {} but {count} survived", log.last_count);
     assert!(count <= log.increments, "an increment ran twice: {count} > {} tried", log.increments);
 }
@@ -118,7 +118,7 @@ async fn redis_down_is_unavailable_and_the_host_recovers_by_itself() {
     // is retried (with backoff) until Redis is back, and succeeds.
     // Without retries it would fail at once (connection refused).
     let patient = backend(port, Duration::from_secs(60));
-    let mut waiting = Box::pin(patient.get("rolehost:alice:kv:k"));
+    let mut waiting = Box::pin(patient.get("rolehost:alice:kv:k", None));
     assert!(tokio::time::timeout(Duration::from_secs(1), &mut waiting).await.is_err(), "still retrying");
     let Some(_server) = RedisServer::start_on(port, &[]) else { return };
     assert_eq!(waiting.await, Ok(None), "the server restarted empty; the read was retried, not failed");
@@ -168,7 +168,7 @@ async fn a_write_waiting_for_a_lost_replica_holds_up_no_read_and_keeps_its_conne
 
     // A read meanwhile answers at once, not after the WAIT: the WAIT is
     // still blocked when the read has its value.
-    assert_eq!(b.get("k").await, Ok(Some(b"v".to_vec())));
+    assert_eq!(b.get("k", None).await, Ok(Some(b"v".to_vec())));
     assert_eq!(blocked_clients(&primary), 1, "the read was answered only after the WAIT ended");
 
     match write.await.unwrap() {
@@ -190,7 +190,7 @@ async fn a_write_waiting_for_a_lost_replica_holds_up_no_read_and_keeps_its_conne
     unconfirmed(b.increment("n", 1, None).await);
     let connections = connections_received(&primary);
     unconfirmed(b.increment("n", 1, None).await);
-    assert_eq!(b.get("n").await, Ok(Some(b"2".to_vec())), "an unconfirmed increment ran more than once");
+    assert_eq!(b.get("n", None).await, Ok(Some(b"2".to_vec())), "an unconfirmed increment ran more than once");
     // + 1: redis-cli's own connection.
     assert_eq!(connections_received(&primary), connections + 1, "an unconfirmed write dropped its connection");
 }
@@ -215,20 +215,20 @@ async fn a_large_batch_in_flight_does_not_hold_up_single_commands() {
     proxy.freeze_open_connections().await;
     let reader = b.clone();
     let read_keys = keys.clone();
-    let batch = tokio::spawn(async move { reader.get_many(&read_keys).await });
+    let batch = tokio::spawn(async move { reader.get_many(&read_keys, None).await });
 
     // Single commands and small batches meanwhile are answered at once,
     // on a connection of their own.
     b.set("small", b"v", None).await.unwrap();
-    assert_eq!(b.get("small").await, Ok(Some(b"v".to_vec())));
-    assert_eq!(b.get_many(&keys[..3]).await.unwrap(), vec![Some(vec![b'x'; 1000]); 3]);
+    assert_eq!(b.get("small", None).await, Ok(Some(b"v".to_vec())));
+    assert_eq!(b.get_many(&keys[..3], None).await.unwrap(), vec![Some(vec![b'x'; 1000]); 3]);
     assert!(!batch.is_finished(), "the stuck batch ended before the single commands were answered");
 
     // The stuck batch runs out of time (redis-rs's timer or ours, both
     // set to the operation timeout); the next one connects afresh.
     let stuck = batch.await.unwrap();
     assert!(matches!(stuck, Err(StateError::Unavailable(_))), "a frozen batch is `unavailable`, not {stuck:?}");
-    assert_eq!(b.get_many(&keys).await.unwrap(), vec![Some(vec![b'x'; 1000]); 100]);
+    assert_eq!(b.get_many(&keys, None).await.unwrap(), vec![Some(vec![b'x'; 1000]); 100]);
 }
 
 /// A TCP proxy to `target` whose connections open so far can be frozen
@@ -331,17 +331,17 @@ async fn a_connection_that_stops_answering_is_replaced() {
     let backend = backend(proxy.port, Duration::from_secs(1));
     backend.set("k", b"v", None).await.unwrap();
     proxy.freeze_open_connections().await;
-    let error = backend.get("k").await.unwrap_err();
+    let error = backend.get("k", None).await.unwrap_err();
     assert!(matches!(error, StateError::Unavailable(_)), "{error}");
     assert!(!error.to_string().contains("may or may not"), "a read changes nothing: {error}");
     // The timed-out connection is dropped; the next operation connects
     // again and is answered.
-    assert_eq!(backend.get("k").await, Ok(Some(b"v".to_vec())));
+    assert_eq!(backend.get("k", None).await, Ok(Some(b"v".to_vec())));
     // An increment lost the same way may have happened: the error says so.
     proxy.freeze_open_connections().await;
     let error = backend.increment("n", 1, None).await.unwrap_err();
     assert!(error.to_string().contains("may or may not have been applied"), "{error}");
-    assert!(backend.get("k").await.is_ok());
+    assert!(backend.get("k", None).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,10 +352,10 @@ async fn a_refused_login_is_tried_again_once_the_server_accepts_it() {
     options.op_timeout = Duration::from_secs(2);
     let backend = RedisBackend::new(&options).unwrap();
     // The server has no password yet: the login fails.
-    assert!(backend.get("k").await.is_err());
+    assert!(backend.get("k", None).await.is_err());
     server.cli(&["CONFIG", "SET", "requirepass", "s3cret-for-tests"]);
     // Now it would succeed: the next operation logs in afresh.
-    let answered = backend.get("k").await;
+    let answered = backend.get("k", None).await;
     server.cli(&["-a", "s3cret-for-tests", "--no-auth-warning", "CONFIG", "SET", "requirepass", ""]);
     assert_eq!(answered, Ok(None));
 }
@@ -417,6 +417,6 @@ async fn a_full_redis_refuses_writes_as_quota_exceeded() {
     assert!(matches!(&error, StateError::QuotaExceeded(m) if m.contains("Redis is full")), "{error:?}");
     let batch = b.set_many(&[("m1".to_owned(), value.clone()), ("m2".to_owned(), value)], None).await;
     assert!(matches!(batch, Err(StateError::QuotaExceeded(_))), "{batch:?}");
-    assert_eq!(b.get("keep").await, Ok(Some(b"v".to_vec())), "reads go on");
+    assert_eq!(b.get("keep", None).await, Ok(Some(b"v".to_vec())), "reads go on");
     assert_eq!(b.delete_many(&["keep".to_owned()]).await, Ok(1), "and deletes");
 }

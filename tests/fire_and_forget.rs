@@ -30,9 +30,13 @@ async fn write_all_keeps_order_across_batches(b: Arc<dyn Backend>, p: String) {
         Write::Set { key: key("t2"), value: b"y".to_vec(), ttl },
     ];
     b.write_all(&writes).await.unwrap();
-    assert_eq!(b.get(&key("a")).await.unwrap(), Some(b"2".to_vec()), "the later of two sets wins");
-    assert_eq!(b.get(&key("gone")).await.unwrap(), None);
-    assert_eq!(b.get(&key("t2")).await.unwrap(), Some(b"y".to_vec()), "a set after a delete of the same key lands");
+    assert_eq!(b.get(&key("a"), None).await.unwrap(), Some(b"2".to_vec()), "the later of two sets wins");
+    assert_eq!(b.get(&key("gone"), None).await.unwrap(), None);
+    assert_eq!(
+        b.get(&key("t2"), None).await.unwrap(),
+        Some(b"y".to_vec()),
+        "a set after a delete of the same key lands"
+    );
     for k in ["t", "t2"] {
         match b.expiry(&key(k)).await.unwrap() {
             rolehost::backend::Expiry::ExpiresIn(left) => assert!(left <= Duration::from_secs(60)),

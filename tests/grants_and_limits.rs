@@ -55,6 +55,11 @@ async fn shared_namespaces_follow_their_grants(b: Arc<dyn Backend>, p: String) {
     assert_eq!(probe(&host, "bob", json!({"op":"get","key":"item"})).await, Ok(json!(null)));
     let alice = |op: Value| probe(&host, "alice", in_catalog(op));
     assert_eq!(alice(json!({"op":"get","key":"item"})).await, Ok(json!("from bob")));
+    // Measured on the store as it is, it still counts as a get.
+    let metrics = host.metrics().render();
+    let counted = |line: &&str| line.contains(r#"role="alice""#) && line.contains(r#"op="get""#);
+    let hits = metrics.lines().filter(|l| l.starts_with("rolehost_state_hits_total")).find(counted);
+    assert!(hits.is_some_and(|l| l.ends_with(" 1")), "{metrics}");
     assert_eq!(alice(json!({"op":"list_all"})).await, Ok(json!(["item"])));
     assert_eq!(alice(json!({"op":"subject_get","subject":"sku-1","prop":"price"})).await, Ok(json!("5")));
     assert_eq!(alice(json!({"op":"subject_list"})).await, Ok(json!(["sku-1"])));

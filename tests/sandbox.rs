@@ -110,7 +110,7 @@ async fn clearing_a_huge_role_is_stopped_by_the_deadline_and_can_go_on() {
         host_with_limits(b.clone(), "t:", &[("big", "kvprobe")], RoleLimits { deadline_ms: 60_000, ..limits() });
     assert_eq!(probe(&patient, "big", json!({"op":"clear"})).await, Ok(json!(left)));
     assert_eq!(count_keys(&*b, "t:big:kv:*").await, 0);
-    assert_eq!(b.get("t:other:kv:k1").await.unwrap(), Some(b"v".to_vec()), "another role's key is untouched");
+    assert_eq!(b.get("t:other:kv:k1", None).await.unwrap(), Some(b"v".to_vec()), "another role's key is untouched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -57,7 +57,7 @@ async fn failover_to_the_replica_loses_no_acknowledged_write() {
     // (1 s to notice, then an election) ends well within 30 of them.
     eprintln!("{failures} calls failed during the failover");
     assert!(failures <= 30, "{failures} calls failed during the failover");
-    assert!(b.get("k0").await.is_ok(), "reads work again");
+    assert!(b.get("k0", None).await.is_ok(), "reads work again");
     wait_until("the Sentinels name a replica", Duration::from_secs(60), || {
         setup.primary_port().is_some_and(|port| port != old_port)
     });
@@ -70,7 +70,7 @@ async fn failover_to_the_replica_loses_no_acknowledged_write() {
     let lost: Vec<_> = acked.difference(&present).collect();
     assert!(lost.is_empty(), "{} acknowledged writes lost: {:?}", lost.len(), &lost[..lost.len().min(10)]);
     for key in acked.iter().take(20) {
-        assert_eq!(b.get(key).await.unwrap(), Some(key.as_bytes().to_vec()));
+        assert_eq!(b.get(key, None).await.unwrap(), Some(key.as_bytes().to_vec()));
     }
 }
 

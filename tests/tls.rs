@@ -26,16 +26,16 @@ async fn rediss_with_the_right_ca_works_and_a_wrong_ca_is_refused_clearly() {
     let backend =
         StateConfig::parse(&format!("{url}?ca={}", tls.ca.display()), &redis_section(None)).unwrap().connect().unwrap();
     backend.set("k", b"over tls", None).await.unwrap();
-    assert_eq!(backend.get("k").await.unwrap(), Some(b"over tls".to_vec()));
+    assert_eq!(backend.get("k", None).await.unwrap(), Some(b"over tls".to_vec()));
     assert!(server.cli(&["get", "k"]).contains("over tls"), "the server has it");
 
     // The CA from the manifest's [redis] ca-file.
     let backend = StateConfig::parse(&url, &redis_section(Some(tls.ca.clone()))).unwrap().connect().unwrap();
-    assert_eq!(backend.get("k").await.unwrap(), Some(b"over tls".to_vec()));
+    assert_eq!(backend.get("k", None).await.unwrap(), Some(b"over tls".to_vec()));
 
     // A CA that did not sign the server's certificate.
     let backend = StateConfig::parse(&url, &redis_section(Some(tls.other_ca.clone()))).unwrap().connect().unwrap();
-    let error = backend.get("k").await.unwrap_err();
+    let error = backend.get("k", None).await.unwrap_err();
     let StateError::Unavailable(message) = &error else { panic!("expected unavailable, got {error:?}") };
     assert!(message.contains("certificate") || message.contains("UnknownIssuer"), "unclear error: {message}");
 
@@ -44,7 +44,7 @@ async fn rediss_with_the_right_ca_works_and_a_wrong_ca_is_refused_clearly() {
         .unwrap()
         .connect()
         .unwrap();
-    assert!(matches!(plain.get("k").await, Err(StateError::Unavailable(_))));
+    assert!(matches!(plain.get("k", None).await, Err(StateError::Unavailable(_))));
 }
 
 #[test]
@@ -79,9 +79,9 @@ async fn an_acl_user_logs_in_over_tls_with_the_password_given_apart_from_the_url
     };
     let app = login("s3cret");
     app.set("app:k", b"v", None).await.unwrap();
-    assert_eq!(app.get("app:k").await.unwrap(), Some(b"v".to_vec()));
-    assert!(matches!(app.get("other:k").await, Err(StateError::AccessDenied(_))), "the ACL applies");
-    assert!(login("wrong").get("app:k").await.is_err(), "a wrong password gets nowhere");
+    assert_eq!(app.get("app:k", None).await.unwrap(), Some(b"v".to_vec()));
+    assert!(matches!(app.get("other:k", None).await, Err(StateError::AccessDenied(_))), "the ACL applies");
+    assert!(login("wrong").get("app:k", None).await.is_err(), "a wrong password gets nowhere");
     let in_url = StateConfig::parse(&format!("rediss://app:s3cret@127.0.0.1:{}/0", server.port), &redis_section(None))
         .unwrap()
         .connect()
@@ -95,7 +95,8 @@ async fn an_acl_user_logs_in_over_tls_with_the_password_given_apart_from_the_url
 async fn wrong_ca_is_refused(url_with_ca: &str, tls: &TlsFiles) {
     let url = url_with_ca.replace(&tls.ca.display().to_string(), &tls.other_ca.display().to_string());
     assert_ne!(url, url_with_ca);
-    let error = StateConfig::parse(&url, &redis_section(None)).unwrap().connect().unwrap().get("k").await.unwrap_err();
+    let error =
+        StateConfig::parse(&url, &redis_section(None)).unwrap().connect().unwrap().get("k", None).await.unwrap_err();
     let StateError::Unavailable(message) = &error else { panic!("expected unavailable, got {error:?}") };
     assert!(message.contains("certificate") || message.contains("UnknownIssuer"), "unclear error: {message}");
 }
@@ -110,7 +111,7 @@ async fn a_tls_cluster_is_reached_with_a_rediss_cluster_url() {
     let entries: Vec<(String, Vec<u8>)> = (0..60).map(|i| (format!("tls:{i}"), vec![b'v'; i])).collect();
     backend.set_many(&entries, None).await.unwrap();
     let keys: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
-    let values: Vec<Vec<u8>> = backend.get_many(&keys).await.unwrap().into_iter().map(Option::unwrap).collect();
+    let values: Vec<Vec<u8>> = backend.get_many(&keys, None).await.unwrap().into_iter().map(Option::unwrap).collect();
     assert_eq!(values, entries.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>());
     let per_node = cluster.keys_per_node("tls:*");
     assert!(per_node.iter().all(|&n| n > 0), "keys on every primary, each reached over TLS: {per_node:?}");
@@ -130,7 +131,7 @@ async fn a_tls_sentinel_and_its_primary_are_reached_with_a_rediss_sentinel_url()
         panic!("a Redis URL")
     };
     // The Sentinel wants a password: without it, no primary is found.
-    let error = RedisBackend::new(&options).unwrap().get("k").await.unwrap_err();
+    let error = RedisBackend::new(&options).unwrap().get("k", None).await.unwrap_err();
     assert!(
         matches!(&error, StateError::AccessDenied(m) if m.contains("REDIS_SENTINEL_PASSWORD")),
         "the login refusal says what to set: {error:?}"
@@ -138,7 +139,7 @@ async fn a_tls_sentinel_and_its_primary_are_reached_with_a_rediss_sentinel_url()
     options.sentinel_password = Some(SENTINEL_PASSWORD.to_owned());
     let backend = RedisBackend::new(&options).unwrap();
     backend.set("k", b"through a TLS sentinel", None).await.unwrap();
-    assert_eq!(backend.get("k").await.unwrap(), Some(b"through a TLS sentinel".to_vec()));
+    assert_eq!(backend.get("k", None).await.unwrap(), Some(b"through a TLS sentinel".to_vec()));
     assert!(setup.primary.cli(&["get", "k"]).contains("through a TLS sentinel"), "the primary has it");
     assert_eq!(backend.health().await.unwrap().details["topology"], "sentinel");
     wrong_ca_is_refused(&url, &tls).await;

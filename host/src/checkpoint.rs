@@ -90,7 +90,7 @@ pub async fn take(backend: &dyn Backend, namespace: &Namespace, role: &str) -> S
     let created_unix_ms = now_unix_ms();
     let mut kv = Vec::new();
     for full in all_keys(backend, namespace, Space::Kv).await? {
-        let (Some(value), Some(ttl)) = (backend.get(&full).await?, ttl_ms(backend.expiry(&full).await?)) else {
+        let (Some(value), Some(ttl)) = (backend.get(&full, None).await?, ttl_ms(backend.expiry(&full).await?)) else {
             continue; // expired or deleted meanwhile
         };
         let key = namespace.local(Space::Kv, &full).unwrap_or_default().to_owned();

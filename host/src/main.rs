@@ -280,7 +280,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Get { manifest, role, key, common } => {
             let (backend, namespace, _) = role_state(&common, &manifest, &role)?;
-            match backend.get(&namespace.key(Space::Kv, &key)?).await? {
+            match backend.get(&namespace.key(Space::Kv, &key)?, None).await? {
                 Some(value) => print_response(&value),
                 None => bail!("role `{role}` has no key {key:?}"),
             }

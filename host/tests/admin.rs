@@ -201,7 +201,7 @@ async fn restores_count_ttls_from_the_checkpoint_and_follow_the_roles_policy() {
     let namespace = Namespace::new("rolehost:", "app", &RoleLimits::default());
     let restored = checkpoint::restore(&backend, &namespace, &RoleLimits::default(), &old).await.unwrap();
     assert_eq!((restored.kv, restored.expired), (2, 1));
-    assert_eq!(backend.get("rolehost:app:kv:gone").await.unwrap(), None, "expired 5 minutes ago");
+    assert_eq!(backend.get("rolehost:app:kv:gone", None).await.unwrap(), None, "expired 5 minutes ago");
     let ms = |expiry| match expiry {
         Expiry::ExpiresIn(left) => left.as_millis() as u64,
         other => panic!("expected a TTL, got {other:?}"),
@@ -221,7 +221,7 @@ async fn restores_count_ttls_from_the_checkpoint_and_follow_the_roles_policy() {
     assert!(error.contains("key \"left\"") && error.contains("maximum"), "{error}");
     let empty = MemoryBackend::new();
     assert!(checkpoint::restore(&empty, &namespace, &capped, &fresh).await.is_err());
-    assert_eq!(empty.get("rolehost:app:kv:kept").await.unwrap(), None, "nothing written");
+    assert_eq!(empty.get("rolehost:app:kv:kept", None).await.unwrap(), None, "nothing written");
 }
 
 /// The operator commands work on a shared namespace (`@name`) as on a

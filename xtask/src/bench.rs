@@ -428,7 +428,7 @@ async fn backend_pairs(backend: &Arc<dyn Backend>, redis_pid: &str) -> anyhow::R
         let rate = concurrent(20_000, concurrency, move || {
             let b = b.clone();
             async move {
-                b.get("bench:bench:kv:k").await.map_err(anyhow::Error::msg)?;
+                b.get("bench:bench:kv:k", None).await.map_err(anyhow::Error::msg)?;
                 b.set("bench:bench:kv:k", &[b'v'; 100], None).await.map_err(anyhow::Error::msg)?;
                 Ok(())
             }

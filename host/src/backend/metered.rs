@@ -129,12 +129,6 @@ impl Metered {
         self.bytes_read.inc_by(bytes as u64);
     }
 
-    /// [`Metered::read`] for the answers of a `get-many`.
-    fn read_many(&self, values: &[Option<Vec<u8>>]) {
-        let found = values.iter().flatten().count();
-        self.read(Op::GetMany, found, values.iter().flatten().map(Vec::len).sum(), values.len());
-    }
-
     fn wrote(&self, bytes: usize) {
         self.bytes_written.inc_by(bytes as u64);
     }
@@ -150,8 +144,8 @@ impl Backend for Metered {
         self.inner.health().await
     }
 
-    async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
-        let value = self.observe(Op::Get, self.inner.get(key)).await?;
+    async fn get(&self, key: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>> {
+        let value = self.observe(Op::Get, self.inner.get(key, max_bytes)).await?;
         self.read(Op::Get, value.is_some() as usize, value.as_ref().map_or(0, Vec::len), 1);
         Ok(value)
     }
@@ -167,15 +161,10 @@ impl Backend for Metered {
         Ok(found)
     }
 
-    async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
-        let values = self.observe(Op::GetMany, self.inner.get_many(keys)).await?;
-        self.read_many(&values);
-        Ok(values)
-    }
-
-    async fn get_many_within(&self, keys: &[String], max_bytes: usize) -> StateResult<Vec<Option<Vec<u8>>>> {
-        let values = self.observe(Op::GetMany, self.inner.get_many_within(keys, max_bytes)).await?;
-        self.read_many(&values);
+    async fn get_many(&self, keys: &[String], max_bytes: Option<usize>) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let values = self.observe(Op::GetMany, self.inner.get_many(keys, max_bytes)).await?;
+        let found = values.iter().flatten().count();
+        self.read(Op::GetMany, found, values.iter().flatten().map(Vec::len).sum(), values.len());
         Ok(values)
     }
 

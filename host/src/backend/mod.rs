@@ -76,18 +76,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Reaches the store and reports on it; `unavailable` when it cannot.
     async fn health(&self) -> StateResult<Health>;
 
-    /// The value of `key`.
-    async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>>;
+    /// The value of `key`. With `max_bytes` (keys others write, whose
+    /// values no limit of the reader bounds), a larger value is refused as
+    /// `too-large`, checked on the store before it reaches the host; so
+    /// are the limits of the other reads that take one.
+    async fn get(&self, key: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>>;
     /// Writes `value`; persistent when `ttl` is none.
     async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()>;
     /// True when `key` exists.
     async fn exists(&self, key: &str) -> StateResult<bool>;
-    /// One answer per key, in order.
-    async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>>;
-    /// [`Backend::get_many`] for keys others write, whose values nothing
-    /// bounds: `too-large` when they come to more than `max_bytes`, checked
-    /// on the store before they reach the host.
-    async fn get_many_within(&self, keys: &[String], max_bytes: usize) -> StateResult<Vec<Option<Vec<u8>>>>;
+    /// One answer per key, in order; `max_bytes` bounds their sum (see
+    /// [`Backend::get`]).
+    async fn get_many(&self, keys: &[String], max_bytes: Option<usize>) -> StateResult<Vec<Option<Vec<u8>>>>;
     /// Writes every entry in one atomic step.
     async fn set_many(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()>;
     /// Deletes the keys; the number that existed.
@@ -116,13 +116,12 @@ pub trait Backend: Send + Sync + 'static {
         new: Option<&[u8]>,
         ttl: Option<Duration>,
     ) -> StateResult<bool>;
-    /// Returns the value and deletes the key in one step. With
-    /// `max_bytes` (keys others write), a larger value is refused as
-    /// `too-large` and kept, checked on the store.
+    /// Returns the value and deletes the key in one step; `max_bytes` as
+    /// for [`Backend::get`] (a refused value is kept).
     async fn get_and_delete(&self, key: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>>;
 
     /// The value of one field of the hash at `key`; `max_bytes` as for
-    /// [`Backend::get_and_delete`].
+    /// [`Backend::get`].
     async fn hash_get(&self, key: &str, field: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>>;
     /// Every field of the hash at `key` (empty when absent); `too-large`
     /// when its fields and values come to more than `max_bytes`, checked

@@ -94,8 +94,8 @@ impl CallCtx {
                 limits.max_memory_bytes
             ))
         };
-        if let Some(max) = measured {
-            return match self.backend.get_many_within(keys, max).await {
+        if measured.is_some() {
+            return match self.backend.get_many(keys, measured).await {
                 Err(StateError::TooLarge(_)) => Err(too_large()),
                 answer => answer,
             };
@@ -104,7 +104,7 @@ impl CallCtx {
         let mut values = Vec::with_capacity(keys.len());
         let mut bytes = 0usize;
         for part in keys.chunks(chunk) {
-            let got = self.backend.get_many(part).await?;
+            let got = self.backend.get_many(part, None).await?;
             bytes += got.iter().flatten().map(Vec::len).sum::<usize>();
             if bytes > limits.max_memory_bytes {
                 return Err(too_large());
@@ -127,12 +127,8 @@ impl HostBucket for CallCtx {
 
     async fn get(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<Option<Vec<u8>>> {
         let key = self.bucket_key(&bucket, &key, false)?;
-        match self.read_limit(self.bucket(&bucket)?.shared()) {
-            Some(max) => {
-                Ok(self.backend.get_many_within(&[key], max).await.map_err(super::over_memory)?.pop().flatten())
-            }
-            None => self.backend.get(&key).await,
-        }
+        let limit = self.read_limit(self.bucket(&bucket)?.shared());
+        self.backend.get(&key, limit).await.map_err(super::over_memory)
     }
 
     async fn set(

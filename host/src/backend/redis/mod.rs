@@ -737,7 +737,10 @@ impl Backend for RedisBackend {
         Ok(Health { kind: "redis", details })
     }
 
-    async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
+    async fn get(&self, key: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>> {
+        if max_bytes.is_some() {
+            return Ok(self.get_many(&[key.to_owned()], max_bytes).await?.pop().flatten());
+        }
         self.run(Op::Read, |mut c| async move { c.get(key).await }).await
     }
 
@@ -755,18 +758,18 @@ impl Backend for RedisBackend {
         self.run(Op::Read, |mut c| async move { c.exists(key).await }).await
     }
 
-    async fn get_many(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
+    async fn get_many(&self, keys: &[String], max_bytes: Option<usize>) -> StateResult<Vec<Option<Vec<u8>>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        // On a Cluster, redis-rs splits MGET by slot and merges the answers in order.
-        self.run_batch(Op::Read, keys.len(), 0, |mut c| async move {
-            redis::cmd("MGET").arg(keys).query_async(&mut c).await
-        })
-        .await
-    }
-
-    async fn get_many_within(&self, keys: &[String], max_bytes: usize) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let Some(max_bytes) = max_bytes else {
+            // On a Cluster, redis-rs splits MGET by slot and merges the answers in order.
+            return self
+                .run_batch(Op::Read, keys.len(), 0, |mut c| async move {
+                    redis::cmd("MGET").arg(keys).query_async(&mut c).await
+                })
+                .await;
+        };
         let deadline = self.deadline();
         let groups = self.slot_groups(keys.iter().map(String::as_str));
         let parts: Vec<&[usize]> = groups.iter().flat_map(|group| group.chunks(SCRIPT_KEYS)).collect();
