@@ -199,7 +199,7 @@ async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) 
 
 /// On Redis, values a role may not read are measured and refused by the
 /// server itself: they never cross the network, as the server's own count
-/// of the bytes it sent shows (a server of its own, so no other test adds
+/// of the bytes it sent shows, nor enter the memory of its scripts (a server of its own, so no other test adds
 /// to it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_shared_reads_never_leave_redis() {
@@ -218,18 +218,28 @@ async fn refused_shared_reads_never_leave_redis() {
         let line = info.lines().find_map(|l| l.trim().strip_prefix("total_net_output_bytes:"));
         line.and_then(|n| n.parse().ok()).expect("INFO stats has total_net_output_bytes")
     };
-    let before = sent();
+    let lua_memory = || -> u64 {
+        let info = server.cli(&["INFO", "memory"]);
+        let line = info.lines().find_map(|l| l.trim().strip_prefix("used_memory_lua:"));
+        line.and_then(|n| n.parse().ok()).expect("INFO memory has used_memory_lua")
+    };
+    let (before, lua_before) = (sent(), lua_memory());
     let refused = [
         json!({"op":"get_many","keys":["wide0","wide1"],"ns":"shared"}),
         json!({"op":"get","key":"huge","ns":"shared"}),
         json!({"op":"get_and_delete","key":"huge","ns":"shared"}),
         json!({"op":"subject_get","subject":"wide","prop":"big","ns":"shared"}),
+        json!({"op":"subject_load","subject":"wide","ns":"shared"}),
     ];
     for op in refused {
         assert_eq!(mallory(op.clone()).await, Err("too-large".into()), "{op}");
     }
     let after = sent();
-    assert!(after - before < 64 << 10, "{} bytes sent for refused reads of 28 MiB", after - before);
+    assert!(after - before < 64 << 10, "{} bytes sent for refused reads of 37 MiB", after - before);
+    // Nor are they copied into the measuring scripts' memory (which Lua
+    // frees only at its next collection).
+    let copied = lua_memory().saturating_sub(lua_before);
+    assert!(copied < 1 << 20, "the measuring scripts took {copied} bytes of Lua memory");
     // The count is not blind: a value that fits (1.5 MiB) is sent.
     let mid = mallory(json!({"op":"get","key":"mid","ns":"shared"})).await.unwrap();
     assert_eq!(mid.as_str().map(str::len), Some(3 << 19));

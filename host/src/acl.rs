@@ -38,6 +38,7 @@ const COMMANDS: &[&str] = &[
     "getdel",
     "hget",
     "hgetall",
+    "hkeys",
     "hset",
     "hdel",
     "hincrby",

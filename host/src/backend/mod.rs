@@ -292,7 +292,7 @@ pub(crate) fn gcra(tat: Option<u64>, now: u64, limit: u64, window: u64, cost: u6
 
 /// A hash of `size` bytes asked for by a caller that takes `max_bytes`.
 fn hash_too_large(size: usize, max_bytes: usize) -> StateError {
-    StateError::TooLarge(format!("{size} bytes of fields and values, more than {max_bytes}"))
+    StateError::TooLarge(format!("at least {size} bytes of fields and values, more than {max_bytes}"))
 }
 
 /// Values of at least `size` bytes asked for by a caller that takes `max_bytes`.

@@ -125,14 +125,18 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX')
 return value
 "#;
 
-/// HGETALL, or only the size of the answer (an integer) when that is over
-/// ARGV[1] bytes: an oversized hash never leaves the server.
+/// HGETALL, or only the size of the answer so far (an integer) once that
+/// is over ARGV[1] bytes: an oversized hash is measured field by field, so
+/// its values are copied neither into the script's memory nor off the
+/// server.
 const HASH_GET_ALL_SCRIPT: &str = r#"
-local all = redis.call('HGETALL', KEYS[1])
+local max = tonumber(ARGV[1])
 local size = 0
-for i = 1, #all do size = size + #all[i] end
-if size > tonumber(ARGV[1]) then return size end
-return all
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  size = size + #field + redis.call('HSTRLEN', KEYS[1], field)
+  if size > max then return size end
+end
+return redis.call('HGETALL', KEYS[1])
 "#;
 
 /// MGET, or only the size of the answer (an integer) when the values come
