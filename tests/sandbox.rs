@@ -283,6 +283,50 @@ async fn a_reloaded_role_keeps_its_concurrency_budget() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_role_reloaded_with_a_new_spec_takes_its_limits_and_grants_and_an_unloaded_one_is_gone() {
+    let host = host_with_limits(backend("memory").unwrap(), "t:", &[("probe", "kvprobe")], limits());
+    let set = |value: &str| json!({"op":"set","key":"k","value":value});
+    let shared = json!({"op":"get","key":"k","ns":"catalog"});
+    assert_eq!(probe(&host, "probe", set("twelve bytes")).await, Ok(json!(null)));
+    assert_eq!(probe(&host, "probe", shared.clone()).await, Err("access-denied".into()));
+    let mut spec = rolehost_tests::spec("probe", "kvprobe");
+    spec.limits = RoleLimits { max_value_bytes: 8, max_concurrency: 1, deadline_ms: 60_000, ..limits() };
+    spec.grants = Grants { namespaces: [("catalog".to_owned(), rolehost::Access::Read)].into(), ..Grants::default() };
+    host.reload_with(&spec).unwrap();
+    assert_eq!(host.role("probe").unwrap().spec(), &spec);
+    // New limits and grants apply; the state stays.
+    assert_eq!(probe(&host, "probe", set("twelve bytes")).await, Err("too-large".into()));
+    assert_eq!(probe(&host, "probe", json!({"op":"get","key":"k"})).await, Ok(json!("twelve bytes")));
+    assert_eq!(probe(&host, "probe", shared).await, Ok(json!(null)));
+    // So does the new concurrency limit: one call at a time.
+    let host = std::sync::Arc::new(host);
+    let running = {
+        let host = host.clone();
+        let hold = json!({"op":"lock_hold","name":"l","ttl_ms":60_000,"wait_ms":0,"sleep_ms":60_000});
+        tokio::spawn(async move { probe(&host, "probe", hold).await })
+    };
+    let start = std::time::Instant::now();
+    while !host.backend().exists("t:probe:lock:{l}").await.unwrap() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "the first call never started");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let second = host.call("probe", b"{}").await;
+    assert!(matches!(second, Err(CallError::Busy { .. })), "{second:?}");
+    running.abort();
+    // A spec that fails its checks is refused and the last one keeps serving.
+    let mut bad = spec.clone();
+    bad.limits.max_value_bytes = 0;
+    assert!(host.reload_with(&bad).is_err());
+    assert_eq!(host.role("probe").unwrap().spec(), &spec);
+    // Unloaded: calls are refused as for a role never loaded; its state stays.
+    assert!(host.unload("probe").is_some());
+    assert!(matches!(host.call("probe", b"{}").await, Err(CallError::UnknownRole(_))));
+    assert!(host.unload("probe").is_none());
+    assert!(host.reload_with(&spec).is_err(), "reloaded a role that is not loaded");
+    assert_eq!(host.backend().get("t:probe:kv:k", None).await.unwrap(), Some(b"twelve bytes".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn warm_instances_are_reused_until_a_call_fails() {
     // One outer bucket open, then an open and an increment per inner op.
     let limits = RoleLimits { warm_instances: 1, max_ops_per_call: 5, deadline_ms: 500, ..limits() };

@@ -19,7 +19,7 @@ use rolehost::cache::CompileCache;
 use rolehost::config::{with_redis_overrides, StateConfig, REDIS_DB_ENV, REDIS_HOST_ENV, REDIS_PORT_ENV, STATE_ENV};
 use rolehost::manifest::{Manifest, DEFAULT_GLOBAL_PREFIX};
 use rolehost::namespace::{validate_global_prefix, validate_identity, Namespace, Space};
-use rolehost::serve::{serve, ServeOptions, ADMIN_TOKEN_ENV};
+use rolehost::serve::{serve, ManifestSource, ServeOptions, ADMIN_TOKEN_ENV};
 use rolehost::{acl, checkpoint, Host, HostOptions, RoleSpec};
 use sha2::Digest as _;
 
@@ -73,7 +73,7 @@ enum Command {
         /// Seconds calls in flight may finish after a shutdown signal.
         #[arg(long, default_value_t = 10)]
         shutdown_grace_secs: u64,
-        /// Watch role files and reload changed ones.
+        /// Watch role files and the manifest, and reload what changed.
         #[arg(long)]
         watch: bool,
         /// Calls at once across all roles (past it: 503).
@@ -241,9 +241,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             max_concurrency,
             common,
         } => {
-            let manifest = Manifest::load(&manifest)?;
+            let path = manifest;
+            let manifest = Manifest::load(&path)?;
             let specs = manifest.role_specs()?;
             let host = host_with(&common, Some(&manifest), &specs, max_concurrency, true)?;
+            let acl_state = match manifest.redis.acl_users {
+                true => Some(state(&common, Some(&manifest))?),
+                false => None,
+            };
             let options = ServeOptions {
                 listen,
                 max_body_bytes,
@@ -252,6 +257,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
                 watch: watch.then_some(std::time::Duration::from_secs(1)),
                 admin_token: std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+                manifest: Some(ManifestSource { path, started: manifest, acl_state }),
             };
             serve(host, options, |address| println!("listening on http://{address}")).await
         }

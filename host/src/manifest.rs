@@ -49,7 +49,7 @@ pub struct Manifest {
 }
 
 /// `[redis]`: connection settings. Never a password.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RedisSection {
     /// Longest wait for a connection, in ms.

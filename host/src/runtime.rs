@@ -30,7 +30,7 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 pub const GUEST_DIR: &str = "/data";
 
 /// A role to load: its identity, its component, and how it may run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoleSpec {
     /// The identity: `[a-z0-9][a-z0-9_-]{0,62}`, unique among loaded roles.
     pub name: String,
@@ -298,16 +298,40 @@ impl Host {
     /// per-second budgets. Compiling can take seconds (JS, Python): call it
     /// off the async runtime's threads.
     pub fn reload(&self, name: &str) -> anyhow::Result<Arc<Role>> {
-        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.swap(name, None)
+    }
+
+    /// Like [`Host::reload`], with a new spec for the role of the same
+    /// name (a changed manifest entry): new limits and grants apply to new
+    /// calls. The concurrency and per-second budgets carry over unless
+    /// their limits changed.
+    pub fn reload_with(&self, spec: &RoleSpec) -> anyhow::Result<Arc<Role>> {
+        self.swap(&spec.name, Some(spec))
+    }
+
+    fn swap(&self, name: &str, spec: Option<&RoleSpec>) -> anyhow::Result<Arc<Role>> {
+        let _one_at_a_time = self.lock_reloads();
         let old = self.role(name).with_context(|| format!("no role `{name}` is loaded"))?;
-        let new = Arc::new(self.compile(&old.spec, old.backend.clone(), Some(&old))?);
+        let new = Arc::new(self.compile(spec.unwrap_or(&old.spec), old.backend.clone(), Some(&old))?);
         let mut roles = self.roles.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         roles.insert(name.to_owned(), new.clone());
         Ok(new)
     }
 
+    /// Takes the role out: new calls are refused as an unknown role, calls
+    /// in flight finish. Its state stays in the store.
+    pub fn unload(&self, name: &str) -> Option<Arc<Role>> {
+        // Not while a reload of it compiles, which would put it back.
+        let _one_at_a_time = self.lock_reloads();
+        self.roles.write().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(name)
+    }
+
+    fn lock_reloads(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.reloading.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Checks, compiles and links one role; a new version of `old` shares
-    /// its budgets.
+    /// the budgets whose limits it keeps.
     fn compile(&self, spec: &RoleSpec, backend: Arc<dyn Backend>, old: Option<&Role>) -> anyhow::Result<Role> {
         validate_identity(&spec.name).map_err(anyhow::Error::msg)?;
         spec.limits.validate().map_err(|e| anyhow::anyhow!("role `{}`: bad limit: {e}", spec.name))?;
@@ -343,7 +367,8 @@ impl Host {
             anyhow::anyhow!("{} does not fit the rolehost:state/role world: {e:#}", spec.wasm.display())
         })?;
         let mut info = self.role_info(spec)?;
-        if let Some(old) = old {
+        let (was, now) = (old.map(|old| &old.spec.limits), &spec.limits);
+        if let Some(old) = old.filter(|_| was.is_some_and(|was| was.max_ops_per_second == now.max_ops_per_second)) {
             info.op_rate.clone_from(&old.info.op_rate);
         }
         Ok(Role {
@@ -354,7 +379,7 @@ impl Host {
             from_cache,
             metered: Arc::new(Metered::new(backend.clone(), &spec.name, self.metrics.clone())),
             backend,
-            slots: match old {
+            slots: match old.filter(|_| was.is_some_and(|was| was.max_concurrency == now.max_concurrency)) {
                 Some(old) => old.slots.clone(),
                 None => Arc::new(tokio::sync::Semaphore::new(spec.limits.max_concurrency)),
             },

@@ -5,16 +5,19 @@
 //!   the response body, or a JSON error `{"error":kind,"message":…}`.
 //! - `GET /healthz` (alive), `GET /readyz` (backend reachable),
 //!   `GET /health` (details), `GET /metrics` (Prometheus text).
-//! - `POST /admin/roles/{role}/reload` with `Authorization: Bearer TOKEN`
-//!   (`ROLEHOST_ADMIN_TOKEN`); disabled when the variable is unset.
+//! - `POST /admin/roles/{role}/reload` (the role's file) and
+//!   `POST /admin/reload` (the manifest's roles), with
+//!   `Authorization: Bearer TOKEN` (`ROLEHOST_ADMIN_TOKEN`); disabled when
+//!   the variable is unset.
 //!
 //! A client gets `read_timeout` to send a request's headers (also how long
 //! an idle keep-alive connection stays open) and again its body, and at
 //! most `max_connections` connections are open at once (past it, new ones
 //! wait in the listen backlog), so slow or idle clients cannot pile up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -31,8 +34,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 
+use crate::config::StateConfig;
 use crate::error::CallError;
-use crate::runtime::Host;
+use crate::manifest::Manifest;
+use crate::runtime::{Host, RoleSpec};
 
 /// Environment variable holding the admin token for reloads.
 pub const ADMIN_TOKEN_ENV: &str = "ROLEHOST_ADMIN_TOKEN";
@@ -52,15 +57,35 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How long in-flight calls may run after a shutdown signal.
     pub shutdown_grace: Duration,
-    /// Poll role files this often and reload changed ones (none: never).
+    /// Poll role files (and the manifest) this often and reload changed
+    /// ones (none: never).
     pub watch: Option<Duration>,
     /// The admin token; none disables the admin routes.
     pub admin_token: Option<String>,
+    /// The manifest the host was started from, to read its roles again.
+    pub manifest: Option<ManifestSource>,
+}
+
+/// The manifest `serve` was started from: `POST /admin/reload` and
+/// `--watch` read its roles again.
+#[derive(Debug, Clone)]
+pub struct ManifestSource {
+    /// The manifest file.
+    pub path: PathBuf,
+    /// The manifest as the host was started with: changes to its state,
+    /// global prefix and `[redis]` take a restart.
+    pub started: Manifest,
+    /// With `acl-users`, the state a role added later connects to (as its
+    /// own user).
+    pub acl_state: Option<StateConfig>,
 }
 
 struct App {
     host: Host,
     admin_token: Option<String>,
+    manifest: Option<ManifestSource>,
+    /// Held by a manifest reload (the admin route's or the watcher's).
+    applying: std::sync::Mutex<()>,
     next_request: AtomicU64,
     max_body_bytes: usize,
     read_timeout: Duration,
@@ -72,6 +97,8 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
     let app = Arc::new(App {
         host,
         admin_token: options.admin_token.clone(),
+        manifest: options.manifest.clone(),
+        applying: std::sync::Mutex::new(()),
         next_request: AtomicU64::new(1),
         max_body_bytes: options.max_body_bytes,
         read_timeout: options.read_timeout,
@@ -83,6 +110,7 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/admin/roles/{role}/reload", post(reload))
+        .route("/admin/reload", post(reload_manifest))
         .with_state(app.clone());
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
@@ -262,15 +290,27 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-async fn reload(State(app): State<Arc<App>>, Path(role): Path<String>, headers: HeaderMap) -> Response {
+/// The answer to an admin request whose `headers` lack the admin token.
+fn not_admin(app: &App, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &app.admin_token else {
-        return (StatusCode::NOT_FOUND, error_body("not-found", "admin routes are off (no ROLEHOST_ADMIN_TOKEN)"))
-            .into_response();
+        return Some(
+            (StatusCode::NOT_FOUND, error_body("not-found", "admin routes are off (no ROLEHOST_ADMIN_TOKEN)"))
+                .into_response(),
+        );
     };
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if !given.is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())) {
-        return (StatusCode::UNAUTHORIZED, error_body("unauthorized", "missing or wrong admin token")).into_response();
+        return Some(
+            (StatusCode::UNAUTHORIZED, error_body("unauthorized", "missing or wrong admin token")).into_response(),
+        );
+    }
+    None
+}
+
+async fn reload(State(app): State<Arc<App>>, Path(role): Path<String>, headers: HeaderMap) -> Response {
+    if let Some(refused) = not_admin(&app, &headers) {
+        return refused;
     }
     if app.host.role(&role).is_none() {
         return (StatusCode::NOT_FOUND, error_body("unknown-role", &format!("unknown role `{role}`"))).into_response();
@@ -287,6 +327,118 @@ async fn reload(State(app): State<Arc<App>>, Path(role): Path<String>, headers: 
     }
 }
 
+/// Reads the manifest again and applies its roles: 200 with what changed,
+/// 422 when a role was refused (what did change is still listed) or the
+/// manifest itself is unreadable (then nothing changed).
+async fn reload_manifest(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = not_admin(&app, &headers) {
+        return refused;
+    }
+    if app.manifest.is_none() {
+        return (StatusCode::NOT_FOUND, error_body("not-found", "serve was not started from a manifest"))
+            .into_response();
+    }
+    match apply_manifest_off_runtime(&app).await {
+        Ok(changes) if changes.refused.is_empty() => Json(changes).into_response(),
+        Ok(changes) => (StatusCode::UNPROCESSABLE_ENTITY, Json(changes)).into_response(),
+        Err(e) => {
+            tracing::error!("manifest reload refused, nothing changed: {e:#}");
+            (StatusCode::UNPROCESSABLE_ENTITY, error_body("reload-refused", &format!("{e:#}"))).into_response()
+        }
+    }
+}
+
+/// What a manifest reload did, role by role.
+#[derive(Debug, Default, serde::Serialize)]
+struct Changes {
+    loaded: Vec<String>,
+    reloaded: Vec<String>,
+    unloaded: Vec<String>,
+    unchanged: Vec<String>,
+    /// Roles whose new version was refused, with why; an old version keeps
+    /// serving.
+    refused: BTreeMap<String, String>,
+    /// Changed settings that only a restart applies.
+    needs_restart: Vec<&'static str>,
+}
+
+async fn apply_manifest_off_runtime(app: &Arc<App>) -> anyhow::Result<Changes> {
+    let app = app.clone();
+    let changes = tokio::task::spawn_blocking(move || {
+        let _one_at_a_time = app.applying.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match &app.manifest {
+            Some(source) => apply_manifest(&app.host, source),
+            None => Ok(Changes::default()),
+        }
+    })
+    .await??;
+    tracing::info!(?changes, "manifest reloaded");
+    Ok(changes)
+}
+
+/// Brings the host's roles in line with the manifest file: roles no longer
+/// listed are unloaded, new ones loaded, and those whose entry or file
+/// changed reloaded. Each role stands alone: one refused leaves the
+/// others' changes in place.
+fn apply_manifest(host: &Host, source: &ManifestSource) -> anyhow::Result<Changes> {
+    let manifest = Manifest::load(&source.path)?;
+    let specs = manifest.role_specs()?;
+    let mut names = BTreeSet::new();
+    if let Some(twice) = specs.iter().find(|spec| !names.insert(spec.name.as_str())) {
+        anyhow::bail!("role `{}` is listed twice; role names must be unique", twice.name);
+    }
+    let started = &source.started;
+    let mut changes = Changes::default();
+    for (setting, changed) in [
+        ("global-prefix", manifest.global_prefix != started.global_prefix),
+        ("state", manifest.state != started.state),
+        ("[redis]", manifest.redis != started.redis),
+    ] {
+        if changed {
+            tracing::warn!("the manifest's {setting} changed; a restart applies it");
+            changes.needs_restart.push(setting);
+        }
+    }
+    for role in host.roles() {
+        if !names.contains(role.name()) && host.unload(role.name()).is_some() {
+            changes.unloaded.push(role.name().to_owned());
+        }
+    }
+    for spec in &specs {
+        let outcome = match host.role(&spec.name) {
+            Some(role) if role.spec() == spec && file_sha256(spec).as_deref() == Some(role.sha256()) => {
+                changes.unchanged.push(spec.name.clone());
+                continue;
+            }
+            Some(_) => host.reload_with(spec).map(|_| &mut changes.reloaded),
+            None => load(host, source, spec).map(|_| &mut changes.loaded),
+        };
+        match outcome {
+            Ok(list) => list.push(spec.name.clone()),
+            Err(e) => {
+                tracing::error!(role = %spec.name, "refused; an old version, if any, keeps serving: {e:#}");
+                changes.refused.insert(spec.name.clone(), format!("{e:#}"));
+            }
+        }
+    }
+    Ok(changes)
+}
+
+/// Loads a role new to the host, as its own Redis user with `acl-users`.
+fn load(host: &Host, source: &ManifestSource, spec: &RoleSpec) -> anyhow::Result<()> {
+    match &source.acl_state {
+        Some(state) => host.load_with_backend(spec, state.as_role(&spec.name)?.connect()?),
+        None => host.load(spec),
+    }
+    .map(drop)
+}
+
+/// The sha256 of a role's file as it is now, if it can be read.
+fn file_sha256(spec: &RoleSpec) -> Option<String> {
+    use sha2::Digest as _;
+    std::fs::read(&spec.wasm).ok().map(|bytes| crate::acl::hex(&sha2::Sha256::digest(bytes)))
+}
+
 /// Reloads a role on a blocking thread: compiling a big component takes
 /// seconds, which must not stall the threads serving calls.
 async fn reload_off_runtime(app: &Arc<App>, role: &str) -> anyhow::Result<Arc<crate::runtime::Role>> {
@@ -298,13 +450,29 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Reloads a role when its file's modification time changes.
+/// Reloads a role when its file's modification time changes, and the
+/// manifest's roles when the manifest's does.
 async fn watch_files(app: Arc<App>, every: Duration) {
     let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let mut seen: BTreeMap<String, Option<SystemTime>> =
         app.host.roles().iter().map(|r| (r.name().to_owned(), modified(&r.spec().wasm))).collect();
+    let manifest_path = app.manifest.as_ref().map(|source| source.path.clone());
+    let mut manifest_seen = manifest_path.as_deref().and_then(modified);
     loop {
         tokio::time::sleep(every).await;
+        if let Some(path) = &manifest_path {
+            let now = modified(path);
+            if now != manifest_seen {
+                manifest_seen = now;
+                if let Err(e) = apply_manifest_off_runtime(&app).await {
+                    tracing::error!("the manifest changed but was refused, nothing changed: {e:#}");
+                }
+                // Roles the manifest reload loaded again count as seen.
+                for role in app.host.roles() {
+                    seen.insert(role.name().to_owned(), modified(&role.spec().wasm));
+                }
+            }
+        }
         for role in app.host.roles() {
             let now = modified(&role.spec().wasm);
             let before = seen.insert(role.name().to_owned(), now);

@@ -246,6 +246,66 @@ fn reload_swaps_versions_and_refuses_bad_ones() {
 }
 
 #[test]
+fn a_manifest_reload_loads_reloads_and_unloads_roles() {
+    let dir = dir("manifest-reload");
+    let (counter, probe) = (role_path("counter"), role_path("kvprobe"));
+    let path = manifest(&dir, "memory", &[("app", &probe, ""), ("old", &counter, "")]);
+    let server = Server::start(&path, &["--watch"]);
+    let set = r#"{"op":"set","key":"k","value":"hello"}"#;
+    assert_eq!(server.post("/roles/app", set).1, r#"{"ok":null}"#);
+    let reload = |token| server.post_with("/admin/reload", "", token);
+    assert_eq!(reload(None).0, 401, "no token");
+
+    // `app` gets a smaller value limit, `old` goes, `new` comes; a role
+    // whose file is broken is refused and the rest still applies.
+    let broken = dir.join("broken.wasm");
+    std::fs::write(&broken, b"not a component").unwrap();
+    let roles: [(&str, &Path, &str); 3] =
+        [("app", &probe, "limits = { max-value-bytes = 4 }"), ("new", &counter, ""), ("broken", &broken, "")];
+    manifest(&dir, "memory", &roles);
+    let (status, body, _) = reload(Some(TOKEN));
+    assert_eq!(status, 422, "{body}");
+    let changes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(changes["reloaded"], serde_json::json!(["app"]), "{body}");
+    assert_eq!(changes["loaded"], serde_json::json!(["new"]), "{body}");
+    assert_eq!(changes["unloaded"], serde_json::json!(["old"]), "{body}");
+    assert!(changes["refused"]["broken"].as_str().unwrap().contains("not a valid WebAssembly component"), "{body}");
+    assert_eq!(server.post("/roles/old", "").0, 404);
+    assert_eq!(server.post("/roles/broken", "").0, 404);
+    assert_eq!(server.post("/roles/new", "").1, "1");
+    // The new limit applies; the state stays.
+    assert!(server.post("/roles/app", set).1.contains(r#""kind":"too-large""#));
+    assert_eq!(server.post("/roles/app", r#"{"op":"get","key":"k"}"#).1, r#"{"ok":"hello"}"#);
+
+    // Nothing changed: nothing is reloaded. A setting that needs a restart
+    // is named, not applied.
+    manifest(&dir, "redis://127.0.0.1:1", &roles[..2]);
+    let (status, body, _) = reload(Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let changes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(changes["unchanged"], serde_json::json!(["app", "new"]), "{body}");
+    assert_eq!(changes["needs_restart"], serde_json::json!(["state"]), "{body}");
+    assert_eq!(server.post("/roles/new", "").1, "2");
+
+    // An unreadable manifest changes nothing.
+    std::fs::write(&path, "[[roles]]\nwasm = 7\n").unwrap();
+    let (status, body, _) = reload(Some(TOKEN));
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("bad manifest"), "{body}");
+    assert_eq!(server.post("/roles/new", "").1, "3");
+
+    // --watch notices a changed manifest by itself.
+    std::thread::sleep(Duration::from_millis(1100));
+    manifest(&dir, "memory", &[("app", &probe, "")]);
+    let start = Instant::now();
+    while server.post("/roles/new", "").0 != 404 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the watcher never applied the manifest");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(server.post("/roles/app", set).1, r#"{"ok":null}"#, "the old value limit is back");
+}
+
+#[test]
 fn sigterm_lets_calls_in_flight_finish() {
     let dir = dir("shutdown");
     let manifest = manifest(&dir, "memory", &[("probe", &role_path("kvprobe"), "")]);
