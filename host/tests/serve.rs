@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use rolehost_tests::{role_path, shared_redis, RedisServer};
 
 const TOKEN: &str = "admin-token-for-tests";
+/// The secret role users' passwords derive from, where a test uses them.
+const ACL_SECRET: &str = "acl-secret-for-tests";
 
 struct Server {
     child: Child,
@@ -25,6 +27,7 @@ impl Server {
             .args(extra)
             .env_remove("ROLEHOST_STATE")
             .env("ROLEHOST_ADMIN_TOKEN", TOKEN)
+            .env("ROLEHOST_ACL_SECRET", ACL_SECRET)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -303,6 +306,39 @@ fn a_manifest_reload_loads_reloads_and_unloads_roles() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(server.post("/roles/app", set).1, r#"{"ok":null}"#, "the old value limit is back");
+}
+
+#[test]
+fn a_manifest_reload_with_acl_users_runs_a_new_role_as_its_own_user() {
+    let Some(_) = shared_redis() else { return };
+    // An own server: the test changes its users.
+    let Some(redis) = RedisServer::start() else { return };
+    let dir = dir("manifest-reload-acl");
+    let write = |roles: &str| {
+        let text = format!("state = \"{}\"\n[redis]\nacl-users = true\n{roles}", redis.url(0));
+        std::fs::write(dir.join("roles.toml"), text).unwrap();
+        let applied = Command::new(env!("CARGO_BIN_EXE_rolehost"))
+            .args(["acl", "--manifest", dir.join("roles.toml").to_str().unwrap(), "--apply"])
+            .env_remove("ROLEHOST_STATE")
+            .env("ROLEHOST_ACL_SECRET", ACL_SECRET)
+            .output()
+            .unwrap();
+        assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    };
+    let counter = format!("[[roles]]\nwasm = \"{}\"\n", role_path("counter").display());
+    write(&counter);
+    let server = Server::start(&dir.join("roles.toml"), &[]);
+    assert_eq!(server.post("/roles/counter", "").1, "1");
+
+    let writer = format!("[[roles]]\nname = \"writer\"\nwasm = \"{}\"\n", role_path("kvprobe").display());
+    write(&(counter + &writer));
+    let (status, body, _) = server.post_with("/admin/reload", "", Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""loaded":["writer"]"#), "{body}");
+    assert_eq!(server.post("/roles/writer", r#"{"op":"incr","key":"n","delta":2}"#).1, r#"{"ok":2}"#);
+    // Redis sees the new role's own user.
+    let clients = redis.cli(&["CLIENT", "LIST"]);
+    assert!(clients.contains("user=rolehost-writer"), "{clients}");
 }
 
 #[test]
