@@ -346,58 +346,63 @@ impl RedisBackend {
             ),
             other => other,
         };
-        let wanted = if op.writes() { self.connector.wait_replicas } else { 0 };
         let mut before = None;
         for tries in 0.. {
             let outcome = tokio::time::timeout_at(deadline, async {
                 let conn = self.connector.get(op.writes(), lane).await?;
                 let value = attempt(conn.clone()).await?;
-                let reached = if wanted > 0 { self.replicas_with_writes(conn, deadline).await? } else { 0 };
-                Ok((value, reached))
+                Ok(match op.writes() && self.connector.wait_replicas > 0 {
+                    true => self.confirmed(conn, deadline, lane).await.map(|()| value),
+                    false => Ok(value),
+                })
             })
             .await;
-            // The error, whether another try may help, and whether Redis
-            // certainly did not run the command.
-            let (error, retry, not_run) = match outcome {
+            let error = match outcome {
                 Err(_) => {
                     self.connector.timed_out(op.writes(), lane);
                     return Err(maybe_written(late(before), false));
                 }
-                Ok(Ok((value, reached))) if reached >= wanted => return Ok(value),
-                // Like a lost reply: the write happened but may not last,
-                // so only idempotent writes are tried again. The connection
-                // is sound, so it is kept.
-                Ok(Ok((_, reached))) => {
-                    let message =
-                        format!("write not confirmed: {reached} of {wanted} replicas have it; it may or may not last");
-                    (StateError::Unavailable(message), op == Op::Idempotent, false)
-                }
-                Ok(Err(error)) => {
-                    self.connector.failed(&error, op.writes(), lane);
-                    let (retry, not_run) = (retry::may_retry(op, &error), retry::not_run(&error));
-                    (map_error(error), retry, not_run)
-                }
+                Ok(Ok(answer)) => return answer,
+                Ok(Err(error)) => error,
             };
+            self.connector.failed(&error, op.writes(), lane);
             let pause = retry::backoff(tries);
-            if !retry || tokio::time::Instant::now() + pause >= deadline {
-                return Err(maybe_written(error, not_run));
+            if !retry::may_retry(op, &error) || tokio::time::Instant::now() + pause >= deadline {
+                let not_run = retry::not_run(&error);
+                return Err(maybe_written(map_error(error), not_run));
             }
             tokio::time::sleep(pause).await;
-            before = Some(error);
+            before = Some(map_error(error));
         }
         unreachable!("the deadline ends the loop")
     }
 
     /// `WAIT`s until the configured number of replicas has every write this
-    /// connection sent so far (so the write just made, too), and says how
-    /// many have them. The server stops waiting with a quarter of the time
-    /// to `deadline` left, so its answer comes before the operation times
-    /// out.
-    async fn replicas_with_writes(&self, mut conn: Conn, deadline: tokio::time::Instant) -> redis::RedisResult<u32> {
+    /// connection sent so far (so the write just made, too). The server
+    /// stops waiting with a quarter of the time to `deadline` left, so its
+    /// answer comes before the operation times out.
+    ///
+    /// Short of replicas, the write is on the primary but may not last: it
+    /// is `unavailable` and not sent again (that would not help the
+    /// replicas, and could undo a later write of another client). A lagging
+    /// replica is no fault of the connection, so it is kept; one that failed
+    /// during the `WAIT` is dropped.
+    async fn confirmed(&self, mut conn: Conn, deadline: tokio::time::Instant, lane: Lane) -> StateResult<()> {
+        let wanted = self.connector.wait_replicas;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         // At least 1: `WAIT n 0` would block for ever.
         let millis = (left.as_millis() as u64 * 3 / 4).max(1);
-        redis::cmd("WAIT").arg(self.connector.wait_replicas).arg(millis).query_async(&mut conn).await
+        let unconfirmed = |why: String| {
+            Err(StateError::Unavailable(format!("write not confirmed: {why}; it is on the primary but may not last")))
+        };
+        match redis::cmd("WAIT").arg(wanted).arg(millis).query_async::<u32>(&mut conn).await {
+            Ok(reached) if reached >= wanted => Ok(()),
+            Ok(reached) => unconfirmed(format!("{reached} of {wanted} replicas have it")),
+            Err(error) => {
+                self.connector.failed(&error, true, lane);
+                unconfirmed(format!("waiting for replicas failed ({})", map_error(error)))
+            }
+        }
     }
 
     /// The primaries to scan: every Cluster primary, or the one server.
