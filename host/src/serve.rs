@@ -383,6 +383,10 @@ async fn apply_manifest_off_runtime(app: &Arc<App>) -> anyhow::Result<Changes> {
 fn apply_manifest(host: &Host, source: &ManifestSource) -> anyhow::Result<Changes> {
     let manifest = Manifest::load(&source.path)?;
     let specs = manifest.role_specs()?;
+    if specs.is_empty() {
+        // More likely a file caught half-written than a wish.
+        anyhow::bail!("the manifest lists no roles; a reload does not unload every role (stop the server instead)");
+    }
     let mut names = BTreeSet::new();
     if let Some(twice) = specs.iter().find(|spec| !names.insert(spec.name.as_str())) {
         anyhow::bail!("role `{}` is listed twice; role names must be unique", twice.name);
@@ -451,27 +455,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Reloads a role when its file's modification time changes, and the
-/// manifest's roles when the manifest's does.
+/// manifest's roles when the manifest's modification time or size does
+/// and then stays the same for one more poll (so a manifest being written
+/// is not read half-done).
 async fn watch_files(app: Arc<App>, every: Duration) {
     let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let stamp = |path: &std::path::Path| std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len()));
     let mut seen: BTreeMap<String, Option<SystemTime>> =
         app.host.roles().iter().map(|r| (r.name().to_owned(), modified(&r.spec().wasm))).collect();
     let manifest_path = app.manifest.as_ref().map(|source| source.path.clone());
-    let mut manifest_seen = manifest_path.as_deref().and_then(modified);
+    let mut applied = manifest_path.as_deref().and_then(stamp);
+    let mut last = applied;
     loop {
         tokio::time::sleep(every).await;
         if let Some(path) = &manifest_path {
-            let now = modified(path);
-            if now != manifest_seen {
-                manifest_seen = now;
+            let now = stamp(path);
+            if now.is_some() && now == last && now != applied {
+                applied = now;
                 if let Err(e) = apply_manifest_off_runtime(&app).await {
                     tracing::error!("the manifest changed but was refused, nothing changed: {e:#}");
                 }
-                // Roles the manifest reload loaded again count as seen.
-                for role in app.host.roles() {
-                    seen.insert(role.name().to_owned(), modified(&role.spec().wasm));
-                }
+                // A role file the manifest reload read may have changed
+                // again since: the check below still compares with what
+                // it saw before, at worst reloading a role once more.
             }
+            last = now;
         }
         for role in app.host.roles() {
             let now = modified(&role.spec().wasm);
