@@ -126,9 +126,10 @@ return value
 "#;
 
 /// HGETALL, or only the size of the answer so far (an integer) once that
-/// is over ARGV[1] bytes: an oversized hash is measured field by field, so
-/// its values are copied neither into the script's memory nor off the
-/// server.
+/// is over ARGV[1] bytes: an oversized hash is measured field by field
+/// (HKEYS copies only the names), so its values are copied neither into
+/// the script's memory nor off the server. (HSCAN would copy values too;
+/// it gained NOVALUES only in Redis 7.4.)
 const HASH_GET_ALL_SCRIPT: &str = r#"
 local max = tonumber(ARGV[1])
 local size = 0
