@@ -327,6 +327,36 @@ async fn a_role_reloaded_with_a_new_spec_takes_its_limits_and_grants_and_an_unlo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_that_lowers_the_value_limit_keeps_get_many_reads_bounded() {
+    // 4 MiB of memory and values of at most 256 KiB: get-many reads 16
+    // keys at a time, so 17 such values are refused after two reads, the
+    // first holding 4 MiB.
+    let limits = RoleLimits { max_memory_bytes: 4 << 20, max_value_bytes: 256 << 10, ..limits() };
+    let host = host_with_limits(backend("memory").unwrap(), "t:", &[("probe", "kvprobe")], limits.clone());
+    let keys: Vec<String> = (0..17).map(|i| format!("k{i}")).collect();
+    for key in &keys {
+        host.backend().set(&format!("t:probe:kv:{key}"), &vec![b'v'; 256 << 10], None).await.unwrap();
+    }
+    let reads = || {
+        let metrics = host.metrics().render();
+        let line = metrics.lines().find(|l| {
+            l.starts_with("rolehost_state_ops_total") && l.contains(r#"role="probe""#) && l.contains(r#"op="get_many""#)
+        });
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let get_many = json!({"op":"get_many","keys":keys});
+    assert_eq!(probe(&host, "probe", get_many.clone()).await, Err("too-large".into()));
+    assert_eq!(reads(), 2);
+    // The new limit would allow 4096 keys a read, but the values stored
+    // under the old one are still there: reads stay 16 keys.
+    let mut spec = rolehost_tests::spec("probe", "kvprobe");
+    spec.limits = RoleLimits { max_value_bytes: 1 << 10, ..limits };
+    host.reload_with(&spec).unwrap();
+    assert_eq!(probe(&host, "probe", get_many).await, Err("too-large".into()));
+    assert_eq!(reads(), 4, "one read of all 17 values");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn warm_instances_are_reused_until_a_call_fails() {
     // One outer bucket open, then an open and an increment per inner op.
     let limits = RoleLimits { warm_instances: 1, max_ops_per_call: 5, deadline_ms: 500, ..limits() };

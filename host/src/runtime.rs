@@ -371,6 +371,9 @@ impl Host {
         if let Some(old) = old.filter(|_| was.is_some_and(|was| was.max_ops_per_second == now.max_ops_per_second)) {
             info.op_rate.clone_from(&old.info.op_rate);
         }
+        if let Some(old) = old {
+            info.largest_value_bytes = info.largest_value_bytes.max(old.info.largest_value_bytes);
+        }
         Ok(Role {
             info: Arc::new(info),
             spec: spec.clone(),
@@ -399,6 +402,7 @@ impl Host {
             name: spec.name.clone(),
             namespace: Arc::new(Namespace::new(&self.global_prefix, &spec.name, &spec.limits)),
             limits: spec.limits.clone(),
+            largest_value_bytes: spec.limits.max_value_bytes,
             grants,
             op_rate: spec.limits.max_ops_per_second.map(|n| Arc::new(Mutex::new(OpRate::new(n)))),
             env: granted_env(&spec.grants.env),

@@ -79,9 +79,10 @@ impl CallCtx {
     /// whole.
     ///
     /// In the role's own namespace every value passed this role's
-    /// `max-value-bytes` when written, so reading memory-limit / value-limit
-    /// keys at a time bounds each read (consecutive reads, not one
-    /// snapshot; one read when the limits allow). Values in a shared
+    /// `max-value-bytes` when written (the largest it has had: a reload may
+    /// lower it), so reading memory-limit / value-limit keys at a time
+    /// bounds each read (consecutive reads, not one snapshot; one read when
+    /// the limits allow). Values in a shared
     /// namespace are bounded by no limit of this role, so the store checks
     /// their size before it sends them.
     async fn get_within_memory(&mut self, keys: &[String], shared: bool) -> StateResult<Vec<Option<Vec<u8>>>> {
@@ -100,7 +101,7 @@ impl CallCtx {
                 answer => answer,
             };
         }
-        let chunk = (limits.max_memory_bytes / limits.max_value_bytes).max(1);
+        let chunk = (limits.max_memory_bytes / self.role.largest_value_bytes).max(1);
         let mut values = Vec::with_capacity(keys.len());
         let mut bytes = 0usize;
         for part in keys.chunks(chunk) {
