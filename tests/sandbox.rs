@@ -352,8 +352,13 @@ async fn a_reload_that_lowers_the_value_limit_keeps_get_many_reads_bounded() {
     let mut spec = rolehost_tests::spec("probe", "kvprobe");
     spec.limits = RoleLimits { max_value_bytes: 1 << 10, ..limits };
     host.reload_with(&spec).unwrap();
-    assert_eq!(probe(&host, "probe", get_many).await, Err("too-large".into()));
+    assert_eq!(probe(&host, "probe", get_many.clone()).await, Err("too-large".into()));
     assert_eq!(reads(), 4, "one read of all 17 values");
+    // So do they when the role is taken out and loaded again.
+    host.unload("probe").unwrap();
+    host.load(&spec).unwrap();
+    assert_eq!(probe(&host, "probe", get_many).await, Err("too-large".into()));
+    assert_eq!(reads(), 6, "one read of all 17 values after loading the role again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -193,6 +193,9 @@ pub struct Host {
     flushes: Arc<Flushes>,
     /// Held by a reload from reading the file to swapping the role in.
     reloading: Mutex<()>,
+    /// The largest `max-value-bytes` each role name has had in this
+    /// process, through reloads, unloads and loads again.
+    largest_values: Mutex<BTreeMap<String, usize>>,
 }
 
 /// Fire-and-forget sends still running.
@@ -240,6 +243,7 @@ impl Host {
             ticker_stop,
             flushes: Arc::default(),
             reloading: Mutex::new(()),
+            largest_values: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -371,8 +375,11 @@ impl Host {
         if let Some(old) = old.filter(|_| was.is_some_and(|was| was.max_ops_per_second == now.max_ops_per_second)) {
             info.op_rate.clone_from(&old.info.op_rate);
         }
-        if let Some(old) = old {
-            info.largest_value_bytes = info.largest_value_bytes.max(old.info.largest_value_bytes);
+        {
+            let mut largest = self.largest_values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let largest = largest.entry(spec.name.clone()).or_default();
+            *largest = (*largest).max(spec.limits.max_value_bytes);
+            info.largest_value_bytes = *largest;
         }
         Ok(Role {
             info: Arc::new(info),

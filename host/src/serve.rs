@@ -464,8 +464,10 @@ async fn watch_files(app: Arc<App>, every: Duration) {
     let mut seen: BTreeMap<String, Option<SystemTime>> =
         app.host.roles().iter().map(|r| (r.name().to_owned(), modified(&r.spec().wasm))).collect();
     let manifest_path = app.manifest.as_ref().map(|source| source.path.clone());
-    let mut applied = manifest_path.as_deref().and_then(stamp);
-    let mut last = applied;
+    // Nothing counts as applied yet: an edit made while the roles were
+    // compiling at start is applied at the first polls (unchanged roles
+    // are left alone).
+    let (mut applied, mut last) = (None, None);
     loop {
         tokio::time::sleep(every).await;
         if let Some(path) = &manifest_path {

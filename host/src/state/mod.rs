@@ -35,8 +35,9 @@ pub struct RoleInfo {
     pub namespace: Arc<Namespace>,
     /// Its limits.
     pub limits: RoleLimits,
-    /// The largest `max-value-bytes` this role has had in this process: a
-    /// reload that lowers the limit leaves larger values in the store.
+    /// The largest `max-value-bytes` this role has had in this process
+    /// (across reloads, and unloads and loads): lowering the limit leaves
+    /// larger values in the store.
     pub largest_value_bytes: usize,
     /// Granted shared namespaces by name.
     pub grants: BTreeMap<String, (Arc<Namespace>, Access)>,
