@@ -21,7 +21,6 @@ use rolehost::manifest::{Manifest, DEFAULT_GLOBAL_PREFIX};
 use rolehost::namespace::{validate_global_prefix, validate_identity, Namespace, Space};
 use rolehost::serve::{serve, ManifestSource, ServeOptions, ADMIN_TOKEN_ENV};
 use rolehost::{acl, checkpoint, Host, HostOptions, RoleSpec};
-use sha2::Digest as _;
 
 #[derive(Parser)]
 #[command(name = "rolehost", version, about = "Run WebAssembly roles with private, prefixed state")]
@@ -266,7 +265,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let prefix = prefix(&common, Some(&manifest))?;
             for spec in manifest.role_specs()? {
                 let digest = match std::fs::read(&spec.wasm) {
-                    Ok(bytes) => rolehost::acl::hex(&sha2::Sha256::digest(bytes)),
+                    Ok(bytes) => rolehost::acl::sha256_hex(&bytes),
                     Err(e) => format!("unreadable ({e})"),
                 };
                 let namespace = Namespace::new(&prefix, &spec.name, &spec.limits);

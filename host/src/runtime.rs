@@ -9,11 +9,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, PoolConcurrencyLimitError, Store, Trap};
 
-use crate::acl::hex;
+use crate::acl::sha256_hex;
 use crate::backend::{Backend, Metered, Write};
 use crate::bindings::{Role as RoleWorld, RolePre};
 use crate::cache::CompileCache;
@@ -351,7 +350,7 @@ impl Host {
         }
         let bytes =
             std::fs::read(&spec.wasm).with_context(|| format!("cannot read role component {}", spec.wasm.display()))?;
-        let sha256 = hex(&Sha256::digest(&bytes));
+        let sha256 = sha256_hex(&bytes);
         if let Some(pin) = &spec.sha256 {
             if !pin.eq_ignore_ascii_case(&sha256) {
                 bail!(
@@ -371,15 +370,9 @@ impl Host {
             anyhow::anyhow!("{} does not fit the rolehost:state/role world: {e:#}", spec.wasm.display())
         })?;
         let mut info = self.role_info(spec)?;
-        let (was, now) = (old.map(|old| &old.spec.limits), &spec.limits);
-        if let Some(old) = old.filter(|_| was.is_some_and(|was| was.max_ops_per_second == now.max_ops_per_second)) {
+        let limits = &spec.limits;
+        if let Some(old) = old.filter(|old| old.spec.limits.max_ops_per_second == limits.max_ops_per_second) {
             info.op_rate.clone_from(&old.info.op_rate);
-        }
-        {
-            let mut largest = self.largest_values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let largest = largest.entry(spec.name.clone()).or_default();
-            *largest = (*largest).max(spec.limits.max_value_bytes);
-            info.largest_value_bytes = *largest;
         }
         Ok(Role {
             info: Arc::new(info),
@@ -389,7 +382,7 @@ impl Host {
             from_cache,
             metered: Arc::new(Metered::new(backend.clone(), &spec.name, self.metrics.clone())),
             backend,
-            slots: match old.filter(|_| was.is_some_and(|was| was.max_concurrency == now.max_concurrency)) {
+            slots: match old.filter(|old| old.spec.limits.max_concurrency == limits.max_concurrency) {
                 Some(old) => old.slots.clone(),
                 None => Arc::new(tokio::sync::Semaphore::new(spec.limits.max_concurrency)),
             },
@@ -409,12 +402,21 @@ impl Host {
             name: spec.name.clone(),
             namespace: Arc::new(Namespace::new(&self.global_prefix, &spec.name, &spec.limits)),
             limits: spec.limits.clone(),
-            largest_value_bytes: spec.limits.max_value_bytes,
+            largest_value_bytes: self.largest_value_bytes(spec),
             grants,
             op_rate: spec.limits.max_ops_per_second.map(|n| Arc::new(Mutex::new(OpRate::new(n)))),
             env: granted_env(&spec.grants.env),
             dir: checked_dir(spec.grants.dir.as_deref())?,
         })
+    }
+
+    /// The largest `max-value-bytes` `spec`'s role has had in this process,
+    /// its own included.
+    fn largest_value_bytes(&self, spec: &RoleSpec) -> usize {
+        let mut largest = self.largest_values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let largest = largest.entry(spec.name.clone()).or_default();
+        *largest = (*largest).max(spec.limits.max_value_bytes);
+        *largest
     }
 
     /// Looks up a loaded role.

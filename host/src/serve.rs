@@ -439,8 +439,7 @@ fn load(host: &Host, source: &ManifestSource, spec: &RoleSpec) -> anyhow::Result
 
 /// The sha256 of a role's file as it is now, if it can be read.
 fn file_sha256(spec: &RoleSpec) -> Option<String> {
-    use sha2::Digest as _;
-    std::fs::read(&spec.wasm).ok().map(|bytes| crate::acl::hex(&sha2::Sha256::digest(bytes)))
+    std::fs::read(&spec.wasm).ok().map(|bytes| crate::acl::sha256_hex(&bytes))
 }
 
 /// Reloads a role on a blocking thread: compiling a big component takes

@@ -352,10 +352,10 @@ impl RedisBackend {
             let outcome = tokio::time::timeout_at(deadline, async {
                 let conn = self.connector.get(op.writes(), lane).await?;
                 let value = attempt(conn.clone()).await?;
-                Ok(match op.writes() && self.connector.wait_replicas > 0 {
-                    true => self.confirmed(conn, deadline, lane).await.map(|()| value),
-                    false => Ok(value),
-                })
+                if op.writes() && self.connector.wait_replicas > 0 {
+                    return Ok(self.confirmed(conn, deadline, lane).await.map(|()| value));
+                }
+                Ok(Ok(value))
             })
             .await;
             let error = match outcome {
