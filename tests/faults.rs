@@ -4,7 +4,8 @@
 //! it returns, calls succeed again by themselves, and a read waiting inside
 //! its deadline is retried until it succeeds. A write waiting for a replica
 //! that is gone (`wait-replicas`) holds up no read and keeps its
-//! connection, nor does a large
+//! connection, and says it is on the primary even when the `WAIT` itself
+//! goes unanswered; nor does a large
 //! batch in flight hold up single commands. A connection that
 //! stops answering, or whose login was refused, is replaced by itself. A
 //! lock Redis took for a call that gave up before the answer is released.
@@ -188,6 +189,38 @@ async fn a_write_waiting_for_a_lost_replica_holds_up_no_read_and_keeps_its_conne
     assert_eq!(b.get("n", None).await, Ok(Some(b"1".to_vec())), "an unconfirmed increment ran more than once");
     // + 3: redis-cli's own connections since.
     assert_eq!(connections_received(&primary), connections + 3, "an unconfirmed write dropped its connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_wait_goes_unanswered_says_it_is_on_the_primary() {
+    let Some(primary) = RedisServer::start() else { return };
+    let Some(mut replica) = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]) else {
+        return;
+    };
+    wait_until("the replica is in sync", Duration::from_secs(30), || {
+        primary.cli(&["info", "replication"]).contains("state=online")
+    });
+    let proxy = FreezingProxy::start(primary.port).await;
+    let mut options = RedisOptions::new(format!("redis://127.0.0.1:{}/0?wait-replicas=1", proxy.port));
+    options.op_timeout = Duration::from_secs(3);
+    let b: Arc<dyn Backend> = Arc::new(RedisBackend::new(&options).unwrap());
+    b.set("k", b"v", None).await.expect("the replica confirms the write");
+
+    // An idempotent write is done and its WAIT blocked; then no answer
+    // comes back at all, so the operation times out during the WAIT.
+    replica.kill();
+    let writer = b.clone();
+    let write = tokio::spawn(async move { writer.set("k2", b"v2", None).await });
+    wait_until("the write waits for the replica", Duration::from_secs(10), || blocked_clients(&primary) == 1);
+    proxy.mute_open_connections().await;
+    match write.await.unwrap() {
+        Err(StateError::Unavailable(message)) => {
+            assert!(message.contains("not confirmed") && message.contains("WAIT"), "{message}");
+            assert!(message.contains("it is on the primary"), "{message}");
+        }
+        other => panic!("a write whose WAIT timed out is `unavailable`, not {other:?}"),
+    }
+    assert_eq!(primary.cli(&["get", "k2"]).trim(), "v2", "the write is on the primary");
 }
 
 /// `INFO commandstats`' count of calls of `command`.

@@ -283,6 +283,39 @@ async fn a_reloaded_role_keeps_its_concurrency_budget() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lowered_concurrency_limit_counts_the_calls_still_running_on_the_old_version() {
+    let limits = RoleLimits { max_concurrency: 2, deadline_ms: 120_000, ..limits() };
+    let host = std::sync::Arc::new(host_with_limits(backend("memory").unwrap(), "t:", &[("probe", "kvprobe")], limits));
+    let hold = json!({"op":"lock_hold","name":"l","ttl_ms":60_000,"wait_ms":0,"sleep_ms":60_000});
+    let running = {
+        let host = host.clone();
+        tokio::spawn(async move { probe(&host, "probe", hold).await })
+    };
+    let start = std::time::Instant::now();
+    while !host.backend().exists("t:probe:lock:{l}").await.unwrap() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "the first call never started");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let incr = br#"{"op":"incr","key":"n","delta":1}"#;
+    let mut spec = rolehost_tests::spec("probe", "kvprobe");
+    spec.limits = RoleLimits { max_concurrency: 1, ..host.role("probe").unwrap().spec().limits.clone() };
+    host.reload_with(&spec).unwrap();
+    // One call runs on the old version: the new limit of one is used up.
+    let second = host.call("probe", incr).await;
+    assert!(matches!(second, Err(CallError::Busy { .. })), "{second:?}");
+    // Raised again, there is room for one more.
+    spec.limits.max_concurrency = 2;
+    host.reload_with(&spec).unwrap();
+    assert!(host.call("probe", incr).await.is_ok());
+    // Once the old call ends, its slot serves a new call under the limit of one.
+    spec.limits.max_concurrency = 1;
+    host.reload_with(&spec).unwrap();
+    running.abort();
+    let _ = running.await;
+    assert!(host.call("probe", incr).await.is_ok(), "the slot of the aborted call came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_role_reloaded_with_a_new_spec_takes_its_limits_and_grants_and_an_unloaded_one_is_gone() {
     let host = host_with_limits(backend("memory").unwrap(), "t:", &[("probe", "kvprobe")], limits());
     let set = |value: &str| json!({"op":"set","key":"k","value":value});

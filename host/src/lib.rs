@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod namespace;
 mod runtime;
 pub mod serve;
+mod slots;
 mod state;
 
 pub use error::{CallError, StateError, StateResult};

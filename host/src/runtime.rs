@@ -20,6 +20,7 @@ use crate::error::{CallError, StateError};
 use crate::limits::{Grants, RoleLimits, MAX_CONCURRENCY};
 use crate::metrics::{Metrics, RoleMetrics};
 use crate::namespace::{validate_global_prefix, validate_identity, Namespace};
+use crate::slots::Slots;
 use crate::state::log::CallLog;
 use crate::state::{CallCtx, CallLimiter, OpRate, RoleInfo};
 
@@ -67,8 +68,8 @@ pub struct Role {
     /// The backend as given (for reloads) and as the role uses it (metered).
     backend: Arc<dyn Backend>,
     metered: Arc<dyn Backend>,
-    /// Calls this role may run at once.
-    slots: Arc<tokio::sync::Semaphore>,
+    /// Calls this role may run at once, shared by its versions.
+    slots: Arc<Slots>,
     metrics: RoleMetrics,
     /// Instances kept between calls (`warm-instances`), most recent last.
     warm: Mutex<Vec<(Store<CallCtx>, RoleWorld)>>,
@@ -186,7 +187,8 @@ pub struct Host {
     options: HostOptions,
     /// Swapped whole on reload; a call keeps the `Arc<Role>` it started with.
     roles: RwLock<BTreeMap<String, Arc<Role>>>,
-    slots: Arc<tokio::sync::Semaphore>,
+    /// Calls of all roles running at once (`max_concurrency`).
+    slots: Slots,
     metrics: Arc<Metrics>,
     ticker_stop: Arc<AtomicBool>,
     flushes: Arc<Flushes>,
@@ -237,7 +239,7 @@ impl Host {
             global_prefix: global_prefix.to_owned(),
             options,
             roles: RwLock::new(BTreeMap::new()),
-            slots: Arc::new(tokio::sync::Semaphore::new(max_concurrency)),
+            slots: Slots::new(max_concurrency),
             metrics: Arc::new(Metrics::new()),
             ticker_stop,
             flushes: Arc::default(),
@@ -306,8 +308,9 @@ impl Host {
 
     /// Like [`Host::reload`], with a new spec for the role of the same
     /// name (a changed manifest entry): new limits and grants apply to new
-    /// calls. The concurrency and per-second budgets carry over unless
-    /// their limits changed.
+    /// calls. The concurrency budget carries over with its new limit (calls
+    /// still running on the old version count against it); the per-second
+    /// budget carries over unless its limit changed.
     pub fn reload_with(&self, spec: &RoleSpec) -> anyhow::Result<Arc<Role>> {
         self.swap(&spec.name, Some(spec))
     }
@@ -334,7 +337,8 @@ impl Host {
     }
 
     /// Checks, compiles and links one role; a new version of `old` shares
-    /// the budgets whose limits it keeps.
+    /// its concurrency budget, and its per-second budget if the limit is
+    /// the same.
     fn compile(&self, spec: &RoleSpec, backend: Arc<dyn Backend>, old: Option<&Role>) -> anyhow::Result<Role> {
         validate_identity(&spec.name).map_err(anyhow::Error::msg)?;
         spec.limits.validate().map_err(|e| anyhow::anyhow!("role `{}`: bad limit: {e}", spec.name))?;
@@ -382,9 +386,12 @@ impl Host {
             from_cache,
             metered: Arc::new(Metered::new(backend.clone(), &spec.name, self.metrics.clone())),
             backend,
-            slots: match old.filter(|old| old.spec.limits.max_concurrency == limits.max_concurrency) {
-                Some(old) => old.slots.clone(),
-                None => Arc::new(tokio::sync::Semaphore::new(spec.limits.max_concurrency)),
+            slots: match old {
+                Some(old) => {
+                    old.slots.set_limit(limits.max_concurrency);
+                    old.slots.clone()
+                }
+                None => Arc::new(Slots::new(limits.max_concurrency)),
             },
             metrics: self.metrics.role(&spec.name),
             warm: Mutex::new(Vec::new()),
@@ -429,8 +436,8 @@ impl Host {
     pub async fn call(&self, role: &str, request: &[u8]) -> Result<Vec<u8>, CallError> {
         let role = self.role(role).ok_or_else(|| CallError::UnknownRole(role.to_owned()))?;
         let busy = || CallError::Busy { role: role.info.name.clone() };
-        let _host_slot = self.slots.try_acquire().map_err(|_| busy())?;
-        let _role_slot = role.slots.try_acquire().map_err(|_| busy())?;
+        let _host_slot = self.slots.try_acquire().ok_or_else(busy)?;
+        let _role_slot = role.slots.try_acquire().ok_or_else(busy)?;
         let mut counted = Counted::start(&self.metrics, &role);
         let result = self.run(&role, request).await;
         counted.outcome = Some(result.as_ref().map(|_| ()).map_err(CallError::kind));

@@ -360,6 +360,11 @@ struct Changes {
     refused: BTreeMap<String, String>,
     /// Changed settings that only a restart applies.
     needs_restart: Vec<&'static str>,
+    /// The files of the refused roles as they were before the attempt,
+    /// which the watcher keeps an eye on: a file that appears or changes
+    /// may make its role acceptable.
+    #[serde(skip)]
+    refused_files: BTreeMap<PathBuf, Option<FileStamp>>,
 }
 
 async fn apply_manifest_off_runtime(app: &Arc<App>) -> anyhow::Result<Changes> {
@@ -409,6 +414,7 @@ fn apply_manifest(host: &Host, source: &ManifestSource) -> anyhow::Result<Change
         }
     }
     for spec in &specs {
+        let before = file_stamp(&spec.wasm);
         let outcome = match host.role(&spec.name) {
             Some(role) if role.spec() == spec && file_sha256(spec).as_deref() == Some(role.sha256()) => {
                 changes.unchanged.push(spec.name.clone());
@@ -422,6 +428,7 @@ fn apply_manifest(host: &Host, source: &ManifestSource) -> anyhow::Result<Change
             Err(e) => {
                 tracing::error!(role = %spec.name, "refused; an old version, if any, keeps serving: {e:#}");
                 changes.refused.insert(spec.name.clone(), format!("{e:#}"));
+                changes.refused_files.insert(spec.wasm.clone(), before);
             }
         }
     }
@@ -435,6 +442,14 @@ fn load(host: &Host, source: &ManifestSource, spec: &RoleSpec) -> anyhow::Result
         None => host.load(spec),
     }
     .map(drop)
+}
+
+/// A file's modification time and size, if it exists: what the watcher
+/// compares to notice a change.
+type FileStamp = (Option<SystemTime>, u64);
+
+fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
+    std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len()))
 }
 
 /// The sha256 of a role's file as it is now, if it can be read.
@@ -456,10 +471,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Reloads a role when its file's modification time changes, and the
 /// manifest's roles when the manifest's modification time or size does
 /// and then stays the same for one more poll (so a manifest being written
-/// is not read half-done).
+/// is not read half-done), or when the file of a role the manifest lists
+/// but that was refused appears or changes.
 async fn watch_files(app: Arc<App>, every: Duration) {
     let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let stamp = |path: &std::path::Path| std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len()));
     let mut seen: BTreeMap<String, Option<SystemTime>> =
         app.host.roles().iter().map(|r| (r.name().to_owned(), modified(&r.spec().wasm))).collect();
     let manifest_path = app.manifest.as_ref().map(|source| source.path.clone());
@@ -467,14 +482,23 @@ async fn watch_files(app: Arc<App>, every: Duration) {
     // compiling at start is applied at the first polls (unchanged roles
     // are left alone).
     let (mut applied, mut last) = (None, None);
+    let mut refused: BTreeMap<PathBuf, Option<FileStamp>> = BTreeMap::new();
     loop {
         tokio::time::sleep(every).await;
         if let Some(path) = &manifest_path {
-            let now = stamp(path);
-            if now.is_some() && now == last && now != applied {
-                applied = now;
-                if let Err(e) = apply_manifest_off_runtime(&app).await {
-                    tracing::error!("the manifest changed but was refused, nothing changed: {e:#}");
+            let now = file_stamp(path);
+            let edited = now.is_some() && now == last && now != applied;
+            if edited || refused.iter().any(|(file, before)| file_stamp(file) != *before) {
+                if edited {
+                    applied = now;
+                }
+                match apply_manifest_off_runtime(&app).await {
+                    Ok(changes) => refused = changes.refused_files,
+                    Err(e) => {
+                        tracing::error!("the manifest was refused, nothing changed: {e:#}");
+                        // Not again at every poll: at the next change.
+                        refused.iter_mut().for_each(|(file, before)| *before = file_stamp(file));
+                    }
                 }
                 // A role file the manifest reload read may have changed
                 // again since: the check below still compares with what

@@ -319,6 +319,35 @@ fn a_manifest_reload_loads_reloads_and_unloads_roles() {
 }
 
 #[test]
+fn the_watcher_loads_a_refused_role_once_its_file_appears() {
+    let dir = dir("watch-refused");
+    let (counter, probe) = (role_path("counter"), role_path("kvprobe"));
+    let late = dir.join("late.wasm");
+    let _ = std::fs::remove_file(&late);
+    let path = manifest(&dir, "memory", &[("app", &probe, "")]);
+    let server = Server::start(&path, &["--watch"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    // `late` is listed before its file exists: refused, while `other` loads.
+    manifest(&dir, "memory", &[("app", &probe, ""), ("late", &late, ""), ("other", &counter, "")]);
+    let start = Instant::now();
+    while server.post("/roles/other", "").0 != 200 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the watcher never applied the manifest");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.post("/roles/late", "").0, 404);
+    // The file appears, with the manifest untouched: the role loads.
+    std::fs::copy(&counter, dir.join("late.wasm.new")).unwrap();
+    std::fs::rename(dir.join("late.wasm.new"), &late).unwrap();
+    let start = Instant::now();
+    while server.post("/roles/late", "").0 != 200 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the watcher never loaded the role whose file appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.post("/roles/late", "").1, "2");
+    assert_eq!(server.post("/roles/other", "").1, "2", "the others were left alone");
+}
+
+#[test]
 fn a_manifest_reload_with_acl_users_runs_a_new_role_as_its_own_user() {
     let Some(_) = shared_redis() else { return };
     // An own server: the test changes its users.

@@ -14,6 +14,7 @@ mod retry;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -349,16 +350,24 @@ impl RedisBackend {
         };
         let mut before = None;
         for tries in 0.. {
+            // Set once the write is done and only the replicas' answer awaited.
+            let waiting_for_replicas = AtomicBool::new(false);
             let outcome = tokio::time::timeout_at(deadline, async {
                 let conn = self.connector.get(op.writes(), lane).await?;
                 let value = attempt(conn.clone()).await?;
                 if op.writes() && self.connector.wait_replicas > 0 {
+                    waiting_for_replicas.store(true, Ordering::Relaxed);
                     return Ok(self.confirmed(conn, deadline, lane).await.map(|()| value));
                 }
                 Ok(Ok(value))
             })
             .await;
             let error = match outcome {
+                Err(_) if waiting_for_replicas.load(Ordering::Relaxed) => {
+                    self.connector.timed_out(op.writes(), lane);
+                    let millis = self.op_timeout.as_millis();
+                    return Err(unconfirmed(format!("Redis did not answer WAIT within {millis} ms")));
+                }
                 Err(_) => {
                     self.connector.timed_out(op.writes(), lane);
                     return Err(maybe_written(late(before), false));
@@ -393,15 +402,12 @@ impl RedisBackend {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         // At least 1: `WAIT n 0` would block for ever.
         let millis = (left.as_millis() as u64 * 3 / 4).max(1);
-        let unconfirmed = |why: String| {
-            Err(StateError::Unavailable(format!("write not confirmed: {why}; it is on the primary but may not last")))
-        };
         match redis::cmd("WAIT").arg(wanted).arg(millis).query_async::<u32>(&mut conn).await {
             Ok(reached) if reached >= wanted => Ok(()),
-            Ok(reached) => unconfirmed(format!("{reached} of {wanted} replicas have it")),
+            Ok(reached) => Err(unconfirmed(format!("{reached} of {wanted} replicas have it"))),
             Err(error) => {
                 self.connector.failed(&error, true, lane);
-                unconfirmed(format!("waiting for replicas failed ({})", map_error(error)))
+                Err(unconfirmed(format!("waiting for replicas failed ({})", map_error(error))))
             }
         }
     }
@@ -1103,6 +1109,11 @@ impl Backend for RedisBackend {
         }
         Ok(deleted)
     }
+}
+
+/// A write that is on the primary but that too few replicas confirmed.
+fn unconfirmed(why: String) -> StateError {
+    StateError::Unavailable(format!("write not confirmed: {why}; it is on the primary but may not last"))
 }
 
 #[cfg(test)]
