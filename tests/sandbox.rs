@@ -256,23 +256,31 @@ async fn idle_warm_instances_give_their_pool_slots_to_other_roles() {
     assert_eq!(probe(&host, "warm", json!({"op":"incr","key":"n","delta":1})).await, Ok(json!(1)));
 }
 
+/// Starts a call of `probe` that holds a lock for a minute (abort it to
+/// end it) and returns once it runs.
+async fn hold_a_call(
+    host: &std::sync::Arc<rolehost::Host>,
+) -> tokio::task::JoinHandle<Result<serde_json::Value, String>> {
+    let running = {
+        let host = host.clone();
+        let hold = json!({"op":"lock_hold","name":"l","ttl_ms":60_000,"wait_ms":0,"sleep_ms":60_000});
+        tokio::spawn(async move { probe(&host, "probe", hold).await })
+    };
+    let start = std::time::Instant::now();
+    while !host.backend().exists("t:probe:lock:{l}").await.unwrap() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "the first call never started");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    running
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reloaded_role_keeps_its_concurrency_budget() {
     // The first call holds the role's one slot for a minute (the test
     // aborts it); reloading, which compiles, must not outlast it.
     let limits = RoleLimits { max_concurrency: 1, deadline_ms: 120_000, ..limits() };
     let host = std::sync::Arc::new(host_with_limits(backend("memory").unwrap(), "t:", &[("probe", "kvprobe")], limits));
-    let hold = json!({"op":"lock_hold","name":"l","ttl_ms":60_000,"wait_ms":0,"sleep_ms":60_000});
-    let running = {
-        let host = host.clone();
-        tokio::spawn(async move { probe(&host, "probe", hold).await })
-    };
-    let lock_key = "t:probe:lock:{l}";
-    let start = std::time::Instant::now();
-    while !host.backend().exists(lock_key).await.unwrap() {
-        assert!(start.elapsed() < std::time::Duration::from_secs(60), "the first call never started");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let running = hold_a_call(&host).await;
     // The new version is bound by the same budget as the old one, whose
     // call still runs.
     host.reload("probe").unwrap();
@@ -286,16 +294,7 @@ async fn a_reloaded_role_keeps_its_concurrency_budget() {
 async fn a_lowered_concurrency_limit_counts_the_calls_still_running_on_the_old_version() {
     let limits = RoleLimits { max_concurrency: 2, deadline_ms: 120_000, ..limits() };
     let host = std::sync::Arc::new(host_with_limits(backend("memory").unwrap(), "t:", &[("probe", "kvprobe")], limits));
-    let hold = json!({"op":"lock_hold","name":"l","ttl_ms":60_000,"wait_ms":0,"sleep_ms":60_000});
-    let running = {
-        let host = host.clone();
-        tokio::spawn(async move { probe(&host, "probe", hold).await })
-    };
-    let start = std::time::Instant::now();
-    while !host.backend().exists("t:probe:lock:{l}").await.unwrap() {
-        assert!(start.elapsed() < std::time::Duration::from_secs(60), "the first call never started");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let running = hold_a_call(&host).await;
     let incr = br#"{"op":"incr","key":"n","delta":1}"#;
     let mut spec = rolehost_tests::spec("probe", "kvprobe");
     spec.limits = RoleLimits { max_concurrency: 1, ..host.role("probe").unwrap().spec().limits.clone() };
@@ -333,16 +332,7 @@ async fn a_role_reloaded_with_a_new_spec_takes_its_limits_and_grants_and_an_unlo
     assert_eq!(probe(&host, "probe", shared).await, Ok(json!(null)));
     // So does the new concurrency limit: one call at a time.
     let host = std::sync::Arc::new(host);
-    let running = {
-        let host = host.clone();
-        let hold = json!({"op":"lock_hold","name":"l","ttl_ms":60_000,"wait_ms":0,"sleep_ms":60_000});
-        tokio::spawn(async move { probe(&host, "probe", hold).await })
-    };
-    let start = std::time::Instant::now();
-    while !host.backend().exists("t:probe:lock:{l}").await.unwrap() {
-        assert!(start.elapsed() < std::time::Duration::from_secs(60), "the first call never started");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let running = hold_a_call(&host).await;
     let second = host.call("probe", b"{}").await;
     assert!(matches!(second, Err(CallError::Busy { .. })), "{second:?}");
     running.abort();

@@ -365,8 +365,7 @@ impl RedisBackend {
             let error = match outcome {
                 Err(_) if waiting_for_replicas.load(Ordering::Relaxed) => {
                     self.connector.timed_out(op.writes(), lane);
-                    let millis = self.op_timeout.as_millis();
-                    return Err(unconfirmed(format!("Redis did not answer WAIT within {millis} ms")));
+                    return Err(self.wait_unanswered());
                 }
                 Err(_) => {
                     self.connector.timed_out(op.writes(), lane);
@@ -407,9 +406,18 @@ impl RedisBackend {
             Ok(reached) => Err(unconfirmed(format!("{reached} of {wanted} replicas have it"))),
             Err(error) => {
                 self.connector.failed(&error, true, lane);
-                Err(unconfirmed(format!("waiting for replicas failed ({})", map_error(error))))
+                // redis-rs's own timer may end it before the deadline does.
+                Err(if error.is_timeout() {
+                    self.wait_unanswered()
+                } else {
+                    unconfirmed(format!("waiting for replicas failed ({})", map_error(error)))
+                })
             }
         }
+    }
+
+    fn wait_unanswered(&self) -> StateError {
+        unconfirmed(format!("Redis did not answer WAIT within {} ms", self.op_timeout.as_millis()))
     }
 
     /// The primaries to scan: every Cluster primary, or the one server.
