@@ -97,6 +97,13 @@ fn node_id(cluster: &RedisCluster, port: u16) -> String {
     line.split(' ').next().unwrap().to_owned()
 }
 
+/// The ids of the clients connected to `node` (redis-cli's own left out).
+fn client_ids(node: &RedisServer) -> BTreeSet<String> {
+    let list = node.cli(&["client", "list"]);
+    let clients = list.lines().filter(|line| !line.contains("cmd=client"));
+    clients.filter_map(|line| line.split(' ').next()?.strip_prefix("id=").map(str::to_owned)).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
     // A cluster of its own: moving a slot must not disturb other tests.
@@ -149,6 +156,20 @@ async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
     assert_eq!(probe(&host, "alice", put("c", "C")).await, Ok(json!(null)));
     let count = |node: &RedisServer| node.cli(&["cluster", "countkeysinslot", &slot]).trim().to_owned();
     assert_eq!((count(from), count(to)), ("1".into(), "3".into()), "a new key is written where the slot is going");
+    // Listing visits the new primary too (it holds keys now), without
+    // making redis-rs reconnect to the whole cluster: every connection the
+    // other primaries had stays.
+    let others: Vec<&RedisServer> = cluster.nodes.iter().filter(|n| n.port != to.port).collect();
+    let before: Vec<BTreeSet<String>> = others.iter().map(|n| client_ids(n)).collect();
+    let list = json!({"op":"list","pattern":"*","cursor":null,"limit":100});
+    let page = probe(&host, "alice", list).await.unwrap();
+    let listed: BTreeSet<&str> = page["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    assert_eq!(listed, ["a{t}", "b{t}", "c{t}", "n{t}"].into(), "{page}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (node, before) in others.iter().zip(before) {
+        let after = client_ids(node);
+        assert!(before.is_subset(&after), "port {}: connections {before:?} were dropped: {after:?}", node.port);
+    }
     // So does a transaction whose keys have all moved.
     let moved_only = json!({"op":"set_many","entries":{"a{t}":"A2","c{t}":"C2"}});
     assert_eq!(probe(&host, "alice", moved_only).await, Ok(json!(null)), "a transaction of moved keys");

@@ -20,12 +20,13 @@ use super::connection::lock;
 /// the other kinds.
 pub(super) type Shard = Option<(String, u16)>;
 
-/// Connections of rolehost's own to the nodes `ASK` redirects name (a
-/// slot's importing primary). Not redis-rs's: a node given its first slots
-/// is in no slot map of redis-rs until one has moved, and asking redis-rs
-/// for a node it lacks makes it reconnect to the whole cluster. Few (one
-/// per such node), made on first need and dropped after a failure.
-pub(super) struct AskTargets {
+/// Connections of rolehost's own to single nodes: those `ASK` redirects
+/// name (a slot's importing primary) and the primaries a scan or health
+/// check visits. Not redis-rs's: a node given its first slots is in no
+/// slot map of redis-rs until one has moved, and asking redis-rs for a
+/// node it lacks fails or makes it reconnect to the whole cluster. One per
+/// node, made on first need and dropped after a failure.
+pub(super) struct NodeConns {
     /// How to reach a node of the cluster (TLS, login); the address is
     /// replaced.
     template: ConnectionInfo,
@@ -34,11 +35,11 @@ pub(super) struct AskTargets {
     conns: Mutex<HashMap<(String, u16), MultiplexedConnection>>,
 }
 
-/// More targets than this at once (never seen) and all their connections
-/// are dropped, to be made again when needed.
-const MAX_ASK_TARGETS: usize = 16;
+/// More nodes than this at once (more than a Cluster should have) and all
+/// their connections are dropped, to be made again when needed.
+const MAX_NODE_CONNS: usize = 1000;
 
-impl AskTargets {
+impl NodeConns {
     pub(super) fn new(
         template: ConnectionInfo,
         certificates: Option<TlsCertificates>,
@@ -74,7 +75,7 @@ impl AskTargets {
                 };
                 let conn = client.get_multiplexed_async_connection_with_config(&self.config).await?;
                 let mut conns = lock(&self.conns);
-                if conns.len() >= MAX_ASK_TARGETS {
+                if conns.len() >= MAX_NODE_CONNS {
                     conns.clear();
                 }
                 conns.insert(at.clone(), conn.clone());
@@ -90,7 +91,7 @@ impl AskTargets {
         replies
     }
 
-    /// Sends `cmd` to every target connected; errors are ignored.
+    /// Sends `cmd` to every node connected; errors are ignored.
     async fn broadcast(&self, cmd: &Cmd) {
         let conns: Vec<MultiplexedConnection> = lock(&self.conns).values().cloned().collect();
         for mut conn in conns {
@@ -103,7 +104,7 @@ impl AskTargets {
 #[derive(Clone)]
 pub(super) struct ClusterConn {
     pub(super) conn: ClusterConnection,
-    pub(super) ask_targets: Arc<AskTargets>,
+    pub(super) nodes: Arc<NodeConns>,
 }
 
 impl ClusterConn {
@@ -116,10 +117,13 @@ impl ClusterConn {
         Ok(primaries(&nodes))
     }
 
-    /// Runs `cmd` on the primary at `host:port`.
+    /// Runs `cmd` on the primary at `host:port`, on a connection of
+    /// rolehost's own (the primary may be new to redis-rs).
     pub(super) async fn on(&mut self, host: &str, port: u16, cmd: &Cmd) -> RedisResult<Value> {
-        let at = SingleNodeRoutingInfo::ByAddress { host: host.to_owned(), port };
-        self.conn.route_command(cmd.clone(), RoutingInfo::SingleNode(at)).await
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd.clone());
+        let reply = self.nodes.send(host, port, &pipe, 0, 1).await?.pop();
+        reply.ok_or_else(|| RedisError::from((ErrorKind::Client, "no reply"))).and_then(Value::extract_error)
     }
 
     /// Follows an ASK redirect: `cmd`'s slot is moving to another primary,
@@ -205,7 +209,7 @@ impl ClusterConn {
         for cmd in commands {
             pipe.add_command(cmd);
         }
-        Some(self.ask_targets.send(host, port, &pipe, offset + 1, count).await)
+        Some(self.nodes.send(host, port, &pipe, offset + 1, count).await)
     }
 }
 
@@ -220,7 +224,7 @@ impl ConnectionLike for ClusterConn {
                 // a NOSCRIPT; a node an EVALSHA was sent to after ASK (maybe
                 // new) needs it too.
                 Ok(hash) if is_script_load(cmd) => {
-                    self.ask_targets.broadcast(cmd).await;
+                    self.nodes.broadcast(cmd).await;
                     Ok(hash)
                 }
                 other => other,
@@ -249,17 +253,22 @@ impl ConnectionLike for ClusterConn {
     }
 }
 
-/// The primaries owning slots in a `CLUSTER NODES` answer, sorted. Lines
-/// are `id address flags primary ping pong epoch link slot…`; a primary
-/// with slots holds keys whether reachable or not (an unreachable one makes
-/// a scan fail rather than skip its keys).
+/// The primaries that may hold keys, from a `CLUSTER NODES` answer,
+/// sorted. Lines are `id address flags primary ping pong epoch link
+/// slot…`. A primary with slots holds keys whether reachable or not (an
+/// unreachable one makes a scan fail rather than skip its keys). One
+/// without slots may too: while a slot moves to a primary that had none,
+/// only that primary lists it (as importing), yet the keys moved so far
+/// are there. So those count as well, unless marked failing.
 fn primaries(nodes: &str) -> Vec<Shard> {
     let mut primaries: Vec<Shard> = nodes
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let (address, flags) = (fields.get(1)?, fields.get(2)?);
-            if !flags.split(',').any(|f| f == "master") || fields.len() <= 8 {
+            let flag = |name: &str| flags.split(',').any(|f| f == name);
+            let has_slots = fields.len() > 8;
+            if !flag("master") || (!has_slots && ["fail", "fail?", "noaddr", "handshake"].into_iter().any(flag)) {
                 return None;
             }
             let address = address.split(['@', ',']).next()?;
@@ -315,15 +324,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn primaries_are_the_masters_owning_slots() {
+    fn primaries_are_the_masters_with_slots_and_the_healthy_ones_without() {
         let nodes = "\
 a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
 b2 127.0.0.1:7002@17002,host2 master,fail? - 0 0 2 connected 5461-10922
 c3 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected
 d4 127.0.0.1:7004@17004 slave a1 0 0 1 connected
 e5 127.0.0.1:7000@17000 master - 0 0 4 connected 10923-16383
+f6 127.0.0.1:7005@17005 master - 0 0 5 connected
+g7 127.0.0.1:7006@17006 master,fail? - 0 0 6 connected
 ";
-        let expected: Vec<Shard> = [7000, 7001, 7002].map(|port| Some(("127.0.0.1".to_owned(), port))).into();
+        let expected: Vec<Shard> = [7000, 7001, 7002, 7005].map(|port| Some(("127.0.0.1".to_owned(), port))).into();
         assert_eq!(primaries(nodes), expected);
     }
 

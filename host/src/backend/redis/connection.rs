@@ -21,7 +21,7 @@ use redis::{
     RedisError, RedisFuture, RedisResult, ServerErrorKind, TlsCertificates, TlsMode, Value,
 };
 
-use super::cluster::{AskTargets, ClusterConn, Shard};
+use super::cluster::{ClusterConn, NodeConns, Shard};
 use super::coalesce::Coalescing;
 use super::RedisOptions;
 
@@ -250,7 +250,7 @@ enum Kind {
         conn: Mutex<Option<Coalescing<MultiplexedConnection>>>,
     },
     /// Made on first use; it then follows slot moves and node failures itself.
-    Cluster { client: ClusterClient, conn: tokio::sync::Mutex<Option<ClusterConn>>, ask_targets: Arc<AskTargets> },
+    Cluster { client: ClusterClient, conn: tokio::sync::Mutex<Option<ClusterConn>>, nodes: Arc<NodeConns> },
 }
 
 /// Where a direct connection goes.
@@ -297,11 +297,11 @@ impl Kind {
                     builder = builder.certs(certificates.clone());
                 }
                 let template = with_login(&nodes[0], options);
-                let ask_targets = AskTargets::new(template, certificates.cloned(), Kind::config(options));
+                let node_conns = NodeConns::new(template, certificates.cloned(), Kind::config(options));
                 Kind::Cluster {
                     client: builder.build().map_err(invalid)?,
                     conn: tokio::sync::Mutex::new(None),
-                    ask_targets: Arc::new(ask_targets),
+                    nodes: Arc::new(node_conns),
                 }
             }
             Endpoint::Sentinel { sentinels, master, db, username } => {
@@ -347,13 +347,12 @@ impl Kind {
     /// A connection, made now if there is none.
     async fn get(&self) -> RedisResult<Conn> {
         match self {
-            Kind::Cluster { client, conn, ask_targets } => {
+            Kind::Cluster { client, conn, nodes } => {
                 let mut slot = conn.lock().await;
                 if let Some(conn) = slot.as_ref() {
                     return Ok(Conn::Cluster(conn.clone()));
                 }
-                let fresh =
-                    ClusterConn { conn: client.get_async_connection().await?, ask_targets: ask_targets.clone() };
+                let fresh = ClusterConn { conn: client.get_async_connection().await?, nodes: nodes.clone() };
                 *slot = Some(fresh.clone());
                 Ok(Conn::Cluster(fresh))
             }
