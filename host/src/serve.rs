@@ -468,15 +468,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Reloads a role when its file's modification time changes, and the
-/// manifest's roles when the manifest's modification time or size does
+/// Reloads a role when its file's modification time or size changes, and
+/// the manifest's roles when the manifest's does
 /// and then stays the same for one more poll (so a manifest being written
 /// is not read half-done), or when the file of a role the manifest lists
 /// but that was refused appears or changes.
 async fn watch_files(app: Arc<App>, every: Duration) {
-    let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let mut seen: BTreeMap<String, Option<SystemTime>> =
-        app.host.roles().iter().map(|r| (r.name().to_owned(), modified(&r.spec().wasm))).collect();
+    let mut seen: BTreeMap<String, Option<FileStamp>> =
+        app.host.roles().iter().map(|r| (r.name().to_owned(), file_stamp(&r.spec().wasm))).collect();
     let manifest_path = app.manifest.as_ref().map(|source| source.path.clone());
     // Nothing counts as applied yet: an edit made while the roles were
     // compiling at start is applied at the first polls (unchanged roles
@@ -507,7 +506,7 @@ async fn watch_files(app: Arc<App>, every: Duration) {
             last = now;
         }
         for role in app.host.roles() {
-            let now = modified(&role.spec().wasm);
+            let now = file_stamp(&role.spec().wasm);
             let before = seen.insert(role.name().to_owned(), now);
             if before.is_some_and(|before| before != now) {
                 match reload_off_runtime(&app, role.name()).await {
