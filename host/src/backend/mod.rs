@@ -61,7 +61,8 @@ pub struct Health {
     /// Server facts: for Redis `redis_version`, `used_memory` (and
     /// `_human`, `_peak`), `connected_clients`, `keyspace_hits`,
     /// `keyspace_misses`, `expired_keys`, `evicted_keys`, `maxmemory` (summed
-    /// over a Cluster's primaries), `rdb_last_save_time`, `maxmemory_policy`,
+    /// over a Cluster's primaries), `rdb_last_save_time` (the oldest
+    /// primary's), `maxmemory_policy`,
     /// `topology`, `primaries`, and `warning` when keys may be evicted.
     pub details: BTreeMap<String, String>,
 }

@@ -575,10 +575,12 @@ async fn eval_read_only(
 }
 
 /// Server facts from the `INFO` answers of every primary: counters summed
-/// over them, the rest as the first says; and a `warning` when a primary
-/// may evict keys (locks and fencing counters among them) when full.
+/// over them (`used_memory_peak` thus adds up peaks of different moments,
+/// an upper bound), the last save as the oldest primary's, the rest as the
+/// first says; and a `warning` when a primary may evict keys (locks and
+/// fencing counters among them) when full.
 fn health_details(infos: &[String]) -> BTreeMap<String, String> {
-    const FIRST: &[&str] = &["redis_version", "rdb_last_save_time", "maxmemory_policy"];
+    const FIRST: &[&str] = &["redis_version", "maxmemory_policy"];
     const SUMMED: &[&str] = &[
         "used_memory",
         "used_memory_peak",
@@ -606,6 +608,11 @@ fn health_details(infos: &[String]) -> BTreeMap<String, String> {
         if !values.is_empty() {
             details.insert((*name).to_owned(), values.iter().sum::<u64>().to_string());
         }
+    }
+    // The primary saved longest ago is the one with the most to lose.
+    let saves = all.iter().filter_map(|f| f.get("rdb_last_save_time")?.parse::<u64>().ok());
+    if let Some(oldest) = saves.min() {
+        details.insert("rdb_last_save_time".into(), oldest.to_string());
     }
     if let Some(used) = details.get("used_memory").and_then(|u| u.parse::<u64>().ok()) {
         details.insert("used_memory_human".into(), human_bytes(used));
@@ -1134,7 +1141,8 @@ mod tests {
             format!(
                 "# Server\r\nredis_version:7.0.15\r\n# Clients\r\nconnected_clients:{clients}\r\n\
                  # Memory\r\nused_memory:{memory}\r\nmaxmemory:{max}\r\nmaxmemory_policy:{policy}\r\n\
-                 # Stats\r\nevicted_keys:0\r\nkeyspace_hits:5\r\n"
+                 # Persistence\r\nrdb_last_save_time:{}\r\n# Stats\r\nevicted_keys:0\r\nkeyspace_hits:5\r\n",
+                1_700_000_000 + memory
             )
         };
         let safe = health_details(&[info(2, 1 << 20, "noeviction", "0"), info(3, 1 << 20, "noeviction", "0")]);
@@ -1145,6 +1153,8 @@ mod tests {
         assert_eq!(safe["redis_version"], "7.0.15");
         assert_eq!(safe["maxmemory"], "0", "one without a limit: unlimited");
         assert!(!safe.contains_key("warning"));
+        let saved = health_details(&[info(1, 300, "noeviction", "0"), info(1, 20, "noeviction", "0")]);
+        assert_eq!(saved["rdb_last_save_time"], "1700000020", "the primary saved longest ago");
         // An eviction policy matters only with a memory limit.
         let unlimited = health_details(&[info(1, 10, "allkeys-lru", "0")]);
         assert!(!unlimited.contains_key("warning"));
