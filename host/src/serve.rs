@@ -84,8 +84,10 @@ struct App {
     host: Host,
     admin_token: Option<String>,
     manifest: Option<ManifestSource>,
-    /// Held by a manifest reload (the admin route's or the watcher's).
-    applying: std::sync::Mutex<()>,
+    /// Held by a manifest reload (the admin route's or the watcher's);
+    /// holds the files of the roles the last one refused, as they were
+    /// before it tried them, for the watcher to try again when one changes.
+    applying: std::sync::Mutex<BTreeMap<PathBuf, Option<FileStamp>>>,
     next_request: AtomicU64,
     max_body_bytes: usize,
     read_timeout: Duration,
@@ -98,7 +100,7 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
         host,
         admin_token: options.admin_token.clone(),
         manifest: options.manifest.clone(),
-        applying: std::sync::Mutex::new(()),
+        applying: std::sync::Mutex::new(BTreeMap::new()),
         next_request: AtomicU64::new(1),
         max_body_bytes: options.max_body_bytes,
         read_timeout: options.read_timeout,
@@ -370,11 +372,17 @@ struct Changes {
 async fn apply_manifest_off_runtime(app: &Arc<App>) -> anyhow::Result<Changes> {
     let app = app.clone();
     let changes = tokio::task::spawn_blocking(move || {
-        let _one_at_a_time = app.applying.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match &app.manifest {
+        let mut refused = app.applying.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let result = match &app.manifest {
             Some(source) => apply_manifest(&app.host, source),
             None => Ok(Changes::default()),
+        };
+        match &result {
+            Ok(changes) => refused.clone_from(&changes.refused_files),
+            // Tried again at the files' next change, not at every poll.
+            Err(_) => refused.iter_mut().for_each(|(file, before)| *before = file_stamp(file)),
         }
+        result
     })
     .await??;
     tracing::info!(?changes, "manifest reloaded");
@@ -469,39 +477,39 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Reloads a role when its file's modification time or size changes, and
-/// the manifest's roles when the manifest's does
-/// and then stays the same for one more poll (so a manifest being written
-/// is not read half-done), or when the file of a role the manifest lists
-/// but that was refused appears or changes.
+/// the manifest's roles when the manifest's does or when the file of a
+/// role the manifest lists but that was refused appears or changes, once
+/// the manifest has stayed the same for one more poll (so a manifest being
+/// written is not read half-done).
 async fn watch_files(app: Arc<App>, every: Duration) {
-    let mut seen: BTreeMap<String, Option<FileStamp>> =
-        app.host.roles().iter().map(|r| (r.name().to_owned(), file_stamp(&r.spec().wasm))).collect();
+    let role_stamps = || -> BTreeMap<String, Option<FileStamp>> {
+        app.host.roles().iter().map(|r| (r.name().to_owned(), file_stamp(&r.spec().wasm))).collect()
+    };
+    let mut seen = role_stamps();
     let manifest_path = app.manifest.as_ref().map(|source| source.path.clone());
     // Nothing counts as applied yet: an edit made while the roles were
     // compiling at start is applied at the first polls (unchanged roles
     // are left alone).
     let (mut applied, mut last) = (None, None);
-    let mut refused: BTreeMap<PathBuf, Option<FileStamp>> = BTreeMap::new();
     loop {
         tokio::time::sleep(every).await;
         if let Some(path) = &manifest_path {
             let now = file_stamp(path);
-            let edited = now.is_some() && now == last && now != applied;
-            if edited || refused.iter().any(|(file, before)| file_stamp(file) != *before) {
-                if edited {
-                    applied = now;
+            let steady = now.is_some() && now == last;
+            // Busy: a reload is under way, and this poll's check waits.
+            let refused_changed = app
+                .applying
+                .try_lock()
+                .is_ok_and(|refused| refused.iter().any(|(file, before)| file_stamp(file) != *before));
+            if steady && (now != applied || refused_changed) {
+                applied = now;
+                // Files changed during the reload are still seen as
+                // changed at the check below; those it reloaded are not.
+                let before = role_stamps();
+                if let Err(e) = apply_manifest_off_runtime(&app).await {
+                    tracing::error!("the manifest was refused, nothing changed: {e:#}");
                 }
-                match apply_manifest_off_runtime(&app).await {
-                    Ok(changes) => refused = changes.refused_files,
-                    Err(e) => {
-                        tracing::error!("the manifest was refused, nothing changed: {e:#}");
-                        // Not again at every poll: at the next change.
-                        refused.iter_mut().for_each(|(file, before)| *before = file_stamp(file));
-                    }
-                }
-                // A role file the manifest reload read may have changed
-                // again since: the check below still compares with what
-                // it saw before, at worst reloading a role once more.
+                seen.extend(before);
             }
             last = now;
         }

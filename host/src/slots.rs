@@ -19,7 +19,7 @@ pub(crate) struct Slots {
 /// One running call's slot, given back (or retired) when dropped.
 pub(crate) struct Slot<'a> {
     permit: Option<SemaphorePermit<'a>>,
-    owed: &'a AtomicUsize,
+    slots: &'a Slots,
 }
 
 impl Slots {
@@ -30,7 +30,7 @@ impl Slots {
     /// A slot if one is free.
     pub(crate) fn try_acquire(&self) -> Option<Slot<'_>> {
         let permit = self.free.try_acquire().ok()?;
-        Some(Slot { permit: Some(permit), owed: &self.owed })
+        Some(Slot { permit: Some(permit), slots: self })
     }
 
     /// Sets a new limit; calls running keep their slots.
@@ -41,25 +41,50 @@ impl Slots {
             let mut grow = new - *limit;
             let _ = self.owed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| {
                 let cancelled = owed.min(grow);
-                grow -= cancelled;
+                grow = new - *limit - cancelled;
                 Some(owed - cancelled)
             });
             self.free.add_permits(grow);
         } else {
-            let shrink = *limit - new;
-            let retired = self.free.forget_permits(shrink);
-            self.owed.fetch_add(shrink - retired, Ordering::SeqCst);
+            // Owed first, so that a call ending from now on retires its
+            // slot; then retire the free ones, which are owed too.
+            self.owed.fetch_add(*limit - new, Ordering::SeqCst);
+            self.retire_free();
         }
         *limit = new;
+    }
+
+    /// Retires free slots while any are owed.
+    fn retire_free(&self) {
+        loop {
+            let owed = self.owed.load(Ordering::SeqCst);
+            let retired = if owed == 0 { 0 } else { self.free.forget_permits(owed) };
+            if retired == 0 {
+                return;
+            }
+            // Calls that ended meanwhile may have paid some of it already:
+            // what was retired beyond what is still owed goes back.
+            let mut surplus = 0;
+            let _ = self.owed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| {
+                surplus = retired.saturating_sub(owed);
+                Some(owed - (retired - surplus))
+            });
+            self.free.add_permits(surplus);
+        }
     }
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        let retire = self.owed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| owed.checked_sub(1)).is_ok();
-        if let Some(permit) = self.permit.take() {
-            if retire {
-                permit.forget();
+        let Some(permit) = self.permit.take() else { return };
+        let owed = &self.slots.owed;
+        if owed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| owed.checked_sub(1)).is_ok() {
+            permit.forget();
+        } else {
+            drop(permit);
+            // A lower limit set since the check above owes this one too.
+            if owed.load(Ordering::SeqCst) > 0 {
+                self.slots.retire_free();
             }
         }
     }
@@ -98,5 +123,29 @@ mod tests {
         drop(more);
         let all: Vec<_> = std::iter::from_fn(|| slots.try_acquire()).take(10).collect();
         assert_eq!(all.len(), 5);
+    }
+
+    #[test]
+    fn limits_changing_while_calls_come_and_go_leave_exactly_the_last_limit() {
+        let slots = Slots::new(4);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let held: Vec<_> = std::iter::from_fn(|| slots.try_acquire()).take(3).collect();
+                        std::thread::yield_now();
+                        drop(held);
+                    }
+                });
+            }
+            for round in 0..20_000 {
+                slots.set_limit([4, 1, 7, 0, 3][round % 5]);
+            }
+            slots.set_limit(5);
+            stop.store(true, Ordering::Relaxed);
+        });
+        let all: Vec<_> = std::iter::from_fn(|| slots.try_acquire()).take(100).collect();
+        assert_eq!(all.len(), 5, "no slot lost or made up");
     }
 }

@@ -20,9 +20,9 @@ use super::connection::lock;
 /// the other kinds.
 pub(super) type Shard = Option<(String, u16)>;
 
-/// Connections of rolehost's own to single nodes: those `ASK` redirects
-/// name (a slot's importing primary) and the primaries a scan or health
-/// check visits. Not redis-rs's: a node given its first slots is in no
+/// Connections of rolehost's own to single nodes of a Cluster: one set
+/// to those `ASK` redirects name (a slot's importing primary), another to
+/// the primaries a scan or health check visits. Not redis-rs's: a node given its first slots is in no
 /// slot map of redis-rs until one has moved, and asking redis-rs for a
 /// node it lacks fails or makes it reconnect to the whole cluster. One per
 /// node, made on first need and dropped after a failure.
@@ -82,12 +82,14 @@ impl NodeConns {
                 conn
             }
         };
+        // Dropped for a failed connection, or one given up on before it
+        // answered (the operation's deadline passed).
+        let mut drop_conn = DropConnUnlessAnswered { conns: &self.conns, at: &at, answered: false };
         let replies = conn.req_packed_commands(pipe, offset, count).await;
-        if let Err(error) = &replies {
-            if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
-                lock(&self.conns).remove(&at);
-            }
-        }
+        drop_conn.answered = match &replies {
+            Err(error) => !(error.is_io_error() || error.is_connection_dropped() || error.is_timeout()),
+            Ok(_) => true,
+        };
         replies
     }
 
@@ -100,11 +102,28 @@ impl NodeConns {
     }
 }
 
-/// A connection to a Cluster: redis-rs's, plus what follows `ASK`.
+struct DropConnUnlessAnswered<'a> {
+    conns: &'a Mutex<HashMap<(String, u16), MultiplexedConnection>>,
+    at: &'a (String, u16),
+    answered: bool,
+}
+
+impl Drop for DropConnUnlessAnswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            lock(self.conns).remove(self.at);
+        }
+    }
+}
+
+/// A connection to a Cluster: redis-rs's, plus rolehost's own to the
+/// nodes `ASK` names and to those a scan or health check visits (apart,
+/// so that a script loaded is sent again only to the former).
 #[derive(Clone)]
 pub(super) struct ClusterConn {
     pub(super) conn: ClusterConnection,
-    pub(super) nodes: Arc<NodeConns>,
+    pub(super) ask_targets: Arc<NodeConns>,
+    pub(super) primaries: Arc<NodeConns>,
 }
 
 impl ClusterConn {
@@ -122,7 +141,7 @@ impl ClusterConn {
     pub(super) async fn on(&mut self, host: &str, port: u16, cmd: &Cmd) -> RedisResult<Value> {
         let mut pipe = redis::pipe();
         pipe.add_command(cmd.clone());
-        let reply = self.nodes.send(host, port, &pipe, 0, 1).await?.pop();
+        let reply = self.primaries.send(host, port, &pipe, 0, 1).await?.pop();
         reply.ok_or_else(|| RedisError::from((ErrorKind::Client, "no reply"))).and_then(Value::extract_error)
     }
 
@@ -209,7 +228,7 @@ impl ClusterConn {
         for cmd in commands {
             pipe.add_command(cmd);
         }
-        Some(self.nodes.send(host, port, &pipe, offset + 1, count).await)
+        Some(self.ask_targets.send(host, port, &pipe, offset + 1, count).await)
     }
 }
 
@@ -224,7 +243,7 @@ impl ConnectionLike for ClusterConn {
                 // a NOSCRIPT; a node an EVALSHA was sent to after ASK (maybe
                 // new) needs it too.
                 Ok(hash) if is_script_load(cmd) => {
-                    self.nodes.broadcast(cmd).await;
+                    self.ask_targets.broadcast(cmd).await;
                     Ok(hash)
                 }
                 other => other,
@@ -259,7 +278,8 @@ impl ConnectionLike for ClusterConn {
 /// unreachable one makes a scan fail rather than skip its keys). One
 /// without slots may too: while a slot moves to a primary that had none,
 /// only that primary lists it (as importing), yet the keys moved so far
-/// are there. So those count as well, unless marked failing.
+/// are there. So those count as well while connected and not marked
+/// failing.
 fn primaries(nodes: &str) -> Vec<Shard> {
     let mut primaries: Vec<Shard> = nodes
         .lines()
@@ -267,8 +287,9 @@ fn primaries(nodes: &str) -> Vec<Shard> {
             let fields: Vec<&str> = line.split(' ').collect();
             let (address, flags) = (fields.get(1)?, fields.get(2)?);
             let flag = |name: &str| flags.split(',').any(|f| f == name);
-            let has_slots = fields.len() > 8;
-            if !flag("master") || (!has_slots && ["fail", "fail?", "noaddr", "handshake"].into_iter().any(flag)) {
+            let healthy =
+                fields.get(7) == Some(&"connected") && !["fail", "fail?", "noaddr", "handshake"].into_iter().any(flag);
+            if !flag("master") || (fields.len() <= 8 && !healthy) {
                 return None;
             }
             let address = address.split(['@', ',']).next()?;
@@ -333,6 +354,7 @@ d4 127.0.0.1:7004@17004 slave a1 0 0 1 connected
 e5 127.0.0.1:7000@17000 master - 0 0 4 connected 10923-16383
 f6 127.0.0.1:7005@17005 master - 0 0 5 connected
 g7 127.0.0.1:7006@17006 master,fail? - 0 0 6 connected
+h8 127.0.0.1:7007@17007 master - 0 0 7 disconnected
 ";
         let expected: Vec<Shard> = [7000, 7001, 7002, 7005].map(|port| Some(("127.0.0.1".to_owned(), port))).into();
         assert_eq!(primaries(nodes), expected);

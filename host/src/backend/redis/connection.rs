@@ -250,7 +250,12 @@ enum Kind {
         conn: Mutex<Option<Coalescing<MultiplexedConnection>>>,
     },
     /// Made on first use; it then follows slot moves and node failures itself.
-    Cluster { client: ClusterClient, conn: tokio::sync::Mutex<Option<ClusterConn>>, nodes: Arc<NodeConns> },
+    Cluster {
+        client: ClusterClient,
+        conn: tokio::sync::Mutex<Option<ClusterConn>>,
+        ask_targets: Arc<NodeConns>,
+        primaries: Arc<NodeConns>,
+    },
 }
 
 /// Where a direct connection goes.
@@ -297,11 +302,13 @@ impl Kind {
                     builder = builder.certs(certificates.clone());
                 }
                 let template = with_login(&nodes[0], options);
-                let node_conns = NodeConns::new(template, certificates.cloned(), Kind::config(options));
+                let node_conns =
+                    || Arc::new(NodeConns::new(template.clone(), certificates.cloned(), Kind::config(options)));
                 Kind::Cluster {
                     client: builder.build().map_err(invalid)?,
                     conn: tokio::sync::Mutex::new(None),
-                    nodes: Arc::new(node_conns),
+                    ask_targets: node_conns(),
+                    primaries: node_conns(),
                 }
             }
             Endpoint::Sentinel { sentinels, master, db, username } => {
@@ -347,12 +354,16 @@ impl Kind {
     /// A connection, made now if there is none.
     async fn get(&self) -> RedisResult<Conn> {
         match self {
-            Kind::Cluster { client, conn, nodes } => {
+            Kind::Cluster { client, conn, ask_targets, primaries } => {
                 let mut slot = conn.lock().await;
                 if let Some(conn) = slot.as_ref() {
                     return Ok(Conn::Cluster(conn.clone()));
                 }
-                let fresh = ClusterConn { conn: client.get_async_connection().await?, nodes: nodes.clone() };
+                let fresh = ClusterConn {
+                    conn: client.get_async_connection().await?,
+                    ask_targets: ask_targets.clone(),
+                    primaries: primaries.clone(),
+                };
                 *slot = Some(fresh.clone());
                 Ok(Conn::Cluster(fresh))
             }

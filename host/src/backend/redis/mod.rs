@@ -417,7 +417,10 @@ impl RedisBackend {
     }
 
     fn wait_unanswered(&self) -> StateError {
-        unconfirmed(format!("Redis did not answer WAIT within {} ms", self.op_timeout.as_millis()))
+        unconfirmed(format!(
+            "Redis did not answer WAIT before the operation timeout ({} ms)",
+            self.op_timeout.as_millis()
+        ))
     }
 
     /// The primaries to scan: every Cluster primary, or the one server.
@@ -684,32 +687,40 @@ fn map_error(error: RedisError) -> StateError {
     StateError::Internal(format!("Redis: {error}"))
 }
 
-/// A page cursor: `{shard}:{scan-cursor}:{keys-already-returned}`, the
-/// shard being an index into the sorted list of primaries.
 /// Longest cursor accepted back from a guest.
 const MAX_CURSOR_BYTES: usize = 1 << 20;
 
-/// A scan's position: `shard:scan-cursor:carried`, where `carried` holds
-/// the keys a SCAN batch returned past the end of the last page (their
-/// part after the pattern's literal prefix, so a cursor never shows a
-/// role's prefix; base64 of a JSON list, empty for none).
+/// A scan's position: `scan-cursor:carried:primary`. `carried` holds the
+/// keys a SCAN batch returned past the end of the last page (their part
+/// after the pattern's literal prefix, so a cursor never shows a role's
+/// prefix; base64 of a JSON list, empty for none). `primary` is the
+/// address of the Cluster primary being scanned (empty for the one server
+/// of the other kinds, `-` past the last primary): an address, not a
+/// place in the list, so a primary joining or leaving mid-listing does
+/// not send a SCAN cursor to the wrong one.
 struct ScanCursor {
-    shard: usize,
+    primary: Position,
     scan: u64,
     carried: Vec<String>,
+}
+
+#[derive(Debug, PartialEq)]
+enum Position {
+    At(Shard),
+    End,
 }
 
 impl ScanCursor {
     fn parse(cursor: Option<&str>, pattern: &str) -> StateResult<Self> {
         let Some(cursor) = cursor else {
-            return Ok(Self { shard: 0, scan: 0, carried: Vec::new() });
+            return Ok(Self { primary: Position::At(None), scan: 0, carried: Vec::new() });
         };
         let invalid = || StateError::InvalidArgument("invalid cursor".into());
         if cursor.len() > MAX_CURSOR_BYTES {
             return Err(invalid());
         }
         let mut parts = cursor.splitn(3, ':');
-        let (Some(shard), Some(scan), Some(carried)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(scan), Some(carried), Some(primary)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(invalid());
         };
         let carried: Vec<String> = match carried {
@@ -719,13 +730,32 @@ impl ScanCursor {
                 serde_json::from_slice(&json).map_err(|_| invalid())?
             }
         };
+        let primary = match primary {
+            "" => Position::At(None),
+            "-" => Position::End,
+            address => {
+                let (host, port) = address.rsplit_once(':').ok_or_else(invalid)?;
+                Position::At(Some((host.to_owned(), port.parse().map_err(|_| invalid())?)))
+            }
+        };
         // A cursor comes back from the guest, which can put any names in
         // it: they still land under the pattern's literal prefix, which
         // holds the role's namespace, so a forged cursor names only keys
-        // of the role's own (it may name keys that do not exist).
+        // of the role's own (it may name keys that do not exist). A forged
+        // address is only ever looked up among the primaries.
         let literal = glob::literal_prefix(pattern);
         let carried = carried.into_iter().map(|rest| format!("{literal}{rest}")).collect();
-        Ok(Self { shard: shard.parse().map_err(|_| invalid())?, scan: scan.parse().map_err(|_| invalid())?, carried })
+        Ok(Self { primary, scan: scan.parse().map_err(|_| invalid())?, carried })
+    }
+
+    /// Where in `shards` (sorted) the scan is. A primary no longer there
+    /// is followed by the next in order, from its start.
+    fn place_in(&mut self, shards: &[Shard]) -> usize {
+        let Position::At(primary) = &self.primary else { return shards.len() };
+        shards.binary_search(primary).unwrap_or_else(|next| {
+            self.scan = 0;
+            next
+        })
     }
 
     fn render(&self, pattern: &str) -> String {
@@ -737,7 +767,12 @@ impl ScanCursor {
             let json = serde_json::to_vec(&rest).unwrap_or_default();
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
         };
-        format!("{}:{}:{carried}", self.shard, self.scan)
+        let primary = match &self.primary {
+            Position::At(None) => String::new(),
+            Position::At(Some((host, port))) => format!("{host}:{port}"),
+            Position::End => "-".to_owned(),
+        };
+        format!("{}:{carried}:{primary}", self.scan)
     }
 }
 
@@ -898,12 +933,13 @@ impl Backend for RedisBackend {
         let mut keys: Vec<String> = at.carried.drain(..take).collect();
         let deadline = self.deadline();
         let shards = self.shards(deadline).await?;
+        let mut place = at.place_in(&shards);
         for step in 0..SCAN_STEPS_PER_PAGE {
             let room = limit - keys.len();
             if room == 0 || !at.carried.is_empty() {
                 break;
             }
-            let Some(node) = shards.get(at.shard) else { break };
+            let Some(node) = shards.get(place) else { break };
             if step > 0 && deadline.saturating_duration_since(tokio::time::Instant::now()) < self.op_timeout / 2 {
                 break;
             }
@@ -914,10 +950,11 @@ impl Backend for RedisBackend {
             keys.append(&mut batch);
             at.scan = next;
             if next == 0 {
-                at.shard += 1;
+                place += 1;
             }
         }
-        let done = at.carried.is_empty() && at.shard >= shards.len();
+        at.primary = shards.get(place).cloned().map_or(Position::End, Position::At);
+        let done = at.carried.is_empty() && place >= shards.len();
         Ok(ScanPage { keys, cursor: (!done).then(|| at.render(pattern)) })
     }
 
