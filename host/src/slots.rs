@@ -38,10 +38,10 @@ impl Slots {
         let mut limit = self.limit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if new >= *limit {
             // Cancel what is owed first, then free the rest.
-            let mut grow = new - *limit;
+            let (wanted, mut grow) = (new - *limit, 0);
             let _ = self.owed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| {
-                let cancelled = owed.min(grow);
-                grow = new - *limit - cancelled;
+                let cancelled = owed.min(wanted);
+                grow = wanted - cancelled;
                 Some(owed - cancelled)
             });
             self.free.add_permits(grow);
