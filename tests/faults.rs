@@ -149,6 +149,25 @@ fn primary_and_replica() -> Option<(RedisServer, RedisServer)> {
     Some((primary, replica))
 }
 
+/// A backend writing through `port` to `primary` with `wait-replicas=1`,
+/// once `replica` confirmed a write, and a write (`k2`) whose WAIT blocks
+/// since the replica is killed.
+async fn write_waiting_for_a_lost_replica(
+    primary: &RedisServer,
+    mut replica: RedisServer,
+    port: u16,
+) -> (Arc<dyn Backend>, tokio::task::JoinHandle<Result<(), StateError>>) {
+    let mut options = RedisOptions::new(format!("redis://127.0.0.1:{port}/0?wait-replicas=1"));
+    options.op_timeout = Duration::from_secs(3);
+    let b: Arc<dyn Backend> = Arc::new(RedisBackend::new(&options).unwrap());
+    b.set("k", b"v", None).await.expect("the replica confirms the write");
+    replica.kill();
+    let writer = b.clone();
+    let write = tokio::spawn(async move { writer.set("k2", b"v2", None).await });
+    wait_until("the write waits for the replica", Duration::from_secs(10), || blocked_clients(primary) == 1);
+    (b, write)
+}
+
 /// `INFO clients`' count of clients blocked in a command such as `WAIT`.
 fn blocked_clients(server: &RedisServer) -> usize {
     let info = server.cli(&["info", "clients"]);
@@ -158,18 +177,10 @@ fn blocked_clients(server: &RedisServer) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_waiting_for_a_lost_replica_holds_up_no_read_and_keeps_its_connection() {
-    let Some((primary, mut replica)) = primary_and_replica() else { return };
-    let mut options = RedisOptions::new(format!("redis://127.0.0.1:{}/0?wait-replicas=1", primary.port));
-    options.op_timeout = Duration::from_secs(3);
-    let b: Arc<dyn Backend> = Arc::new(RedisBackend::new(&options).unwrap());
-    b.set("k", b"v", None).await.expect("the replica confirms the write");
-
+    let Some((primary, replica)) = primary_and_replica() else { return };
     // The replica is gone: the next write's WAIT holds its connection
     // until the operation timeout.
-    replica.kill();
-    let writer = b.clone();
-    let write = tokio::spawn(async move { writer.set("k2", b"v2", None).await });
-    wait_until("the write waits for the replica", Duration::from_secs(10), || blocked_clients(&primary) == 1);
+    let (b, write) = write_waiting_for_a_lost_replica(&primary, replica, primary.port).await;
 
     // A read meanwhile answers at once, not after the WAIT: the WAIT is
     // still blocked when the read has its value.
@@ -197,19 +208,11 @@ async fn a_write_waiting_for_a_lost_replica_holds_up_no_read_and_keeps_its_conne
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_wait_goes_unanswered_says_it_is_on_the_primary() {
-    let Some((primary, mut replica)) = primary_and_replica() else { return };
+    let Some((primary, replica)) = primary_and_replica() else { return };
     let proxy = FreezingProxy::start(primary.port).await;
-    let mut options = RedisOptions::new(format!("redis://127.0.0.1:{}/0?wait-replicas=1", proxy.port));
-    options.op_timeout = Duration::from_secs(3);
-    let b: Arc<dyn Backend> = Arc::new(RedisBackend::new(&options).unwrap());
-    b.set("k", b"v", None).await.expect("the replica confirms the write");
-
     // An idempotent write is done and its WAIT blocked; then no answer
     // comes back at all, so the operation times out during the WAIT.
-    replica.kill();
-    let writer = b.clone();
-    let write = tokio::spawn(async move { writer.set("k2", b"v2", None).await });
-    wait_until("the write waits for the replica", Duration::from_secs(10), || blocked_clients(&primary) == 1);
+    let (_, write) = write_waiting_for_a_lost_replica(&primary, replica, proxy.port).await;
     proxy.mute_open_connections().await;
     match write.await.unwrap() {
         Err(StateError::Unavailable(message)) => {

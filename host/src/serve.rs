@@ -373,12 +373,12 @@ async fn apply_manifest_off_runtime(app: &Arc<App>) -> anyhow::Result<Changes> {
     let app = app.clone();
     let changes = tokio::task::spawn_blocking(move || {
         let mut refused = app.applying.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let result = match &app.manifest {
+        let mut result = match &app.manifest {
             Some(source) => apply_manifest(&app.host, source),
             None => Ok(Changes::default()),
         };
-        match &result {
-            Ok(changes) => refused.clone_from(&changes.refused_files),
+        match &mut result {
+            Ok(changes) => *refused = std::mem::take(&mut changes.refused_files),
             // Tried again at the files' next change, not at every poll.
             Err(_) => refused.iter_mut().for_each(|(file, before)| *before = file_stamp(file)),
         }

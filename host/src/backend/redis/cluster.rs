@@ -22,10 +22,11 @@ pub(super) type Shard = Option<(String, u16)>;
 
 /// Connections of rolehost's own to single nodes of a Cluster: one set
 /// to those `ASK` redirects name (a slot's importing primary), another to
-/// the primaries a scan or health check visits. Not redis-rs's: a node given its first slots is in no
-/// slot map of redis-rs until one has moved, and asking redis-rs for a
-/// node it lacks fails or makes it reconnect to the whole cluster. One per
-/// node, made on first need and dropped after a failure.
+/// the primaries a scan or health check visits. Not redis-rs's: a node
+/// given its first slots is in no slot map of redis-rs until one has
+/// moved, and asking redis-rs for a node it lacks fails or makes it
+/// reconnect to the whole cluster. One per node, made on first need and
+/// dropped after a failure.
 pub(super) struct NodeConns {
     /// How to reach a node of the cluster (TLS, login); the address is
     /// replaced.

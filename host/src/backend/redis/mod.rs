@@ -14,7 +14,6 @@ mod retry;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -350,28 +349,21 @@ impl RedisBackend {
         };
         let mut before = None;
         for tries in 0.. {
-            // Set once the write is done and only the replicas' answer awaited.
-            let waiting_for_replicas = AtomicBool::new(false);
             let outcome = tokio::time::timeout_at(deadline, async {
                 let conn = self.connector.get(op.writes(), lane).await?;
                 let value = attempt(conn.clone()).await?;
-                if op.writes() && self.connector.wait_replicas > 0 {
-                    waiting_for_replicas.store(true, Ordering::Relaxed);
-                    return Ok(self.confirmed(conn, deadline, lane).await.map(|()| value));
-                }
-                Ok(Ok(value))
+                Ok((conn, value))
             })
             .await;
             let error = match outcome {
-                Err(_) if waiting_for_replicas.load(Ordering::Relaxed) => {
-                    self.connector.timed_out(op.writes(), lane);
-                    return Err(self.wait_unanswered());
-                }
                 Err(_) => {
                     self.connector.timed_out(op.writes(), lane);
                     return Err(maybe_written(late(before), false));
                 }
-                Ok(Ok(answer)) => return answer,
+                Ok(Ok((conn, value))) if op.writes() && self.connector.wait_replicas > 0 => {
+                    return self.confirmed(conn, deadline, lane).await.map(|()| value);
+                }
+                Ok(Ok((_, value))) => return Ok(value),
                 Ok(Err(error)) => error,
             };
             self.connector.failed(&error, op.writes(), lane);
@@ -401,10 +393,15 @@ impl RedisBackend {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         // At least 1: `WAIT n 0` would block for ever.
         let millis = (left.as_millis() as u64 * 3 / 4).max(1);
-        match redis::cmd("WAIT").arg(wanted).arg(millis).query_async::<u32>(&mut conn).await {
-            Ok(reached) if reached >= wanted => Ok(()),
-            Ok(reached) => Err(unconfirmed(format!("{reached} of {wanted} replicas have it"))),
-            Err(error) => {
+        let wait = redis::cmd("WAIT").arg(wanted).arg(millis).clone();
+        match tokio::time::timeout_at(deadline, wait.query_async::<u32>(&mut conn)).await {
+            Err(_) => {
+                self.connector.timed_out(true, lane);
+                Err(self.wait_unanswered())
+            }
+            Ok(Ok(reached)) if reached >= wanted => Ok(()),
+            Ok(Ok(reached)) => Err(unconfirmed(format!("{reached} of {wanted} replicas have it"))),
+            Ok(Err(error)) => {
                 self.connector.failed(&error, true, lane);
                 // redis-rs's own timer may end it before the deadline does.
                 Err(if error.is_timeout() {
