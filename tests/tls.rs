@@ -105,6 +105,22 @@ async fn wrong_ca_is_refused(url_with_ca: &str, tls: &TlsFiles) {
 async fn a_tls_cluster_is_reached_with_a_rediss_cluster_url() {
     let Some(tls) = TlsFiles::generate() else { return };
     let Some(cluster) = RedisCluster::start_tls(3, &tls) else { return };
+    every_primary_is_reached_over_tls(&cluster, &tls).await;
+}
+
+/// Nodes whose certificates name only a host, which the cluster tells
+/// clients to use: rolehost's own connections (listing, health) must go by
+/// that name too, not by the address, or TLS refuses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_that_names_its_nodes_by_hostname_is_reached_by_hostname() {
+    let Some(tls) = TlsFiles::generate_for("DNS:localhost") else { return };
+    let Some(cluster) = RedisCluster::start_tls_by_hostname(3, &tls) else { return };
+    every_primary_is_reached_over_tls(&cluster, &tls).await;
+}
+
+/// Writes and reads keys on every primary of `cluster`, lists them, asks
+/// for health, and checks that a wrong CA is refused.
+async fn every_primary_is_reached_over_tls(cluster: &RedisCluster, tls: &TlsFiles) {
     let url = cluster.url();
     assert!(url.starts_with("rediss+cluster://"), "{url}");
     let backend = StateConfig::parse(&url, &redis_section(None)).unwrap().connect().unwrap();
@@ -118,7 +134,7 @@ async fn a_tls_cluster_is_reached_with_a_rediss_cluster_url() {
     // Listing visits every primary (routed to each by address).
     assert_eq!(backend.delete_matching("tls:*").await.unwrap(), 60);
     assert_eq!(backend.health().await.unwrap().details["topology"], "cluster");
-    wrong_ca_is_refused(&url, &tls).await;
+    wrong_ca_is_refused(&url, tls).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

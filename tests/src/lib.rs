@@ -448,25 +448,36 @@ pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
     /// The CA file when the nodes speak only TLS (cluster bus included).
     tls_ca: Option<PathBuf>,
+    /// What the nodes are called in the URL: 127.0.0.1, or the hostname
+    /// they announce.
+    host: &'static str,
 }
 
 impl RedisCluster {
     /// Starts `primaries` nodes and joins them; `None` when Redis is
     /// skipped.
     pub fn start(primaries: usize) -> Option<Self> {
-        Self::start_with(primaries, None)
+        Self::start_with(primaries, None, None)
     }
 
     /// The same with TLS only, clients and cluster bus alike.
     pub fn start_tls(primaries: usize, tls: &TlsFiles) -> Option<Self> {
-        Self::start_with(primaries, Some(tls))
+        Self::start_with(primaries, Some(tls), None)
     }
 
-    fn start_with(primaries: usize, tls: Option<&TlsFiles>) -> Option<Self> {
+    /// A TLS cluster whose nodes announce the hostname `localhost` and
+    /// tell clients to use it (`cluster-preferred-endpoint-type
+    /// hostname`), as a cluster does whose certificates name hosts rather
+    /// than addresses.
+    pub fn start_tls_by_hostname(primaries: usize, tls: &TlsFiles) -> Option<Self> {
+        Self::start_with(primaries, Some(tls), Some("localhost"))
+    }
+
+    fn start_with(primaries: usize, tls: Option<&TlsFiles>, hostname: Option<&'static str>) -> Option<Self> {
         if !have_redis_cli() {
             skip_or_fail("redis-cli")?;
         }
-        let nodes = (0..primaries).map(|_| Some(Self::start_node(tls)?.0)).collect::<Option<Vec<_>>>()?;
+        let nodes = (0..primaries).map(|_| Some(Self::start_node(tls, hostname)?.0)).collect::<Option<Vec<_>>>()?;
         let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = Command::new("redis-cli")
             .args(tls.map(TlsFiles::cli_args).unwrap_or_default())
@@ -483,18 +494,21 @@ impl RedisCluster {
                 info.contains("cluster_state:ok") && masters == primaries
             });
         }
-        Some(Self { nodes, tls_ca: tls.map(|tls| tls.ca.clone()) })
+        Some(Self { nodes, tls_ca: tls.map(|tls| tls.ca.clone()), host: hostname.unwrap_or("127.0.0.1") })
     }
 
     /// A cluster-enabled server that belongs to no cluster yet, and its
     /// cluster bus port.
-    fn start_node(tls: Option<&TlsFiles>) -> Option<(RedisServer, String)> {
+    fn start_node(tls: Option<&TlsFiles>, hostname: Option<&str>) -> Option<(RedisServer, String)> {
         let bus = std::cell::RefCell::new(String::new());
         let node = RedisServer::on_free_port(|port| {
             let config = scratch_dir("cluster").join(format!("nodes-{port}.conf")).display().to_string();
             *bus.borrow_mut() = free_port().to_string();
             let bus = bus.borrow().clone();
-            let args = ["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-config-file", &config];
+            let mut args = vec!["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-config-file", &config];
+            if let Some(hostname) = hostname {
+                args.extend(["--cluster-announce-hostname", hostname, "--cluster-preferred-endpoint-type", "hostname"]);
+            }
             match tls {
                 Some(tls) => {
                     RedisServer::try_start_tls_with(port, tls, &[&args[..], &["--tls-cluster", "yes"]].concat())
@@ -509,7 +523,7 @@ impl RedisCluster {
     /// a new node) and waits until every node knows it; its index.
     pub fn add_empty_primary(&mut self) -> Option<usize> {
         assert!(self.tls_ca.is_none(), "plain clusters only");
-        let (node, bus) = Self::start_node(None)?;
+        let (node, bus) = Self::start_node(None, None)?;
         let meet = self.nodes[0].cli(&["cluster", "meet", "127.0.0.1", &node.port.to_string(), &bus]);
         assert_eq!(meet.trim(), "OK", "CLUSTER MEET: {meet}");
         self.nodes.push(node);
@@ -525,9 +539,10 @@ impl RedisCluster {
     }
 
     /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…`, or with TLS
-    /// `rediss+cluster://…?ca=CA`.
+    /// `rediss+cluster://…?ca=CA` (with the hostname the nodes announce,
+    /// if they do).
     pub fn url(&self) -> String {
-        let nodes: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let nodes: Vec<String> = self.nodes.iter().map(|n| format!("{}:{}", self.host, n.port)).collect();
         match &self.tls_ca {
             Some(ca) => format!("rediss+cluster://{}?ca={}", nodes.join(","), ca.display()),
             None => format!("redis+cluster://{}", nodes.join(",")),
@@ -709,8 +724,15 @@ impl TlsFiles {
         vec!["--tls".to_owned(), "--cacert".to_owned(), self.ca.display().to_string()]
     }
 
-    /// Generates the files; `None` when openssl is missing and not required.
+    /// Generates the files, the server's certificate valid for 127.0.0.1
+    /// and localhost; `None` when openssl is missing and not required.
     pub fn generate() -> Option<Self> {
+        Self::generate_for("IP:127.0.0.1,DNS:localhost")
+    }
+
+    /// The same with a server certificate valid only for `names` (an
+    /// X.509 `subjectAltName` value).
+    pub fn generate_for(names: &str) -> Option<Self> {
         if Command::new("openssl").arg("version").output().is_err() {
             skip_or_fail("openssl")?;
         }
@@ -733,7 +755,7 @@ impl TlsFiles {
         args.extend(ec);
         args.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]);
         openssl(&args);
-        std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+        std::fs::write(dir.join("ext.cnf"), format!("subjectAltName={names}\n")).unwrap();
         openssl(&[
             "x509",
             "-req",

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::SingleNodeRoutingInfo;
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisFuture,
     RedisResult, ServerErrorKind, TlsCertificates, Value,
@@ -131,10 +131,15 @@ impl ClusterConn {
     /// The primaries whose keys together are the whole key space, in a
     /// stable order.
     pub(super) async fn shards(&mut self) -> RedisResult<Vec<Shard>> {
-        let nodes = redis::cmd("CLUSTER").arg("NODES").clone();
-        let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
-        let nodes: String = redis::from_redis_value(self.conn.route_command(nodes, at).await?)?;
-        Ok(primaries(&nodes))
+        // Both asked of one node, so that they tell of the same nodes.
+        let mut ask = redis::pipe();
+        ask.cmd("CLUSTER").arg("NODES").cmd("CLUSTER").arg("SHARDS");
+        let mut replies = self.conn.route_pipeline(ask, 0, 2, SingleNodeRoutingInfo::RandomPrimary).await?;
+        // `CLUSTER SHARDS` is new in Redis 7; before it there were no
+        // hostnames, and its error leaves every node at its address.
+        let endpoints = replies.pop().map(|shards| endpoints(&shards)).unwrap_or_default();
+        let nodes: String = redis::from_redis_value(replies.pop().unwrap_or(Value::Nil))?;
+        Ok(primaries(&nodes, &endpoints))
     }
 
     /// Runs `cmd` on the primary at `host:port`, on a connection of
@@ -274,19 +279,20 @@ impl ConnectionLike for ClusterConn {
 }
 
 /// The primaries that may hold keys, from a `CLUSTER NODES` answer,
-/// sorted. Lines are `id address flags primary ping pong epoch link
-/// slot…`. A primary with slots holds keys whether reachable or not (an
+/// sorted, each named by its endpoint in `endpoints` (by node id) or else
+/// by its address. Lines are `id address flags primary ping pong epoch
+/// link slot…`. A primary with slots holds keys whether reachable or not (an
 /// unreachable one makes a scan fail rather than skip its keys). One
 /// without slots may too: while a slot moves to a primary that had none,
 /// only that primary lists it (as importing), yet the keys moved so far
 /// are there. So those count as well while connected and not marked
 /// failing.
-fn primaries(nodes: &str) -> Vec<Shard> {
+fn primaries(nodes: &str, endpoints: &HashMap<String, String>) -> Vec<Shard> {
     let mut primaries: Vec<Shard> = nodes
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
-            let (address, flags) = (fields.get(1)?, fields.get(2)?);
+            let (id, address, flags) = (fields.first()?, fields.get(1)?, fields.get(2)?);
             let flag = |name: &str| flags.split(',').any(|f| f == name);
             let healthy =
                 fields.get(7) == Some(&"connected") && !["fail", "fail?", "noaddr", "handshake"].into_iter().any(flag);
@@ -294,12 +300,50 @@ fn primaries(nodes: &str) -> Vec<Shard> {
                 return None;
             }
             let address = address.split(['@', ',']).next()?;
-            let (host, port) = address.rsplit_once(':')?;
+            let (ip, port) = address.rsplit_once(':')?;
+            let host = endpoints.get(*id).map_or(ip, String::as_str);
             Some(Some((host.to_owned(), port.parse().ok()?)))
         })
         .collect();
     primaries.sort();
     primaries
+}
+
+/// Node id → the endpoint the cluster tells clients to reach it by (its
+/// address or, with `cluster-preferred-endpoint-type hostname`, its
+/// hostname, which TLS certificates may name instead of the address), from
+/// a `CLUSTER SHARDS` answer. The placeholders for none (`""`, `"?"`) are
+/// left out.
+fn endpoints(shards: &Value) -> HashMap<String, String> {
+    let Value::Array(shards) = shards else { return HashMap::new() };
+    let nodes = shards.iter().filter_map(|shard| match field(shard, "nodes")? {
+        Value::Array(nodes) => Some(nodes),
+        _ => None,
+    });
+    nodes
+        .flatten()
+        .filter_map(|node| Some((text(field(node, "id")?)?, text(field(node, "endpoint")?)?)))
+        .filter(|(_, endpoint)| !endpoint.is_empty() && endpoint != "?")
+        .collect()
+}
+
+/// The value of `name` in a map (RESP3) or a flat list of names and values
+/// (RESP2).
+fn field<'v>(map: &'v Value, name: &str) -> Option<&'v Value> {
+    let is_name = |key: &Value| text(key).is_some_and(|key| key == name);
+    match map {
+        Value::Map(pairs) => pairs.iter().find(|(key, _)| is_name(key)).map(|(_, value)| value),
+        Value::Array(items) => items.chunks_exact(2).find(|pair| is_name(&pair[0])).map(|pair| &pair[1]),
+        _ => None,
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
 }
 
 /// Whether every key of `cmd` lies in `slot`. Only the multi-key commands
@@ -358,7 +402,43 @@ g7 127.0.0.1:7006@17006 master,fail? - 0 0 6 connected
 h8 127.0.0.1:7007@17007 master - 0 0 7 disconnected
 ";
         let expected: Vec<Shard> = [7000, 7001, 7002, 7005].map(|port| Some(("127.0.0.1".to_owned(), port))).into();
-        assert_eq!(primaries(nodes), expected);
+        assert_eq!(primaries(nodes, &HashMap::new()), expected);
+        // Named by the endpoint the cluster gives, where it gives one.
+        let endpoints = HashMap::from([("b2".to_owned(), "host2".to_owned()), ("d4".to_owned(), "host4".to_owned())]);
+        let mut expected = expected;
+        expected[2] = Some(("host2".to_owned(), 7002));
+        expected.sort();
+        assert_eq!(primaries(nodes, &endpoints), expected);
+    }
+
+    #[test]
+    fn endpoints_come_from_cluster_shards_in_either_protocol() {
+        let bulk = |text: &str| Value::BulkString(text.as_bytes().to_vec());
+        let node = |id: &str, endpoint: &str| {
+            [("id", id), ("port", "7000"), ("ip", "10.0.0.1"), ("endpoint", endpoint), ("role", "master")]
+                .map(|(name, value)| (bulk(name), bulk(value)))
+        };
+        // RESP2: flat lists of names and values.
+        let flat = |pairs: [(Value, Value); 5]| Value::Array(pairs.into_iter().flat_map(|(k, v)| [k, v]).collect());
+        let shard = |nodes: Vec<Value>| {
+            Value::Array(vec![bulk("slots"), Value::Array(vec![]), bulk("nodes"), Value::Array(nodes)])
+        };
+        let resp2 = Value::Array(vec![
+            shard(vec![flat(node("a1", "redis-a.example")), flat(node("a2", "10.0.0.2"))]),
+            shard(vec![flat(node("b1", "?")), flat(node("c1", ""))]),
+        ]);
+        let expected =
+            HashMap::from([("a1".to_owned(), "redis-a.example".to_owned()), ("a2".to_owned(), "10.0.0.2".to_owned())]);
+        assert_eq!(endpoints(&resp2), expected);
+        // RESP3: maps.
+        let map = |pairs: [(Value, Value); 5]| Value::Map(pairs.into());
+        let resp3 = Value::Array(vec![Value::Map(vec![
+            (bulk("slots"), Value::Array(vec![])),
+            (bulk("nodes"), Value::Array(vec![map(node("a1", "redis-a.example")), map(node("a2", "10.0.0.2"))])),
+        ])]);
+        assert_eq!(endpoints(&resp3), expected);
+        // An error (Redis 6 has no CLUSTER SHARDS) names none.
+        assert!(endpoints(&Value::Nil).is_empty());
     }
 
     #[test]
