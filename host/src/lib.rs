@@ -29,6 +29,7 @@ mod runtime;
 pub mod serve;
 mod slots;
 mod state;
+pub mod workers;
 
 pub use error::{CallError, StateError, StateResult};
 pub use limits::{Access, Grants, RoleLimits};

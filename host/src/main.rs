@@ -78,6 +78,10 @@ enum Command {
         /// Calls at once across all roles (past it: 503).
         #[arg(long, default_value_t = 1024)]
         max_concurrency: usize,
+        /// Worker threads serving connections, each with a runtime (and a
+        /// Redis connection) of its own (default: one per core).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        threads: Option<u16>,
         #[command(flatten)]
         common: Common,
     },
@@ -238,6 +242,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             shutdown_grace_secs,
             watch,
             max_concurrency,
+            threads,
             common,
         } => {
             let path = manifest;
@@ -257,6 +262,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 watch: watch.then_some(std::time::Duration::from_secs(1)),
                 admin_token: std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty()),
                 manifest: Some(ManifestSource { path, started: manifest, acl_state }),
+                threads: threads.map_or_else(
+                    || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                    usize::from,
+                ),
             };
             serve(host, options, |address| println!("listening on http://{address}")).await
         }

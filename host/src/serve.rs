@@ -14,6 +14,10 @@
 //! an idle keep-alive connection stays open) and again its body, and at
 //! most `max_connections` connections are open at once (past it, new ones
 //! wait in the listen backlog), so slow or idle clients cannot pile up.
+//!
+//! Connections are accepted here and served on `threads` worker threads
+//! in turn (`workers.rs`); reloads, the watcher and shutdown stay on the
+//! runtime `serve` is called on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -38,6 +42,7 @@ use crate::config::StateConfig;
 use crate::error::CallError;
 use crate::manifest::Manifest;
 use crate::runtime::{Host, RoleSpec};
+use crate::workers::Workers;
 
 /// Environment variable holding the admin token for reloads.
 pub const ADMIN_TOKEN_ENV: &str = "ROLEHOST_ADMIN_TOKEN";
@@ -64,6 +69,8 @@ pub struct ServeOptions {
     pub admin_token: Option<String>,
     /// The manifest the host was started from, to read its roles again.
     pub manifest: Option<ManifestSource>,
+    /// Worker threads serving connections (at least 1).
+    pub threads: usize,
 }
 
 /// The manifest `serve` was started from: `POST /admin/reload` and
@@ -114,6 +121,7 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
         .route("/admin/roles/{role}/reload", post(reload))
         .route("/admin/reload", post(reload_manifest))
         .with_state(app.clone());
+    let workers = Workers::start(options.threads)?;
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
     tracing::info!(%address, roles = app.host.roles().len(), "serving");
@@ -145,11 +153,23 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
             },
             () = &mut stop => break,
         };
-        let service = TowerToHyperService::new(router.clone());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
+        // Handed over as a plain socket: it must join the worker's runtime.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "cannot hand a connection to a worker");
+                continue;
+            }
+        };
+        let (service, http, watcher) = (TowerToHyperService::new(router.clone()), http.clone(), graceful.watcher());
+        workers.spawn(move || async move {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    if let Err(error) = watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "a worker cannot take a connection"),
             }
             drop(permit);
         });

@@ -214,6 +214,35 @@ fn health_readiness_and_metrics_on_redis() {
     assert_eq!(server.post("/roles/counter", "").0, 200);
 }
 
+/// Every worker thread keeps a Redis connection of its own, so a call
+/// runs on one thread from start to end (`workers.rs`); connections go to
+/// the workers in turn.
+#[test]
+fn each_worker_thread_has_a_redis_connection_of_its_own() {
+    let Some(_) = shared_redis() else { return };
+    let counter = role_path("counter");
+    for threads in [1, 3] {
+        let Some(redis) = RedisServer::start() else { return };
+        let dir = dir(&format!("workers-{threads}"));
+        let manifest = manifest(&dir, &redis.url(0), &[("counter", &counter, "")]);
+        let server = Server::start(&manifest, &["--threads", &threads.to_string()]);
+        // A new HTTP connection for each call (a new agent each time).
+        for n in 1..=6 {
+            assert_eq!(server.post("/roles/counter", ""), (200, n.to_string(), None));
+        }
+        let clients = redis.cli(&["client", "list"]);
+        let rolehost = clients.lines().filter(|line| !line.contains("cmd=client|list")).count();
+        assert_eq!(rolehost, threads, "one connection per worker thread:\n{clients}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_rolehost"))
+        .args(["serve", "--manifest", "/nonexistent.toml", "--threads", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--threads") && stderr.contains("1..=1024"), "{stderr}");
+}
+
 #[test]
 fn reload_swaps_versions_and_refuses_bad_ones() {
     let dir = dir("reload");

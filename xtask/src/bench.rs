@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use rolehost::backend::{Backend, MemoryBackend, RedisBackend, RedisOptions};
 use rolehost::cache::CompileCache;
 use rolehost::namespace::Space;
+use rolehost::workers::Workers;
 use rolehost::{Host, HostOptions, RoleSpec};
 
 struct Row {
@@ -189,6 +190,9 @@ fn kilo(per_second: f64) -> String {
 
 async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
+    // Kept to the end: the CPU use of a row counts the threads alive at
+    // its end, and an exiting worker would take its share away.
+    let workers = Workers::start(WORKERS)?;
     // (f) first, while the process's peak memory is still its own.
     if wanted("f") {
         rows.push(in_flight_memory(root).await?);
@@ -228,6 +232,7 @@ async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<V
             let backend_for_pairs = backend.clone();
             let warm = Arc::new(host_for(root, backend, None, 128, 64)?);
             rows.extend(redis_pairs(&host_redis, &warm, &url, &redis).await?);
+            rows.push(worker_pairs(&workers, &host_redis, &url, &redis.pid()).await?);
             rows.extend(backend_pairs(&backend_for_pairs, &redis.pid()).await?);
             rows.extend(redis_bound_pairs(root).await?);
         }
@@ -314,18 +319,98 @@ async fn pair_rounds(
         ours.add(rate, cpu.per_op(n));
         let conn = native.clone();
         let cpu = CpuUse::start(redis_pid);
-        let rate = concurrent(n, concurrency, move || {
-            let mut conn = conn.clone();
+        let rate = concurrent(n, concurrency, move || native_pair(conn.clone())).await?;
+        theirs.add(rate, cpu.per_op(n));
+    }
+    Ok((ours, theirs))
+}
+
+/// The GET + SET pair the bench role makes, straight on redis-rs.
+async fn native_pair(mut conn: redis::aio::MultiplexedConnection) -> anyhow::Result<()> {
+    let _: Option<Vec<u8>> = redis::cmd("GET").arg("bench:bench:kv:k").query_async(&mut conn).await?;
+    let () = redis::cmd("SET").arg("bench:bench:kv:k").arg(&[b'v'; 100][..]).query_async(&mut conn).await?;
+    Ok(())
+}
+
+/// Worker threads of the thread-per-core row.
+const WORKERS: usize = 2;
+
+/// (c) at concurrency 64 as `serve` runs calls: on 2 worker threads of
+/// their own (`host/src/workers.rs`), 32 calls on each, every worker with
+/// its own Redis connection; redis-rs likewise, a connection per worker.
+async fn worker_pairs(workers: &Workers, host: &Arc<Host>, url: &str, redis_pid: &str) -> anyhow::Result<Row> {
+    let (n, mut ours, mut theirs) = (30_000, Rounds::default(), Rounds::default());
+    for _ in 0..ROUNDS {
+        let h = host.clone();
+        let cpu = CpuUse::start(redis_pid);
+        let rate = on_workers(workers, WORKERS, n, 64, move || {
+            let h = h.clone();
             async move {
-                let _: Option<Vec<u8>> = redis::cmd("GET").arg("bench:bench:kv:k").query_async(&mut conn).await?;
-                let () = redis::cmd("SET").arg("bench:bench:kv:k").arg(&[b'v'; 100][..]).query_async(&mut conn).await?;
-                Ok(())
+                h.call("bench", b"gs").await?;
+                let h = h.clone();
+                Ok(move || {
+                    let h = h.clone();
+                    async move { h.call("bench", b"gs").await.map(drop).map_err(Into::into) }
+                })
+            }
+        })
+        .await?;
+        ours.add(rate, cpu.per_op(n));
+        let url = url.to_owned();
+        let cpu = CpuUse::start(redis_pid);
+        let rate = on_workers(workers, WORKERS, n, 64, move || {
+            let url = url.clone();
+            async move {
+                let conn = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+                native_pair(conn.clone()).await?;
+                Ok(move || native_pair(conn.clone()))
             }
         })
         .await?;
         theirs.add(rate, cpu.per_op(n));
     }
-    Ok((ours, theirs))
+    let how = format!("Redis, concurrency 64 on {WORKERS} worker threads (as `serve` runs calls)");
+    Ok(pairs_row(how, &ours, &theirs, true))
+}
+
+/// Operations per second of `n` runs, `concurrency` at a time, split
+/// evenly over `count` workers. Each worker first makes its operation with
+/// `setup` (and so, say, a connection of its own), untimed.
+async fn on_workers<S, SetUp, F, Fut>(
+    workers: &Workers,
+    count: usize,
+    n: usize,
+    concurrency: usize,
+    setup: S,
+) -> anyhow::Result<f64>
+where
+    S: Fn() -> SetUp + Send + Sync + Clone + 'static,
+    SetUp: std::future::Future<Output = anyhow::Result<F>> + Send,
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let ready = Arc::new(tokio::sync::Barrier::new(count + 1));
+    let mut finished = Vec::new();
+    for worker in 0..count {
+        let (setup, ready, (done, finish)) = (setup.clone(), ready.clone(), tokio::sync::oneshot::channel());
+        workers.spawn_on(worker, move || async move {
+            let op = setup().await;
+            ready.wait().await;
+            let result = match op {
+                Ok(op) => concurrent(n / count, concurrency / count, op).await.map(|_| Instant::now()),
+                Err(error) => Err(error),
+            };
+            let _ = done.send(result);
+        });
+        finished.push(finish);
+    }
+    ready.wait().await;
+    let start = Instant::now();
+    let mut last = start;
+    for finish in finished {
+        last = last.max(finish.await??);
+    }
+    Ok((n / count * count) as f64 / (last - start).as_secs_f64())
 }
 
 /// A (c) row: rolehost's calls next to redis-rs's pairs; with `goal`, the

@@ -4,12 +4,14 @@
 //! connects lazily and again after failures, so Redis being down is an
 //! error of the calls made meanwhile, never of the host.
 //!
-//! A server or Sentinel primary gets one multiplexed connection, dropped
-//! after any failure that leaves it in doubt (lost, timed out, refused
-//! login, now a replica) and made afresh by the next operation; redis-rs's
-//! `ConnectionManager` would keep a connection whose login failed, and
-//! never notices one that stopped answering.
+//! A server or Sentinel primary gets one multiplexed connection (one per
+//! worker thread of `serve`, see `workers.rs`), dropped after any failure
+//! that leaves it in doubt (lost, timed out, refused login, now a replica)
+//! and made afresh by the next operation; redis-rs's `ConnectionManager`
+//! would keep a connection whose login failed, and never notices one that
+//! stopped answering.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -24,9 +26,13 @@ use redis::{
 use super::cluster::{ClusterConn, NodeConns, Shard};
 use super::coalesce::Coalescing;
 use super::RedisOptions;
+use crate::workers;
 
 /// The URL schemes with TLS, for error messages.
 const TLS_SCHEMES: &str = "rediss://, rediss+cluster:// or rediss+sentinel://";
+
+/// Direct connections kept at most (one per worker thread).
+const MAX_WORKER_CONNS: usize = 1024;
 
 /// Default Sentinel port, for addresses that leave it out.
 const SENTINEL_PORT: u16 = 26379;
@@ -243,11 +249,13 @@ pub(super) struct Connector {
 
 enum Kind {
     /// One server or the Sentinels' primary: the connection, made on first
-    /// use and again after a failure; one caller at a time connects.
+    /// use and again after a failure; one caller at a time connects. One
+    /// per worker thread (by [`workers::current`]), so that its reader
+    /// runs where its callers do; other threads share one.
     Direct {
         source: tokio::sync::Mutex<Source>,
         config: AsyncConnectionConfig,
-        conn: Mutex<Option<Coalescing<MultiplexedConnection>>>,
+        conns: Mutex<HashMap<u64, Coalescing<MultiplexedConnection>>>,
     },
     /// Made on first use; it then follows slot moves and node failures itself.
     Cluster {
@@ -341,7 +349,7 @@ impl Kind {
     }
 
     fn direct(source: Source, options: &RedisOptions) -> Self {
-        Kind::Direct { source: tokio::sync::Mutex::new(source), config: Kind::config(options), conn: Mutex::new(None) }
+        Kind::Direct { source: tokio::sync::Mutex::new(source), config: Kind::config(options), conns: Mutex::default() }
     }
 
     /// A direct connection's timeouts.
@@ -367,21 +375,28 @@ impl Kind {
                 *slot = Some(fresh.clone());
                 Ok(Conn::Cluster(fresh))
             }
-            Kind::Direct { source, config, conn } => {
-                if let Some(conn) = lock(conn).as_ref() {
+            Kind::Direct { source, config, conns } => {
+                let worker = workers::current();
+                if let Some(conn) = lock(conns).get(&worker) {
                     return Ok(Conn::Direct(conn.clone()));
                 }
                 // One caller at a time connects; the others then find its
                 // connection.
                 let mut source = source.lock().await;
-                if let Some(conn) = lock(conn).as_ref() {
+                if let Some(conn) = lock(conns).get(&worker) {
                     return Ok(Conn::Direct(conn.clone()));
                 }
                 let fresh = Coalescing::new(match &mut *source {
                     Source::Server(client) => client.get_multiplexed_async_connection_with_config(config).await?,
                     Source::Sentinels(client) => client.get_async_connection_with_config(config).await?,
                 });
-                *lock(conn) = Some(fresh.clone());
+                let mut conns = lock(conns);
+                // Past this, some belong to workers long gone (a host
+                // served, stopped and served again): start afresh.
+                if conns.len() >= MAX_WORKER_CONNS {
+                    conns.clear();
+                }
+                conns.insert(worker, fresh.clone());
                 Ok(Conn::Direct(fresh))
             }
         }
@@ -393,7 +408,7 @@ impl Kind {
     /// (for Sentinels: to where the primary is now). Operations still
     /// running on it finish on their own clone.
     fn failed(&self, error: &RedisError) {
-        if let Kind::Direct { conn, .. } = self {
+        if let Kind::Direct { conns, .. } = self {
             let gone = error.is_io_error()
                 || error.is_connection_dropped()
                 || error.is_timeout()
@@ -402,8 +417,10 @@ impl Kind {
                     error.kind(),
                     ErrorKind::Server(ServerErrorKind::ReadOnly) | ErrorKind::AuthenticationFailed
                 );
+            // What one connection learnt of the server holds for every
+            // worker's.
             if gone {
-                *lock(conn) = None;
+                lock(conns).clear();
             }
         }
     }
@@ -411,8 +428,8 @@ impl Kind {
     /// Notes an operation that ran out of time: its connection may be dead
     /// without knowing it (a server cut off the network), so it is dropped.
     fn timed_out(&self) {
-        if let Kind::Direct { conn, .. } = self {
-            *lock(conn) = None;
+        if let Kind::Direct { conns, .. } = self {
+            lock(conns).remove(&workers::current());
         }
     }
 }
