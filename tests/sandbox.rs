@@ -55,6 +55,32 @@ async fn an_endless_loop_hits_the_deadline_while_others_run() {
     assert_eq!(host.call("counter", b"").await.unwrap(), b"4");
 }
 
+/// On one thread, as on a `serve` worker: the spinning guest yields at every
+/// epoch tick, so the thread's other calls run long before its deadline.
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_guest_yields_to_the_other_calls_of_its_thread() {
+    let host = std::sync::Arc::new(host_with_specs(
+        backend("memory").unwrap(),
+        "t:",
+        vec![
+            ("spinner", "kvprobe", limits(), Grants::default()),
+            ("counter", "counter", RoleLimits::default(), Grants::default()),
+        ],
+    ));
+    let spinning = {
+        let host = host.clone();
+        tokio::spawn(async move { host.call("spinner", br#"{"op":"spin"}"#).await })
+    };
+    // The spinner starts; this task runs again only once it yields.
+    tokio::task::yield_now().await;
+    for expected in 1..=3 {
+        assert_eq!(host.call("counter", b"").await.unwrap(), expected.to_string().into_bytes());
+    }
+    assert!(!spinning.is_finished(), "the other calls had to wait for the spinner's deadline");
+    let err = spinning.await.unwrap().unwrap_err();
+    assert!(matches!(err, CallError::DeadlineExceeded { millis: 500, .. }), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_growth_stops_at_the_limit() {
     let host = host_with_limits(backend("memory").unwrap(), "t:", &[("hog", "kvprobe")], limits());

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, PoolConcurrencyLimitError, Store, Trap};
+use wasmtime::{Config, Engine, PoolConcurrencyLimitError, Store, Trap, UpdateDeadline};
 
 use crate::acl::sha256_hex;
 use crate::backend::{Backend, Metered, Write};
@@ -490,7 +490,19 @@ impl Host {
         let ctx = CallCtx::new(role.info.clone(), role.metered.clone(), limiter, log);
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|ctx| &mut ctx.limiter);
-        store.epoch_deadline_trap();
+        // At every epoch tick the guest yields to the async runtime, so a
+        // guest computing for long never holds up the other calls and
+        // connections of its thread (a `serve` worker runs many); at the
+        // call's deadline it traps. tokio's `yield_now` lets the runtime
+        // poll its sockets and timers before the guest runs again.
+        store.epoch_deadline_callback(|mut store| {
+            let ticks = &mut store.data_mut().ticks_left;
+            *ticks = ticks.saturating_sub(1);
+            Ok(match *ticks {
+                0 => UpdateDeadline::Interrupt,
+                _ => UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())),
+            })
+        });
         store
     }
 
@@ -504,7 +516,8 @@ impl Host {
             None => (self.new_store(role), None),
         };
         let deadline = Duration::from_millis(limits.deadline_ms);
-        store.set_epoch_deadline(deadline.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1);
+        store.data_mut().ticks_left = deadline.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1;
+        store.set_epoch_deadline(1);
         if self.options.fuel {
             store
                 .set_fuel(limits.fuel.unwrap_or(u64::MAX))

@@ -75,8 +75,11 @@ impl Workers {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        // A worker only ends when `self` is dropped, so the send succeeds.
-        let _ = self.senders[index % self.senders.len()].send(Box::new(move || Box::pin(make())));
+        let index = index % self.senders.len();
+        // A worker ends only when `self` is dropped, or if its thread died.
+        if self.senders[index].send(Box::new(move || Box::pin(make()))).is_err() {
+            tracing::error!(worker = index, "a worker thread has stopped; its job is dropped");
+        }
     }
 }
 

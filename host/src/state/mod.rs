@@ -95,6 +95,8 @@ pub struct CallCtx {
     table: ResourceTable,
     /// Made on the guest's first WASI call: most calls make none.
     wasi: Option<WasiCtx>,
+    /// Epoch ticks the call may still run for (its deadline).
+    pub(crate) ticks_left: u64,
 }
 
 impl CallCtx {
@@ -110,6 +112,7 @@ impl CallCtx {
             held_bytes: 0,
             table: ResourceTable::new(),
             wasi: None,
+            ticks_left: 0,
         }
     }
 

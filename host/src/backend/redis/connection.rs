@@ -31,8 +31,10 @@ use crate::workers;
 /// The URL schemes with TLS, for error messages.
 const TLS_SCHEMES: &str = "rediss://, rediss+cluster:// or rediss+sentinel://";
 
-/// Direct connections kept at most (one per worker thread).
-const MAX_WORKER_CONNS: usize = 1024;
+/// Direct connections kept at most (one per worker thread): four times
+/// the most workers `serve` runs (`--threads` up to 1024), plus the
+/// other threads'. Past it, some belong to workers long gone.
+const MAX_WORKER_CONNS: usize = 4 * 1024 + 1;
 
 /// Default Sentinel port, for addresses that leave it out.
 const SENTINEL_PORT: u16 = 26379;
@@ -391,8 +393,6 @@ impl Kind {
                     Source::Sentinels(client) => client.get_async_connection_with_config(config).await?,
                 });
                 let mut conns = lock(conns);
-                // Past this, some belong to workers long gone (a host
-                // served, stopped and served again): start afresh.
                 if conns.len() >= MAX_WORKER_CONNS {
                     conns.clear();
                 }
@@ -418,7 +418,8 @@ impl Kind {
                     ErrorKind::Server(ServerErrorKind::ReadOnly) | ErrorKind::AuthenticationFailed
                 );
             // What one connection learnt of the server holds for every
-            // worker's.
+            // worker's: had the others been kept, the next write on a
+            // dead one could not tell "never sent" from "lost".
             if gone {
                 lock(conns).clear();
             }
