@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use rolehost::backend::{Backend, ScanPage};
-use rolehost::{CallError, Grants, RoleLimits};
+use rolehost::{CallError, Grants, Host, RoleLimits};
 use rolehost_tests::{backend, free_port, host, host_with_limits, host_with_specs, probe, scan_pages, RedisServer};
 use serde_json::json;
 
@@ -32,6 +32,30 @@ async fn a_panic_is_a_trap_and_the_host_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_endless_loop_hits_the_deadline_while_others_run() {
+    let (host, spinning) = spinner_beside_counter();
+    // Other calls complete while the loop runs.
+    counter_counts_to_three(&host).await;
+    let err = spinning.await.unwrap().unwrap_err();
+    assert!(matches!(err, CallError::DeadlineExceeded { millis: 500, .. }), "{err}");
+    assert_eq!(host.call("counter", b"").await.unwrap(), b"4");
+}
+
+/// On one thread, as on a `serve` worker: the spinning guest yields at every
+/// epoch tick, so the thread's other calls run long before its deadline.
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_guest_yields_to_the_other_calls_of_its_thread() {
+    let (host, spinning) = spinner_beside_counter();
+    // The spinner starts; this task runs again only once it yields.
+    tokio::task::yield_now().await;
+    counter_counts_to_three(&host).await;
+    assert!(!spinning.is_finished(), "the other calls had to wait for the spinner's deadline");
+    let err = spinning.await.unwrap().unwrap_err();
+    assert!(matches!(err, CallError::DeadlineExceeded { millis: 500, .. }), "{err}");
+}
+
+/// A host with a counter and a kvprobe running an endless loop (500 ms
+/// deadline), already spawned.
+fn spinner_beside_counter() -> (std::sync::Arc<Host>, tokio::task::JoinHandle<Result<Vec<u8>, CallError>>) {
     // The counter's calls get the default deadline: they run beside the
     // spinning one, which may slow them on a loaded machine.
     let host = std::sync::Arc::new(host_with_specs(
@@ -42,43 +66,14 @@ async fn an_endless_loop_hits_the_deadline_while_others_run() {
             ("counter", "counter", RoleLimits::default(), Grants::default()),
         ],
     ));
-    let spinning = {
-        let host = host.clone();
-        tokio::spawn(async move { host.call("spinner", br#"{"op":"spin"}"#).await })
-    };
-    // Other calls complete while the loop runs.
-    for expected in 1..=3 {
-        assert_eq!(host.call("counter", b"").await.unwrap(), expected.to_string().into_bytes());
-    }
-    let err = spinning.await.unwrap().unwrap_err();
-    assert!(matches!(err, CallError::DeadlineExceeded { millis: 500, .. }), "{err}");
-    assert_eq!(host.call("counter", b"").await.unwrap(), b"4");
+    let spinner = host.clone();
+    (host, tokio::spawn(async move { spinner.call("spinner", br#"{"op":"spin"}"#).await }))
 }
 
-/// On one thread, as on a `serve` worker: the spinning guest yields at every
-/// epoch tick, so the thread's other calls run long before its deadline.
-#[tokio::test(flavor = "current_thread")]
-async fn a_spinning_guest_yields_to_the_other_calls_of_its_thread() {
-    let host = std::sync::Arc::new(host_with_specs(
-        backend("memory").unwrap(),
-        "t:",
-        vec![
-            ("spinner", "kvprobe", limits(), Grants::default()),
-            ("counter", "counter", RoleLimits::default(), Grants::default()),
-        ],
-    ));
-    let spinning = {
-        let host = host.clone();
-        tokio::spawn(async move { host.call("spinner", br#"{"op":"spin"}"#).await })
-    };
-    // The spinner starts; this task runs again only once it yields.
-    tokio::task::yield_now().await;
+async fn counter_counts_to_three(host: &Host) {
     for expected in 1..=3 {
         assert_eq!(host.call("counter", b"").await.unwrap(), expected.to_string().into_bytes());
     }
-    assert!(!spinning.is_finished(), "the other calls had to wait for the spinner's deadline");
-    let err = spinning.await.unwrap().unwrap_err();
-    assert!(matches!(err, CallError::DeadlineExceeded { millis: 500, .. }), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
