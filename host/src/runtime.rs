@@ -24,7 +24,8 @@ use crate::slots::Slots;
 use crate::state::log::CallLog;
 use crate::state::{CallCtx, CallLimiter, OpRate, RoleInfo};
 
-/// How often the engine's epoch advances; the granularity of deadlines.
+/// How often the engine's epoch advances: the granularity of deadlines,
+/// and the longest a guest computes before it yields its thread.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Where a granted directory appears inside the guest.
 pub const GUEST_DIR: &str = "/data";
