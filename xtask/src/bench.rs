@@ -232,8 +232,11 @@ async fn measure(root: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<V
             let backend_for_pairs = backend.clone();
             let warm = Arc::new(host_for(root, backend, None, 128, 64)?);
             rows.extend(redis_pairs(&host_redis, &warm, &url, &redis).await?);
-            rows.push(worker_pairs(&workers, &host_redis, &url, &redis.pid()).await?);
+            for (host, how) in [(&host_redis, ""), (&warm, ", warm instances")] {
+                rows.push(worker_pairs(&workers, host, how, &url, &redis.pid()).await?);
+            }
             rows.extend(backend_pairs(&backend_for_pairs, &redis.pid()).await?);
+            rows.push(worker_backend_pairs(&workers, &backend_for_pairs, &redis.pid()).await?);
             rows.extend(redis_bound_pairs(root).await?);
         }
         if wanted("d") {
@@ -325,6 +328,13 @@ async fn pair_rounds(
     Ok((ours, theirs))
 }
 
+/// The GET + SET pair the bench role makes, straight on the backend.
+async fn backend_pair(b: &dyn Backend) -> anyhow::Result<()> {
+    b.get("bench:bench:kv:k", None).await.map_err(anyhow::Error::msg)?;
+    b.set("bench:bench:kv:k", &[b'v'; 100], None).await.map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
 /// The GET + SET pair the bench role makes, straight on redis-rs.
 async fn native_pair(mut conn: redis::aio::MultiplexedConnection) -> anyhow::Result<()> {
     let _: Option<Vec<u8>> = redis::cmd("GET").arg("bench:bench:kv:k").query_async(&mut conn).await?;
@@ -338,7 +348,13 @@ const WORKERS: usize = 2;
 /// (c) at concurrency 64 as `serve` runs calls: on 2 worker threads of
 /// their own (`host/src/workers.rs`), 32 calls on each, every worker with
 /// its own Redis connection; redis-rs likewise, a connection per worker.
-async fn worker_pairs(workers: &Workers, host: &Arc<Host>, url: &str, redis_pid: &str) -> anyhow::Result<Row> {
+async fn worker_pairs(
+    workers: &Workers,
+    host: &Arc<Host>,
+    how: &str,
+    url: &str,
+    redis_pid: &str,
+) -> anyhow::Result<Row> {
     let (n, mut ours, mut theirs) = (30_000, Rounds::default(), Rounds::default());
     for _ in 0..ROUNDS {
         let h = host.clone();
@@ -369,8 +385,32 @@ async fn worker_pairs(workers: &Workers, host: &Arc<Host>, url: &str, redis_pid:
         .await?;
         theirs.add(rate, cpu.per_op(n));
     }
-    let how = format!("Redis, concurrency 64 on {WORKERS} worker threads (as `serve` runs calls)");
+    let how = format!("Redis, concurrency 64 on {WORKERS} worker threads (as `serve` runs calls){how}");
     Ok(pairs_row(how, &ours, &theirs, true))
+}
+
+/// The worker row broken down: the same pairs straight on the Redis
+/// backend (a connection per worker), without wasm.
+async fn worker_backend_pairs(workers: &Workers, backend: &Arc<dyn Backend>, redis_pid: &str) -> anyhow::Result<Row> {
+    let (n, b) = (30_000, backend.clone());
+    let cpu = CpuUse::start(redis_pid);
+    let rate = on_workers(workers, WORKERS, n, 64, move || {
+        let b = b.clone();
+        async move {
+            let pair = move || {
+                let b = b.clone();
+                async move { backend_pair(&*b).await }
+            };
+            pair().await?;
+            Ok(pair)
+        }
+    })
+    .await?;
+    Ok(Row {
+        case: format!("(c) breakdown: Redis backend alone (no wasm), concurrency 64 on {WORKERS} worker threads"),
+        rolehost: format!("{} pairs; CPU per pair: {}", kilo(rate), cpu.per_op(n)),
+        ..Row::empty()
+    })
 }
 
 /// Operations per second of `n` runs, `concurrency` at a time, split
@@ -512,11 +552,7 @@ async fn backend_pairs(backend: &Arc<dyn Backend>, redis_pid: &str) -> anyhow::R
         let cpu = CpuUse::start(redis_pid);
         let rate = concurrent(20_000, concurrency, move || {
             let b = b.clone();
-            async move {
-                b.get("bench:bench:kv:k", None).await.map_err(anyhow::Error::msg)?;
-                b.set("bench:bench:kv:k", &[b'v'; 100], None).await.map_err(anyhow::Error::msg)?;
-                Ok(())
-            }
+            async move { backend_pair(&*b).await }
         })
         .await?;
         rows.push(Row {
