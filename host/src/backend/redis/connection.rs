@@ -259,10 +259,11 @@ enum Kind {
         config: AsyncConnectionConfig,
         conns: Mutex<HashMap<u64, Coalescing<MultiplexedConnection>>>,
     },
-    /// Made on first use; it then follows slot moves and node failures itself.
+    /// Made on first use; it then follows slot moves and node failures
+    /// itself, for as long as the runtime it was made on runs.
     Cluster {
         client: ClusterClient,
-        conn: tokio::sync::Mutex<Option<ClusterConn>>,
+        conn: tokio::sync::Mutex<Option<(ClusterConn, RuntimeAlive)>>,
         ask_targets: Arc<NodeConns>,
         primaries: Arc<NodeConns>,
     },
@@ -366,15 +367,17 @@ impl Kind {
         match self {
             Kind::Cluster { client, conn, ask_targets, primaries } => {
                 let mut slot = conn.lock().await;
-                if let Some(conn) = slot.as_ref() {
-                    return Ok(Conn::Cluster(conn.clone()));
+                if let Some((conn, alive)) = slot.as_mut() {
+                    if alive.still() {
+                        return Ok(Conn::Cluster(conn.clone()));
+                    }
                 }
                 let fresh = ClusterConn {
                     conn: client.get_async_connection().await?,
                     ask_targets: ask_targets.clone(),
                     primaries: primaries.clone(),
                 };
-                *slot = Some(fresh.clone());
+                *slot = Some((fresh.clone(), RuntimeAlive::here()));
                 Ok(Conn::Cluster(fresh))
             }
             Kind::Direct { source, config, conns } => {
@@ -432,6 +435,29 @@ impl Kind {
         if let Kind::Direct { conns, .. } = self {
             lock(conns).remove(&workers::current());
         }
+    }
+}
+
+/// Whether the async runtime something was made on still runs. A Cluster
+/// connection's driver is a task of that runtime and stops with it,
+/// failing every command after: the backend may outlive it (a short-lived
+/// runtime, a stopped worker) and must then connect again.
+struct RuntimeAlive(tokio::sync::oneshot::Receiver<()>);
+
+impl RuntimeAlive {
+    /// For the current runtime: a task that never ends holds the sender,
+    /// dropped when the runtime drops its tasks.
+    fn here() -> Self {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _sender = sender;
+            std::future::pending::<()>().await
+        });
+        Self(receiver)
+    }
+
+    fn still(&mut self) -> bool {
+        self.0.try_recv() == Err(tokio::sync::oneshot::error::TryRecvError::Empty)
     }
 }
 
