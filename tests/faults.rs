@@ -142,13 +142,19 @@ async fn redis_down_is_unavailable_and_the_host_recovers_by_itself() {
 /// A primary and a replica in sync with it.
 /// A connection made on a runtime that has stopped since (its reader task
 /// went with it) is noticed and made again: a backend outlives the runtime
-/// that connected it, on one server and on a Cluster alike.
+/// that connected it, on one server, a Cluster and Sentinels alike.
 #[test]
 fn a_backend_outlives_the_runtime_that_connected_it() {
     let Some(server) = rolehost_tests::shared_redis() else { return };
     let Some(cluster) = rolehost_tests::shared_cluster() else { return };
+    let Some(sentinels) = rolehost_tests::RedisSentinels::start(1) else { return };
     let key = rolehost_tests::unique("outlived");
-    for (kind, backend) in [("one server", server.backend(server.fresh_db())), ("cluster", cluster.backend())] {
+    let backends = [
+        ("one server", server.backend(server.fresh_db())),
+        ("cluster", cluster.backend()),
+        ("sentinel", Arc::new(RedisBackend::new(&RedisOptions::new(sentinels.url(""))).unwrap()) as Arc<dyn Backend>),
+    ];
+    for (kind, backend) in backends {
         let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime().block_on(backend.set(&key, b"v", None)).unwrap();
         let read = runtime().block_on(backend.get(&key, None));
