@@ -139,7 +139,6 @@ async fn redis_down_is_unavailable_and_the_host_recovers_by_itself() {
     assert_eq!(probe(&host, "alice", json!({"op":"get","key":"k"})).await, Ok(json!("v")));
 }
 
-/// A primary and a replica in sync with it.
 /// A connection made on a runtime that has stopped since (its reader task
 /// went with it) is noticed and made again: a backend outlives the runtime
 /// that connected it, on one server, a Cluster and Sentinels alike.
@@ -162,6 +161,7 @@ fn a_backend_outlives_the_runtime_that_connected_it() {
     }
 }
 
+/// A primary and a replica in sync with it.
 fn primary_and_replica() -> Option<(RedisServer, RedisServer)> {
     let primary = RedisServer::start()?;
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()])?;

@@ -65,17 +65,7 @@ impl Workers {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
-        self.spawn_on(turn, make);
-    }
-
-    /// [`Workers::spawn`] on worker `index` (modulo their number).
-    pub fn spawn_on<F, Fut>(&self, index: usize, make: F)
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let index = index % self.senders.len();
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
         // A worker ends only when `self` is dropped, or if its thread died.
         if self.senders[index].send(Box::new(move || Box::pin(make()))).is_err() {
             tracing::error!(worker = index, "a worker thread has stopped; its job is dropped");

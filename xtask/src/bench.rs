@@ -359,11 +359,10 @@ async fn worker_pairs(
     for _ in 0..ROUNDS {
         let h = host.clone();
         let cpu = CpuUse::start(redis_pid);
-        let rate = on_workers(workers, WORKERS, n, 64, move || {
+        let rate = on_workers(workers, n, 64, move || {
             let h = h.clone();
             async move {
                 h.call("bench", b"gs").await?;
-                let h = h.clone();
                 Ok(move || {
                     let h = h.clone();
                     async move { h.call("bench", b"gs").await.map(drop).map_err(Into::into) }
@@ -374,7 +373,7 @@ async fn worker_pairs(
         ours.add(rate, cpu.per_op(n));
         let url = url.to_owned();
         let cpu = CpuUse::start(redis_pid);
-        let rate = on_workers(workers, WORKERS, n, 64, move || {
+        let rate = on_workers(workers, n, 64, move || {
             let url = url.clone();
             async move {
                 let conn = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
@@ -394,7 +393,7 @@ async fn worker_pairs(
 async fn worker_backend_pairs(workers: &Workers, backend: &Arc<dyn Backend>, redis_pid: &str) -> anyhow::Result<Row> {
     let (n, b) = (30_000, backend.clone());
     let cpu = CpuUse::start(redis_pid);
-    let rate = on_workers(workers, WORKERS, n, 64, move || {
+    let rate = on_workers(workers, n, 64, move || {
         let b = b.clone();
         async move {
             let pair = move || {
@@ -414,30 +413,25 @@ async fn worker_backend_pairs(workers: &Workers, backend: &Arc<dyn Backend>, red
 }
 
 /// Operations per second of `n` runs, `concurrency` at a time, split
-/// evenly over `count` workers. Each worker first makes its operation with
-/// `setup` (and so, say, a connection of its own), untimed.
-async fn on_workers<S, SetUp, F, Fut>(
-    workers: &Workers,
-    count: usize,
-    n: usize,
-    concurrency: usize,
-    setup: S,
-) -> anyhow::Result<f64>
+/// evenly over the `WORKERS` workers. Each worker first makes its operation
+/// with `setup` (and so, say, a connection of its own), untimed.
+async fn on_workers<S, SetUp, F, Fut>(workers: &Workers, n: usize, concurrency: usize, setup: S) -> anyhow::Result<f64>
 where
     S: Fn() -> SetUp + Send + Sync + Clone + 'static,
     SetUp: std::future::Future<Output = anyhow::Result<F>> + Send,
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
-    let ready = Arc::new(tokio::sync::Barrier::new(count + 1));
+    let ready = Arc::new(tokio::sync::Barrier::new(WORKERS + 1));
     let mut finished = Vec::new();
-    for worker in 0..count {
+    // Handed out in turn: one each.
+    for _ in 0..WORKERS {
         let (setup, ready, (done, finish)) = (setup.clone(), ready.clone(), tokio::sync::oneshot::channel());
-        workers.spawn_on(worker, move || async move {
+        workers.spawn(move || async move {
             let op = setup().await;
             ready.wait().await;
             let result = match op {
-                Ok(op) => concurrent(n / count, concurrency / count, op).await.map(|_| Instant::now()),
+                Ok(op) => concurrent(n / WORKERS, concurrency / WORKERS, op).await.map(|_| Instant::now()),
                 Err(error) => Err(error),
             };
             let _ = done.send(result);
@@ -450,7 +444,7 @@ where
     for finish in finished {
         last = last.max(finish.await??);
     }
-    Ok((n / count * count) as f64 / (last - start).as_secs_f64())
+    Ok((n / WORKERS * WORKERS) as f64 / (last - start).as_secs_f64())
 }
 
 /// A (c) row: rolehost's calls next to redis-rs's pairs; with `goal`, the

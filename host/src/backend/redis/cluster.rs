@@ -323,14 +323,15 @@ fn endpoints(shards: &Value) -> HashMap<String, String> {
     nodes
         .flatten()
         .filter_map(|node| Some((text(field(node, "id")?)?, text(field(node, "endpoint")?)?)))
-        .filter(|(_, endpoint)| !endpoint.is_empty() && endpoint != "?")
+        .filter(|(_, endpoint)| !endpoint.is_empty() && *endpoint != "?")
+        .map(|(id, endpoint)| (id.to_owned(), endpoint.to_owned()))
         .collect()
 }
 
 /// The value of `name` in a map (RESP3) or a flat list of names and values
 /// (RESP2).
 fn field<'v>(map: &'v Value, name: &str) -> Option<&'v Value> {
-    let is_name = |key: &Value| text(key).is_some_and(|key| key == name);
+    let is_name = |key: &Value| text(key) == Some(name);
     match map {
         Value::Map(pairs) => pairs.iter().find(|(key, _)| is_name(key)).map(|(_, value)| value),
         Value::Array(items) => items.chunks_exact(2).find(|pair| is_name(&pair[0])).map(|pair| &pair[1]),
@@ -338,10 +339,10 @@ fn field<'v>(map: &'v Value, name: &str) -> Option<&'v Value> {
     }
 }
 
-fn text(value: &Value) -> Option<String> {
+fn text(value: &Value) -> Option<&str> {
     match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-        Value::SimpleString(text) => Some(text.clone()),
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        Value::SimpleString(text) => Some(text),
         _ => None,
     }
 }
