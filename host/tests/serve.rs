@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rolehost_tests::{role_path, shared_redis, RedisServer};
+use rolehost_tests::{role_path, shared_redis, RedisCluster, RedisServer};
 
 const TOKEN: &str = "admin-token-for-tests";
 /// The secret role users' passwords derive from, where a test uses them.
@@ -221,18 +221,39 @@ fn health_readiness_and_metrics_on_redis() {
 fn each_worker_thread_has_a_redis_connection_of_its_own() {
     let Some(_) = shared_redis() else { return };
     let counter = role_path("counter");
-    for threads in [1, 3] {
-        let Some(redis) = RedisServer::start() else { return };
+    // rolehost's connections to `server`, less the one that asks.
+    let clients = |server: &RedisServer| {
+        let clients = server.cli(&["client", "list"]);
+        (clients.lines().filter(|line| !line.contains("cmd=client|list")).count(), clients)
+    };
+    // Six calls, each on a new HTTP connection (a new agent each time), so
+    // that they go round the workers.
+    let six_calls = |url: &str, threads: usize| {
         let dir = dir(&format!("workers-{threads}"));
-        let manifest = manifest(&dir, &redis.url(0), &[("counter", &counter, "")]);
+        let manifest = manifest(&dir, url, &[("counter", &counter, "")]);
         let server = Server::start(&manifest, &["--threads", &threads.to_string()]);
-        // A new HTTP connection for each call (a new agent each time).
         for n in 1..=6 {
             assert_eq!(server.post("/roles/counter", ""), (200, n.to_string(), None));
         }
-        let clients = redis.cli(&["client", "list"]);
-        let rolehost = clients.lines().filter(|line| !line.contains("cmd=client|list")).count();
-        assert_eq!(rolehost, threads, "one connection per worker thread:\n{clients}");
+        server
+    };
+    for threads in [1, 3] {
+        let Some(redis) = RedisServer::start() else { return };
+        let _server = six_calls(&redis.url(0), threads);
+        let (rolehost, list) = clients(&redis);
+        assert_eq!(rolehost, threads, "one connection per worker thread:\n{list}");
+    }
+    // A Cluster connection reaches every primary; each worker has one.
+    let mut per_thread = None;
+    for threads in [1, 3] {
+        let Some(cluster) = RedisCluster::start(3) else { return };
+        let _server = six_calls(&cluster.url(), threads);
+        for node in &cluster.nodes {
+            let (rolehost, list) = clients(node);
+            let one = *per_thread.get_or_insert(rolehost);
+            assert!(one >= 1, "no connection to a primary:\n{list}");
+            assert_eq!(rolehost, one * threads, "a Cluster connection per worker thread:\n{list}");
+        }
     }
     let out = Command::new(env!("CARGO_BIN_EXE_rolehost"))
         .args(["serve", "--manifest", "/nonexistent.toml", "--threads", "0"])

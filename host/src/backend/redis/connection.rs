@@ -4,12 +4,13 @@
 //! connects lazily and again after failures, so Redis being down is an
 //! error of the calls made meanwhile, never of the host.
 //!
-//! A server or Sentinel primary gets one multiplexed connection (one per
-//! worker thread of `serve`, see `workers.rs`), dropped after any failure
-//! that leaves it in doubt (lost, timed out, refused login, now a replica)
-//! and made afresh by the next operation; redis-rs's `ConnectionManager`
-//! would keep a connection whose login failed, and never notices one that
-//! stopped answering.
+//! Each worker thread of `serve` (see `workers.rs`) gets connections of
+//! its own. A server or Sentinel primary gets one multiplexed connection,
+//! dropped after any failure that leaves it in doubt (lost, timed out,
+//! refused login, now a replica) and made afresh by the next operation;
+//! redis-rs's `ConnectionManager` would keep a connection whose login
+//! failed, and never notices one that stopped answering. A Cluster gets
+//! redis-rs's Cluster connection, which follows the Cluster by itself.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -31,7 +32,7 @@ use crate::workers;
 /// The URL schemes with TLS, for error messages.
 const TLS_SCHEMES: &str = "rediss://, rediss+cluster:// or rediss+sentinel://";
 
-/// Direct connections kept at most (one per worker thread): four times
+/// Connections of one kind kept at most (one per worker thread): four times
 /// the most workers `serve` runs (`--threads` up to 1024), plus the
 /// other threads'. Past it, some belong to workers long gone.
 const MAX_WORKER_CONNS: usize = 4 * 1024 + 1;
@@ -249,31 +250,47 @@ pub(super) struct Connector {
     topology: &'static str,
 }
 
-enum Kind {
-    /// One server or the Sentinels' primary: the connection, made on first
-    /// use and again after a failure; one caller at a time connects. One
-    /// per worker thread (by [`workers::current`]), so that its reader
-    /// runs where its callers do; other threads share one.
-    Direct {
-        source: tokio::sync::Mutex<Source>,
-        config: AsyncConnectionConfig,
-        conns: Mutex<HashMap<u64, Coalescing<MultiplexedConnection>>>,
-    },
-    /// Made on first use; it then follows slot moves and node failures
-    /// itself, for as long as the runtime it was made on runs.
-    Cluster {
-        client: ClusterClient,
-        conn: tokio::sync::Mutex<Option<(ClusterConn, RuntimeAlive)>>,
-        ask_targets: Arc<NodeConns>,
-        primaries: Arc<NodeConns>,
-    },
+/// One connection per worker thread (by [`workers::current`]), so that
+/// its driver runs where its callers do; other threads share one. Each is
+/// made on first use, and again after a failure that leaves it in doubt
+/// or once the runtime it was made on has stopped.
+struct Kind {
+    /// Where connections go; one caller at a time connects, the others
+    /// then find its connection.
+    source: tokio::sync::Mutex<Source>,
+    /// The workers' connections.
+    conns: Mutex<HashMap<u64, (Conn, RuntimeAlive)>>,
+    /// A Cluster connection follows slot moves and node failures itself;
+    /// a direct one is dropped after failures instead.
+    cluster: bool,
 }
 
-/// Where a direct connection goes.
+/// Where a connection goes.
 enum Source {
-    Server(Client),
+    Server(Client, AsyncConnectionConfig),
     /// The current primary, asked of the Sentinels at every connect.
-    Sentinels(SentinelClient),
+    Sentinels(SentinelClient, AsyncConnectionConfig),
+    /// Every worker's Cluster connection shares rolehost's own connections
+    /// to single nodes: they serve only scans, health checks and `ASK`s.
+    Cluster { client: ClusterClient, ask_targets: Arc<NodeConns>, primaries: Arc<NodeConns> },
+}
+
+impl Source {
+    async fn connect(&mut self) -> RedisResult<Conn> {
+        Ok(match self {
+            Source::Server(client, config) => {
+                Conn::Direct(Coalescing::new(client.get_multiplexed_async_connection_with_config(config).await?))
+            }
+            Source::Sentinels(client, config) => {
+                Conn::Direct(Coalescing::new(client.get_async_connection_with_config(config).await?))
+            }
+            Source::Cluster { client, ask_targets, primaries } => Conn::Cluster(ClusterConn {
+                conn: client.get_async_connection().await?,
+                ask_targets: ask_targets.clone(),
+                primaries: primaries.clone(),
+            }),
+        })
+    }
 }
 
 impl Kind {
@@ -284,7 +301,7 @@ impl Kind {
         certificates: Option<&TlsCertificates>,
     ) -> Result<Self, String> {
         let invalid = |e: RedisError| format!("invalid Redis settings for {:?}: {e}", options.url);
-        Ok(match endpoint {
+        let source = match endpoint {
             Endpoint::Single(info) => {
                 let info = with_login(info, options);
                 let client = match certificates {
@@ -292,7 +309,7 @@ impl Kind {
                     None => Client::open(info),
                 }
                 .map_err(invalid)?;
-                Kind::direct(Source::Server(client), options)
+                Source::Server(client, Kind::config(options))
             }
             Endpoint::Cluster(nodes) => {
                 // No retries inside redis-rs: it would resend any command
@@ -315,9 +332,8 @@ impl Kind {
                 let template = with_login(&nodes[0], options);
                 let node_conns =
                     || Arc::new(NodeConns::new(template.clone(), certificates.cloned(), Kind::config(options)));
-                Kind::Cluster {
+                Source::Cluster {
                     client: builder.build().map_err(invalid)?,
-                    conn: tokio::sync::Mutex::new(None),
                     ask_targets: node_conns(),
                     primaries: node_conns(),
                 }
@@ -346,13 +362,11 @@ impl Kind {
                         .set_client_to_redis_certificates(certificates.clone())
                         .set_client_to_sentinel_certificates(certificates.clone());
                 }
-                Kind::direct(Source::Sentinels(builder.build().map_err(invalid)?), options)
+                Source::Sentinels(builder.build().map_err(invalid)?, Kind::config(options))
             }
-        })
-    }
-
-    fn direct(source: Source, options: &RedisOptions) -> Self {
-        Kind::Direct { source: tokio::sync::Mutex::new(source), config: Kind::config(options), conns: Mutex::default() }
+        };
+        let cluster = matches!(source, Source::Cluster { .. });
+        Ok(Kind { source: tokio::sync::Mutex::new(source), conns: Mutex::default(), cluster })
     }
 
     /// A direct connection's timeouts.
@@ -362,47 +376,30 @@ impl Kind {
             .set_response_timeout(Some(options.op_timeout))
     }
 
+    /// This worker's connection, if it has a live one.
+    fn known(&self, worker: u64) -> Option<Conn> {
+        let mut conns = lock(&self.conns);
+        let (conn, alive) = conns.get_mut(&worker)?;
+        alive.still().then(|| conn.clone())
+    }
+
     /// A connection, made now if there is none.
     async fn get(&self) -> RedisResult<Conn> {
-        match self {
-            Kind::Cluster { client, conn, ask_targets, primaries } => {
-                let mut slot = conn.lock().await;
-                if let Some((conn, alive)) = slot.as_mut() {
-                    if alive.still() {
-                        return Ok(Conn::Cluster(conn.clone()));
-                    }
-                }
-                let fresh = ClusterConn {
-                    conn: client.get_async_connection().await?,
-                    ask_targets: ask_targets.clone(),
-                    primaries: primaries.clone(),
-                };
-                *slot = Some((fresh.clone(), RuntimeAlive::here()));
-                Ok(Conn::Cluster(fresh))
-            }
-            Kind::Direct { source, config, conns } => {
-                let worker = workers::current();
-                if let Some(conn) = lock(conns).get(&worker) {
-                    return Ok(Conn::Direct(conn.clone()));
-                }
-                // One caller at a time connects; the others then find its
-                // connection.
-                let mut source = source.lock().await;
-                if let Some(conn) = lock(conns).get(&worker) {
-                    return Ok(Conn::Direct(conn.clone()));
-                }
-                let fresh = Coalescing::new(match &mut *source {
-                    Source::Server(client) => client.get_multiplexed_async_connection_with_config(config).await?,
-                    Source::Sentinels(client) => client.get_async_connection_with_config(config).await?,
-                });
-                let mut conns = lock(conns);
-                if conns.len() >= MAX_WORKER_CONNS {
-                    conns.clear();
-                }
-                conns.insert(worker, fresh.clone());
-                Ok(Conn::Direct(fresh))
-            }
+        let worker = workers::current();
+        if let Some(conn) = self.known(worker) {
+            return Ok(conn);
         }
+        let mut source = self.source.lock().await;
+        if let Some(conn) = self.known(worker) {
+            return Ok(conn);
+        }
+        let fresh = source.connect().await?;
+        let mut conns = lock(&self.conns);
+        if conns.len() >= MAX_WORKER_CONNS {
+            conns.clear();
+        }
+        conns.insert(worker, (fresh.clone(), RuntimeAlive::here()));
+        Ok(fresh)
     }
 
     /// Notes a failed operation: a direct connection that lost its server,
@@ -411,34 +408,30 @@ impl Kind {
     /// (for Sentinels: to where the primary is now). Operations still
     /// running on it finish on their own clone.
     fn failed(&self, error: &RedisError) {
-        if let Kind::Direct { conns, .. } = self {
-            let gone = error.is_io_error()
-                || error.is_connection_dropped()
-                || error.is_timeout()
-                || error.is_unrecoverable_error()
-                || matches!(
-                    error.kind(),
-                    ErrorKind::Server(ServerErrorKind::ReadOnly) | ErrorKind::AuthenticationFailed
-                );
-            // What one connection learnt of the server holds for every
-            // worker's: had the others been kept, the next write on a
-            // dead one could not tell "never sent" from "lost".
-            if gone {
-                lock(conns).clear();
-            }
+        let gone = error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_timeout()
+            || error.is_unrecoverable_error()
+            || matches!(error.kind(), ErrorKind::Server(ServerErrorKind::ReadOnly) | ErrorKind::AuthenticationFailed);
+        // What one connection learnt of the server holds for every
+        // worker's: had the others been kept, the next write on a dead one
+        // could not tell "never sent" from "lost".
+        if gone && !self.cluster {
+            lock(&self.conns).clear();
         }
     }
 
-    /// Notes an operation that ran out of time: its connection may be dead
-    /// without knowing it (a server cut off the network), so it is dropped.
+    /// Notes an operation that ran out of time: its direct connection may
+    /// be dead without knowing it (a server cut off the network), so it is
+    /// dropped.
     fn timed_out(&self) {
-        if let Kind::Direct { conns, .. } = self {
-            lock(conns).remove(&workers::current());
+        if !self.cluster {
+            lock(&self.conns).remove(&workers::current());
         }
     }
 }
 
-/// Whether the async runtime something was made on still runs. A Cluster
+/// Whether the async runtime something was made on still runs. A
 /// connection's driver is a task of that runtime and stops with it,
 /// failing every command after: the backend may outlive it (a short-lived
 /// runtime, a stopped worker) and must then connect again.
@@ -552,7 +545,7 @@ impl Connector {
     }
 
     pub(super) fn is_cluster(&self) -> bool {
-        matches!(self.kind, Kind::Cluster { .. })
+        self.kind.cluster
     }
 
     /// `single`, `cluster` or `sentinel`, for health reports.
