@@ -272,7 +272,11 @@ enum Source {
     Sentinels(SentinelClient, AsyncConnectionConfig),
     /// Every worker's Cluster connection shares rolehost's own connections
     /// to single nodes: they serve only scans, health checks and `ASK`s.
-    Cluster { client: ClusterClient, ask_targets: Arc<NodeConns>, primaries: Arc<NodeConns> },
+    Cluster {
+        client: ClusterClient,
+        ask_targets: Arc<NodeConns>,
+        primaries: Arc<NodeConns>,
+    },
 }
 
 impl Source {
