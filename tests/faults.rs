@@ -9,9 +9,10 @@
 //! batch in flight hold up single commands. A connection that
 //! stops answering, or whose login was refused, is replaced by itself. A
 //! lock Redis took for a call that gave up before the answer is released.
+//! Worker threads connect side by side, not one after another.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -161,6 +162,36 @@ fn a_backend_outlives_the_runtime_that_connected_it() {
     }
 }
 
+/// Worker threads connect side by side: while one waits for a server slow
+/// to answer its handshake, the others make their connections too, rather
+/// than queueing behind it (each here would then run out of time).
+#[test]
+fn workers_connect_side_by_side() {
+    let Some(server) = RedisServer::start() else { return };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let handshake = Duration::from_millis(700);
+    let proxy = runtime.block_on(FreezingProxy::start_slow(server.port, handshake));
+    let mut options = RedisOptions::new(format!("redis://127.0.0.1:{}/0", proxy.port));
+    options.connect_timeout = 2 * handshake;
+    // Room for one slow connect and a half, not two in a row.
+    options.op_timeout = handshake * 5 / 2;
+    let backend: Arc<dyn Backend> = Arc::new(RedisBackend::new(&options).unwrap());
+    const WORKERS: usize = 4;
+    let workers = rolehost::workers::Workers::start(WORKERS).unwrap();
+    let (done, results) = std::sync::mpsc::channel();
+    for _ in 0..WORKERS {
+        let (backend, done) = (backend.clone(), done.clone());
+        workers.spawn(move || async move {
+            let _ = done.send(backend.get("k", None).await);
+        });
+    }
+    for _ in 0..WORKERS {
+        let result = results.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(result, Ok(None), "every worker connects in time");
+    }
+    assert_eq!(proxy.connections.load(Ordering::SeqCst), WORKERS, "a connection per worker");
+}
+
 /// A primary and a replica in sync with it.
 fn primary_and_replica() -> Option<(RedisServer, RedisServer)> {
     let primary = RedisServer::start()?;
@@ -302,32 +333,53 @@ struct FreezingProxy {
     /// waits until those it stops are all stopped.
     requests: Arc<Sender<u64>>,
     replies: Arc<Sender<u64>>,
+    /// Connections accepted so far.
+    connections: Arc<AtomicUsize>,
 }
 
 type Sender<T> = tokio::sync::watch::Sender<T>;
 
 impl FreezingProxy {
     async fn start(target: u16) -> Self {
+        Self::start_slow(target, Duration::ZERO).await
+    }
+
+    /// The same, but every new connection carries nothing for `delay`, as
+    /// a server far away or busy would answer a handshake late.
+    async fn start_slow(target: u16, delay: Duration) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let counter = || Arc::new(tokio::sync::watch::channel(0).0);
-        let proxy = Self { port, freeze: counter(), mute: counter(), requests: counter(), replies: counter() };
-        let (freeze, mute, requests, replies) =
-            (proxy.freeze.clone(), proxy.mute.clone(), proxy.requests.clone(), proxy.replies.clone());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let proxy =
+            Self { port, freeze: counter(), mute: counter(), requests: counter(), replies: counter(), connections };
+        let (freeze, mute, requests, replies, connections) = (
+            proxy.freeze.clone(),
+            proxy.mute.clone(),
+            proxy.requests.clone(),
+            proxy.replies.clone(),
+            proxy.connections.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { continue };
-                let (client_in, client_out) = client.into_split();
-                let (server_in, server_out) = server.into_split();
-                forward(client_in, server_out, bumped(&freeze), requests.clone());
-                let replies_cut = (bumped(&freeze), bumped(&mute));
-                let replies_cut = async move {
-                    tokio::select! {
-                        () = replies_cut.0 => {}
-                        () = replies_cut.1 => {}
-                    }
-                };
-                forward(server_in, client_out, replies_cut, replies.clone());
+                connections.fetch_add(1, Ordering::SeqCst);
+                // Freezes and mutes from now on reach this connection.
+                let (requests_cut, replies_cut) = (bumped(&freeze), (bumped(&freeze), bumped(&mute)));
+                let (requests, replies) = (requests.clone(), replies.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    let (client_in, client_out) = client.into_split();
+                    let (server_in, server_out) = server.into_split();
+                    forward(client_in, server_out, requests_cut, requests);
+                    let replies_cut = async move {
+                        tokio::select! {
+                            () = replies_cut.0 => {}
+                            () = replies_cut.1 => {}
+                        }
+                    };
+                    forward(server_in, client_out, replies_cut, replies);
+                });
             }
         });
         proxy

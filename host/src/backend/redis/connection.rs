@@ -32,9 +32,10 @@ use crate::workers;
 /// The URL schemes with TLS, for error messages.
 const TLS_SCHEMES: &str = "rediss://, rediss+cluster:// or rediss+sentinel://";
 
-/// Connections of one kind kept at most (one per worker thread): four times
-/// the most workers `serve` runs (`--threads` up to 1024), plus the
-/// other threads'. Past it, some belong to workers long gone.
+/// Workers' connections of one kind kept at most (one per worker
+/// thread): four times the most workers `serve` runs (`--threads` up to
+/// 1024), plus the other threads'. Past it, some belong to workers long
+/// gone.
 const MAX_WORKER_CONNS: usize = 4 * 1024 + 1;
 
 /// Default Sentinel port, for addresses that leave it out.
@@ -255,21 +256,38 @@ pub(super) struct Connector {
 /// made on first use, and again after a failure that leaves it in doubt
 /// or once the runtime it was made on has stopped.
 struct Kind {
-    /// Where connections go; one caller at a time connects, the others
-    /// then find its connection.
-    source: tokio::sync::Mutex<Source>,
+    /// Where connections go.
+    source: Source,
     /// The workers' connections.
-    conns: Mutex<HashMap<u64, (Conn, RuntimeAlive)>>,
+    workers: Mutex<HashMap<u64, Worker>>,
     /// A Cluster connection follows slot moves and node failures itself;
     /// a direct one is dropped after failures instead.
     cluster: bool,
 }
 
+/// One worker's connection. Workers connect side by side, but within a
+/// worker one caller at a time (its `turn`), the others then find its
+/// connection.
+#[derive(Default)]
+struct Worker {
+    conn: Option<(Conn, RuntimeAlive)>,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Worker {
+    /// The connection, if there is one whose runtime still runs.
+    fn live(&mut self) -> Option<Conn> {
+        let (conn, alive) = self.conn.as_mut()?;
+        alive.still().then(|| conn.clone())
+    }
+}
+
 /// Where a connection goes.
 enum Source {
     Server(Client, AsyncConnectionConfig),
-    /// The current primary, asked of the Sentinels at every connect.
-    Sentinels(SentinelClient, AsyncConnectionConfig),
+    /// The current primary, asked of the Sentinels (one question at a
+    /// time) at every connect.
+    Sentinels(tokio::sync::Mutex<SentinelClient>, AsyncConnectionConfig),
     /// Every worker's Cluster connection shares rolehost's own connections
     /// to single nodes: they serve only scans, health checks and `ASK`s.
     Cluster {
@@ -280,13 +298,14 @@ enum Source {
 }
 
 impl Source {
-    async fn connect(&mut self) -> RedisResult<Conn> {
+    async fn connect(&self) -> RedisResult<Conn> {
         Ok(match self {
             Source::Server(client, config) => {
                 Conn::Direct(Coalescing::new(client.get_multiplexed_async_connection_with_config(config).await?))
             }
-            Source::Sentinels(client, config) => {
-                Conn::Direct(Coalescing::new(client.get_async_connection_with_config(config).await?))
+            Source::Sentinels(sentinels, config) => {
+                let primary = sentinels.lock().await.async_get_client().await?;
+                Conn::Direct(Coalescing::new(primary.get_multiplexed_async_connection_with_config(config).await?))
             }
             Source::Cluster { client, ask_targets, primaries } => Conn::Cluster(ClusterConn {
                 conn: client.get_async_connection().await?,
@@ -366,11 +385,11 @@ impl Kind {
                         .set_client_to_redis_certificates(certificates.clone())
                         .set_client_to_sentinel_certificates(certificates.clone());
                 }
-                Source::Sentinels(builder.build().map_err(invalid)?, Kind::config(options))
+                Source::Sentinels(tokio::sync::Mutex::new(builder.build().map_err(invalid)?), Kind::config(options))
             }
         };
         let cluster = matches!(source, Source::Cluster { .. });
-        Ok(Kind { source: tokio::sync::Mutex::new(source), conns: Mutex::default(), cluster })
+        Ok(Kind { source, workers: Mutex::default(), cluster })
     }
 
     /// A direct connection's timeouts.
@@ -380,29 +399,30 @@ impl Kind {
             .set_response_timeout(Some(options.op_timeout))
     }
 
-    /// This worker's connection, if it has a live one.
-    fn known(&self, worker: u64) -> Option<Conn> {
-        let mut conns = lock(&self.conns);
-        let (conn, alive) = conns.get_mut(&worker)?;
-        alive.still().then(|| conn.clone())
+    /// This worker's connection, if it has a live one, else its turn to
+    /// connect.
+    fn known(&self, worker: u64) -> Result<Conn, Arc<tokio::sync::Mutex<()>>> {
+        let mut workers = lock(&self.workers);
+        if workers.len() >= MAX_WORKER_CONNS && !workers.contains_key(&worker) {
+            workers.clear();
+        }
+        let entry = workers.entry(worker).or_default();
+        entry.live().ok_or_else(|| entry.turn.clone())
     }
 
     /// A connection, made now if there is none.
     async fn get(&self) -> RedisResult<Conn> {
         let worker = workers::current();
-        if let Some(conn) = self.known(worker) {
+        let turn = match self.known(worker) {
+            Ok(conn) => return Ok(conn),
+            Err(turn) => turn,
+        };
+        let _turn = turn.lock().await;
+        if let Ok(conn) = self.known(worker) {
             return Ok(conn);
         }
-        let mut source = self.source.lock().await;
-        if let Some(conn) = self.known(worker) {
-            return Ok(conn);
-        }
-        let fresh = source.connect().await?;
-        let mut conns = lock(&self.conns);
-        if conns.len() >= MAX_WORKER_CONNS {
-            conns.clear();
-        }
-        conns.insert(worker, (fresh.clone(), RuntimeAlive::here()));
+        let fresh = self.source.connect().await?;
+        lock(&self.workers).entry(worker).or_default().conn = Some((fresh.clone(), RuntimeAlive::here()));
         Ok(fresh)
     }
 
@@ -421,7 +441,7 @@ impl Kind {
         // worker's: had the others been kept, the next write on a dead one
         // could not tell "never sent" from "lost".
         if gone && !self.cluster {
-            lock(&self.conns).clear();
+            lock(&self.workers).values_mut().for_each(|worker| worker.conn = None);
         }
     }
 
@@ -429,8 +449,11 @@ impl Kind {
     /// be dead without knowing it (a server cut off the network), so it is
     /// dropped.
     fn timed_out(&self) {
-        if !self.cluster {
-            lock(&self.conns).remove(&workers::current());
+        if self.cluster {
+            return;
+        }
+        if let Some(worker) = lock(&self.workers).get_mut(&workers::current()) {
+            worker.conn = None;
         }
     }
 }
