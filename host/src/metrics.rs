@@ -119,6 +119,17 @@ pub fn render_backend(health: &StateResult<Health>) -> String {
     out
 }
 
+/// The connections each of `serve`'s worker threads serves now
+/// (`rolehost_worker_connections`, by worker index), as Prometheus text.
+pub fn render_workers(connections: &[usize]) -> String {
+    let metric = "rolehost_worker_connections";
+    let mut out = format!("# HELP {metric} Connections each worker thread serves now\n# TYPE {metric} gauge\n");
+    for (worker, count) in connections.iter().enumerate() {
+        out += &format!("{metric}{{worker=\"{worker}\"}} {count}\n");
+    }
+    out
+}
+
 /// One role's call metrics, looked up once when the role is loaded rather
 /// than by label on every call.
 pub struct RoleMetrics {

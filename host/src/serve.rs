@@ -15,8 +15,8 @@
 //! most `max_connections` connections are open at once (past it, new ones
 //! wait in the listen backlog), so slow or idle clients cannot pile up.
 //!
-//! Connections are accepted here and served on `threads` worker threads
-//! in turn (`workers.rs`); the watcher and shutdown stay on the runtime
+//! Connections are accepted here and served on `threads` worker threads,
+//! each to the one serving the fewest (`workers.rs`); the watcher and shutdown stay on the runtime
 //! `serve` is called on, and compiling (loads, reloads) runs on a blocking
 //! thread, never on a worker.
 
@@ -43,7 +43,7 @@ use crate::config::StateConfig;
 use crate::error::CallError;
 use crate::manifest::Manifest;
 use crate::runtime::{Host, RoleSpec};
-use crate::workers::Workers;
+use crate::workers::{Loads, Workers};
 
 /// Environment variable holding the admin token for reloads.
 pub const ADMIN_TOKEN_ENV: &str = "ROLEHOST_ADMIN_TOKEN";
@@ -99,11 +99,14 @@ struct App {
     next_request: AtomicU64,
     max_body_bytes: usize,
     read_timeout: Duration,
+    /// The connections each worker thread serves now.
+    connections: Loads,
 }
 
 /// Serves until SIGINT or SIGTERM, then lets calls in flight finish (up to
 /// the grace period). `ready` receives the bound address.
 pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    let workers = Workers::start(options.threads)?;
     let app = Arc::new(App {
         host,
         admin_token: options.admin_token.clone(),
@@ -112,6 +115,7 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
         next_request: AtomicU64::new(1),
         max_body_bytes: options.max_body_bytes,
         read_timeout: options.read_timeout,
+        connections: workers.loads(),
     });
     let router = Router::new()
         .route("/roles/{role}", post(call_role))
@@ -122,7 +126,6 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
         .route("/admin/roles/{role}/reload", post(reload))
         .route("/admin/reload", post(reload_manifest))
         .with_state(app.clone());
-    let workers = Workers::start(options.threads)?;
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
     tracing::info!(%address, roles = app.host.roles().len(), "serving");
@@ -309,7 +312,8 @@ async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let backend = crate::metrics::render_backend(&app.host.backend().health().await);
-    let body = app.host.metrics().render() + &backend;
+    let workers = crate::metrics::render_workers(&app.connections.now());
+    let body = app.host.metrics().render() + &backend + &workers;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

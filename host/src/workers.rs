@@ -4,10 +4,15 @@
 //! worker a connection whose reader runs on that worker too (see
 //! [`current`]). On one work-stealing runtime the wake-ups between threads
 //! cost about a third of a call's CPU (BENCHMARKS.md, thread-per-core).
+//!
+//! A job goes to the worker running the fewest jobs now (in turn among
+//! equals): connections last unevenly, and handing them out in turn alone
+//! would leave one worker with the long-lived ones.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -15,12 +20,36 @@ use tokio::sync::mpsc;
 /// there), then run as a task of it.
 type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
-/// Worker threads; jobs go to them in turn. Dropping this stops each
+/// Worker threads; a job goes to the least busy. Dropping this stops each
 /// worker once it has taken the jobs sent so far, and cancels what they
 /// still run.
 pub struct Workers {
     senders: Vec<mpsc::UnboundedSender<Job>>,
+    loads: Loads,
+    /// Where the search for the least busy starts, so that equals take
+    /// turns.
     next: AtomicUsize,
+}
+
+/// How many jobs each worker runs now; cheap to clone.
+#[derive(Clone)]
+pub struct Loads(Arc<[AtomicUsize]>);
+
+impl Loads {
+    /// Jobs running now, in worker order.
+    pub fn now(&self) -> Vec<usize> {
+        self.0.iter().map(|load| load.load(Ordering::Relaxed)).collect()
+    }
+}
+
+/// Counts a job as running on its worker until dropped with it (when it
+/// ends, is cancelled, or cannot be sent).
+struct Running(Loads, usize);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0 .0[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 std::thread_local! {
@@ -55,21 +84,39 @@ impl Workers {
             })?;
             senders.push(sender);
         }
-        Ok(Self { senders, next: AtomicUsize::new(0) })
+        let loads = Loads(senders.iter().map(|_| AtomicUsize::new(0)).collect());
+        Ok(Self { senders, loads, next: AtomicUsize::new(0) })
     }
 
-    /// Runs the future `make` returns as a task of the next worker in
-    /// turn; `make` itself runs on that worker too.
+    /// Runs the future `make` returns as a task of the least busy worker;
+    /// `make` itself runs on that worker too.
     pub fn spawn<F, Fut>(&self, make: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+        let count = self.senders.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        let loads = self.loads.now();
+        let index = (start..start + count).map(|i| i % count).min_by_key(|&i| loads[i]).unwrap_or(0);
+        self.loads.0[index].fetch_add(1, Ordering::Relaxed);
+        let running = Running(self.loads.clone(), index);
+        let job: Job = Box::new(move || {
+            let job = make();
+            Box::pin(async move {
+                let _running = running;
+                job.await
+            })
+        });
         // A worker ends only when `self` is dropped, or if its thread died.
-        if self.senders[index].send(Box::new(move || Box::pin(make()))).is_err() {
+        if self.senders[index].send(job).is_err() {
             tracing::error!(worker = index, "a worker thread has stopped; its job is dropped");
         }
+    }
+
+    /// How busy the workers are, now and later.
+    pub fn loads(&self) -> Loads {
+        self.loads.clone()
     }
 }
 
@@ -78,38 +125,81 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
+    /// Waits (10 s at most) until the workers run `wanted` jobs.
+    async fn loads_become(workers: &Workers, wanted: &[usize]) {
+        let start = std::time::Instant::now();
+        while workers.loads().now() != wanted {
+            assert!(start.elapsed().as_secs() < 10, "loads {:?}, not {wanted:?}", workers.loads().now());
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     #[tokio::test]
     async fn jobs_go_to_every_worker_in_turn_and_run_there() {
         assert_eq!(current(), 0, "not a worker thread");
         let workers = Workers::start(3).unwrap();
+        // Every job runs until all are sent, so each finds the others'.
+        let (release, released) = tokio::sync::watch::channel(false);
         let (sender, mut ran) = mpsc::unbounded_channel();
         for job in 0..9 {
-            let sender = sender.clone();
+            let (sender, mut released) = (sender.clone(), released.clone());
             workers.spawn(move || {
                 // `make` runs on the worker as well as the task.
                 let made_on = current();
                 async move {
-                    tokio::task::yield_now().await;
                     sender.send((job, made_on, current(), std::thread::current().id())).unwrap();
+                    let _ = released.wait_for(|&go| go).await;
                 }
             });
         }
         drop(sender);
         let mut per_worker: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
         let mut threads = BTreeMap::new();
-        while let Some((job, made_on, worker, thread)) = ran.recv().await {
+        for _ in 0..9 {
+            let (job, made_on, worker, thread) = ran.recv().await.unwrap();
             assert_eq!(made_on, worker, "made and run on one worker");
             assert_ne!(worker, 0);
             assert_eq!(*threads.entry(worker).or_insert(thread), thread, "a worker is one thread");
             per_worker.entry(worker).or_default().push(job);
         }
+        assert_eq!(workers.loads().now(), [3, 3, 3]);
+        release.send_replace(true);
         let mut jobs: Vec<Vec<usize>> = per_worker.into_values().collect();
         jobs.iter_mut().for_each(|jobs| jobs.sort());
         jobs.sort();
         assert_eq!(jobs, [[0, 3, 6], [1, 4, 7], [2, 5, 8]]);
+        loads_become(&workers, &[0, 0, 0]).await;
         let later = Workers::start(1).unwrap();
         let (sender, id) = tokio::sync::oneshot::channel();
         later.spawn(move || async move { sender.send(current()).unwrap() });
         assert!(!threads.contains_key(&id.await.unwrap()), "a new worker gets a new id");
+    }
+
+    /// A job goes to the worker running the fewest, not the next in turn.
+    #[tokio::test]
+    async fn a_job_goes_to_the_least_busy_worker() {
+        let workers = Workers::start(2).unwrap();
+        // Jobs that run until told to end; each says where it runs.
+        let hold = |workers: &Workers| {
+            let (end, ended) = tokio::sync::oneshot::channel::<()>();
+            let (runs_on, worker) = tokio::sync::oneshot::channel();
+            workers.spawn(move || async move {
+                let _ = runs_on.send(current());
+                let _ = ended.await;
+            });
+            (end, worker)
+        };
+        let (first, second, third) = (hold(&workers), hold(&workers), hold(&workers));
+        let (on_first, on_second) = (first.1.await.unwrap(), second.1.await.unwrap());
+        assert_eq!(third.1.await.unwrap(), on_first, "in turn while equally busy");
+        assert_eq!(workers.loads().now(), [2, 1]);
+        // The first worker's jobs end: it is now the less busy, though the
+        // second's turn is next.
+        drop((first.0, third.0));
+        loads_become(&workers, &[0, 1]).await;
+        let fourth = hold(&workers);
+        assert_eq!(fourth.1.await.unwrap(), on_first);
+        assert_ne!(on_first, on_second);
+        drop((second.0, fourth.0));
     }
 }

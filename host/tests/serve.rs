@@ -215,8 +215,7 @@ fn health_readiness_and_metrics_on_redis() {
 }
 
 /// Every worker thread keeps a Redis connection of its own, so a call
-/// runs on one thread from start to end (`workers.rs`); connections go to
-/// the workers in turn.
+/// runs on one thread from start to end (`workers.rs`).
 #[test]
 fn each_worker_thread_has_a_redis_connection_of_its_own() {
     let Some(_) = shared_redis() else { return };
@@ -511,6 +510,72 @@ fn the_example_manifest_serves_counter_on_both_backends() {
     let server = Server::start(&manifest, &["--state", &url]);
     assert_eq!(server.post("/roles/counter", "").1, "1");
     assert_eq!(server.post("/roles/counter", "").1, "2");
+}
+
+/// A connection goes to the worker serving the fewest, so workers whose
+/// connections closed take the next ones; `rolehost_worker_connections`
+/// says how many each serves.
+#[test]
+fn a_connection_goes_to_the_least_busy_worker() {
+    let dir = dir("least-busy");
+    let manifest = manifest(&dir, "memory", &[("counter", &role_path("counter"), "")]);
+    let server = Server::start(&manifest, &["--threads", "2"]);
+    // Keep-alive connections, each served once so that it is surely taken.
+    let open = || {
+        let mut stream = connect(&server, Duration::from_secs(30));
+        let text = request(&mut stream, "GET /metrics");
+        (stream, text)
+    };
+    // The workers' connections, as the newest connection's answer gives them.
+    let loads = |metrics: &str| -> Vec<usize> {
+        let count = |worker: usize| {
+            let line = format!("rolehost_worker_connections{{worker=\"{worker}\"}} ");
+            let line = metrics.lines().find_map(|l| l.strip_prefix(&line)).unwrap_or_else(|| panic!("{metrics}"));
+            line.parse().unwrap()
+        };
+        vec![count(0), count(1)]
+    };
+    // Two on each worker, in turn as long as they are equally busy.
+    let (first, second, third, fourth) = (open(), open(), open(), open());
+    assert_eq!(loads(&fourth.1), [2, 2]);
+    // The first worker's end (the first and third).
+    drop((first, third));
+    // The next two both go to the first worker, while the plain next turn
+    // would give one to each.
+    let start = Instant::now();
+    let (fifth, sixth) = loop {
+        let fifth = open();
+        if loads(&fifth.1).iter().sum::<usize>() == 3 {
+            break (fifth, open());
+        }
+        // The server has not yet seen both closes.
+        assert!(start.elapsed() < Duration::from_secs(10), "closed connections still counted: {}", fifth.1);
+        drop(fifth);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(loads(&sixth.1), [2, 2], "both new connections go to the first worker");
+    drop((second, fourth, fifth, sixth));
+}
+
+/// Sends `line` (a request line without a body) on a keep-alive
+/// connection; the response body.
+fn request(stream: &mut TcpStream, line: &str) -> String {
+    stream.write_all(format!("{line} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).unwrap();
+        if header == "\r\n" {
+            break;
+        }
+        if let Some(value) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    String::from_utf8(body).unwrap()
 }
 
 /// A raw connection to `server`, with reads that give up after `patience`.

@@ -424,7 +424,7 @@ where
 {
     let ready = Arc::new(tokio::sync::Barrier::new(WORKERS + 1));
     let mut finished = Vec::new();
-    // Handed out in turn: one each.
+    // Each goes to the least busy worker: one each.
     for _ in 0..WORKERS {
         let (setup, ready, (done, finish)) = (setup.clone(), ready.clone(), tokio::sync::oneshot::channel());
         workers.spawn(move || async move {
