@@ -9,7 +9,8 @@
 //! batch in flight hold up single commands. A connection that
 //! stops answering, or whose login was refused, is replaced by itself. A
 //! lock Redis took for a call that gave up before the answer is released.
-//! Worker threads connect side by side, not one after another.
+//! Worker threads connect side by side, not one after another, and
+//! connections made again and again leave no task behind.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -172,9 +173,9 @@ fn workers_connect_side_by_side() {
     let handshake = Duration::from_millis(700);
     let proxy = runtime.block_on(FreezingProxy::start_slow(server.port, handshake));
     let mut options = RedisOptions::new(format!("redis://127.0.0.1:{}/0", proxy.port));
-    options.connect_timeout = 2 * handshake;
-    // Room for one slow connect and a half, not two in a row.
-    options.op_timeout = handshake * 5 / 2;
+    options.connect_timeout = 3 * handshake;
+    // Room for three slow connects and a half, not four in a row.
+    options.op_timeout = handshake * 7 / 2;
     let backend: Arc<dyn Backend> = Arc::new(RedisBackend::new(&options).unwrap());
     const WORKERS: usize = 4;
     let workers = rolehost::workers::Workers::start(WORKERS).unwrap();
@@ -190,6 +191,31 @@ fn workers_connect_side_by_side() {
         assert_eq!(result, Ok(None), "every worker connects in time");
     }
     assert_eq!(proxy.connections.load(Ordering::SeqCst), WORKERS, "a connection per worker");
+}
+
+/// A connection made again and again (here the server closes it every
+/// time) leaves nothing running behind on the runtime.
+#[test]
+fn reconnecting_again_and_again_leaves_no_task_behind() {
+    let Some(server) = RedisServer::start() else { return };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let backend = backend(server.port, Duration::from_secs(2));
+        backend.set("k", b"v", None).await.unwrap();
+        let before = tasks();
+        for _ in 0..20 {
+            // Every client but redis-cli itself: rolehost's connection.
+            assert_eq!(server.cli(&["client", "kill", "type", "normal"]).trim(), "1");
+            // Read on the dead connection, then again on a new one.
+            assert_eq!(backend.get("k", None).await, Ok(Some(b"v".to_vec())));
+        }
+        let start = std::time::Instant::now();
+        while tasks() > before {
+            assert!(start.elapsed() < Duration::from_secs(10), "{} tasks, {before} before", tasks());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
 }
 
 /// A primary and a replica in sync with it.

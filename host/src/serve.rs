@@ -16,9 +16,9 @@
 //! wait in the listen backlog), so slow or idle clients cannot pile up.
 //!
 //! Connections are accepted here and served on `threads` worker threads,
-//! each to the one serving the fewest (`workers.rs`); the watcher and shutdown stay on the runtime
-//! `serve` is called on, and compiling (loads, reloads) runs on a blocking
-//! thread, never on a worker.
+//! each by the one serving the fewest (`workers.rs`); the watcher and
+//! shutdown stay on the runtime `serve` is called on, and compiling
+//! (loads, reloads) runs on a blocking thread, never on a worker.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

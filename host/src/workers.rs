@@ -98,7 +98,11 @@ impl Workers {
         let count = self.senders.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
         let loads = self.loads.now();
-        let index = (start..start + count).map(|i| i % count).min_by_key(|&i| loads[i]).unwrap_or(0);
+        // A worker whose thread died (it never should) takes nothing.
+        let index = (start..start + count)
+            .map(|i| i % count)
+            .min_by_key(|&i| (self.senders[i].is_closed(), loads[i]))
+            .unwrap_or(0);
         self.loads.0[index].fetch_add(1, Ordering::Relaxed);
         let running = Running(self.loads.clone(), index);
         let job: Job = Box::new(move || {
@@ -201,5 +205,30 @@ mod tests {
         assert_eq!(fourth.1.await.unwrap(), on_first);
         assert_ne!(on_first, on_second);
         drop((second.0, fourth.0));
+    }
+
+    /// A worker whose thread died takes no more jobs; the others take them.
+    #[tokio::test]
+    async fn a_dead_worker_takes_no_jobs() {
+        let workers = Workers::start(2).unwrap();
+        // A job whose making panics takes its worker's thread down.
+        workers.spawn(|| -> std::future::Ready<()> { panic!("a worker thread dies (as this test wants)") });
+        let start = std::time::Instant::now();
+        while !workers.senders[0].is_closed() {
+            assert!(start.elapsed().as_secs() < 10, "the worker never died");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let (sender, mut ran) = mpsc::unbounded_channel();
+        for job in 0..4 {
+            let sender = sender.clone();
+            workers.spawn(move || async move { sender.send(job).unwrap() });
+        }
+        drop(sender);
+        let mut jobs = Vec::new();
+        while let Ok(Some(job)) = tokio::time::timeout(std::time::Duration::from_secs(10), ran.recv()).await {
+            jobs.push(job);
+        }
+        jobs.sort();
+        assert_eq!(jobs, [0, 1, 2, 3], "every job ran, on the live worker");
     }
 }

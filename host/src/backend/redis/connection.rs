@@ -404,7 +404,11 @@ impl Kind {
     fn known(&self, worker: u64) -> Result<Conn, Arc<tokio::sync::Mutex<()>>> {
         let mut workers = lock(&self.workers);
         if workers.len() >= MAX_WORKER_CONNS && !workers.contains_key(&worker) {
-            workers.clear();
+            // Those of workers gone have seen their runtimes stop.
+            workers.retain(|_, worker| worker.live().is_some());
+            if workers.len() >= MAX_WORKER_CONNS {
+                workers.clear();
+            }
         }
         let entry = workers.entry(worker).or_default();
         entry.live().ok_or_else(|| entry.turn.clone())
@@ -465,14 +469,12 @@ impl Kind {
 struct RuntimeAlive(tokio::sync::oneshot::Receiver<()>);
 
 impl RuntimeAlive {
-    /// For the current runtime: a task that never ends holds the sender,
-    /// dropped when the runtime drops its tasks.
+    /// For the current runtime: a task of it holds the sender, dropped
+    /// when the runtime drops its tasks (or when this is dropped, so that
+    /// connections made again and again leave no task behind).
     fn here() -> Self {
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let _sender = sender;
-            std::future::pending::<()>().await
-        });
+        let (mut sender, receiver) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move { sender.closed().await });
         Self(receiver)
     }
 
