@@ -22,6 +22,7 @@ pub mod config;
 pub mod error;
 mod glob;
 pub mod limits;
+pub mod logs;
 pub mod manifest;
 pub mod metrics;
 pub mod namespace;

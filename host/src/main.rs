@@ -17,6 +17,7 @@ use rolehost::backend::Backend;
 use rolehost::backend::Expiry;
 use rolehost::cache::CompileCache;
 use rolehost::config::{with_redis_overrides, StateConfig, REDIS_DB_ENV, REDIS_HOST_ENV, REDIS_PORT_ENV, STATE_ENV};
+use rolehost::logs::Logs;
 use rolehost::manifest::{Manifest, DEFAULT_GLOBAL_PREFIX};
 use rolehost::namespace::{validate_global_prefix, validate_identity, Namespace, Space};
 use rolehost::serve::{serve, ManifestSource, ServeOptions, ADMIN_TOKEN_ENV};
@@ -188,15 +189,22 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (logs, flush_logs) = match Logs::start(std::io::stderr()) {
+        Ok(logs) => logs,
+        Err(e) => {
+            eprintln!("rolehost: cannot start the log thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(logs)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -204,7 +212,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let outcome = runtime.block_on(run(cli.command));
+    // The log's last lines before the final word.
+    drop(flush_logs);
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rolehost: {e:#}");

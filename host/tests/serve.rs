@@ -22,15 +22,20 @@ impl Server {
     /// Starts `rolehost serve` with `manifest` and extra flags, and waits for
     /// its "listening on" line.
     fn start(manifest: &Path, extra: &[&str]) -> Self {
+        Self::start_logging(manifest, extra, "warn", Stdio::null())
+    }
+
+    /// The same, logging at `level` to `log` (the child's stderr).
+    fn start_logging(manifest: &Path, extra: &[&str], level: &str, log: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_rolehost"))
             .args(["serve", "--manifest", manifest.to_str().unwrap(), "--listen", "127.0.0.1:0"])
             .args(extra)
             .env_remove("ROLEHOST_STATE")
             .env("ROLEHOST_ADMIN_TOKEN", TOKEN)
             .env("ROLEHOST_ACL_SECRET", ACL_SECRET)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -555,6 +560,33 @@ fn a_connection_goes_to_the_least_busy_worker() {
     };
     assert_eq!(loads(&sixth.1), [2, 2], "both new connections go to the first worker");
     drop((second, fourth, fifth, sixth));
+}
+
+/// A log reader that stops reading (here a pipe nobody reads, full after
+/// a few hundred lines) holds up no call: the access log's lines wait,
+/// and come out once it reads again.
+#[test]
+fn a_log_reader_that_stops_holds_up_no_call() {
+    let dir = dir("log-reader");
+    let manifest = manifest(&dir, "memory", &[("counter", &role_path("counter"), "")]);
+    let mut server = Server::start_logging(&manifest, &[], "info", Stdio::piped());
+    let mut stream = connect(&server, Duration::from_secs(10));
+    const CALLS: usize = 3000;
+    for n in 1..=CALLS {
+        assert_eq!(request(&mut stream, "POST /roles/counter"), n.to_string());
+    }
+    let log = BufReader::new(server.child.stderr.take().unwrap());
+    let (counted, count) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut calls = 0;
+        for line in log.lines() {
+            calls += usize::from(line.unwrap().contains("role=counter status=200"));
+            if calls == CALLS {
+                let _ = counted.send(calls);
+            }
+        }
+    });
+    assert_eq!(count.recv_timeout(Duration::from_secs(30)), Ok(CALLS), "every call's line comes out");
 }
 
 /// Sends `line` (a request line without a body) on a keep-alive
