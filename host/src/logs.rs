@@ -4,13 +4,15 @@
 //! catches up, rather than calls.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Lines waiting at most (a few MiB); past it, new lines are dropped.
+/// Lines waiting at most, and their bytes (a role's log line may be
+/// 64 KiB or more); past either, new lines are dropped.
 const BACKLOG: usize = 16 * 1024;
+const BACKLOG_BYTES: usize = 4 << 20;
 
 /// How long the flush at exit waits for a reader that stopped.
 const FLUSH_PATIENCE: Duration = Duration::from_secs(1);
@@ -25,7 +27,15 @@ enum Message {
 #[derive(Clone)]
 pub struct Logs {
     lines: SyncSender<Message>,
-    dropped: Arc<AtomicU64>,
+    counts: Arc<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Bytes of the lines waiting.
+    waiting: AtomicUsize,
+    /// Lines dropped since the last notice.
+    dropped: AtomicU64,
 }
 
 /// Writes out the lines still waiting when dropped (within a second).
@@ -35,9 +45,9 @@ impl Logs {
     /// Starts the thread that writes to `out`.
     pub fn start(out: impl Write + Send + 'static) -> std::io::Result<(Self, FlushOnDrop)> {
         let (lines, waiting) = sync_channel(BACKLOG);
-        let logs = Logs { lines, dropped: Arc::default() };
-        let dropped = logs.dropped.clone();
-        std::thread::Builder::new().name("rolehost-log".into()).spawn(move || write_out(waiting, out, &dropped))?;
+        let logs = Logs { lines, counts: Arc::default() };
+        let counts = logs.counts.clone();
+        std::thread::Builder::new().name("rolehost-log".into()).spawn(move || write_out(waiting, out, &counts))?;
         Ok((logs.clone(), FlushOnDrop(logs)))
     }
 }
@@ -49,7 +59,7 @@ const GATHER: Duration = Duration::from_millis(5);
 
 /// The log thread: writes what waits in one go, then says how many lines
 /// were dropped meanwhile, if any.
-fn write_out(waiting: Receiver<Message>, out: impl Write, dropped: &AtomicU64) {
+fn write_out(waiting: Receiver<Message>, out: impl Write, counts: &Counts) {
     let mut out = std::io::BufWriter::new(out);
     while let Ok(first) = waiting.recv() {
         let mut next = Some(first);
@@ -57,28 +67,38 @@ fn write_out(waiting: Receiver<Message>, out: impl Write, dropped: &AtomicU64) {
             match message {
                 Message::Line(line) => {
                     let _ = out.write_all(&line);
+                    counts.waiting.fetch_sub(line.len(), Ordering::Relaxed);
                 }
                 Message::Flush(done) => {
+                    report_dropped(&mut out, counts);
                     let _ = out.flush();
                     let _ = done.send(());
                 }
             }
             next = waiting.try_recv().ok();
         }
-        let lost = dropped.swap(0, Ordering::Relaxed);
-        if lost > 0 {
-            let _ = writeln!(out, "rolehost: {lost} log lines dropped: the log's reader fell behind");
-        }
+        report_dropped(&mut out, counts);
         let _ = out.flush();
         std::thread::sleep(GATHER);
+    }
+}
+
+fn report_dropped(out: &mut impl Write, counts: &Counts) {
+    let lost = counts.dropped.swap(0, Ordering::Relaxed);
+    if lost > 0 {
+        let _ = writeln!(out, "rolehost: {lost} log lines dropped: the log's reader fell behind");
     }
 }
 
 /// Each event's formatted line arrives in one `write`.
 impl Write for &Logs {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        if let Err(TrySendError::Full(_)) = self.lines.try_send(Message::Line(line.to_vec())) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        let counts = &self.counts;
+        let before = counts.waiting.fetch_add(line.len(), Ordering::Relaxed);
+        let sent = before + line.len() <= BACKLOG_BYTES && self.lines.try_send(Message::Line(line.to_vec())).is_ok();
+        if !sent {
+            counts.waiting.fetch_sub(line.len(), Ordering::Relaxed);
+            counts.dropped.fetch_add(1, Ordering::Relaxed);
         }
         Ok(line.len())
     }
@@ -189,5 +209,23 @@ mod tests {
         assert!(notice.ends_with("log lines dropped: the log's reader fell behind"), "{notice}");
         assert!(dropped > 0 && lines > 0, "{lines} written, {dropped} dropped");
         assert_eq!(lines + dropped, total, "every line is written or counted");
+    }
+
+    #[test]
+    fn long_lines_wait_up_to_a_bound_in_bytes() {
+        let sink = Sink::default();
+        let (logs, flush) = Logs::start(sink.clone()).unwrap();
+        let line = format!("{}\n", "x".repeat(64 * 1024 - 1));
+        for _ in 0..100 {
+            (&logs).write_all(line.as_bytes()).unwrap();
+        }
+        sink.open();
+        drop(flush);
+        let text = sink.text();
+        let lines = text.lines().filter(|l| l.starts_with('x')).count();
+        let notice = text.lines().find_map(|l| l.strip_prefix("rolehost: ")).expect("no notice of dropped lines");
+        let dropped: usize = notice.split(' ').next().unwrap().parse().unwrap();
+        assert_eq!(lines + dropped, 100);
+        assert!(lines <= BACKLOG_BYTES / line.len(), "{lines} lines of 64 KiB waited");
     }
 }

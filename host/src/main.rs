@@ -213,7 +213,8 @@ fn main() -> ExitCode {
         }
     };
     let outcome = runtime.block_on(run(cli.command));
-    // The log's last lines before the final word.
+    // The log's last lines (the runtime's, too) before the final word.
+    drop(runtime);
     drop(flush_logs);
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
