@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 const BACKLOG: usize = 16 * 1024;
 const BACKLOG_BYTES: usize = 4 << 20;
 
+/// How long the log thread lets lines gather after writing some: while it
+/// sleeps rather than waits on the channel, a line costs its sender no
+/// wake-up (a system call and a thread switch each).
+const GATHER: Duration = Duration::from_millis(5);
+
 /// How long the flush at exit waits for a reader that stopped.
 const FLUSH_PATIENCE: Duration = Duration::from_secs(1);
 
@@ -51,11 +56,6 @@ impl Logs {
         Ok((logs.clone(), FlushOnDrop(logs)))
     }
 }
-
-/// How long the log thread lets lines gather after writing some: while it
-/// sleeps rather than waits on the channel, a line costs its sender no
-/// wake-up (a system call and a thread switch each).
-const GATHER: Duration = Duration::from_millis(5);
 
 /// The log thread: writes what waits in one go, then says how many lines
 /// were dropped meanwhile, if any.

@@ -46,6 +46,13 @@ impl Loads {
 /// ends, is cancelled, or cannot be sent).
 struct Running(Loads, usize);
 
+impl Running {
+    fn start(loads: &Loads, worker: usize) -> Self {
+        loads.0[worker].fetch_add(1, Ordering::Relaxed);
+        Running(loads.clone(), worker)
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         self.0 .0[self.1].fetch_sub(1, Ordering::Relaxed);
@@ -97,14 +104,12 @@ impl Workers {
     {
         let count = self.senders.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
-        let loads = self.loads.now();
         // A worker whose thread died (it never should) takes nothing.
         let index = (start..start + count)
             .map(|i| i % count)
-            .min_by_key(|&i| (self.senders[i].is_closed(), loads[i]))
+            .min_by_key(|&i| (self.senders[i].is_closed(), self.loads.0[i].load(Ordering::Relaxed)))
             .unwrap_or(0);
-        self.loads.0[index].fetch_add(1, Ordering::Relaxed);
-        let running = Running(self.loads.clone(), index);
+        let running = Running::start(&self.loads, index);
         let job: Job = Box::new(move || {
             let job = make();
             Box::pin(async move {

@@ -260,9 +260,6 @@ struct Kind {
     source: Source,
     /// The workers' connections.
     workers: Mutex<HashMap<u64, Worker>>,
-    /// A Cluster connection follows slot moves and node failures itself;
-    /// a direct one is dropped after failures instead.
-    cluster: bool,
 }
 
 /// One worker's connection. Workers connect side by side, but within a
@@ -388,8 +385,13 @@ impl Kind {
                 Source::Sentinels(tokio::sync::Mutex::new(builder.build().map_err(invalid)?), Kind::config(options))
             }
         };
-        let cluster = matches!(source, Source::Cluster { .. });
-        Ok(Kind { source, workers: Mutex::default(), cluster })
+        Ok(Kind { source, workers: Mutex::default() })
+    }
+
+    /// A Cluster connection follows slot moves and node failures itself;
+    /// a direct one is dropped after failures instead.
+    fn is_cluster(&self) -> bool {
+        matches!(self.source, Source::Cluster { .. })
     }
 
     /// A direct connection's timeouts.
@@ -444,7 +446,7 @@ impl Kind {
         // What one connection learnt of the server holds for every
         // worker's: had the others been kept, the next write on a dead one
         // could not tell "never sent" from "lost".
-        if gone && !self.cluster {
+        if gone && !self.is_cluster() {
             lock(&self.workers).values_mut().for_each(|worker| worker.conn = None);
         }
     }
@@ -453,7 +455,7 @@ impl Kind {
     /// be dead without knowing it (a server cut off the network), so it is
     /// dropped.
     fn timed_out(&self) {
-        if self.cluster {
+        if self.is_cluster() {
             return;
         }
         if let Some(worker) = lock(&self.workers).get_mut(&workers::current()) {
@@ -574,7 +576,7 @@ impl Connector {
     }
 
     pub(super) fn is_cluster(&self) -> bool {
-        self.kind.cluster
+        self.kind.is_cluster()
     }
 
     /// `single`, `cluster` or `sentinel`, for health reports.
