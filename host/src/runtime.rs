@@ -593,7 +593,7 @@ impl Drop for Counted<'_> {
     fn drop(&mut self) {
         let role = &self.role.metrics;
         role.in_flight.dec();
-        role.call_seconds.observe(self.start.elapsed().as_secs_f64());
+        role.call_seconds.observe(self.start.elapsed());
         let kind = match self.outcome {
             Some(Ok(())) => return role.calls_ok.inc(),
             Some(Err(kind)) => kind,

@@ -6,11 +6,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use prometheus::{Histogram, IntCounter};
 
 use super::{Backend, Expiry, RateDecision, ScanPage, Write};
 use crate::error::StateResult;
-use crate::metrics::Metrics;
+use crate::metrics::{Counter, Histogram, Metrics};
 
 /// The operations counted, one label each.
 #[derive(Debug, Clone, Copy)]
@@ -75,7 +74,7 @@ impl Op {
 /// One operation's metric handles, looked up once (on first use) rather
 /// than by label on every operation.
 struct OpHandles {
-    count: IntCounter,
+    count: Counter,
     seconds: Histogram,
 }
 
@@ -85,9 +84,9 @@ pub struct Metered {
     role: String,
     metrics: Arc<Metrics>,
     ops: [OnceLock<OpHandles>; OPS],
-    reads: [OnceLock<(IntCounter, IntCounter)>; OPS],
-    bytes_read: IntCounter,
-    bytes_written: IntCounter,
+    reads: [OnceLock<(Counter, Counter)>; OPS],
+    bytes_read: Counter,
+    bytes_written: Counter,
 }
 
 impl Metered {
@@ -111,7 +110,7 @@ impl Metered {
             count: self.metrics.ops.with_label_values(&[&self.role, op.label()]),
             seconds: self.metrics.backend_seconds.with_label_values(&[op.label()]),
         });
-        handles.seconds.observe(start.elapsed().as_secs_f64());
+        handles.seconds.observe(start.elapsed());
         handles.count.inc();
         if let Err(error) = &result {
             self.metrics.op_errors.with_label_values(&[&self.role, op.label(), error.kind()]).inc();
