@@ -2,91 +2,42 @@
 //! queued) past it, with a limit that can change while calls run.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-
-use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// A budget of `limit` calls at once. Lowering the limit below the calls
-/// running keeps them counted: their slots are retired as they finish
-/// instead of being handed to new calls.
+/// running keeps them counted: no new call gets a slot until enough of
+/// them have finished.
 pub(crate) struct Slots {
-    free: Semaphore,
-    limit: Mutex<usize>,
-    /// Slots to retire as running calls finish.
-    owed: AtomicUsize,
+    used: AtomicUsize,
+    limit: AtomicUsize,
 }
 
-/// One running call's slot, given back (or retired) when dropped.
-pub(crate) struct Slot<'a> {
-    permit: Option<SemaphorePermit<'a>>,
-    slots: &'a Slots,
-}
+/// One running call's slot, given back when dropped.
+pub(crate) struct Slot<'a>(&'a Slots);
 
 impl Slots {
     pub(crate) fn new(limit: usize) -> Self {
-        Self { free: Semaphore::new(limit), limit: Mutex::new(limit), owed: AtomicUsize::new(0) }
+        Self { used: AtomicUsize::new(0), limit: AtomicUsize::new(limit) }
     }
 
     /// A slot if one is free.
     pub(crate) fn try_acquire(&self) -> Option<Slot<'_>> {
-        let permit = self.free.try_acquire().ok()?;
-        Some(Slot { permit: Some(permit), slots: self })
+        self.used
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |used| {
+                (used < self.limit.load(Ordering::Relaxed)).then_some(used + 1)
+            })
+            .ok()?;
+        Some(Slot(self))
     }
 
     /// Sets a new limit; calls running keep their slots.
     pub(crate) fn set_limit(&self, new: usize) {
-        let mut limit = self.limit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if new >= *limit {
-            // Cancel what is owed first, then free the rest.
-            let (wanted, mut grow) = (new - *limit, 0);
-            let _ = self.owed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| {
-                let cancelled = owed.min(wanted);
-                grow = wanted - cancelled;
-                Some(owed - cancelled)
-            });
-            self.free.add_permits(grow);
-        } else {
-            // Owed first, so that a call ending from now on retires its
-            // slot; then retire the free ones, which are owed too.
-            self.owed.fetch_add(*limit - new, Ordering::SeqCst);
-            self.retire_free();
-        }
-        *limit = new;
-    }
-
-    /// Retires free slots while any are owed.
-    fn retire_free(&self) {
-        loop {
-            let owed = self.owed.load(Ordering::SeqCst);
-            let retired = if owed == 0 { 0 } else { self.free.forget_permits(owed) };
-            if retired == 0 {
-                return;
-            }
-            // Calls that ended meanwhile may have paid some of it already:
-            // what was retired beyond what is still owed goes back.
-            let mut surplus = 0;
-            let _ = self.owed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| {
-                surplus = retired.saturating_sub(owed);
-                Some(owed - (retired - surplus))
-            });
-            self.free.add_permits(surplus);
-        }
+        self.limit.store(new, Ordering::Relaxed);
     }
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        let Some(permit) = self.permit.take() else { return };
-        let owed = &self.slots.owed;
-        if owed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| owed.checked_sub(1)).is_ok() {
-            permit.forget();
-        } else {
-            drop(permit);
-            // A lower limit set since the check above owes this one too.
-            if owed.load(Ordering::SeqCst) > 0 {
-                self.slots.retire_free();
-            }
-        }
+        self.0.used.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -112,11 +63,11 @@ mod tests {
     }
 
     #[test]
-    fn a_raised_limit_cancels_what_is_owed_first() {
+    fn a_raised_limit_counts_the_calls_still_running() {
         let slots = Slots::new(4);
         let running: Vec<_> = (0..3).map(|_| slots.try_acquire().unwrap()).collect();
-        slots.set_limit(2); // one free slot retired, one owed
-        slots.set_limit(5); // the owed one cancelled, two freed
+        slots.set_limit(2);
+        slots.set_limit(5);
         let more: Vec<_> = std::iter::from_fn(|| slots.try_acquire()).take(10).collect();
         assert_eq!(more.len(), 2, "5 at once, 3 of them running");
         drop(running);
