@@ -112,18 +112,24 @@ impl Namespace {
     /// at most the role's key limit, no control characters.
     pub fn key(&self, space: Space, key: &str) -> StateResult<String> {
         self.check_name("key", key)?;
-        Ok(match space {
-            // One script changes a lock and its fencing counter, so on a
-            // Redis Cluster both must hash to one slot: the name in braces
-            // is their hash tag. Everything after the first `{` is the same
-            // in both keys, so they share a slot whatever the name holds,
-            // unless the tag is empty (a name starting with `}`).
-            Space::Lock | Space::Fence if key.starts_with('}') => {
-                return Err(StateError::InvalidKey(format!("lock name {} starts with `}}`", shown(key))))
-            }
-            Space::Lock | Space::Fence => format!("{}{{{key}}}", self.space_prefix(space)),
-            Space::Kv | Space::Subject | Space::Rate => format!("{}{key}", self.space_prefix(space)),
-        })
+        // One script changes a lock and its fencing counter, so on a Redis
+        // Cluster both must hash to one slot: the name in braces is their
+        // hash tag. Everything after the first `{` is the same in both keys,
+        // so they share a slot whatever the name holds, unless the tag is
+        // empty (a name starting with `}`).
+        let braced = matches!(space, Space::Lock | Space::Fence);
+        if braced && key.starts_with('}') {
+            return Err(StateError::InvalidKey(format!("lock name {} starts with `}}`", shown(key))));
+        }
+        // Built by hand: every state operation makes one.
+        let tag = space.tag();
+        let mut full = String::with_capacity(self.prefix.len() + tag.len() + key.len() + 3);
+        full.extend([self.prefix.as_str(), tag, ":"]);
+        match braced {
+            true => full.extend(["{", key, "}"]),
+            false => full.push_str(key),
+        }
+        Ok(full)
     }
 
     /// Checks a guest-given name (a key, a subject property): not empty, at

@@ -15,7 +15,9 @@ use crate::namespace::{Namespace, Space};
 /// may write there.
 pub struct Bucket {
     name: String,
-    namespace: Arc<Namespace>,
+    /// A granted namespace; none for the role's own (its `Arc` is shared by
+    /// every call of the role: not cloned per bucket).
+    granted: Option<Arc<Namespace>>,
     writable: bool,
 }
 
@@ -26,7 +28,11 @@ impl CallCtx {
         self.charge(1)?;
         let bucket = self.bucket(bucket)?;
         bucket.check_write(write)?;
-        bucket.namespace.key(Space::Kv, key)
+        self.bucket_namespace(bucket).key(Space::Kv, key)
+    }
+
+    fn bucket_namespace<'a>(&'a self, bucket: &'a Bucket) -> &'a Arc<Namespace> {
+        bucket.granted.as_ref().unwrap_or(&self.role.namespace)
     }
 
     /// The full key and TTL of one `set`, after every guard a write passes.
@@ -49,7 +55,8 @@ impl CallCtx {
         self.charge(keys.len())?;
         let bucket = self.bucket(bucket)?;
         bucket.check_write(write)?;
-        keys.iter().map(|k| bucket.namespace.key(Space::Kv, k)).collect()
+        let namespace = self.bucket_namespace(bucket);
+        keys.iter().map(|k| namespace.key(Space::Kv, k)).collect()
     }
 }
 
@@ -119,10 +126,11 @@ impl CallCtx {
 impl HostBucket for CallCtx {
     async fn open(&mut self, name: String) -> StateResult<Resource<Bucket>> {
         self.charge(1)?;
-        let namespace = self.namespace(&name, false)?;
+        let granted = self.namespace(&name, false)?;
+        let granted = (!name.is_empty()).then(|| granted.clone());
         let writable = self.namespace(&name, true).is_ok();
         self.table
-            .push(Bucket { name, namespace, writable })
+            .push(Bucket { name, granted, writable })
             .map_err(|e| StateError::Internal(format!("cannot open bucket: {e}")))
     }
 
@@ -198,7 +206,7 @@ impl HostBucket for CallCtx {
         cursor: Option<String>,
         limit: u32,
     ) -> StateResult<KeyPage> {
-        let namespace = self.bucket(&bucket)?.namespace.clone();
+        let namespace = self.bucket_namespace(self.bucket(&bucket)?).clone();
         let (keys, cursor) = self.list_names(&namespace, Space::Kv, pattern, cursor, limit).await?;
         Ok(KeyPage { keys, cursor })
     }
@@ -207,7 +215,7 @@ impl HostBucket for CallCtx {
         self.charge(1)?;
         let bucket = self.bucket(&bucket)?;
         bucket.check_write(true)?;
-        let pattern = bucket.namespace.pattern(Space::Kv, None)?;
+        let pattern = self.bucket_namespace(bucket).pattern(Space::Kv, None)?;
         self.backend.delete_matching(&pattern).await
     }
 

@@ -133,9 +133,9 @@ impl CallCtx {
 
     /// The namespace a guest names: "" is the role's own, any other must
     /// be granted, and for a write, granted read-write.
-    fn namespace(&self, name: &str, write: bool) -> StateResult<Arc<Namespace>> {
+    fn namespace(&self, name: &str, write: bool) -> StateResult<&Arc<Namespace>> {
         if name.is_empty() {
-            return Ok(self.role.namespace.clone());
+            return Ok(&self.role.namespace);
         }
         match self.role.grants.get(name) {
             None => Err(StateError::AccessDenied(format!("namespace {} is not granted to this role", shown(name)))),
@@ -143,7 +143,7 @@ impl CallCtx {
                 "namespace {} is granted to this role for reading only",
                 shown(name)
             ))),
-            Some((namespace, _)) => Ok(namespace.clone()),
+            Some((namespace, _)) => Ok(namespace),
         }
     }
 

@@ -134,7 +134,7 @@ impl Host for CallCtx {
         cursor: Option<String>,
         limit: u32,
     ) -> StateResult<NamePage> {
-        let namespace = self.namespace(&namespace, false)?;
+        let namespace = self.namespace(&namespace, false)?.clone();
         let (names, cursor) = self.list_names(&namespace, Space::Subject, pattern, cursor, limit).await?;
         Ok(NamePage { names, cursor })
     }
