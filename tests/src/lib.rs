@@ -6,7 +6,7 @@
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -388,9 +388,12 @@ pub fn skip_or_fail(what: &str) -> Option<std::convert::Infallible> {
     None
 }
 
-/// A fresh scratch directory for this process.
+/// A fresh scratch directory for this process. (Those of test processes
+/// that have ended are removed on the first call.)
 pub fn scratch_dir(name: &str) -> PathBuf {
     static NEXT: AtomicU32 = AtomicU32::new(0);
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(remove_dead_scratch_dirs);
     let dir = std::env::temp_dir().join(format!(
         "rolehost-{}-{}-{name}",
         std::process::id(),
@@ -399,6 +402,25 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Removes the scratch directories (`rolehost-{pid}-{n}-{name}`) of
+/// processes no longer running: a server the harness started leaves its
+/// directory behind, and a killed test run all of them.
+fn remove_dead_scratch_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let mut parts = name.to_str().unwrap_or("").splitn(4, '-');
+        let (Some("rolehost"), Some(pid), Some(n), Some(_)) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if numeric(pid) && numeric(n) && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Waits until `ready` holds, at most `limit`; panics with `what` otherwise.
