@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod namespace;
 mod runtime;
 pub mod serve;
+mod shards;
 mod slots;
 mod state;
 pub mod workers;

@@ -5,17 +5,17 @@
 //! value one atomic, the threads would pass its cache line to and fro on
 //! every count (on 2 cores, a sixth of a warm call on the memory store and a
 //! tenth of one on Redis went to that). So each value is kept in shards, one
-//! per thread up to twice the cores, each on cache lines of its own; a
-//! scrape adds them up.
+//! per thread up to twice the cores (`shards.rs`); a scrape adds them up.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::Health;
 use crate::error::StateResult;
+use crate::shards::Sharded;
 
 /// Every metric rolehost exports.
 pub struct Metrics {
@@ -276,45 +276,6 @@ impl Metric for Histogram {
         let _ = writeln!(out, "{name}_sum{{{labels}}} {}", nanos as f64 / 1e9);
         let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
     }
-}
-
-/// A value in shards, one per thread (threads take them in turn as they
-/// first count; past twice the cores, threads share), each on cache lines
-/// of its own.
-struct Sharded<T>(Box<[Padded<T>]>);
-
-/// 128 bytes: x86 fetches cache lines in pairs.
-#[repr(align(128))]
-#[derive(Default)]
-struct Padded<T>(T);
-
-impl<T: Default> Default for Sharded<T> {
-    fn default() -> Self {
-        Self((0..shards()).map(|_| Padded::default()).collect())
-    }
-}
-
-impl<T> Sharded<T> {
-    /// This thread's shard.
-    fn mine(&self) -> &T {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SHARD: usize = NEXT.fetch_add(1, Relaxed) % shards();
-        }
-        &self.0[SHARD.with(|shard| *shard)].0
-    }
-
-    fn all(&self) -> impl Iterator<Item = &T> {
-        self.0.iter().map(|padded| &padded.0)
-    }
-}
-
-fn shards() -> usize {
-    static SHARDS: OnceLock<usize> = OnceLock::new();
-    *SHARDS.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores * 2).clamp(2, 64)
-    })
 }
 
 /// What a backend's health report says, as Prometheus text: whether it

@@ -27,6 +27,7 @@ use redis::{
 use super::cluster::{ClusterConn, NodeConns, Shard};
 use super::coalesce::Coalescing;
 use super::RedisOptions;
+use crate::shards::{self, Sharded};
 use crate::workers;
 
 /// The URL schemes with TLS, for error messages.
@@ -258,8 +259,9 @@ pub(super) struct Connector {
 struct Kind {
     /// Where connections go.
     source: Source,
-    /// The workers' connections.
-    workers: Mutex<HashMap<u64, Worker>>,
+    /// The workers' connections, in shards by worker, so that workers
+    /// finding theirs take no lock another worker takes.
+    workers: Sharded<Mutex<HashMap<u64, Worker>>>,
 }
 
 /// One worker's connection. Workers connect side by side, but within a
@@ -385,7 +387,7 @@ impl Kind {
                 Source::Sentinels(tokio::sync::Mutex::new(builder.build().map_err(invalid)?), Kind::config(options))
             }
         };
-        Ok(Kind { source, workers: Mutex::default() })
+        Ok(Kind { source, workers: Sharded::default() })
     }
 
     /// A Cluster connection follows slot moves and node failures itself;
@@ -404,11 +406,12 @@ impl Kind {
     /// This worker's connection, if it has a live one, else its turn to
     /// connect.
     fn known(&self, worker: u64) -> Result<Conn, Arc<tokio::sync::Mutex<()>>> {
-        let mut workers = lock(&self.workers);
-        if workers.len() >= MAX_WORKER_CONNS && !workers.contains_key(&worker) {
+        let mut workers = lock(self.workers.of(worker));
+        let most = MAX_WORKER_CONNS.div_ceil(shards::count());
+        if workers.len() >= most && !workers.contains_key(&worker) {
             // Those of workers gone have seen their runtimes stop.
             workers.retain(|_, worker| worker.live().is_some());
-            if workers.len() >= MAX_WORKER_CONNS {
+            if workers.len() >= most {
                 workers.clear();
             }
         }
@@ -428,7 +431,7 @@ impl Kind {
             return Ok(conn);
         }
         let fresh = self.source.connect().await?;
-        lock(&self.workers).entry(worker).or_default().conn = Some((fresh.clone(), RuntimeAlive::here()));
+        lock(self.workers.of(worker)).entry(worker).or_default().conn = Some((fresh.clone(), RuntimeAlive::here()));
         Ok(fresh)
     }
 
@@ -447,7 +450,9 @@ impl Kind {
         // worker's: had the others been kept, the next write on a dead one
         // could not tell "never sent" from "lost".
         if gone && !self.is_cluster() {
-            lock(&self.workers).values_mut().for_each(|worker| worker.conn = None);
+            for shard in self.workers.all() {
+                lock(shard).values_mut().for_each(|worker| worker.conn = None);
+            }
         }
     }
 
@@ -458,7 +463,8 @@ impl Kind {
         if self.is_cluster() {
             return;
         }
-        if let Some(worker) = lock(&self.workers).get_mut(&workers::current()) {
+        let worker = workers::current();
+        if let Some(worker) = lock(self.workers.of(worker)).get_mut(&worker) {
             worker.conn = None;
         }
     }
