@@ -45,6 +45,7 @@ pub struct Metrics {
 
 const CALL_BUCKETS: &[f64] = &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
 const BACKEND_BUCKETS: &[f64] = &[0.00002, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.25, 1.0];
+const _: () = assert!(CALL_BUCKETS.len() <= MAX_BOUNDS && BACKEND_BUCKETS.len() <= MAX_BOUNDS);
 
 impl Metrics {
     /// Every metric, none counted yet.
@@ -101,6 +102,9 @@ pub struct Family<M> {
     name: &'static str,
     help: &'static str,
     labels: &'static [&'static str],
+    /// The labels' indices sorted by name: members are keyed, and their
+    /// labels written, in that order, as Prometheus's own clients do.
+    order: Vec<usize>,
     new: Box<dyn Fn() -> M + Send + Sync>,
     members: Mutex<BTreeMap<Vec<String>, M>>,
 }
@@ -112,15 +116,17 @@ impl<M: Metric> Family<M> {
         labels: &'static [&'static str],
         new: impl Fn() -> M + Send + Sync + 'static,
     ) -> Self {
-        Self { name, help, labels, new: Box::new(new), members: Mutex::default() }
+        let mut order: Vec<usize> = (0..labels.len()).collect();
+        order.sort_by_key(|&i| labels[i]);
+        Self { name, help, labels, order, new: Box::new(new), members: Mutex::default() }
     }
 
     /// The value for these label values (in the order the family names its
     /// labels), made at first use. Takes a lock: look a value up once and
     /// keep it where it is counted often.
     pub fn with_label_values(&self, values: &[&str]) -> M {
-        debug_assert_eq!(values.len(), self.labels.len(), "{}: label values", self.name);
-        let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        assert_eq!(values.len(), self.labels.len(), "{}: label values", self.name);
+        let key: Vec<String> = self.order.iter().map(|&i| values[i].to_owned()).collect();
         let mut members = self.members.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         members.entry(key).or_insert_with(|| (self.new)()).clone()
     }
@@ -144,15 +150,13 @@ impl<M: Metric> Render for Family<M> {
         }
         let (name, help, kind) = (self.name, self.help, M::KIND);
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
-        // Labels by name, as Prometheus's own clients write them.
-        let mut order: Vec<usize> = (0..self.labels.len()).collect();
-        order.sort_by_key(|&i| self.labels[i]);
         for (values, metric) in &members {
-            let mut labels = String::new();
-            for &i in &order {
-                let sep = if labels.is_empty() { "" } else { "," };
-                let _ = write!(labels, "{sep}{}=\"{}\"", self.labels[i], escape(&values[i]));
-            }
+            let labels: Vec<String> = self
+                .order
+                .iter()
+                .zip(values)
+                .map(|(&i, value)| format!("{}=\"{}\"", self.labels[i], escape(value)))
+                .collect();
             metric.write(out, name, &labels);
         }
     }
@@ -163,12 +167,21 @@ fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// `{a="1",b="2"}` of `labels` and `more`, or nothing for none.
+fn braced(labels: &[String], more: Option<&str>) -> String {
+    let all: Vec<&str> = labels.iter().map(String::as_str).chain(more).collect();
+    match all.is_empty() {
+        true => String::new(),
+        false => format!("{{{}}}", all.join(",")),
+    }
+}
+
 /// What a family holds for each set of label values.
 pub trait Metric: Clone + Send + 'static {
     /// The word on the family's `# TYPE` line.
     const KIND: &'static str;
-    /// This value's lines, for `name` and `labels` (written `a="1",b="2"`).
-    fn write(&self, out: &mut String, name: &str, labels: &str);
+    /// This value's lines, for `name` and `labels` (each written `a="1"`).
+    fn write(&self, out: &mut String, name: &str, labels: &[String]);
 }
 
 /// A count that only goes up.
@@ -192,13 +205,15 @@ impl Counter {
 impl Metric for Counter {
     const KIND: &'static str = "counter";
 
-    fn write(&self, out: &mut String, name: &str, labels: &str) {
-        let _ = writeln!(out, "{name}{{{labels}}} {}", self.get());
+    fn write(&self, out: &mut String, name: &str, labels: &[String]) {
+        let _ = writeln!(out, "{name}{} {}", braced(labels, None), self.get());
     }
 }
 
-/// A number that goes up and down (a thread may count it down that did not
-/// count it up: only the sum of the shards means anything).
+/// A count of things there are now (calls in flight), up and down. A
+/// thread may count one down that another counted up: only the sum of the
+/// shards means anything, and read while both change it may be one below
+/// what it was, so it is read as at least 0.
 #[derive(Clone, Default)]
 pub struct Gauge(Arc<Sharded<AtomicI64>>);
 
@@ -212,15 +227,15 @@ impl Gauge {
     }
 
     pub fn get(&self) -> i64 {
-        self.0.all().map(|count| count.load(Relaxed)).sum()
+        self.0.all().map(|count| count.load(Relaxed)).sum::<i64>().max(0)
     }
 }
 
 impl Metric for Gauge {
     const KIND: &'static str = "gauge";
 
-    fn write(&self, out: &mut String, name: &str, labels: &str) {
-        let _ = writeln!(out, "{name}{{{labels}}} {}", self.get());
+    fn write(&self, out: &mut String, name: &str, labels: &[String]) {
+        let _ = writeln!(out, "{name}{} {}", braced(labels, None), self.get());
     }
 }
 
@@ -262,19 +277,21 @@ impl Histogram {
 impl Metric for Histogram {
     const KIND: &'static str = "histogram";
 
-    fn write(&self, out: &mut String, name: &str, labels: &str) {
+    fn write(&self, out: &mut String, name: &str, labels: &[String]) {
         let (bounds, tallies) = (self.0.bounds, &self.0.tallies);
+        let le = |bound: &str| braced(labels, Some(&format!("le=\"{bound}\"")));
+        let plain = braced(labels, None);
         let count = |bucket: usize| -> u64 { tallies.all().map(|tally| tally.counts[bucket].load(Relaxed)).sum() };
         let mut total = 0;
         for (bucket, bound) in bounds.iter().enumerate() {
             total += count(bucket);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {total}");
+            let _ = writeln!(out, "{name}_bucket{} {total}", le(&bound.to_string()));
         }
         total += count(bounds.len());
         let nanos: u64 = tallies.all().map(|tally| tally.nanos.load(Relaxed)).fold(0, u64::saturating_add);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {total}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", nanos as f64 / 1e9);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
+        let _ = writeln!(out, "{name}_bucket{} {total}", le("+Inf"));
+        let _ = writeln!(out, "{name}_sum{plain} {}", nanos as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count{plain} {total}");
     }
 }
 
@@ -392,6 +409,43 @@ mod tests {
             r#"rolehost_call_seconds_count{role="r"} 8000"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn lines_go_by_label_values_in_the_labels_name_order() {
+        let metrics = Metrics::new();
+        for (role, outcome) in [("b", "ok"), ("a", "trap"), ("a", "ok")] {
+            metrics.calls.with_label_values(&[role, outcome]).inc();
+        }
+        let text = metrics.render();
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("rolehost_calls_total{")).collect();
+        let expected = [
+            r#"rolehost_calls_total{outcome="ok",role="a"} 1"#,
+            r#"rolehost_calls_total{outcome="ok",role="b"} 1"#,
+            r#"rolehost_calls_total{outcome="trap",role="a"} 1"#,
+        ];
+        assert_eq!(lines, expected);
+    }
+
+    #[test]
+    fn a_family_without_labels_writes_no_braces_but_le() {
+        let (mut out, buckets) = (String::new(), &[0.5, 1.0][..]);
+        let counter = Family::new("x_total", "X", &[], Counter::default);
+        counter.with_label_values(&[]).inc_by(2);
+        counter.render(&mut out);
+        let histogram = Family::new("x_seconds", "X", &[], move || Histogram::new(buckets));
+        histogram.with_label_values(&[]).observe(Duration::from_millis(750));
+        histogram.render(&mut out);
+        for line in [
+            "x_total 2",
+            r#"x_seconds_bucket{le="0.5"} 0"#,
+            r#"x_seconds_bucket{le="1"} 1"#,
+            r#"x_seconds_bucket{le="+Inf"} 1"#,
+            "x_seconds_sum 0.75",
+            "x_seconds_count 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from {out}");
         }
     }
 

@@ -63,7 +63,7 @@ mod tests {
     }
 
     #[test]
-    fn a_raised_limit_counts_the_calls_still_running() {
+    fn a_raised_limit_lets_more_in_at_once() {
         let slots = Slots::new(4);
         let running: Vec<_> = (0..3).map(|_| slots.try_acquire().unwrap()).collect();
         slots.set_limit(2);

@@ -77,10 +77,12 @@ impl Workers {
     /// Starts `count` workers (at least one).
     pub fn start(count: usize) -> std::io::Result<Self> {
         let mut senders = Vec::new();
+        // Ids in one block: consecutive, they get different shards.
+        let first = NEXT_ID.fetch_add(count.max(1) as u64, Ordering::Relaxed);
         for index in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (sender, mut jobs) = mpsc::unbounded_channel::<Job>();
-            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+            let id = first + index as u64;
             std::thread::Builder::new().name(format!("rolehost-worker-{index}")).spawn(move || {
                 WORKER.with(|worker| worker.set(id));
                 runtime.block_on(async {

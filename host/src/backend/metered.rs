@@ -87,6 +87,8 @@ pub struct Metered {
     reads: [OnceLock<(Counter, Counter)>; OPS],
     bytes_read: Counter,
     bytes_written: Counter,
+    /// Fire-and-forget writes sent and failed.
+    deferred: OnceLock<[Counter; 2]>,
 }
 
 impl Metered {
@@ -99,6 +101,7 @@ impl Metered {
             reads: std::array::from_fn(|_| OnceLock::new()),
             bytes_read: metrics.bytes_read.with_label_values(&[role]),
             bytes_written: metrics.bytes_written.with_label_values(&[role]),
+            deferred: OnceLock::new(),
             metrics,
         }
     }
@@ -289,8 +292,10 @@ impl Backend for Metered {
     async fn write_all(&self, writes: &[Write]) -> StateResult<()> {
         self.wrote(writes.iter().map(|w| if let Write::Set { value, .. } = w { value.len() } else { 0 }).sum());
         let result = self.observe(Op::WriteLater, self.inner.write_all(writes)).await;
-        let outcome = if result.is_ok() { "sent" } else { "failed" };
-        self.metrics.deferred_writes.with_label_values(&[&self.role, outcome]).inc_by(writes.len() as u64);
+        let deferred = self.deferred.get_or_init(|| {
+            ["sent", "failed"].map(|outcome| self.metrics.deferred_writes.with_label_values(&[&self.role, outcome]))
+        });
+        deferred[usize::from(result.is_err())].inc_by(writes.len() as u64);
         result
     }
 }

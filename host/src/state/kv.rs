@@ -63,7 +63,7 @@ impl CallCtx {
 impl Bucket {
     /// True for a granted namespace, which others write too.
     pub(super) fn shared(&self) -> bool {
-        !self.name.is_empty()
+        self.granted.is_some()
     }
 
     fn check_write(&self, write: bool) -> StateResult<()> {
