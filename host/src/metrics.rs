@@ -206,8 +206,13 @@ impl Metric for Counter {
     const KIND: &'static str = "counter";
 
     fn write(&self, out: &mut String, name: &str, labels: &[String]) {
-        let _ = writeln!(out, "{name}{} {}", braced(labels, None), self.get());
+        write_sample(out, name, labels, self.get());
     }
+}
+
+/// One line: `name{labels} value`.
+fn write_sample(out: &mut String, name: &str, labels: &[String], value: impl std::fmt::Display) {
+    let _ = writeln!(out, "{name}{} {value}", braced(labels, None));
 }
 
 /// A count of things there are now (calls in flight), up and down. A
@@ -235,7 +240,7 @@ impl Metric for Gauge {
     const KIND: &'static str = "gauge";
 
     fn write(&self, out: &mut String, name: &str, labels: &[String]) {
-        let _ = writeln!(out, "{name}{} {}", braced(labels, None), self.get());
+        write_sample(out, name, labels, self.get());
     }
 }
 

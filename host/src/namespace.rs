@@ -105,7 +105,16 @@ impl Namespace {
 
     /// The prefix every key of `space` starts with.
     pub fn space_prefix(&self, space: Space) -> String {
-        format!("{}{}:", self.prefix, space.tag())
+        self.space_prefix_with_room(space, 0)
+    }
+
+    /// [`Self::space_prefix`] in a string with room for `more` bytes after
+    /// it, built in one allocation: every state operation makes one.
+    fn space_prefix_with_room(&self, space: Space, more: usize) -> String {
+        let tag = space.tag();
+        let mut prefix = String::with_capacity(self.prefix.len() + tag.len() + 1 + more);
+        prefix.extend([self.prefix.as_str(), tag, ":"]);
+        prefix
     }
 
     /// The full key for a guest's local `key`, after checking it: not empty,
@@ -121,10 +130,7 @@ impl Namespace {
         if braced && key.starts_with('}') {
             return Err(StateError::InvalidKey(format!("lock name {} starts with `}}`", shown(key))));
         }
-        // Built by hand: every state operation makes one.
-        let tag = space.tag();
-        let mut full = String::with_capacity(self.prefix.len() + tag.len() + key.len() + 3);
-        full.extend([self.prefix.as_str(), tag, ":"]);
+        let mut full = self.space_prefix_with_room(space, key.len() + 2);
         match braced {
             true => full.extend(["{", key, "}"]),
             false => full.push_str(key),

@@ -76,10 +76,10 @@ pub fn current() -> u64 {
 impl Workers {
     /// Starts `count` workers (at least one).
     pub fn start(count: usize) -> std::io::Result<Self> {
-        let mut senders = Vec::new();
+        let (count, mut senders) = (count.max(1), Vec::new());
         // Ids in one block: consecutive, they get different shards.
-        let first = NEXT_ID.fetch_add(count.max(1) as u64, Ordering::Relaxed);
-        for index in 0..count.max(1) {
+        let first = NEXT_ID.fetch_add(count as u64, Ordering::Relaxed);
+        for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (sender, mut jobs) = mpsc::unbounded_channel::<Job>();
             let id = first + index as u64;
