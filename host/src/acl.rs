@@ -58,6 +58,30 @@ const COMMANDS: &[&str] = &[
     "wait",
 ];
 
+/// Fewest bytes the secret may have: every role's password derives from
+/// it, and role names are public (`GET /health` lists them).
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// The secret from `ROLEHOST_ACL_SECRET`; refused when unset, empty (as an
+/// undefined variable in a compose file leaves it) or shorter than
+/// [`MIN_SECRET_BYTES`], since anyone could then work out the passwords.
+pub fn secret() -> anyhow::Result<String> {
+    let secret = std::env::var(SECRET_ENV)
+        .map_err(|_| anyhow::anyhow!("ACL users need the secret role passwords derive from in {SECRET_ENV}"))?;
+    checked_secret(secret)
+}
+
+fn checked_secret(secret: String) -> anyhow::Result<String> {
+    if secret.len() < MIN_SECRET_BYTES {
+        anyhow::bail!(
+            "{SECRET_ENV} has {} bytes; it must have at least {MIN_SECRET_BYTES} (a random string), \
+             as every role's Redis password derives from it",
+            secret.len()
+        );
+    }
+    Ok(secret)
+}
+
 /// The Redis user name of a role.
 pub fn user(role: &str) -> String {
     format!("rolehost-{role}")
@@ -120,6 +144,15 @@ mod tests {
         // RFC 4231, test case 2.
         let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
         assert_eq!(hex(&mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    #[test]
+    fn short_or_empty_secrets_are_refused() {
+        for short in ["", "s3cret", "fifteen bytes.."] {
+            let error = checked_secret(short.into()).unwrap_err().to_string();
+            assert!(error.contains(&format!("has {} bytes", short.len())), "{error}");
+        }
+        assert_eq!(checked_secret("sixteen bytes..!".into()).unwrap(), "sixteen bytes..!");
     }
 
     #[test]

@@ -102,6 +102,17 @@ pub fn with_redis_overrides(
     Ok(Some(out))
 }
 
+/// Longest Redis timeout a manifest may set: an hour.
+const MAX_TIMEOUT_MS: u64 = 3_600_000;
+
+/// `ms` if it is a usable timeout: 0 would fail every operation at once.
+fn checked_timeout(setting: &str, ms: u64) -> anyhow::Result<u64> {
+    if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
+        bail!("[redis] {setting} is {ms}; it must be 1 to {MAX_TIMEOUT_MS} ms");
+    }
+    Ok(ms)
+}
+
 /// A state backend choice.
 #[derive(Debug, Clone)]
 pub enum StateConfig {
@@ -124,6 +135,9 @@ impl StateConfig {
                 })?,
                 None => bail!("invalid state backend {url:?}: `memory` takes only ?max-bytes=N"),
             };
+            if *redis != RedisSection::default() {
+                tracing::warn!("the manifest's [redis] settings do not apply to the memory state; ignored");
+            }
             return Ok(Self::Memory { max_bytes });
         }
         let scheme = url.split("://").next().unwrap_or_default();
@@ -139,10 +153,10 @@ impl StateConfig {
         options.ca_file = std::env::var_os(CA_ENV).filter(|p| !p.is_empty()).map(Into::into).or(redis.ca_file.clone());
         options.wait_replicas = redis.wait_replicas.unwrap_or(0);
         if let Some(ms) = redis.connect_timeout_ms {
-            options.connect_timeout = Duration::from_millis(ms);
+            options.connect_timeout = Duration::from_millis(checked_timeout("connect-timeout-ms", ms)?);
         }
         if let Some(ms) = redis.op_timeout_ms {
-            options.op_timeout = Duration::from_millis(ms);
+            options.op_timeout = Duration::from_millis(checked_timeout("op-timeout-ms", ms)?);
         }
         Ok(Self::Redis(options))
     }
@@ -153,8 +167,7 @@ impl StateConfig {
         let Self::Redis(options) = self else {
             bail!("ACL users need a Redis backend");
         };
-        let secret = std::env::var(crate::acl::SECRET_ENV)
-            .map_err(|_| anyhow::anyhow!("ACL users need the secret in {}", crate::acl::SECRET_ENV))?;
+        let secret = crate::acl::secret()?;
         let mut options = options.clone();
         options.username = Some(crate::acl::user(role));
         options.password = Some(crate::acl::password(&secret, role));
@@ -173,6 +186,18 @@ impl StateConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unusable_redis_timeouts_are_refused() {
+        for (setting, ms) in [("op-timeout-ms", 0), ("connect-timeout-ms", 0), ("op-timeout-ms", u64::MAX)] {
+            let manifest = crate::manifest::Manifest::parse(&format!("[redis]\n{setting} = {ms}\n")).unwrap();
+            let error = StateConfig::parse("redis://h", &manifest.redis).err().unwrap().to_string();
+            assert!(error.contains(&format!("{setting} is {ms}")), "{error}");
+        }
+        let manifest = crate::manifest::Manifest::parse("[redis]\nop-timeout-ms = 250\n").unwrap();
+        let Ok(StateConfig::Redis(options)) = StateConfig::parse("redis://h", &manifest.redis) else { panic!() };
+        assert_eq!(options.op_timeout, Duration::from_millis(250));
+    }
 
     #[test]
     fn redis_host_port_and_db_override_the_manifests_server() {

@@ -8,7 +8,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
@@ -44,11 +44,11 @@ struct Common {
 #[derive(Args, Clone, Copy)]
 struct Repeat {
     /// Call this many times (each response on its own line).
-    #[arg(long, default_value_t = 1)]
-    repeat: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
     /// With --repeat: this many calls in flight at once.
-    #[arg(long, default_value_t = 1)]
-    concurrency: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
 }
 
 #[derive(Subcommand)]
@@ -64,14 +64,16 @@ enum Command {
         #[arg(long, default_value_t = 1 << 20)]
         max_body_bytes: usize,
         /// Seconds a client has to send a request's headers (also how long
-        /// an idle connection stays open), and again its body (past it: 408).
-        #[arg(long, default_value_t = 10)]
+        /// an idle connection stays open), and again its body (past it:
+        /// 408); a connection whose response makes no progress that long
+        /// is closed.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         read_timeout_secs: u64,
         /// Connections open at once; past it, new ones wait to be accepted.
-        #[arg(long, default_value_t = 4096)]
-        max_connections: usize,
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+        max_connections: u32,
         /// Seconds calls in flight may finish after a shutdown signal.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         shutdown_grace_secs: u64,
         /// Watch role files and the manifest, and reload what changed.
         #[arg(long)]
@@ -268,8 +270,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let options = ServeOptions {
                 listen,
                 max_body_bytes,
-                read_timeout: std::time::Duration::from_secs(read_timeout_secs.max(1)),
-                max_connections,
+                read_timeout: std::time::Duration::from_secs(read_timeout_secs),
+                max_connections: max_connections as usize,
                 shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
                 watch: watch.then_some(std::time::Duration::from_secs(1)),
                 admin_token: std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty()),
@@ -492,8 +494,7 @@ fn host_with(
 
 /// Prints, or applies with the admin connection, each role's ACL user.
 async fn acl(common: &Common, manifest: &Manifest, apply: bool) -> anyhow::Result<()> {
-    let secret = std::env::var(acl::SECRET_ENV)
-        .map_err(|_| anyhow::anyhow!("set {} to the secret role passwords derive from", acl::SECRET_ENV))?;
+    let secret = acl::secret()?;
     let prefix = prefix(common, Some(manifest))?;
     let mut commands = Vec::new();
     for spec in manifest.role_specs()? {
@@ -539,10 +540,10 @@ async fn call_repeatedly(host: Arc<Host>, role: &str, body: Option<String>, repe
     if repeat.repeat <= 1 {
         return print_response(&host.call(role, &request).await?);
     }
-    let next = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..repeat.concurrency.clamp(1, repeat.repeat) {
+    for _ in 0..u64::from(repeat.concurrency).min(repeat.repeat) {
         let (host, next, failed, request, role) =
             (host.clone(), next.clone(), failed.clone(), request.clone(), role.to_owned());
         workers.spawn(async move {

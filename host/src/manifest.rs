@@ -108,7 +108,14 @@ impl Manifest {
 
     /// Parses manifest text; paths stay as written.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let manifest: Manifest = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        let manifest: Manifest = toml::from_str(text).map_err(|e| {
+            let at = e.span().and_then(|span| text.get(..span.start)).map(|before| {
+                let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                let (line, column) = (before.matches('\n').count() + 1, before[line_start..].chars().count() + 1);
+                format!("line {line}, column {column}: ")
+            });
+            anyhow::anyhow!("{}{}", at.unwrap_or_default(), e.message())
+        })?;
         if manifest.redis.password.is_some() {
             bail!("a Redis password in the manifest is refused; set the REDIS_PASSWORD environment variable instead");
         }
@@ -163,6 +170,16 @@ mod tests {
         assert_eq!(specs[1].name, "cache");
         assert_eq!(specs[1].limits.max_value_bytes, 10);
         assert_eq!(specs[1].limits.max_key_bytes, RoleLimits::default().max_key_bytes);
+    }
+
+    #[test]
+    fn a_bad_value_is_named_with_its_line_and_column() {
+        let text = "[[roles]]\nwasm = \"a.wasm\"\nlimits = { deadline-ms = -5 }\n";
+        let error = Manifest::parse(text).unwrap_err().to_string();
+        assert!(error.starts_with("line 3, column 26: "), "{error}");
+        assert!(error.contains("-5"), "{error}");
+        let error = Manifest::parse("[[roles]]\nname = \"é\"\n").unwrap_err().to_string();
+        assert!(error.starts_with("line 1, column 1: ") && error.contains("wasm"), "{error}");
     }
 
     #[test]

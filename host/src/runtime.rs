@@ -157,6 +157,11 @@ impl Default for HostOptions {
 /// Largest linear memory of a role when the pooling allocator is on.
 pub const POOLED_MAX_MEMORY_BYTES: usize = 256 << 20;
 
+/// Most calls at once with the pooling allocator: each reserves address
+/// space for two memories of [`POOLED_MAX_MEMORY_BYTES`] and their guards,
+/// and a process has 128 TiB of it (this takes about a third).
+pub const MAX_POOLED_CONCURRENCY: usize = 1 << 16;
+
 fn pooling(instances: usize) -> wasmtime::PoolingAllocationConfig {
     let instances = u32::try_from(instances).unwrap_or(u32::MAX).max(1);
     let mut pool = wasmtime::PoolingAllocationConfig::new();
@@ -216,8 +221,10 @@ impl Host {
     /// Like [`Host::new`], with engine options.
     pub fn with_options(backend: Arc<dyn Backend>, global_prefix: &str, options: HostOptions) -> anyhow::Result<Self> {
         validate_global_prefix(global_prefix).map_err(anyhow::Error::msg)?;
-        if !(1..=MAX_CONCURRENCY).contains(&options.max_concurrency) {
-            bail!("max concurrency is {}; it must be 1 to {MAX_CONCURRENCY}", options.max_concurrency);
+        let most = if options.pooling { MAX_POOLED_CONCURRENCY } else { MAX_CONCURRENCY };
+        if !(1..=most).contains(&options.max_concurrency) {
+            let pooled = if options.pooling { " with the pooling allocator (as `serve` runs)" } else { "" };
+            bail!("max concurrency is {}; it must be 1 to {most}{pooled}", options.max_concurrency);
         }
         let mut config = Config::new();
         config.wasm_component_model(true).epoch_interruption(true).consume_fuel(options.fuel);
@@ -226,7 +233,12 @@ impl Host {
                 .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pooling(options.max_concurrency)))
                 .memory_reservation(POOLED_MAX_MEMORY_BYTES as u64);
         }
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&config).map_err(|e| match options.pooling {
+            true => {
+                anyhow::anyhow!("cannot reserve the instance pool for {} calls at once: {e:#}", options.max_concurrency)
+            }
+            false => anyhow::anyhow!("cannot make the engine: {e:#}"),
+        })?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         RoleWorld::add_to_linker::<_, HasSelf<_>>(&mut linker, |ctx| ctx)?;

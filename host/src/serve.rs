@@ -11,9 +11,11 @@
 //!   the variable is unset.
 //!
 //! A client gets `read_timeout` to send a request's headers (also how long
-//! an idle keep-alive connection stays open) and again its body, and at
-//! most `max_connections` connections are open at once (past it, new ones
-//! wait in the listen backlog), so slow or idle clients cannot pile up.
+//! an idle keep-alive connection stays open) and again its body, and as
+//! long to take each part of a response (a connection whose writes make no
+//! progress for that long is closed); at most `max_connections`
+//! connections are open at once (past it, new ones wait in the listen
+//! backlog), so slow, idle or stalled clients cannot pile up.
 //!
 //! Connections are accepted here and served on `threads` worker threads,
 //! each by the one serving the fewest (`workers.rs`); the watcher and
@@ -21,10 +23,13 @@
 //! (loads, reloads) runs on a blocking thread, never on a worker.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes, HttpBody as _};
@@ -166,10 +171,12 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
             }
         };
         let (service, http, watcher) = (TowerToHyperService::new(router.clone()), http.clone(), graceful.watcher());
+        let stall = options.read_timeout;
         workers.spawn(move || async move {
             match tokio::net::TcpStream::from_std(stream) {
                 Ok(stream) => {
-                    if let Err(error) = watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await {
+                    let stream = TokioIo::new(Stalling::new(stream, stall));
+                    if let Err(error) = watcher.watch(http.serve_connection(stream, service)).await {
                         tracing::debug!(%error, "connection ended with an error");
                     }
                 }
@@ -191,6 +198,81 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
         tracing::warn!("fire-and-forget writes still unsent after the grace period; stopping anyway");
     }
     Ok(())
+}
+
+/// A connection whose writes fail once they have made no progress for
+/// `patience`: a client that stops reading its responses (its window shut,
+/// kept open by the kernel's probes) would otherwise hold its connection,
+/// and one of `max_connections`, for good. hyper has no write timeout.
+struct Stalling<S> {
+    inner: S,
+    patience: Duration,
+    /// Armed while a write waits; disarmed by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Stalling<S> {
+    fn new(inner: S, patience: Duration) -> Self {
+        Self { inner, patience, stalled: None }
+    }
+
+    /// Passes a write's poll through, and fails it once it has waited for
+    /// `patience` in all.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let patience = self.patience;
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(patience)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client took nothing for {} ms", patience.as_millis()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Stalling<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stalling<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, poll)
+    }
 }
 
 async fn shutdown_signal() {

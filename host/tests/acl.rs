@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 
 use rolehost_tests::{ok, role_path, RedisServer};
 
-const SECRET: &str = "test-secret";
+const SECRET: &str = "test-secret-of-24-bytes!";
 
 fn rolehost(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rolehost"))
@@ -91,7 +91,7 @@ fn acl_users_confine_each_role_inside_redis() {
     // The calls above ran as the role users: with another secret they fail.
     let wrong = Command::new(env!("CARGO_BIN_EXE_rolehost"))
         .args(["call", "--manifest", manifest, "counter"])
-        .env("ROLEHOST_ACL_SECRET", "another secret")
+        .env("ROLEHOST_ACL_SECRET", "another secret, as long")
         .env("RUST_LOG", "off")
         .output()
         .unwrap();
@@ -123,4 +123,28 @@ fn acl_users_confine_each_role_inside_redis() {
     let flush = as_user(port, "rolehost-counter", &counter_pw, &mut redis::cmd("FLUSHALL").clone());
     assert!(flush.unwrap_err().to_string().to_lowercase().contains("noperm"));
     assert!(as_user(port, "rolehost-counter", "wrong password", &mut get("rolehost:counter:kv:count")).is_err());
+}
+
+#[test]
+fn an_empty_or_short_acl_secret_is_refused() {
+    let dir = std::env::temp_dir().join(format!("rolehost-acl-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = dir.join("roles.toml");
+    let roles = format!("[[roles]]\nname = \"counter\"\nwasm = \"{}\"\n", role_path("counter").display());
+    std::fs::write(&manifest, roles).unwrap();
+    for secret in ["", "short"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rolehost"))
+            .args(["acl", "--manifest", manifest.to_str().unwrap()])
+            .env("ROLEHOST_ACL_SECRET", secret)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted {secret:?}: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(stderr.contains("must have at least 16"), "{stderr}");
+        assert!(out.stdout.is_empty(), "printed users for {secret:?}");
+    }
+    // Long enough: the users are printed.
+    let printed = ok(rolehost(&["acl", "--manifest", manifest.to_str().unwrap()]));
+    assert!(printed.contains("ACL SETUSER rolehost-counter"), "{printed}");
 }

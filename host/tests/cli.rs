@@ -284,6 +284,48 @@ fn bad_manifests_are_refused_clearly() {
     let ttl = write(&dir, "ttl.toml", ttl);
     assert_fails_with(&rolehost(&["call", "--manifest", &ttl, "c"]), "bad limit: default-ttl-ms is");
     assert_fails_with(&rolehost(&["serve", "--manifest", &huge, "--max-concurrency", "0"]), "max concurrency is 0");
+    // A value in the wrong place says where it is.
+    let negative = format!("[[roles]]\nname = \"c\"\nwasm = {:?}\nlimits = {{ deadline-ms = -5 }}\n", counter());
+    let negative = write(&dir, "negative.toml", negative);
+    assert_fails_with(&rolehost(&["call", "--manifest", &negative, "c"]), "line 4, column 26: invalid value");
+    let timeout = format!(
+        "state = \"redis://127.0.0.1:1\"\n[redis]\nop-timeout-ms = 0\n[[roles]]\nname = \"c\"\nwasm = {:?}\n",
+        counter()
+    );
+    let timeout = write(&dir, "timeout.toml", timeout);
+    assert_fails_with(&rolehost(&["call", "--manifest", &timeout, "c"]), "op-timeout-ms is 0; it must be 1 to");
+}
+
+#[test]
+fn serve_and_call_flags_out_of_range_are_refused() {
+    let dir = temp_dir("flags");
+    let manifest = format!("[[roles]]\nname = \"c\"\nwasm = {:?}\n", counter());
+    let manifest = write(&dir, "roles.toml", manifest);
+    let serve = |flag: &str, value: &str| rolehost(&["serve", "--manifest", &manifest, flag, value]);
+    // Each would panic, silently change, or fail later with a message that
+    // names no flag.
+    for (flag, value) in [
+        ("--max-connections", "18446744073709551615"),
+        ("--max-connections", "0"),
+        ("--read-timeout-secs", "0"),
+        ("--read-timeout-secs", "9223372036854775808"),
+        ("--shutdown-grace-secs", "18446744073709551615"),
+    ] {
+        let out = serve(flag, value);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && !stderr.contains("panicked"), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(&format!("invalid value '{value}' for '{flag}")), "{stderr}");
+    }
+    assert_fails_with(
+        &serve("--max-concurrency", "1000000"),
+        "max concurrency is 1000000; it must be 1 to 65536 with the pooling allocator",
+    );
+    for args in [&["--repeat", "0"][..], &["--repeat", "2", "--concurrency", "0"]] {
+        let out = rolehost(&[&["call", "--manifest", &manifest, "c"][..], args].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && out.stdout.is_empty(), "{args:?} made a call");
+        assert!(stderr.contains(&format!("invalid value '0' for '{}", args[args.len() - 2])), "{stderr}");
+    }
 }
 
 #[test]

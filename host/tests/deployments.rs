@@ -134,7 +134,7 @@ fn acl_users_work_on_a_cluster() {
             .arg(manifest)
             .env_remove("ROLEHOST_STATE")
             .env_remove("REDIS_PASSWORD")
-            .env("ROLEHOST_ACL_SECRET", "cluster-secret")
+            .env("ROLEHOST_ACL_SECRET", "cluster-secret-for-tests")
             .env("RUST_LOG", "warn")
             .output()
             .unwrap()

@@ -674,3 +674,29 @@ fn connections_past_the_cap_wait_for_one_to_close() {
     let answer = read_all(&mut third).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[test]
+fn a_client_that_stops_reading_is_cut_off() {
+    let dir = dir("stalled-reader");
+    let manifest = manifest(&dir, "memory", &[("counter", &role_path("counter"), "")]);
+    let server = Server::start(&manifest, &["--read-timeout-secs", "1", "--max-connections", "1"]);
+    // Pipelined requests whose responses it never reads: once the socket
+    // buffers are full the server's writes wait, and would for good.
+    let stalled = connect(&server, Duration::from_secs(30));
+    let mut writer = stalled.try_clone().unwrap();
+    let requests = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < 500_000 && writer.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").is_ok() {
+            sent += 1;
+        }
+        sent
+    });
+    // The only connection the cap allows is that one, until it is cut off.
+    let mut next = connect(&server, Duration::from_secs(30));
+    next.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let answer = read_all(&mut next).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let sent = requests.join().unwrap();
+    assert!(sent < 500_000, "the server took every request without ever waiting");
+    let _ = stalled.shutdown(std::net::Shutdown::Both);
+}
