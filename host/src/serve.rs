@@ -359,7 +359,7 @@ async fn call_role(State(app): State<Arc<App>>, Path(role): Path<String>, body: 
     };
     tracing::info!(
         request = id,
-        role = %role,
+        role = role.as_str(),
         status = response.status().as_u16(),
         duration_us = start.elapsed().as_micros() as u64,
         "call"

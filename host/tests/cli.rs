@@ -391,3 +391,37 @@ fn the_redis_password_comes_from_the_environment() {
     assert_fails_with(&run(Some("wrong")), "REDIS_PASSWORD");
     assert_fails_with(&run(None), "REDIS_PASSWORD");
 }
+
+#[test]
+fn role_log_lines_are_budgeted_per_line_and_cannot_forge_others() {
+    let dir = temp_dir("role-log");
+    let probe = role_path("kvprobe");
+    let run = |request: serde_json::Value| {
+        let log = dir.join("stderr.log");
+        let out = Command::new(env!("CARGO_BIN_EXE_rolehost"))
+            .args(["run", probe.to_str().unwrap(), &request.to_string()])
+            .env_remove("ROLEHOST_STATE")
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{request}");
+        std::fs::read_to_string(&log).unwrap()
+    };
+    // Empty lines cost their line all the same: the 64 KiB budget lets
+    // through at most 1024 of the 20000, then says how much it dropped.
+    let log = run(json!({"op":"log","message":"","times":20000}));
+    let lines = log.lines().filter(|l| l.contains("role=\"kvprobe\"")).count();
+    assert!((1000..=1025).contains(&lines), "{lines} role lines");
+    assert!(log.contains("lines dropped"), "{log}");
+    // A line break in a message, by `log` or on stdout, is escaped.
+    for op in ["log", "print"] {
+        let log = run(json!({"op":op,"message":"ok\nFORGED host line\r","times":1}));
+        assert!(!log.lines().any(|l| l.starts_with("FORGED")), "{log}");
+        let line = log.lines().find(|l| l.contains("role=\"kvprobe\"")).unwrap_or_else(|| panic!("{log}"));
+        match op {
+            "log" => assert!(line.contains(r"ok\nFORGED host line\r"), "{line}"),
+            _ => assert!(log.contains("FORGED host line\\r"), "{log}"),
+        }
+    }
+}

@@ -580,7 +580,7 @@ fn a_log_reader_that_stops_holds_up_no_call() {
     std::thread::spawn(move || {
         let mut calls = 0;
         for line in log.lines() {
-            calls += usize::from(line.unwrap().contains("role=counter status=200"));
+            calls += usize::from(line.unwrap().contains(r#"role="counter" status=200"#));
             if calls == CALLS {
                 let _ = counted.send(calls);
             }
@@ -699,4 +699,26 @@ fn a_client_that_stops_reading_is_cut_off() {
     let sent = requests.join().unwrap();
     assert!(sent < 500_000, "the server took every request without ever waiting");
     let _ = stalled.shutdown(std::net::Shutdown::Both);
+}
+
+#[test]
+fn a_role_name_in_the_path_cannot_forge_log_lines() {
+    let dir = dir("log-forgery");
+    let manifest = manifest(&dir, "memory", &[("counter", &role_path("counter"), "")]);
+    let log = dir.join("stderr.log");
+    let server = Server::start_logging(&manifest, &[], "info", Stdio::from(std::fs::File::create(&log).unwrap()));
+    let (status, _, _) = server.post("/roles/x%0AFORGED%20INFO%20reloaded%20role=counter", "");
+    assert_eq!(status, 404);
+    assert_eq!(server.post("/roles/counter", "").0, 200);
+    // The unknown role's line is written (before the counter's), escaped.
+    let start = Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains(r#"role="counter""#) || start.elapsed() > Duration::from_secs(30) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(text.contains(r#"role="x\nFORGED INFO reloaded role=counter" status=404"#), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("FORGED")), "{text}");
 }

@@ -17,6 +17,11 @@ use crate::bindings::log::{Host, Level};
 /// Longest line kept from stdout or stderr before it is cut.
 const MAX_LINE_BYTES: usize = 8 << 10;
 
+/// What a line costs on top of its bytes: about what the host log adds to
+/// it (time, level, role), so that many empty or tiny lines cannot write
+/// far more to the host log than the budget says.
+pub const LINE_COST: usize = 64;
+
 /// The log of one call: counts bytes against the role's budget and emits
 /// lines to `tracing`. Cheap to clone; clones share the budget.
 #[derive(Clone)]
@@ -55,10 +60,9 @@ impl CallLog {
 
     fn line(&self, level: Level, message: &str) {
         let mut state = self.state();
-        if !state.take(message.len()) {
-            return;
+        if state.take(message.len() + LINE_COST) {
+            state.emit(level, message.as_bytes());
         }
-        emit(&state.role, level, message);
     }
 
     /// A stdout or stderr sink for the WASI context.
@@ -78,7 +82,9 @@ impl CallLog {
                 None => (bytes, &[][..], false),
             };
             bytes = rest;
-            if !state.take(chunk.len()) {
+            // A line's cost is taken with its first bytes.
+            let starts = state.partial[stream as usize].is_empty() && !chunk.is_empty();
+            if !state.take(chunk.len() + if starts { LINE_COST } else { 0 }) {
                 return;
             }
             let partial = &mut state.partial[stream as usize];
@@ -87,7 +93,7 @@ impl CallLog {
             if complete || partial.len() >= MAX_LINE_BYTES {
                 let line = std::mem::take(partial);
                 if !line.is_empty() {
-                    emit(&state.role, level, &String::from_utf8_lossy(&line));
+                    state.emit(level, &line);
                 }
             }
         }
@@ -100,7 +106,7 @@ impl CallLog {
         for (i, level) in [(0, Level::Info), (1, Level::Warn)] {
             let line = std::mem::take(&mut state.partial[i]);
             if !line.is_empty() {
-                emit(&state.role, level, &String::from_utf8_lossy(&line));
+                state.emit(level, &line);
             }
         }
         if state.dropped > 0 {
@@ -124,15 +130,33 @@ impl LogState {
         self.budget -= len;
         true
     }
-}
 
-fn emit(role: &str, level: Level, message: &str) {
-    match level {
-        Level::Trace => tracing::trace!(target: "role", role, "{message}"),
-        Level::Debug => tracing::debug!(target: "role", role, "{message}"),
-        Level::Info => tracing::info!(target: "role", role, "{message}"),
-        Level::Warn => tracing::warn!(target: "role", role, "{message}"),
-        Level::Error => tracing::error!(target: "role", role, "{message}"),
+    /// Writes one line to the host log, its control characters escaped so
+    /// that it stays one line and cannot pass for another role's or the
+    /// host's.
+    fn emit(&self, level: Level, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        let message = match line.contains(char::is_control) {
+            false => line,
+            true => {
+                let mut escaped = String::with_capacity(line.len() + 16);
+                for c in line.chars() {
+                    match c.is_control() {
+                        true => escaped.extend(c.escape_default()),
+                        false => escaped.push(c),
+                    }
+                }
+                escaped.into()
+            }
+        };
+        let role = &*self.role;
+        match level {
+            Level::Trace => tracing::trace!(target: "role", role, "{message}"),
+            Level::Debug => tracing::debug!(target: "role", role, "{message}"),
+            Level::Info => tracing::info!(target: "role", role, "{message}"),
+            Level::Warn => tracing::warn!(target: "role", role, "{message}"),
+            Level::Error => tracing::error!(target: "role", role, "{message}"),
+        }
     }
 }
 
