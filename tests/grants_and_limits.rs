@@ -227,6 +227,17 @@ async fn operation_quotas_per_call_and_per_second(b: Arc<dyn Backend>, p: String
     // The budget belongs to the role, not the call, and refills with time.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(probe(&host, "rate", json!({"op":"get","key":"r0"})).await, Ok(json!("v")));
+    // Listing pages of up to 500 (the SDK's) costs what the page holds, so
+    // it works under quotas below 500: 14 keys against 30 a second, and 4
+    // against 10 a call.
+    let listed = probe(&host, "rate", json!({"op":"list_all"})).await.unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(14), "{listed}");
+    assert_eq!(probe(&host, "call", json!({"op":"count"})).await, Ok(json!(4)));
+    // A page a call can no longer pay for is refused, as any operation.
+    let ops: Vec<Value> = (0..4).map(|_| json!({"op":"count"})).collect();
+    let answers = probe(&host, "call", json!({"op":"batch","ops":ops})).await.unwrap();
+    let counted: Vec<bool> = answers.as_array().unwrap().iter().map(|a| a.get("ok") == Some(&json!(4))).collect();
+    assert_eq!(counted, [true, false, false, false], "{answers}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -174,6 +174,18 @@ impl CallCtx {
         Ok(())
     }
 
+    /// Operations the quotas allow at once now: what is left of the call's,
+    /// and no more than the role's per second.
+    fn ops_left(&self) -> usize {
+        let per_call = self.role.limits.max_ops_per_call.saturating_sub(self.ops);
+        let per_second = self
+            .role
+            .op_rate
+            .as_ref()
+            .map_or(u64::MAX, |rate| rate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).per_second);
+        usize::try_from(per_call.min(per_second)).unwrap_or(usize::MAX)
+    }
+
     /// Readies a warm instance's context for its next call: fresh
     /// per-call quotas and log budget. (Queued writes were taken and locks
     /// released when the last call ended.)
@@ -273,10 +285,16 @@ impl CallCtx {
         if limit == 0 {
             return Err(StateError::InvalidArgument("limit must be at least 1".into()));
         }
-        let limit = (limit as usize).min(self.role.limits.max_batch_entries);
-        self.charge(limit)?;
+        // A page costs an operation per name it holds (at least one), and
+        // asks for no more than the quotas have left, so listing works for
+        // a role whose quotas are below the page size a guest asks for.
+        let limit = (limit as usize).min(self.role.limits.max_batch_entries).min(self.ops_left()).max(1);
+        self.charge(1)?;
         let pattern = namespace.pattern(space, pattern.as_deref())?;
         let page = self.backend.scan(&pattern, cursor.as_deref(), limit).await?;
+        if page.keys.len() > 1 {
+            self.charge(page.keys.len() - 1)?;
+        }
         let names = page.keys.iter().filter_map(|full| namespace.local(space, full)).map(str::to_owned).collect();
         Ok((names, page.cursor))
     }
