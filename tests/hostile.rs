@@ -10,7 +10,11 @@ use rolehost::{Access, CallError, Grants, RoleLimits};
 use rolehost_tests::{host_with_specs, on_both_backends, probe, unique, RedisServer};
 use serde_json::{json, Value};
 
-on_both_backends!(a_hostile_role_changes_nothing_it_does_not_own, host_memory_held_for_a_role_is_bounded);
+on_both_backends!(
+    a_hostile_role_changes_nothing_it_does_not_own,
+    host_memory_held_for_a_role_is_bounded,
+    handles_kept_open_count_against_the_memory_limit
+);
 
 async fn a_hostile_role_changes_nothing_it_does_not_own(b: Arc<dyn Backend>, p: String) {
     let public = |access| Grants { namespaces: [("public".to_owned(), access)].into(), ..Grants::default() };
@@ -195,6 +199,30 @@ async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) 
     assert_eq!(mallory(json!({"op":"subject_load","subject":"huge"})).await, Err("too-large".into()));
     let one = mallory(json!({"op":"subject_get","subject":"huge","prop":"3"})).await.unwrap();
     assert_eq!(one.as_str().map(str::len), Some((1 << 20) + 2), "the raw JSON string, quotes included");
+}
+
+/// The host keeps what a subject's or a lock's handle names (about 2 kB
+/// each with 1 kB names) for as long as the guest keeps it open, across
+/// the calls of a warm instance too: that counts against the memory limit.
+async fn handles_kept_open_count_against_the_memory_limit(b: Arc<dyn Backend>, p: String) {
+    let limits = RoleLimits { max_memory_bytes: 8 << 20, warm_instances: 1, ..RoleLimits::default() };
+    let host = host_with_specs(b, &p, vec![("mallory", "kvprobe", limits, Grants::default())]);
+    let mallory = |op: Value| probe(&host, "mallory", op);
+    // 100 000 of them would be 200 MB of host memory.
+    for locks in [false, true] {
+        let hoard = json!({"op":"hoard","locks":locks,"count":100_000,"name_len":1000});
+        assert_eq!(mallory(hoard).await, Err("too-large".into()), "locks: {locks}");
+    }
+    // Dropped when the call ends: as many as fit open again.
+    for locks in [false, true] {
+        let hoard = json!({"op":"hoard","locks":locks,"count":1000,"name_len":1000});
+        assert_eq!(mallory(hoard).await, Ok(json!(1000)), "locks: {locks}");
+    }
+    // Kept open by the warm instance, they add up across its calls.
+    let keep = json!({"op":"hoard","count":1500,"name_len":1000,"keep":true});
+    assert_eq!(mallory(keep.clone()).await, Ok(json!(1500)));
+    assert_eq!(mallory(keep.clone()).await, Ok(json!(1500)));
+    assert_eq!(mallory(keep).await, Err("too-large".into()));
 }
 
 /// On Redis, values a role may not read are measured and refused by the

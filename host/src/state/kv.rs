@@ -129,9 +129,8 @@ impl HostBucket for CallCtx {
         let granted = self.namespace(&name, false)?;
         let granted = (!name.is_empty()).then(|| granted.clone());
         let writable = self.namespace(&name, true).is_ok();
-        self.table
-            .push(Bucket { name, granted, writable })
-            .map_err(|e| StateError::Internal(format!("cannot open bucket: {e}")))
+        let bytes = name.len();
+        self.push_handle(Bucket { name, granted, writable }, bytes)
     }
 
     async fn get(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<Option<Vec<u8>>> {
@@ -236,7 +235,7 @@ impl HostBucket for CallCtx {
     }
 
     async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
-        self.table.delete(bucket)?;
+        self.delete_handle(bucket, |bucket| bucket.name.len())?;
         Ok(())
     }
 }

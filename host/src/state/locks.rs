@@ -28,6 +28,18 @@ pub struct Lock {
     token: u64,
 }
 
+impl Lock {
+    /// Host memory a lock's handle holds: its name, and its key and owner
+    /// twice (the handle and the call's list of locks to release).
+    fn bytes_of(name: &str, key: &str, owner: &str) -> usize {
+        name.len() + 2 * (key.len() + owner.len())
+    }
+
+    fn bytes(&self) -> usize {
+        Self::bytes_of(&self.name, &self.key, &self.owner)
+    }
+}
+
 /// An owner id unique across processes: random per process, then a counter.
 fn new_owner() -> String {
     static PROCESS: LazyLock<u64> = LazyLock::new(|| RandomState::new().hash_one(std::process::id()));
@@ -135,17 +147,27 @@ impl HostLock for CallCtx {
         // Noted as held before asking, so that a call dropped while Redis
         // takes the lock still releases it (or one whose answer was lost).
         // Releasing compares the owner: a lock never taken is left alone.
+        // Its handle's memory is held first: a lock the guest could not be
+        // handed is never taken.
+        let bytes = Lock::bytes_of(&name, &key, &owner);
+        self.hold(super::HANDLE_BYTES + bytes)?;
         self.held_locks.push((key.clone(), owner.clone()));
-        let token = match self.take_lock(&key, &fence, &owner, ttl, give_up).await? {
-            Some(token) => token,
-            None => {
+        let token = match self.take_lock(&key, &fence, &owner, ttl, give_up).await {
+            Ok(Some(token)) => token,
+            // Perhaps taken with its answer lost: still released at the end.
+            Err(error) => {
+                self.unhold(super::HANDLE_BYTES + bytes);
+                return Err(error);
+            }
+            Ok(None) => {
+                self.unhold(super::HANDLE_BYTES + bytes);
                 self.held_locks.retain(|(_, held)| *held != owner);
                 return Ok(None);
             }
         };
         let lock = Lock { name, key, owner, token };
-        let handle = self.table.push(lock).map_err(|e| StateError::Internal(format!("cannot hold lock: {e}")))?;
-        Ok(Some(handle))
+        // (Should the table be full, the lock is released when the call ends.)
+        Ok(Some(self.push_held(lock, bytes)?))
     }
 
     async fn token(&mut self, lock: Resource<Lock>) -> wasmtime::Result<u64> {
@@ -173,7 +195,7 @@ impl HostLock for CallCtx {
         if let Err(e) = CallCtx::release(self, &lock).await {
             tracing::warn!(role = %self.role.name, "cannot release a dropped lock: {e}");
         }
-        self.table.delete(lock)?;
+        self.delete_handle(lock, Lock::bytes)?;
         Ok(())
     }
 }

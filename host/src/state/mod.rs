@@ -218,7 +218,8 @@ impl CallCtx {
         let max = self.role.limits.max_memory_bytes;
         if self.held_bytes.saturating_add(bytes) > max {
             return Err(StateError::TooLarge(format!(
-                "buffered and queued writes would hold more than {max} bytes (the role's memory limit); store or discard some first"
+                "open handles, buffered and queued writes would hold more than {max} bytes (the role's memory limit); \
+                 drop, store or discard some first"
             )));
         }
         self.held_bytes += bytes;
@@ -228,6 +229,36 @@ impl CallCtx {
     /// Counts `bytes` no longer held.
     fn unhold(&mut self, bytes: usize) {
         self.held_bytes = self.held_bytes.saturating_sub(bytes);
+    }
+
+    /// Gives the guest a handle to `value`, whose host memory (`bytes`
+    /// beside its table entry) counts against the role's memory limit
+    /// until the guest drops it: handles kept open, across calls of a warm
+    /// instance too, cannot make the host hold more than that.
+    fn push_handle<T: Send + 'static>(&mut self, value: T, bytes: usize) -> StateResult<Resource<T>> {
+        self.hold(HANDLE_BYTES + bytes)?;
+        self.push_held(value, bytes)
+    }
+
+    /// [`CallCtx::push_handle`] for a value whose bytes were held already
+    /// (with `hold(HANDLE_BYTES + bytes)`).
+    fn push_held<T: Send + 'static>(&mut self, value: T, bytes: usize) -> StateResult<Resource<T>> {
+        self.table.push(value).map_err(|e| {
+            self.unhold(HANDLE_BYTES + bytes);
+            StateError::Internal(format!("cannot open a handle: {e}"))
+        })
+    }
+
+    /// Takes back a handle given by [`CallCtx::push_handle`] with the same
+    /// `bytes`.
+    fn delete_handle<T: 'static>(
+        &mut self,
+        handle: Resource<T>,
+        bytes: impl FnOnce(&T) -> usize,
+    ) -> wasmtime::Result<T> {
+        let value = self.table.delete(handle)?;
+        self.unhold(HANDLE_BYTES + bytes(&value));
+        Ok(value)
     }
 
     fn check_value(&self, value: &[u8]) -> StateResult<()> {
@@ -332,6 +363,10 @@ pub struct CallLimiter {
 
 /// Most elements of one table (function references, resource handles).
 const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Host memory a handle takes beside what it holds: its table entry (and
+/// the guest's own), about.
+const HANDLE_BYTES: usize = 64;
 
 impl CallLimiter {
     pub(crate) fn new(max_memory_bytes: usize) -> Self {

@@ -31,6 +31,11 @@ fn size(field: &str, value: Option<&[u8]>) -> usize {
 }
 
 impl Subject {
+    /// Host memory the handle itself holds (its writes not counted).
+    fn bytes(&self) -> usize {
+        self.name.len() + self.key.len() + self.read_only.as_ref().map_or(0, String::len)
+    }
+
     fn pending_bytes(&self) -> usize {
         self.pending.iter().map(|(field, value)| size(field, value.as_deref())).sum()
     }
@@ -147,7 +152,8 @@ impl HostSubject for CallCtx {
         let shared = !namespace.is_empty();
         let read_only = self.namespace(&namespace, true).is_err().then_some(namespace);
         let subject = Subject { name, key, read_only, shared, pending: BTreeMap::new() };
-        self.table.push(subject).map_err(|e| StateError::Internal(format!("cannot open subject: {e}")))
+        let bytes = subject.bytes();
+        self.push_handle(subject, bytes)
     }
 
     async fn name(&mut self, subject: Resource<Subject>) -> wasmtime::Result<String> {
@@ -286,7 +292,7 @@ impl HostSubject for CallCtx {
     }
 
     async fn drop(&mut self, subject: Resource<Subject>) -> wasmtime::Result<()> {
-        let dropped = self.table.delete(subject)?;
+        let dropped = self.delete_handle(subject, Subject::bytes)?;
         self.unhold(dropped.pending_bytes());
         Ok(())
     }

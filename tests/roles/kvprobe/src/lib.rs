@@ -12,6 +12,11 @@ use rolehost_guest::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+thread_local! {
+    /// Handles a `hoard` with `keep` left open.
+    static HOARD: std::cell::RefCell<Vec<(Vec<Subject>, Vec<Lock>)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Op {
@@ -141,6 +146,17 @@ enum Op {
         subjects: usize,
         props: usize,
         len: usize,
+    },
+    /// Opens `count` subjects (or locks) named with `name_len` bytes and
+    /// keeps them open: to the end of the call, or with `keep` for as long
+    /// as the instance lives (across calls of a warm one).
+    Hoard {
+        #[serde(default)]
+        locks: bool,
+        count: usize,
+        name_len: usize,
+        #[serde(default)]
+        keep: bool,
     },
     SubjectSetRaw {
         subject: String,
@@ -420,6 +436,22 @@ fn run(ns: &str, op: Op) -> Result<Value> {
                 open.push(subject);
             }
             json!(open.len())
+        }
+        Op::Hoard { locks, count, name_len, keep } => {
+            let mut subjects = Vec::new();
+            let mut held = Vec::new();
+            for i in 0..count {
+                let name = format!("{i:0>name_len$}");
+                match locks {
+                    true => held.extend(Lock::acquire(&name, Duration::from_secs(60), Duration::ZERO)?),
+                    false => subjects.push(Subject::open_in(ns, &name)?),
+                }
+            }
+            let opened = subjects.len() + held.len();
+            if keep {
+                HOARD.with(|hoard| hoard.borrow_mut().push((subjects, held)));
+            }
+            json!(opened)
         }
         Op::SubjectSetRaw { subject, prop, json } => {
             // Straight to the WIT call, so invalid JSON reaches the host.
