@@ -18,6 +18,7 @@ on_all_backends!(
     scan_pages_through_every_match_once,
     scan_finds_every_key_while_listed_ones_are_deleted,
     scan_respects_patterns,
+    scan_refuses_cursors_it_did_not_give,
     delete_matching_clears_only_matches,
     increment_semantics,
     set_if_absent_and_get_and_delete,
@@ -176,6 +177,31 @@ async fn scan_finds_every_key_while_listed_ones_are_deleted(b: Arc<dyn Backend>,
     })
     .await;
     assert_eq!(expected.difference(&seen).count(), 0, "keys never listed");
+}
+
+async fn scan_refuses_cursors_it_did_not_give(b: Arc<dyn Backend>, p: String) {
+    for k in ["0", "a", "b", "c"] {
+        b.set(&format!("{p}{k}"), b"1", None).await.unwrap();
+    }
+    // A start cursor of another store ("0"), none at all, or junk: refused
+    // alike on every backend, rather than listing from somewhere.
+    for cursor in ["0", "", "junk", "m", "0:0"] {
+        match b.scan(&format!("{p}*"), Some(cursor), 10).await {
+            Err(StateError::InvalidArgument(message)) => assert!(message.contains("cursor"), "{message}"),
+            other => panic!("cursor {cursor:?}: {other:?}"),
+        }
+    }
+    // One it gave goes on where it stopped.
+    let first = b.scan(&format!("{p}*"), None, 2).await.unwrap();
+    let mut keys = first.keys;
+    let mut cursor = first.cursor;
+    while let Some(at) = cursor {
+        let page = b.scan(&format!("{p}*"), Some(&at), 2).await.unwrap();
+        keys.extend(page.keys);
+        cursor = page.cursor;
+    }
+    keys.sort();
+    assert_eq!(keys, ["0", "a", "b", "c"].map(|k| format!("{p}{k}")));
 }
 
 async fn scan_respects_patterns(b: Arc<dyn Backend>, p: String) {

@@ -21,6 +21,10 @@ const MAX_SCAN_EXAMINED: usize = 10_000;
 /// × key length per key (the matcher's worst case), so that long patterns
 /// over long keys make short pages rather than hold the store's lock.
 const MAX_SCAN_WORK: usize = 1_000_000;
+/// What starts this store's scan cursors.
+const CURSOR_MARK: &str = "m:";
+/// Longest cursor taken back (a key is far shorter).
+const MAX_CURSOR_BYTES: usize = 1 << 20;
 /// Operations between sweeps of expired entries that nobody touched.
 const SWEEP_EVERY: u64 = 4096;
 /// Least time between sweeps made because a write found the store full.
@@ -365,10 +369,15 @@ impl Backend for MemoryBackend {
     async fn scan(&self, pattern: &str, cursor: Option<&str>, limit: usize) -> StateResult<ScanPage> {
         // Every match starts with the pattern's literal prefix, so only that
         // range of the sorted map is visited. The cursor is the part of the
-        // last key after that prefix: it never shows the role's prefix.
+        // last key after that prefix, marked as this store's (so a cursor
+        // from elsewhere is refused, as Redis refuses one): it never shows
+        // the role's prefix.
         let literal = glob::literal_prefix(pattern);
         let start = match cursor {
-            Some(after) => Bound::Excluded(format!("{literal}{after}")),
+            Some(cursor) => match cursor.strip_prefix(CURSOR_MARK).filter(|_| cursor.len() <= MAX_CURSOR_BYTES) {
+                Some(after) => Bound::Excluded(format!("{literal}{after}")),
+                None => return Err(StateError::InvalidArgument("invalid cursor".into())),
+            },
             None => Bound::Included(literal.clone()),
         };
         let now = Instant::now();
@@ -382,7 +391,7 @@ impl Backend for MemoryBackend {
         for (key, entry) in candidates {
             work += pattern.len().max(1) * key.len().max(1);
             if keys.len() == limit || examined == MAX_SCAN_EXAMINED || (work > MAX_SCAN_WORK && examined > 0) {
-                cursor = last.map(|last| last[literal.len()..].to_owned());
+                cursor = last.map(|last| format!("{CURSOR_MARK}{}", &last[literal.len()..]));
                 break;
             }
             examined += 1;
