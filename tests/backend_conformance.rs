@@ -179,6 +179,35 @@ async fn scan_finds_every_key_while_listed_ones_are_deleted(b: Arc<dyn Backend>,
     assert_eq!(expected.difference(&seen).count(), 0, "keys never listed");
 }
 
+/// Float increments store the same text on every backend (the memory
+/// store formats in Rust, Redis in Lua), for a spread of magnitudes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn float_increments_store_the_same_text_on_memory_and_redis() {
+    let Some(redis) = rolehost_tests::backend("redis") else { return };
+    let memory = rolehost_tests::backend("memory").unwrap();
+    let p = rolehost_tests::unique("floats");
+    // A fixed pseudo-random walk: deltas from 1e-30 to 1e30, both signs.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut deltas = vec![0.1, 0.2, 1e-20, -0.30000000000000004, 1e20, 2.0 / 3.0];
+    for _ in 0..300 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mantissa = (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+        let exponent = ((seed >> 3) % 61) as i32 - 30;
+        deltas.push(mantissa * 10f64.powi(exponent));
+    }
+    for (i, delta) in deltas.iter().enumerate() {
+        // A few running sums, and fresh fields.
+        let field = if i % 3 == 0 { format!("f{i}") } else { format!("sum{}", i % 4) };
+        let key = format!("{p}subject");
+        let on_memory = memory.hash_increment_float(&key, &field, *delta, None).await.unwrap();
+        let on_redis = redis.hash_increment_float(&key, &field, *delta, None).await.unwrap();
+        assert_eq!(on_memory.to_bits(), on_redis.to_bits(), "delta {delta:e}");
+        let stored_memory = memory.hash_get(&key, &field, None).await.unwrap();
+        let stored_redis = redis.hash_get(&key, &field, None).await.unwrap();
+        assert_eq!(stored_memory, stored_redis, "delta {delta:e}");
+    }
+}
+
 async fn scan_refuses_cursors_it_did_not_give(b: Arc<dyn Backend>, p: String) {
     for k in ["0", "a", "b", "c"] {
         b.set(&format!("{p}{k}"), b"1", None).await.unwrap();

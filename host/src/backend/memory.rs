@@ -659,14 +659,39 @@ fn add_float(value: Option<&[u8]>, delta: f64) -> StateResult<f64> {
     Ok(next)
 }
 
-/// Formats a float close to Redis: integers without a fraction, others
-/// rounded to 15 significant digits, so 0.1 + 0.2 is stored as `0.3`.
+/// A float increment's result as stored, the same on every backend (the
+/// Redis backend's script does this in Lua): the shortest of C's `%.15g`,
+/// `%.16g` and `%.17g` that reads back as the same number, so 0.1 stays
+/// `0.1`, 0.1 + 0.2 is `0.30000000000000004` and 1e20 is `1e+20`.
 fn format_float(value: f64) -> String {
-    if value == value.trunc() && value.abs() < 1e17 {
-        return format!("{}", value as i64);
+    let value = if value == 0.0 { 0.0 } else { value };
+    let mut text = String::new();
+    for digits in 15..=17 {
+        text = format_g(value, digits);
+        if text.parse() == Ok(value) {
+            break;
+        }
     }
-    let rounded: f64 = format!("{value:.14e}").parse().unwrap_or(value);
-    format!("{rounded}")
+    text
+}
+
+/// C's `%.{digits}g` of a finite `value`: `digits` significant digits,
+/// in exponent form when the (rounded) exponent is below -4 or at least
+/// `digits`, trailing zeros dropped.
+fn format_g(value: f64, digits: usize) -> String {
+    let strip = |text: &str| match text.contains('.') {
+        true => text.trim_end_matches('0').trim_end_matches('.').to_owned(),
+        false => text.to_owned(),
+    };
+    let scientific = format!("{value:.*e}", digits - 1);
+    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    if exponent < -4 || exponent >= digits as i32 {
+        let sign = if exponent < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", strip(mantissa), exponent.unsigned_abs())
+    } else {
+        strip(&format!("{value:.*}", (digits as i32 - 1 - exponent) as usize))
+    }
 }
 
 /// `value`, unless it is longer than `max_bytes`.
@@ -680,6 +705,32 @@ fn within(value: Option<&Vec<u8>>, max_bytes: Option<usize>) -> StateResult<Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floats_are_stored_as_the_shortest_round_tripping_g_format() {
+        // Expected: C's printf (by way of Python's %-formatting).
+        let cases: &[(f64, &str)] = &[
+            (0.1, "0.1"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (2.0 / 3.0, "0.6666666666666666"),
+            (1e-20, "1e-20"),
+            (1e20, "1e+20"),
+            (123456789012345678.0, "1.2345678901234568e+17"),
+            (5200.0, "5200"),
+            (-1.5, "-1.5"),
+            (1e-5, "1e-05"),
+            (0.0001, "0.0001"),
+            (1e15, "1e+15"),
+            (-2.5e-300, "-2.5e-300"),
+            (f64::MAX, "1.7976931348623157e+308"),
+            (5e-324, "4.94065645841247e-324"),
+            (1234567890123456.5, "1234567890123456.5"),
+            (-0.0, "0"),
+        ];
+        for &(value, text) in cases {
+            assert_eq!(format_float(value), text, "{value:e}");
+        }
+    }
 
     /// The store's size as counted, and as recounted from scratch.
     fn sizes(store: &MemoryBackend) -> (usize, usize) {

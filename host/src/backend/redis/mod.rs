@@ -94,22 +94,36 @@ end
 return 1
 "#;
 
-/// HINCRBYFLOAT that refuses a result out of the f64 range (Redis computes
-/// in long double and would store it). ARGV: field, delta, fallback
-/// ttl-ms ("" = none).
+/// A float increment of a hash field in doubles, stored as the shortest of
+/// `%.15g`, `%.16g` and `%.17g` that reads back as the same number: the
+/// memory store's `format_float` to the character (HINCRBYFLOAT adds in
+/// long double and prints 17 decimal places, which no f64 can match).
+/// Refuses a current value that is not a finite decimal number and a
+/// result out of the f64 range. ARGV: field, delta, fallback ttl-ms ("" =
+/// none).
 const HASH_INCR_FLOAT_SCRIPT: &str = r#"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
+local n = 0
 if current then
-  local n = tonumber(current)
-  if n == nil then return redis.error_reply('ERR hash value is not a float') end
-  local sum = n + tonumber(ARGV[2])
-  if sum ~= sum or sum == math.huge or sum == -math.huge then
-    return redis.error_reply('ERR increment would produce NaN or Infinity')
+  n = tonumber(current)
+  if n == nil or n ~= n or n == math.huge or n == -math.huge
+     or string.find(current, '[%sxX]') then
+    return redis.error_reply('ERR hash value is not a float')
   end
 end
-local value = redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2])
+local sum = n + tonumber(ARGV[2])
+if sum ~= sum or sum == math.huge or sum == -math.huge then
+  return redis.error_reply('ERR increment would produce NaN or Infinity')
+end
+if sum == 0 then sum = 0 end
+local text
+for digits = 15, 17 do
+  text = string.format('%.' .. digits .. 'g', sum)
+  if tonumber(text) == sum then break end
+end
+redis.call('HSET', KEYS[1], ARGV[1], text)
 if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX') end
-return value
+return text
 "#;
 
 /// INCRBY (no field) or HINCRBY (a field), then the fallback TTL if the key
