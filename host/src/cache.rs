@@ -7,9 +7,14 @@
 //!
 //! Loading an entry runs native code from the file: the cache directory
 //! must be as trusted as the rolehost binary (see SECURITY.md).
+//!
+//! The cache keeps at most [`MAX_BYTES`]: after each write the least
+//! recently used entries go (a load touches its entry), as do partial
+//! files a process that died mid-write left behind.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -60,7 +65,13 @@ impl CompileCache {
                 // name says so), in a directory the operator trusts like the
                 // binary itself; wasmtime also checks its header and version.
                 Some(compiled) => match unsafe { Component::deserialize(engine, compiled) } {
-                    Ok(component) => return Ok((component, true)),
+                    Ok(component) => {
+                        // Recently used, so pruning keeps it (best effort:
+                        // the directory may be read-only).
+                        let touched = std::fs::File::options().write(true).open(&entry);
+                        let _ = touched.and_then(|file| file.set_modified(SystemTime::now()));
+                        return Ok((component, true));
+                    }
                     Err(e) => tracing::warn!(entry = %entry.display(), "unusable cache entry; compiling again: {e}"),
                 },
                 None => tracing::warn!(entry = %entry.display(), "damaged cache entry; compiling again"),
@@ -69,6 +80,9 @@ impl CompileCache {
         let component = Component::from_binary(engine, bytes)?;
         if let Err(e) = self.store(&entry, &component) {
             tracing::warn!(dir = %self.dir.display(), "cannot write the compile cache: {e:#}");
+        }
+        if let Err(e) = prune(&self.dir, MAX_BYTES) {
+            tracing::warn!(dir = %self.dir.display(), "cannot prune the compile cache: {e}");
         }
         Ok((component, false))
     }
@@ -80,10 +94,55 @@ impl CompileCache {
         let mut compiled = component.serialize()?;
         let digest = Sha256::digest(&compiled);
         compiled.extend_from_slice(&digest);
-        std::fs::write(&partial, compiled)?;
-        std::fs::rename(&partial, entry)?;
-        Ok(())
+        let written = std::fs::write(&partial, compiled).and_then(|()| std::fs::rename(&partial, entry));
+        if written.is_err() {
+            // A full disk, say: leave no half-written file behind.
+            let _ = std::fs::remove_file(&partial);
+        }
+        Ok(written?)
     }
+}
+
+/// Most bytes of entries the cache keeps (compiled JavaScript or Python
+/// roles take tens of MB each).
+pub const MAX_BYTES: u64 = 2 << 30;
+
+/// A partial file older than this was left by a process that died writing.
+const STALE_PARTIAL: Duration = Duration::from_secs(3600);
+
+/// Removes the least recently used entries of `dir` until the rest take at
+/// most `max_bytes` (the newest always stays), and stale partial files.
+fn prune(dir: &Path, max_bytes: u64) -> std::io::Result<()> {
+    let now = SystemTime::now();
+    let mut entries = Vec::new();
+    for item in std::fs::read_dir(dir)? {
+        let item = item?;
+        let Ok(meta) = item.metadata() else { continue };
+        let (name, modified) = (item.file_name(), meta.modified().unwrap_or(now));
+        let name = name.to_string_lossy();
+        if !meta.is_file() {
+            continue;
+        }
+        if name.contains(".partial-") {
+            if now.duration_since(modified).unwrap_or_default() > STALE_PARTIAL {
+                let _ = std::fs::remove_file(item.path());
+            }
+        } else if name.ends_with(".cwasm") {
+            entries.push((modified, meta.len(), item.path()));
+        }
+    }
+    entries.sort();
+    let mut total: u64 = entries.iter().map(|(_, len, _)| len).sum();
+    entries.pop();
+    for (_, len, path) in entries {
+        if total <= max_bytes {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+        }
+    }
+    Ok(())
 }
 
 /// Bumped when the layout of an entry changes, so old entries miss.
@@ -93,4 +152,39 @@ const ENTRY_FORMAT: u32 = 2;
 fn checked(stored: &[u8]) -> Option<&[u8]> {
     let (compiled, digest) = stored.split_at_checked(stored.len().checked_sub(32)?)?;
     (Sha256::digest(compiled).as_slice() == digest).then_some(compiled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_drops_the_least_recently_used_and_stale_partials() {
+        let dir = std::env::temp_dir().join(format!("rolehost-cache-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let now = SystemTime::now();
+        let file = |name: &str, len: usize, age_secs: u64| {
+            let path = dir.join(name);
+            std::fs::write(&path, vec![0; len]).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(now - Duration::from_secs(age_secs)).unwrap();
+        };
+        file("old-a.cwasm", 400, 300);
+        file("old-b.cwasm", 400, 200);
+        file("used.cwasm", 400, 100);
+        file("new.cwasm", 400, 0);
+        file("dead.cwasm.partial-1", 10, 7200);
+        file("writing.cwasm.partial-2", 10, 5);
+        file("notes.txt", 10_000, 9999);
+        prune(&dir, 1000).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["new.cwasm", "notes.txt", "used.cwasm", "writing.cwasm.partial-2"]);
+        // The newest stays even alone over the limit.
+        prune(&dir, 1).unwrap();
+        assert!(dir.join("new.cwasm").exists() && !dir.join("used.cwasm").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -173,6 +173,22 @@ pub async fn restore(
     for subject in &checkpoint.subjects {
         let what = format!("subject {:?}", subject.name);
         let key = namespace.key(Space::Subject, &subject.name).map_err(|e| e.context(&what))?;
+        // Each field as the state API writes it: a tagged property name and
+        // JSON text within the role's value limit.
+        for (field, value) in &subject.fields {
+            let what = format!("{what} field {field:?}");
+            let property = field.strip_prefix(['p', 'e']).ok_or_else(|| {
+                StateError::InvalidArgument(format!("{what}: a field starts with p (default) or e (extended)"))
+            })?;
+            namespace.check_name("property", property).map_err(|e| e.context(&what))?;
+            if value.len() > max_value_bytes {
+                return Err(StateError::TooLarge(format!(
+                    "{what}: a value of {} bytes is over the role's limit of {max_value_bytes} bytes",
+                    value.len()
+                )));
+            }
+            crate::state::subjects::check_json(value).map_err(|e| e.context(&what))?;
+        }
         let fields: Vec<(String, Vec<u8>)> =
             subject.fields.iter().map(|(f, v)| (f.clone(), v.clone().into_bytes())).collect();
         match ttl(&what, subject.ttl_ms)? {
@@ -193,4 +209,47 @@ pub async fn restore(
 
 fn now_unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+
+    fn checkpoint(fields: &[(&str, &str)]) -> Checkpoint {
+        let fields = fields.iter().map(|(f, v)| (f.to_string(), v.to_string())).collect();
+        Checkpoint {
+            format: FORMAT.into(),
+            role: "app".into(),
+            created_unix_ms: now_unix_ms(),
+            kv: vec![KvEntry { key: "k".into(), value_base64: "dg==".into(), ttl_ms: None }],
+            subjects: vec![SubjectEntry { name: "user".into(), ttl_ms: None, fields }],
+        }
+    }
+
+    #[tokio::test]
+    async fn restore_refuses_subject_fields_the_state_api_would_refuse() {
+        let backend = MemoryBackend::new();
+        let limits = RoleLimits { max_value_bytes: 100, ..RoleLimits::default() };
+        let namespace = Namespace::new("t:", "app", &limits);
+        let long = format!("\"{}\"", "x".repeat(200));
+        let refused = [
+            (("pname", "not json"), "invalid-argument", "not JSON"),
+            (("xname", "1"), "invalid-argument", "starts with p"),
+            (("p", "1"), "invalid-key", "empty property"),
+            (("pa\nb", "1"), "invalid-key", "control character"),
+            (("pname", long.as_str()), "too-large", "over the role's limit"),
+        ];
+        for ((field, value), kind, words) in refused {
+            let error =
+                restore(&backend, &namespace, &limits, &checkpoint(&[("pok", "1"), (field, value)])).await.unwrap_err();
+            assert_eq!(error.kind(), kind, "{field:?}: {error}");
+            assert!(error.to_string().contains(words) && error.to_string().contains("subject \"user\""), "{error}");
+        }
+        // Checked before anything was written: nothing of the refused ones.
+        assert!(!backend.exists("t:app:kv:k").await.unwrap());
+        let good = checkpoint(&[("pok", "1"), ("elast", "{\"at\":5}")]);
+        assert_eq!(restore(&backend, &namespace, &limits, &good).await.unwrap().subjects, 1);
+        assert_eq!(backend.hash_get("t:app:s:user", "elast", None).await.unwrap(), Some(b"{\"at\":5}".to_vec()));
+    }
 }

@@ -49,7 +49,9 @@ fn field(kind: Kind, property: &str) -> String {
     format!("{tag}{property}")
 }
 
-fn check_json(value: &str) -> StateResult<()> {
+/// A property value must be JSON text (also checked when a checkpoint is
+/// restored).
+pub(crate) fn check_json(value: &str) -> StateResult<()> {
     serde_json::from_str::<serde::de::IgnoredAny>(value)
         .map(drop)
         .map_err(|e| StateError::InvalidArgument(format!("property value is not JSON: {e}")))
