@@ -78,11 +78,14 @@ fn requests(role: &str) -> Vec<Body> {
             Json(json!({"op":"get","id":"s1"})),
             // Numbers and strings must be stored and printed as serde_json does.
             Raw(
-                r#"{"op":"put","id":"s2","session":[1e21,0.1,-0.0,1e-7,100,1E2,0.00001,123456789012345678901,-9223372036854775809,"q\"b\\n\n\u0001é😀"],"ttl_ms":null}"#,
+                r#"{"op":"put","id":"s2","session":[1e21,0.1,-0.0,1e-7,100,1E2,0.00001,123456789012345678901,-9223372036854775809,"q\"b\\n\n\u0001é😀",0.9999999999999999,2.2250738585072014e-308,-0],"ttl_ms":null}"#,
             ),
             Json(json!({"op":"get","id":"s2"})),
             Json(json!({"op":"fetch","id":"s3"})),
             Json(json!({"op":"fetch","id":"s3"})),
+            // A stored JSON null is a value, not a miss.
+            Json(json!({"op":"put","id":"s6","session":null})),
+            Json(json!({"op":"fetch","id":"s6"})),
             Json(json!({"op":"fetch","id":"s1"})),
             Json(json!(["get", "s3"])),
             Json(json!({"op":"put","id":"s4","session":{"k":"v"},"extra":"ignored"})),
@@ -278,4 +281,50 @@ async fn languages_agree_on_redis() {
     let Some(server) = shared_redis() else { return };
     let db = server.fresh_db();
     languages_agree(server.backend(db), Keys::Redis(server, db)).await;
+}
+
+/// What no request can carry (JSON has no NaN or infinities) but a role can
+/// compute: the JavaScript and Python helpers write them as serde_json does
+/// (`null`), and read `-0` as serde_json does (the float -0.0).
+#[test]
+fn js_and_python_json_helpers_match_serde_json_where_requests_cannot_reach() {
+    let expected = serde_json::to_string(&json!([f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1.5])).unwrap();
+    assert_eq!(expected, "[null,null,null,1.5]");
+    let minus_zero = serde_json::to_string(&serde_json::from_str::<Value>("-0").unwrap()).unwrap();
+    assert_eq!(minus_zero, "-0.0");
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let js = format!(
+        "import {{ stringify, parse, JsonFloat }} from '{}';\n\
+         const f = (x) => new JsonFloat(x);\n\
+         console.log(stringify([f(NaN), f(Infinity), f(-Infinity), 1.5]));\n\
+         console.log(stringify(parse(new TextEncoder().encode('-0'))));",
+        examples.join("js/lib/json.js").display()
+    );
+    // The Python helper's imports of the guest bindings, stubbed.
+    let py = format!(
+        "import sys, types\n\
+         class Stub(types.ModuleType):\n\
+         \x20   def __getattr__(self, name): return Stub(name)\n\
+         \x20   def __call__(self, *args): return Exception(*args)\n\
+         for name in ['componentize_py_types', 'wit_world', 'wit_world.imports']:\n\
+         \x20   sys.modules[name] = Stub(name)\n\
+         sys.path.insert(0, '{}')\n\
+         import rolehost_role as r\n\
+         print(r.dumps([float('nan'), float('inf'), float('-inf'), 1.5]))\n\
+         print(r.dumps(r.parse(b'-0')))",
+        examples.join("python/lib").display()
+    );
+    for (tool, args) in [("node", &["--input-type=module", "-e", js.as_str()][..]), ("python3", &["-c", py.as_str()])] {
+        let output = match std::process::Command::new(tool).args(args).output() {
+            Ok(output) => output,
+            Err(e) if !in_ci() => {
+                eprintln!("skipping {tool}: {e}");
+                continue;
+            }
+            Err(e) => panic!("{tool}: {e}"),
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{tool}: {}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(stdout.lines().collect::<Vec<_>>(), [expected.as_str(), minus_zero.as_str()], "{tool}");
+    }
 }

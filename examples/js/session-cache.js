@@ -76,7 +76,7 @@ export const handler = role((body) => {
       return toBytes({ deleted: bucket.delete(k) });
     default: {
       const cached = getJson(bucket, k);
-      if (cached !== null) return toBytes({ session: cached, cached: true });
+      if (cached !== undefined) return toBytes({ session: cached, cached: true });
       log.info(`cache miss for session ${request.id}; loading from origin`);
       const session = { id: request.id, user: `user-of-${request.id}` };
       setJson(bucket, k, session, ORIGIN_TTL_MS);

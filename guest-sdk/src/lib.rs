@@ -199,9 +199,21 @@ pub struct KeyPage {
 /// Keys per page when this crate pages through listings for you.
 const PAGE: u32 = 500;
 
+/// `names` sorted, duplicates dropped.
+fn sorted_once(mut names: Vec<String>) -> Vec<String> {
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
 fn ttl_ms(ttl: Option<Duration>) -> Option<u64> {
-    // Rounded up, so a sub-millisecond TTL does not become "no TTL".
-    ttl.map(|t| u64::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
+    ttl.map(millis)
+}
+
+/// Whole milliseconds, rounded up: a sub-millisecond TTL, wait or window
+/// does not become "none" (or a refused zero).
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
 /// A namespace of key-value state.
@@ -223,7 +235,8 @@ impl Bucket {
         Ok(self.0.get(key)?)
     }
 
-    /// Writes `value`; it never expires.
+    /// Writes `value` with no TTL of its own (a role with `default-ttl-ms`
+    /// gets that one).
     pub fn set(&self, key: &str, value: impl AsRef<[u8]>) -> Result<()> {
         Ok(self.0.set(key, value.as_ref(), None)?)
     }
@@ -287,7 +300,8 @@ impl Bucket {
         Ok(self.0.expire(key, ttl_ms(Some(ttl)))?)
     }
 
-    /// Makes `key` persistent; false when it does not exist.
+    /// Makes `key` persistent; false when it does not exist (refused for a
+    /// role with `max-ttl-ms`).
     pub fn persist(&self, key: &str) -> Result<bool> {
         Ok(self.0.expire(key, None)?)
     }
@@ -298,7 +312,8 @@ impl Bucket {
         Ok(KeyPage { keys: page.keys, cursor: page.cursor })
     }
 
-    /// Every key matching a glob `pattern` (none: all keys), all pages.
+    /// Every key matching a glob `pattern` (none: all keys), all pages,
+    /// sorted, each once (on Redis, SCAN may list a key twice).
     pub fn list_keys(&self, pattern: Option<&str>) -> Result<Vec<String>> {
         let mut keys = Vec::new();
         let mut cursor = None;
@@ -307,7 +322,7 @@ impl Bucket {
             keys.extend(page.keys);
             match page.cursor {
                 Some(next) => cursor = Some(next),
-                None => return Ok(keys),
+                None => return Ok(sorted_once(keys)),
             }
         }
     }
@@ -593,7 +608,7 @@ impl Subject {
         Ok(self.0.expire(ttl_ms(Some(ttl)))?)
     }
 
-    /// Makes the subject persistent.
+    /// Makes the subject persistent (refused for a role with `max-ttl-ms`).
     pub fn persist(&self) -> Result<bool> {
         Ok(self.0.expire(None)?)
     }
@@ -608,7 +623,8 @@ impl Subject {
         Self::list_in("", pattern)
     }
 
-    /// Names of the subjects of a granted `namespace` matching a pattern.
+    /// Names of the subjects of a granted `namespace` matching a pattern,
+    /// sorted, each once.
     pub fn list_in(namespace: &str, pattern: Option<&str>) -> Result<Vec<String>> {
         let mut names = Vec::new();
         let mut cursor = None;
@@ -617,7 +633,7 @@ impl Subject {
             names.extend(page.names);
             match page.cursor {
                 Some(next) => cursor = Some(next),
-                None => return Ok(names),
+                None => return Ok(sorted_once(names)),
             }
         }
     }
@@ -635,8 +651,7 @@ impl Lock {
 
     /// Like [`Lock::acquire`], for a lock of a granted shared `namespace`.
     pub fn acquire_in(namespace: &str, name: &str, ttl: Duration, wait: Duration) -> Result<Option<Self>> {
-        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        Ok(locks::Lock::acquire(namespace, name, ttl_ms(Some(ttl)).unwrap_or(0), wait_ms)?.map(Self))
+        Ok(locks::Lock::acquire(namespace, name, millis(ttl), millis(wait))?.map(Self))
     }
 
     /// The fencing token: strictly greater than any earlier grant's.
@@ -651,7 +666,7 @@ impl Lock {
 
     /// Resets the TTL; false when the lock was lost (expired and taken).
     pub fn extend(&self, ttl: Duration) -> Result<bool> {
-        Ok(self.0.extend(ttl_ms(Some(ttl)).unwrap_or(0))?)
+        Ok(self.0.extend(millis(ttl))?)
     }
 
     /// Releases the lock; false when it had already been lost.
@@ -681,8 +696,7 @@ pub fn rate_limit(key: &str, limit: u64, window: Duration, cost: u64) -> Result<
 
 /// Like [`rate_limit`], for a limit shared through a granted `namespace`.
 pub fn rate_limit_in(namespace: &str, key: &str, limit: u64, window: Duration, cost: u64) -> Result<Decision> {
-    let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-    let d = limits::check(namespace, key, limit, window_ms, cost)?;
+    let d = limits::check(namespace, key, limit, millis(window), cost)?;
     Ok(Decision {
         allowed: d.allowed,
         remaining: d.remaining,

@@ -161,7 +161,8 @@ class Parser {
     const match = /^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/.exec(this.text.slice(this.pos));
     if (!match || match[0] === '-') this.fail('invalid number');
     this.pos += match[0].length;
-    if (match[2] === undefined && match[3] === undefined) {
+    // serde_json reads `-0` as the float -0.0.
+    if (match[2] === undefined && match[3] === undefined && match[0] !== '-0') {
       const int = BigInt(match[0]);
       if (int >= I64_MIN && int <= U64_MAX) return int;
     }
@@ -213,6 +214,11 @@ export function formatFloat(x) {
   return sign + out;
 }
 
+/** A float as serde_json writes it: NaN and the infinities as `null`. */
+function floatText(x) {
+  return Number.isFinite(x) ? formatFloat(x) : 'null';
+}
+
 /** Serializes a value compactly with sorted object keys, as serde_json does. */
 export function stringify(value) {
   if (value === null || value === undefined) return 'null';
@@ -220,9 +226,9 @@ export function stringify(value) {
   if (value === false) return 'false';
   if (typeof value === 'bigint') return value.toString();
   if (typeof value === 'string') return quote(value);
-  if (value instanceof JsonFloat) return formatFloat(value.value);
+  if (value instanceof JsonFloat) return floatText(value.value);
   if (typeof value === 'number') {
-    return Number.isInteger(value) ? BigInt(value).toString() : formatFloat(value);
+    return Number.isInteger(value) && !Object.is(value, -0) ? BigInt(value).toString() : floatText(value);
   }
   if (Array.isArray(value)) return '[' + value.map(stringify).join(',') + ']';
   const entries = value instanceof Map ? [...value.entries()] : Object.entries(value);

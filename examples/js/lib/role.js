@@ -47,10 +47,10 @@ export function ownBucket() {
   return Bucket.open('');
 }
 
-/** The JSON value of `key`, or null when absent. */
+/** The JSON value of `key`, or undefined when absent (a stored JSON `null` is null). */
 export function getJson(bucket, key) {
   const bytes = bucket.get(key);
-  if (bytes === undefined || bytes === null) return null;
+  if (bytes === undefined || bytes === null) return undefined;
   try {
     return parse(bytes);
   } catch (e) {

@@ -59,6 +59,8 @@ def _object(pairs):
 
 
 def _int(text: str):
+    if text == "-0":
+        return -0.0  # as serde_json reads it
     value = int(text)
     return value if I64_MIN <= value <= U64_MAX else _float(text)
 
@@ -160,7 +162,8 @@ def dumps(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return format_float(value)
+        # serde_json writes NaN and the infinities as null.
+        return format_float(value) if math.isfinite(value) else "null"
     if isinstance(value, str):
         return _quote(value)
     if isinstance(value, (list, tuple)):
@@ -180,11 +183,11 @@ def own_bucket() -> kv.Bucket:
     return kv.Bucket.open("")
 
 
-def get_json(bucket: kv.Bucket, key: str) -> Any:
-    """The JSON value of `key`, or None when absent."""
+def get_json(bucket: kv.Bucket, key: str, default: Any = None) -> Any:
+    """The JSON value of `key`, or `default` when absent (a stored JSON `null` is None)."""
     data = bucket.get(key)
     if data is None:
-        return None
+        return default
     try:
         return parse(data)
     except (ValueError, RecursionError) as e:

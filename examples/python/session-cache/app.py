@@ -81,8 +81,8 @@ def handle(body: bytes) -> bytes:
         return to_json({"session": get_json(bucket, key)})
     if op == "delete":
         return to_json({"deleted": bucket.delete(key)})
-    cached = get_json(bucket, key)
-    if cached is not None:
+    cached = get_json(bucket, key, _MISSING)
+    if cached is not _MISSING:
         return to_json({"session": cached, "cached": True})
     log("info", f"cache miss for session {request['id']}; loading from origin")
     session = {"id": request["id"], "user": f"user-of-{request['id']}"}
