@@ -9,6 +9,7 @@
 //! batch in flight hold up single commands. A connection that
 //! stops answering, or whose login was refused, is replaced by itself. A
 //! lock Redis took for a call that gave up before the answer is released.
+//! A server busy with a script is waited for, transactions included.
 //! Worker threads connect side by side, not one after another, and
 //! connections made again and again leave no task behind.
 
@@ -555,4 +556,45 @@ async fn a_full_redis_refuses_writes_as_quota_exceeded() {
     assert!(matches!(batch, Err(StateError::QuotaExceeded(_))), "{batch:?}");
     assert_eq!(b.get("keep", None).await, Ok(Some(b"v".to_vec())), "reads go on");
     assert_eq!(b.delete_many(&["keep".to_owned()]).await, Ok(1), "and deletes");
+}
+
+/// A script running past `busy-reply-threshold` makes Redis answer every
+/// other command `BUSY` (not run): single commands, transactions and
+/// increments alike are `unavailable` within their timeout, not `internal`,
+/// and are tried again, so they go through once the script is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_server_is_unavailable_and_waited_for() {
+    let port = free_port();
+    let Some(server) = RedisServer::start_on(port, &["--busy-reply-threshold", "50"]) else { return };
+    let client = redis::Client::open(server.url(0)).unwrap();
+    let spin = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            let mut conn = client.get_connection().unwrap();
+            redis::cmd("EVAL").arg("while true do end").arg(0).query::<()>(&mut conn).unwrap_err()
+        })
+    };
+    let mut admin = client.get_connection().unwrap();
+    wait_until("the script to make the server busy", Duration::from_secs(10), || {
+        redis::cmd("PING").query::<String>(&mut admin).is_err_and(|e| e.code() == Some("BUSY"))
+    });
+    let impatient = backend(port, Duration::from_millis(300));
+    let entries = [("t:a".to_owned(), b"1".to_vec()), ("t:b".to_owned(), b"2".to_vec())];
+    assert!(matches!(impatient.set("t:k", b"v", None).await, Err(StateError::Unavailable(_))));
+    assert!(matches!(impatient.set_many(&entries, None).await, Err(StateError::Unavailable(_))));
+    let increment = impatient.increment("t:n", 1, None).await;
+    assert!(matches!(&increment, Err(StateError::Unavailable(m)) if !m.contains("may or may not")), "{increment:?}");
+    // Patient ones wait it out.
+    let patient = backend(port, Duration::from_secs(20));
+    let writes = tokio::spawn(async move {
+        patient.set("t:k", b"v", None).await?;
+        patient.set_many(&entries, None).await?;
+        patient.increment("t:n", 1, None).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis::cmd("SCRIPT").arg("KILL").query::<()>(&mut admin).unwrap();
+    assert!(spin.join().unwrap().to_string().contains("killed"));
+    assert_eq!(writes.await.unwrap(), Ok(1), "the increment ran once");
+    let values: Vec<Option<String>> = redis::cmd("MGET").arg(&["t:k", "t:a", "t:b"][..]).query(&mut admin).unwrap();
+    assert_eq!(values, [Some("v".to_owned()), Some("1".to_owned()), Some("2".to_owned())]);
 }

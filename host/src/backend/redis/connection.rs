@@ -21,7 +21,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
-    RedisError, RedisFuture, RedisResult, ServerErrorKind, TlsCertificates, TlsMode, Value,
+    RedisError, RedisFuture, RedisResult, TlsCertificates, TlsMode, Value,
 };
 
 use super::cluster::{ClusterConn, NodeConns, Shard};
@@ -445,7 +445,8 @@ impl Kind {
             || error.is_connection_dropped()
             || error.is_timeout()
             || error.is_unrecoverable_error()
-            || matches!(error.kind(), ErrorKind::Server(ServerErrorKind::ReadOnly) | ErrorKind::AuthenticationFailed);
+            || super::retry::not_primary(error)
+            || error.kind() == ErrorKind::AuthenticationFailed;
         // What one connection learnt of the server holds for every
         // worker's: had the others been kept, the next write on a dead one
         // could not tell "never sent" from "lost".

@@ -53,20 +53,47 @@ pub(super) fn is_transient(error: &RedisError) -> bool {
 pub(super) fn not_run(error: &RedisError) -> bool {
     // Refused before running: no connection, no primary known yet, the
     // server said so, or a Cluster node sent it elsewhere (the slot moved).
+    // A transaction is refused whole (EXECABORT) when each of its commands
+    // was.
+    let kind = match error.kind() {
+        ErrorKind::Server(kind) => Some(kind),
+        _ => None,
+    };
     error.is_connection_refusal()
         || matches!(error.kind(), ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::ClusterConnectionNotFound)
-        || matches!(
-            error.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ReadOnly
-                    | ServerErrorKind::Moved
-                    | ServerErrorKind::Ask
-            )
+        || server_refused(kind, error.code())
+        || error.clone().into_server_errors().is_some_and(|errors| {
+            !errors.is_empty() && errors.iter().all(|(_, e)| server_refused(e.kind(), Some(e.code())))
+        })
+}
+
+/// Whether a server error says the command was not run and may pass: the
+/// server is loading its data, busy with a script (`BUSY`), unable to
+/// persist (`MISCONF`) or short of replicas (`NOREPLICAS`), not the primary
+/// (any more), or a Cluster slot is elsewhere or down.
+fn server_refused(kind: Option<ServerErrorKind>, code: Option<&str>) -> bool {
+    matches!(
+        kind,
+        Some(
+            ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::Moved
+                | ServerErrorKind::Ask
         )
+    ) || matches!(code, Some("BUSY" | "MISCONF" | "NOREPLICAS"))
+}
+
+/// Whether the server (or any command of a transaction) said it is no
+/// longer the primary: its connection should be made again.
+pub(super) fn not_primary(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+        || error
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.kind() == Some(ServerErrorKind::ReadOnly)))
 }
 
 /// The pause before try number `attempt + 2`: a random point in the upper
