@@ -42,7 +42,6 @@ const COMMANDS: &[&str] = &[
     "hset",
     "hdel",
     "hincrby",
-    "hincrbyfloat",
     "eval",
     "evalsha",
     "eval_ro",
@@ -52,9 +51,12 @@ const COMMANDS: &[&str] = &[
     "multi",
     "exec",
     "time",
-    // Cluster routing (slot map, primaries to scan) and `wait-replicas`.
+    // Cluster routing (slot map, primaries to scan, hostnames, and
+    // `ASKING` to follow a slot being migrated) and `wait-replicas`.
     "cluster|slots",
     "cluster|nodes",
+    "cluster|shards",
+    "asking",
     "wait",
 ];
 

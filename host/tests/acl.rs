@@ -85,6 +85,12 @@ fn acl_users_confine_each_role_inside_redis() {
     assert!(ok(rolehost(&["call", "--manifest", manifest, "writer", lock])).contains(r#""owner_release":true"#));
     let rate = r#"{"op":"rate_check","key":"api","limit":2,"window_ms":60000}"#;
     assert!(ok(rolehost(&["call", "--manifest", manifest, "writer", rate])).contains(r#""allowed":true"#));
+    // A shared limit's state, read without taking from it: what a read
+    // grant allows (a read-only script).
+    let shared_rate = r#"{"op":"rate_check","key":"api","limit":2,"window_ms":60000,"ns":"public"}"#;
+    assert!(ok(rolehost(&["call", "--manifest", manifest, "writer", shared_rate])).contains(r#""remaining":1"#));
+    let peek = r#"{"op":"rate_check","key":"api","limit":2,"window_ms":60000,"cost":0,"ns":"public"}"#;
+    assert!(ok(rolehost(&["call", "--manifest", manifest, "reader", peek])).contains(r#""remaining":1"#));
     let float = r#"{"op":"subject_incr_float","subject":"s","prop":"f","delta":0.5}"#;
     assert_eq!(ok(rolehost(&["call", "--manifest", manifest, "writer", float])), r#"{"ok":0.5}"#);
 
@@ -101,6 +107,15 @@ fn acl_users_confine_each_role_inside_redis() {
         "{}",
         String::from_utf8_lossy(&wrong.stderr)
     );
+
+    // What a Cluster connection sends besides the state API's commands
+    // (following a slot in migration, learning the nodes' hostnames) is
+    // allowed; here, on a server without cluster mode, it fails for that.
+    let counter_password = rolehost::acl::password(SECRET, "counter");
+    for command in [redis::cmd("ASKING"), redis::cmd("CLUSTER").arg("SHARDS").clone()] {
+        let answer = as_user(server.port, "rolehost-counter", &counter_password, &mut command.clone());
+        assert!(answer.as_ref().is_err_and(|e| !e.to_string().contains("NOPERM")), "{answer:?}");
+    }
 
     // Redis itself refuses what the host would never send.
     let port = server.port;

@@ -1140,12 +1140,23 @@ impl Backend for RedisBackend {
     async fn rate_check(&self, key: &str, limit: u64, window: Duration, cost: u64) -> StateResult<RateDecision> {
         let script = &self.rate;
         let window_us = window.as_micros() as u64;
-        let op = if cost == 0 { Op::Read } else { Op::Once };
-        let (allowed, remaining, reset_us, retry_us): (i64, u64, u64, u64) =
-            self.run(op, |mut c| async move {
-                script.key(key).arg(limit).arg(window_us).arg(cost).invoke_async(&mut c).await
-            })
-            .await?;
+        // With no cost it only reads: as a read-only script, which a role
+        // granted the namespace for reading may run as its ACL user.
+        let (allowed, remaining, reset_us, retry_us): (i64, u64, u64, u64) = match cost {
+            0 => {
+                self.run(Op::Read, |mut c| async move {
+                    let answer = eval_read_only(&mut c, script, &[key], (limit, window_us, cost)).await?;
+                    redis::from_redis_value(answer).map_err(Into::into)
+                })
+                .await?
+            }
+            _ => {
+                self.run(Op::Once, |mut c| async move {
+                    script.key(key).arg(limit).arg(window_us).arg(cost).invoke_async(&mut c).await
+                })
+                .await?
+            }
+        };
         Ok(RateDecision {
             allowed: allowed == 1,
             remaining,
