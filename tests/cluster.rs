@@ -5,11 +5,12 @@
 //! and clearing reach every one of them, and operations follow a slot while
 //! and after it moves to another primary.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rolehost::backend::{RedisBackend, RedisOptions};
+use rolehost::backend::{Backend, RedisBackend, RedisOptions};
+use rolehost::StateError;
 
 use rolehost::config::StateConfig;
 use rolehost::manifest::RedisSection;
@@ -228,4 +229,39 @@ async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
     end_move(&from_id);
     assert_eq!(from.cli(&["get", &key("n")]).trim(), "20");
     assert_eq!(probe(&host, "alice", all).await, Ok(json!(["A3", "B3", "C2"])));
+}
+
+/// A primary that stops answering but keeps its sockets open (a frozen
+/// machine, a partition) costs the operations sent to it their timeout,
+/// and then the worker's Cluster connection is made again, which learns
+/// the slot map afresh: after a failover, the new primary. (Without that,
+/// every later operation on its slots would wait on the old sockets.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_stops_answering_gets_the_cluster_connection_made_again() {
+    let Some(cluster) = RedisCluster::start(3) else { return };
+    let mut options = RedisOptions::new(cluster.url());
+    options.op_timeout = Duration::from_millis(500);
+    let backend = RedisBackend::new(&options).unwrap();
+    // A key on each primary, so the connection reaches all three.
+    let owner_of = |key: &str| cluster.nodes.iter().position(|n| n.cli(&["get", key]).trim() == "v").unwrap();
+    let mut keys = BTreeMap::new();
+    for i in 0.. {
+        let key = format!("k{i}");
+        backend.set(&key, b"v", None).await.unwrap();
+        keys.entry(owner_of(&key)).or_insert(key);
+        if keys.len() == 3 {
+            break;
+        }
+    }
+    let (frozen, healthy) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let before = client_ids(healthy);
+    frozen.freeze(true);
+    let answer = backend.get(&keys[&0], None).await;
+    frozen.freeze(false);
+    assert!(matches!(answer, Err(StateError::Unavailable(_))), "{answer:?}");
+    // The next operation, on another primary, goes out on a new connection.
+    assert_eq!(backend.get(&keys[&1], None).await, Ok(Some(b"v".to_vec())));
+    let after = client_ids(healthy);
+    assert!(after.difference(&before).count() > 0, "still the old connection: {before:?} → {after:?}");
+    assert_eq!(backend.get(&keys[&0], None).await, Ok(Some(b"v".to_vec())));
 }

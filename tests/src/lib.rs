@@ -202,6 +202,15 @@ impl RedisServer {
         keys
     }
 
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the server: a stopped one keeps
+    /// its sockets open and answers nothing, as a frozen machine would.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Kills the server now (SIGKILL: no shutdown, no final save).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

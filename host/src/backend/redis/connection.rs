@@ -390,8 +390,8 @@ impl Kind {
         Ok(Kind { source, workers: Sharded::default() })
     }
 
-    /// A Cluster connection follows slot moves and node failures itself;
-    /// a direct one is dropped after failures instead.
+    /// A Cluster connection follows slot moves and node failures itself
+    /// (only a timeout drops it); a direct one is dropped after failures.
     fn is_cluster(&self) -> bool {
         matches!(self.source, Source::Cluster { .. })
     }
@@ -457,13 +457,11 @@ impl Kind {
         }
     }
 
-    /// Notes an operation that ran out of time: its direct connection may
-    /// be dead without knowing it (a server cut off the network), so it is
-    /// dropped.
+    /// Notes an operation that ran out of time: its connection may be dead
+    /// without knowing it (a server cut off the network), so it is dropped.
+    /// A Cluster connection too: made again, it learns the slot map afresh,
+    /// so a primary that froze and was failed over is left behind.
     fn timed_out(&self) {
-        if self.is_cluster() {
-            return;
-        }
         let worker = workers::current();
         if let Some(worker) = lock(self.workers.of(worker)).get_mut(&worker) {
             worker.conn = None;
