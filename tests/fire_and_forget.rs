@@ -148,3 +148,36 @@ async fn failed_sends_are_counted_not_returned() {
         .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
     assert_eq!(failed, Some(1), "{}", host.metrics().render());
 }
+
+/// While Redis does not answer, the writes finished calls left unsent are
+/// held up to the host's `max_unsent_bytes`; those of calls past it are
+/// dropped at once and counted as failed, rather than pile up in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsent_writes_are_held_only_up_to_the_hosts_limit() {
+    // A server that takes connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut options = RedisOptions::new(format!("redis://127.0.0.1:{}/0", silent.local_addr().unwrap().port()));
+    options.op_timeout = Duration::from_secs(2);
+    let backend: Arc<dyn Backend> = Arc::new(RedisBackend::new(&options).unwrap());
+    let host_options = rolehost::HostOptions { max_unsent_bytes: 1 << 20, ..Default::default() };
+    let host = rolehost::Host::with_options(backend, "ff:", host_options).unwrap();
+    host.load(&rolehost_tests::spec("r", "kvprobe")).unwrap();
+    let failed = || {
+        let metrics = host.metrics().render();
+        let line = metrics.lines().find(|l| l.starts_with("rolehost_deferred_writes_total{") && l.contains("failed"));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let queue = |key: &str| json!({"op":"set_later","key":key,"len":400_000});
+    // Two of 400 kB wait for Redis; a third would be over 1 MiB.
+    for key in ["a", "b", "c"] {
+        assert_eq!(probe(&host, "r", queue(key)).await, Ok(json!(null)), "the call answers either way");
+    }
+    assert_eq!(failed(), 1, "the third call's write is dropped at once");
+    // Once the waiting ones have failed, there is room again.
+    host.settle().await;
+    assert_eq!(failed(), 3);
+    assert_eq!(probe(&host, "r", queue("d")).await, Ok(json!(null)));
+    assert_eq!(failed(), 3, "taken, not dropped");
+    host.settle().await;
+    assert_eq!(failed(), 4);
+}

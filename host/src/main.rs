@@ -478,8 +478,13 @@ fn host_with(
     pooling: bool,
 ) -> anyhow::Result<Host> {
     let state = state(common, manifest)?;
-    let options =
-        HostOptions { fuel: specs.iter().any(|s| s.limits.fuel.is_some()), max_concurrency, cache: cache(), pooling };
+    let options = HostOptions {
+        fuel: specs.iter().any(|s| s.limits.fuel.is_some()),
+        max_concurrency,
+        cache: cache(),
+        pooling,
+        ..HostOptions::default()
+    };
     let host = Host::with_options(state.connect()?, &prefix(common, manifest)?, options)?;
     let acl_users = manifest.is_some_and(|m| m.redis.acl_users);
     for spec in specs {

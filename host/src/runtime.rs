@@ -146,11 +146,16 @@ pub struct HostOptions {
     /// mapping them for every call. Much cheaper per call; reserves address
     /// space up front, so it is off for short-lived hosts (default off).
     pub pooling: bool,
+    /// Bytes of fire-and-forget writes that finished calls may leave unsent
+    /// at once (default 256 MiB): while the backend is slow or down, the
+    /// writes of calls past it are dropped and counted as failed, rather
+    /// than pile up in memory.
+    pub max_unsent_bytes: usize,
 }
 
 impl Default for HostOptions {
     fn default() -> Self {
-        Self { fuel: false, max_concurrency: 1024, cache: None, pooling: false }
+        Self { fuel: false, max_concurrency: 1024, cache: None, pooling: false, max_unsent_bytes: 256 << 20 }
     }
 }
 
@@ -209,6 +214,8 @@ pub struct Host {
 #[derive(Default)]
 struct Flushes {
     running: AtomicUsize,
+    /// Bytes their writes hold.
+    bytes: AtomicUsize,
     done: tokio::sync::Notify,
 }
 
@@ -464,11 +471,24 @@ impl Host {
             return;
         }
         let (backend, name, flushes) = (role.metered.clone(), role.info.name.clone(), self.flushes.clone());
+        let bytes = writes.iter().map(Write::size).sum();
+        let max = self.options.max_unsent_bytes;
+        if flushes.bytes.fetch_add(bytes, Ordering::SeqCst) + bytes > max {
+            flushes.bytes.fetch_sub(bytes, Ordering::SeqCst);
+            tracing::warn!(
+                role = %name,
+                writes = writes.len(),
+                "fire-and-forget writes dropped: earlier calls' still unsent would hold over {max} bytes"
+            );
+            self.metrics.deferred_writes.with_label_values(&[name.as_str(), "failed"]).inc_by(writes.len() as u64);
+            return;
+        }
         flushes.running.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             if let Err(error) = backend.write_all(&writes).await {
                 tracing::warn!(role = %name, writes = writes.len(), %error, "fire-and-forget writes failed");
             }
+            flushes.bytes.fetch_sub(bytes, Ordering::SeqCst);
             if flushes.running.fetch_sub(1, Ordering::SeqCst) == 1 {
                 flushes.done.notify_waiters();
             }
