@@ -17,6 +17,7 @@ on_all_backends!(
     default_and_max_ttl_apply_to_every_write,
     operation_quotas_per_call_and_per_second,
     sdk_listings_fit_a_small_batch_limit,
+    waiting_for_a_lock_is_one_operation,
 );
 
 fn grants(namespaces: &[(&str, Access)]) -> Grants {
@@ -189,6 +190,21 @@ async fn default_and_max_ttl_apply_to_every_write(b: Arc<dyn Backend>, p: String
     }
     probe(&host, "cap", json!({"op":"set","key":"ok","value":"v","ttl_ms":5000})).await.unwrap();
 }
+
+/// A role with a per-second quota far below the tries a wait makes (one
+/// every 100 ms at most) still waits as long as it asked, and is told the
+/// lock stayed taken, not that its quota ran out.
+async fn waiting_for_a_lock_is_one_operation(b: Arc<dyn Backend>, p: String) {
+    let limits = RoleLimits { max_ops_per_second: Some(5), ..RoleLimits::default() };
+    let host = host_with_specs(b.clone(), &p, vec![("slow", "kvprobe", limits, Grants::default())]);
+    // Taken by someone else for a minute.
+    let (key, fence) = (format!("{p}slow:lock:{{busy}}"), format!("{p}slow:fence:{{busy}}"));
+    assert!(b.lock_acquire(&key, &fence, "other", MINUTE).await.unwrap().is_some());
+    let wait = json!({"op":"lock_hold","name":"busy","ttl_ms":1000,"wait_ms":1500});
+    assert_eq!(probe(&host, "slow", wait).await, Ok(Value::Null));
+}
+
+const MINUTE: std::time::Duration = std::time::Duration::from_secs(60);
 
 async fn operation_quotas_per_call_and_per_second(b: Arc<dyn Backend>, p: String) {
     let per_call = RoleLimits { max_ops_per_call: 10, ..RoleLimits::default() };

@@ -105,6 +105,9 @@ impl Host for CallCtx {}
 impl CallCtx {
     /// Tries to take the lock at `key` for `owner` until `give_up`, with
     /// growing pauses; its fencing token, or `None` if it stayed taken.
+    /// The wait is one operation (charged by `acquire`): its tries are
+    /// paced by the pauses and bounded by the wait, so a role with a small
+    /// per-second quota can wait as long as it asked.
     async fn take_lock(
         &mut self,
         key: &str,
@@ -118,7 +121,6 @@ impl CallCtx {
             if let Some(token) = self.backend.lock_acquire(key, fence, owner, ttl).await? {
                 return Ok(Some(token));
             }
-            self.charge(1)?;
             let now = Instant::now();
             if now >= give_up {
                 return Ok(None);
