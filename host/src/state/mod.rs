@@ -101,6 +101,10 @@ pub struct CallCtx {
 
 impl CallCtx {
     pub(crate) fn new(role: Arc<RoleInfo>, backend: Arc<dyn Backend>, limiter: CallLimiter, log: CallLog) -> Self {
+        // WASI's handles (streams, pollables) share the table: at most as
+        // many as the memory limit allows the state API's.
+        let mut table = ResourceTable::new();
+        table.set_max_capacity((role.limits.max_memory_bytes / HANDLE_BYTES).max(1024));
         Self {
             role,
             backend,
@@ -110,7 +114,7 @@ impl CallCtx {
             ops: 0,
             deferred: Vec::new(),
             held_bytes: 0,
-            table: ResourceTable::new(),
+            table,
             wasi: None,
             ticks_left: 0,
         }
@@ -356,13 +360,25 @@ fn ttl(ttl_ms: Option<u64>) -> StateResult<Option<Duration>> {
 
 /// Limits an instance's memories and tables, and remembers a refused
 /// memory growth so an out-of-memory trap can be told apart.
+/// `max-memory-bytes` bounds all of a store's linear memories together (a
+/// component may declare many), and the counts of memories, tables and
+/// instances are small.
 pub struct CallLimiter {
     max_memory_bytes: usize,
+    /// Bytes of all the store's memories so far.
+    memory_bytes: usize,
     pub(crate) memory_refused: bool,
 }
 
 /// Most elements of one table (function references, resource handles).
 const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Most linear memories, tables and core instances one store may hold: far
+/// above what a Rust, C, JavaScript or Python role needs (1–2 memories,
+/// a few tables, under 20 instances), as the pooling allocator's bounds.
+const MAX_MEMORIES: usize = 4;
+const MAX_TABLES: usize = 16;
+const MAX_INSTANCES: usize = 32;
 
 /// Host memory a handle takes beside what it holds: its table entry (and
 /// the guest's own), about.
@@ -370,19 +386,36 @@ const HANDLE_BYTES: usize = 64;
 
 impl CallLimiter {
     pub(crate) fn new(max_memory_bytes: usize) -> Self {
-        Self { max_memory_bytes, memory_refused: false }
+        Self { max_memory_bytes, memory_bytes: 0, memory_refused: false }
     }
 }
 
 impl wasmtime::ResourceLimiter for CallLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        let ok = desired <= self.max_memory_bytes;
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // Called for a memory's first pages too (current 0).
+        let total = self.memory_bytes.saturating_add(desired.saturating_sub(current));
+        let ok = total <= self.max_memory_bytes;
+        if ok {
+            self.memory_bytes = total;
+        }
         self.memory_refused |= !ok;
         Ok(ok)
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
     }
 }
 
@@ -404,5 +437,26 @@ impl WasiView for CallCtx {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         let wasi = self.wasi.get_or_insert_with(|| wasi_ctx(&self.role, &self.log));
         WasiCtxView { ctx: wasi, table: &mut self.table }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wasmtime::ResourceLimiter as _;
+
+    use super::*;
+
+    #[test]
+    fn the_memory_limit_holds_for_all_memories_together() {
+        let mut limiter = CallLimiter::new(64 << 20);
+        // Two memories of 40 MiB: the second is refused, as its growth would be.
+        assert!(limiter.memory_growing(0, 40 << 20, None).unwrap());
+        assert!(!limiter.memory_growing(0, 40 << 20, None).unwrap());
+        assert!(limiter.memory_refused);
+        // The first may still grow within what is left, and no further.
+        assert!(limiter.memory_growing(40 << 20, 60 << 20, None).unwrap());
+        assert!(limiter.memory_growing(0, 4 << 20, None).unwrap());
+        assert!(!limiter.memory_growing(4 << 20, (4 << 20) + 1, None).unwrap());
+        assert!((limiter.memories(), limiter.tables(), limiter.instances()) <= (4, 16, 32));
     }
 }
