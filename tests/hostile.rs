@@ -273,3 +273,21 @@ async fn refused_shared_reads_never_leave_redis() {
     assert_eq!(mid.as_str().map(str::len), Some(3 << 19));
     assert!(sent() - after >= 3 << 19);
 }
+
+/// Lock attempts that fail outright (here: the store is full) took
+/// nothing, so the call does not keep them to release at its end: a guest
+/// trying again and again leaves no list of them behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_lock_attempts_leave_nothing_to_release() {
+    let store = Arc::new(rolehost::backend::MemoryBackend::with_max_bytes(4096));
+    store.set("t:filler", &[b'x'; 8192], None).await.unwrap();
+    let host = host_with_specs(store, "t:", vec![("mallory", "kvprobe", RoleLimits::default(), Grants::default())]);
+    let tries: Vec<Value> =
+        (0..200).map(|i| json!({"op":"lock_hold","name":format!("l{i}"),"ttl_ms":1000,"wait_ms":0})).collect();
+    let answers = probe(&host, "mallory", json!({"op":"batch","ops":tries})).await.unwrap();
+    assert!(answers.as_array().unwrap().iter().all(|a| a["err"]["kind"] == "quota-exceeded"), "{answers}");
+    let metrics = host.metrics().render();
+    let releases =
+        metrics.lines().find(|l| l.starts_with("rolehost_state_ops_total") && l.contains("compare_and_swap"));
+    assert_eq!(releases, None, "released {releases:?} locks never taken");
+}

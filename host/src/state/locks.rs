@@ -53,9 +53,14 @@ impl CallCtx {
     }
 
     /// Releases every lock this call still holds; run when the call ends,
-    /// however it ended.
+    /// however it ended. One at a time, each left on the list until it is
+    /// released: should the call be dropped meanwhile, `Drop` releases the
+    /// rest.
     pub(crate) async fn release_held_locks(&mut self) {
-        release_all(&*self.backend, &self.role.name, std::mem::take(&mut self.held_locks)).await;
+        while let Some((key, owner)) = self.held_locks.last() {
+            release_one(&*self.backend, &self.role.name, key, owner).await;
+            self.held_locks.pop();
+        }
     }
 
     async fn release(&mut self, handle: &Resource<Lock>) -> StateResult<bool> {
@@ -68,9 +73,13 @@ impl CallCtx {
 
 async fn release_all(backend: &dyn Backend, role: &str, held: Vec<(String, String)>) {
     for (key, owner) in held {
-        if let Err(e) = backend.compare_and_swap(&key, Some(owner.as_bytes()), None, None).await {
-            tracing::warn!(role = %role, "cannot release a lock at the end of the call: {e}");
-        }
+        release_one(backend, role, &key, &owner).await;
+    }
+}
+
+async fn release_one(backend: &dyn Backend, role: &str, key: &str, owner: &str) {
+    if let Err(e) = backend.compare_and_swap(key, Some(owner.as_bytes()), None, None).await {
+        tracing::warn!(role = %role, "cannot release a lock at the end of the call: {e}");
     }
 }
 
@@ -156,9 +165,13 @@ impl HostLock for CallCtx {
         self.held_locks.push((key.clone(), owner.clone()));
         let token = match self.take_lock(&key, &fence, &owner, ttl, give_up).await {
             Ok(Some(token)) => token,
-            // Perhaps taken with its answer lost: still released at the end.
             Err(error) => {
                 self.unhold(super::HANDLE_BYTES + bytes);
+                // Perhaps taken with its answer lost: still released at the
+                // end. Any other failure took nothing.
+                if !matches!(error, StateError::Unavailable(_)) {
+                    self.held_locks.retain(|(_, held)| *held != owner);
+                }
                 return Err(error);
             }
             Ok(None) => {
