@@ -277,6 +277,39 @@ async fn idle_warm_instances_give_their_pool_slots_to_other_roles() {
     assert_eq!(probe(&host, "warm", json!({"op":"incr","key":"n","delta":1})).await, Ok(json!(1)));
 }
 
+/// A call that ends on a version already replaced keeps no instance warm:
+/// none could reuse it, and it would hold one of the pool's slots for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replaced_version_keeps_no_warm_instance() {
+    let options = rolehost::HostOptions { pooling: true, max_concurrency: 3, ..Default::default() };
+    let host = std::sync::Arc::new(rolehost::Host::with_options(backend("memory").unwrap(), "t:", options).unwrap());
+    let mut warm = rolehost_tests::spec("warm", "kvprobe");
+    warm.limits.warm_instances = 3;
+    host.load(&warm).unwrap();
+    let hold = |name: &str, sleep_ms: u64| {
+        let (host, hold) =
+            (host.clone(), json!({"op":"lock_hold","name":name,"ttl_ms":5000,"wait_ms":0,"sleep_ms":sleep_ms}));
+        tokio::spawn(async move { probe(&host, "warm", hold).await })
+    };
+    // Two calls on the first version: one ends after the reload, the
+    // other runs on (so the old version is still alive).
+    let (old, long) = (hold("old", 1500), hold("long", 6000));
+    for name in ["old", "long"] {
+        while !host.backend().exists(&format!("t:warm:lock:{{{name}}}")).await.unwrap() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    let reloading = host.clone();
+    tokio::task::spawn_blocking(move || reloading.reload("warm").unwrap()).await.unwrap();
+    assert!(old.await.unwrap().is_ok());
+    // The two slots of the pool the long call leaves serve the new version
+    // at once.
+    let (a, b) = (hold("a", 500), hold("b", 500));
+    assert!(a.await.unwrap().is_ok());
+    assert!(b.await.unwrap().is_ok(), "a slot was still held by the old version's warm instance");
+    assert!(long.await.unwrap().is_ok());
+}
+
 /// Starts a call of `probe` that holds a lock for a minute (abort it to
 /// end it) and returns once it runs.
 async fn hold_a_call(
@@ -308,6 +341,8 @@ async fn a_reloaded_role_keeps_its_concurrency_budget() {
     assert!(!running.is_finished(), "the first call ended early: {:?}", running.await);
     let second = host.call("probe", br#"{"op":"incr","key":"n","delta":1}"#).await;
     assert!(matches!(second, Err(CallError::Busy { .. })), "{second:?}");
+    let metrics = host.metrics().render();
+    assert!(metrics.contains(r#"rolehost_calls_total{outcome="busy",role="probe"} 1"#), "{metrics}");
     running.abort();
 }
 

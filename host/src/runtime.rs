@@ -74,6 +74,9 @@ pub struct Role {
     metrics: RoleMetrics,
     /// Instances kept between calls (`warm-instances`), most recent last.
     warm: Mutex<Vec<(Store<CallCtx>, RoleWorld)>>,
+    /// Replaced by a reload or unloaded: its calls still running keep no
+    /// instance warm (none could use it, and it would hold a pool slot).
+    retired: AtomicBool,
 }
 
 impl Role {
@@ -124,9 +127,16 @@ impl Role {
         }
         store.data_mut().next_call();
         let mut warm = self.warm.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if warm.len() < max {
+        // Read under the lock that `retire` clears the instances with.
+        if warm.len() < max && !self.retired.load(Ordering::Relaxed) {
             warm.push((store, instance));
         }
+    }
+
+    /// Marks a version no longer served, and drops its warm instances.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        self.warm.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
     }
 }
 
@@ -340,7 +350,9 @@ impl Host {
         let old = self.role(name).with_context(|| format!("no role `{name}` is loaded"))?;
         let new = Arc::new(self.compile(spec.unwrap_or(&old.spec), old.backend.clone(), Some(&old))?);
         let mut roles = self.roles.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        roles.insert(name.to_owned(), new.clone());
+        if let Some(old) = roles.insert(name.to_owned(), new.clone()) {
+            old.retire();
+        }
         Ok(new)
     }
 
@@ -349,7 +361,8 @@ impl Host {
     pub fn unload(&self, name: &str) -> Option<Arc<Role>> {
         // Not while a reload of it compiles, which would put it back.
         let _one_at_a_time = self.lock_reloads();
-        self.roles.write().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(name)
+        let removed = self.roles.write().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(name);
+        removed.inspect(|role| role.retire())
     }
 
     fn lock_reloads(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -415,6 +428,7 @@ impl Host {
             },
             metrics: self.metrics.role(&spec.name),
             warm: Mutex::new(Vec::new()),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -455,7 +469,11 @@ impl Host {
     /// unless the role or the host is at its concurrency limit (busy).
     pub async fn call(&self, role: &str, request: &[u8]) -> Result<Vec<u8>, CallError> {
         let role = self.role(role).ok_or_else(|| CallError::UnknownRole(role.to_owned()))?;
-        let busy = || CallError::Busy { role: role.info.name.clone() };
+        // Refused calls count as busy, as those the pool refuses do.
+        let busy = || {
+            self.metrics.calls.with_label_values(&[role.info.name.as_str(), "busy"]).inc();
+            CallError::Busy { role: role.info.name.clone() }
+        };
         let _host_slot = self.slots.try_acquire().ok_or_else(busy)?;
         let _role_slot = role.slots.try_acquire().ok_or_else(busy)?;
         let mut counted = Counted::start(&self.metrics, &role);
