@@ -583,7 +583,7 @@ async fn a_busy_server_is_unavailable_and_waited_for() {
     assert!(matches!(impatient.set("t:k", b"v", None).await, Err(StateError::Unavailable(_))));
     assert!(matches!(impatient.set_many(&entries, None).await, Err(StateError::Unavailable(_))));
     let increment = impatient.increment("t:n", 1, None).await;
-    assert!(matches!(&increment, Err(StateError::Unavailable(m)) if !m.contains("may or may not")), "{increment:?}");
+    assert!(matches!(&increment, Err(StateError::Unavailable(_))), "{increment:?}");
     // Patient ones wait it out.
     let patient = backend(port, Duration::from_secs(20));
     let writes = tokio::spawn(async move {

@@ -491,8 +491,10 @@ impl Host {
         let (backend, name, flushes) = (role.metered.clone(), role.info.name.clone(), self.flushes.clone());
         let bytes = writes.iter().map(Write::size).sum();
         let max = self.options.max_unsent_bytes;
-        if flushes.bytes.fetch_add(bytes, Ordering::SeqCst) + bytes > max {
-            flushes.bytes.fetch_sub(bytes, Ordering::SeqCst);
+        let fits = flushes.bytes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+            held.checked_add(bytes).filter(|&total| total <= max)
+        });
+        if fits.is_err() {
             tracing::warn!(
                 role = %name,
                 writes = writes.len(),

@@ -64,15 +64,20 @@ impl OpRate {
     }
 
     fn take(&mut self, n: u64) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second as f64;
-        self.tokens = (self.tokens + refill).min(self.per_second as f64);
-        self.last = now;
-        if self.tokens < n as f64 {
+        if self.available() < n {
             return false;
         }
         self.tokens -= n as f64;
         true
+    }
+
+    /// Whole operations the bucket holds now, refilled for the time since.
+    fn available(&mut self) -> u64 {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second as f64;
+        self.tokens = (self.tokens + refill).min(self.per_second as f64);
+        self.last = now;
+        self.tokens as u64
     }
 }
 
@@ -178,15 +183,15 @@ impl CallCtx {
         Ok(())
     }
 
-    /// Operations the quotas allow at once now: what is left of the call's,
-    /// and no more than the role's per second.
+    /// Operations the quotas allow now: what is left of the call's, and of
+    /// the role's per second.
     fn ops_left(&self) -> usize {
         let per_call = self.role.limits.max_ops_per_call.saturating_sub(self.ops);
         let per_second = self
             .role
             .op_rate
             .as_ref()
-            .map_or(u64::MAX, |rate| rate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).per_second);
+            .map_or(u64::MAX, |rate| rate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).available());
         usize::try_from(per_call.min(per_second)).unwrap_or(usize::MAX)
     }
 
@@ -367,6 +372,8 @@ pub struct CallLimiter {
     max_memory_bytes: usize,
     /// Bytes of all the store's memories so far.
     memory_bytes: usize,
+    /// The growth last allowed, taken back if it then fails.
+    last_growth: usize,
     pub(crate) memory_refused: bool,
 }
 
@@ -386,20 +393,32 @@ const HANDLE_BYTES: usize = 64;
 
 impl CallLimiter {
     pub(crate) fn new(max_memory_bytes: usize) -> Self {
-        Self { max_memory_bytes, memory_bytes: 0, memory_refused: false }
+        Self { max_memory_bytes, memory_bytes: 0, last_growth: 0, memory_refused: false }
     }
 }
 
 impl wasmtime::ResourceLimiter for CallLimiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        // Called for a memory's first pages too (current 0).
-        let total = self.memory_bytes.saturating_add(desired.saturating_sub(current));
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // Called for a memory's first pages too (current 0). Past the
+        // memory's own maximum the growth fails anyway: not ours to count.
+        if maximum.is_some_and(|maximum| desired > maximum) {
+            return Ok(false);
+        }
+        let growth = desired.saturating_sub(current);
+        let total = self.memory_bytes.saturating_add(growth);
         let ok = total <= self.max_memory_bytes;
         if ok {
             self.memory_bytes = total;
+            self.last_growth = growth;
         }
         self.memory_refused |= !ok;
         Ok(ok)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        // Allowed here but refused after (say, by the system): not held.
+        self.memory_bytes = self.memory_bytes.saturating_sub(std::mem::take(&mut self.last_growth));
+        Ok(())
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
@@ -457,6 +476,14 @@ mod tests {
         assert!(limiter.memory_growing(40 << 20, 60 << 20, None).unwrap());
         assert!(limiter.memory_growing(0, 4 << 20, None).unwrap());
         assert!(!limiter.memory_growing(4 << 20, (4 << 20) + 1, None).unwrap());
-        assert!((limiter.memories(), limiter.tables(), limiter.instances()) <= (4, 16, 32));
+        assert!(limiter.memories() <= 4 && limiter.tables() <= 16 && limiter.instances() <= 32);
+        // A growth past a memory's own maximum, or one that fails after
+        // this allowed it, is not counted.
+        let mut limiter = CallLimiter::new(64 << 20);
+        assert!(!limiter.memory_growing(0, 32 << 20, Some(16 << 20)).unwrap());
+        assert!(!limiter.memory_refused, "refused by the memory's maximum, not ours");
+        assert!(limiter.memory_growing(0, 40 << 20, None).unwrap());
+        limiter.memory_grow_failed(wasmtime::Error::msg("no memory")).unwrap();
+        assert!(limiter.memory_growing(0, 60 << 20, None).unwrap(), "the failed 40 MiB still counted");
     }
 }
