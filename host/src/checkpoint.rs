@@ -150,6 +150,12 @@ pub async fn restore(
             .map_err(|e| StateError::InvalidArgument(format!("{what}: {e}"))),
     };
     let max_value_bytes = limits.max_value_bytes;
+    let check_size = |what: &str, len: usize| match len > max_value_bytes {
+        true => Err(StateError::TooLarge(format!(
+            "{what}: a value of {len} bytes is over the role's limit of {max_value_bytes} bytes"
+        ))),
+        false => Ok(()),
+    };
     let mut expired = 0;
     let mut kv = Vec::with_capacity(checkpoint.kv.len());
     for entry in &checkpoint.kv {
@@ -157,12 +163,7 @@ pub async fn restore(
         let value = base64::engine::general_purpose::STANDARD
             .decode(&entry.value_base64)
             .map_err(|e| StateError::InvalidArgument(format!("{what}: bad base64: {e}")))?;
-        if value.len() > max_value_bytes {
-            return Err(StateError::TooLarge(format!(
-                "{what}: a value of {} bytes is over the role's limit of {max_value_bytes} bytes",
-                value.len()
-            )));
-        }
+        check_size(&what, value.len())?;
         let key = namespace.key(Space::Kv, &entry.key).map_err(|e| e.context(&what))?;
         match ttl(&what, entry.ttl_ms)? {
             Some(ttl) => kv.push((key, value, ttl)),
@@ -177,16 +178,11 @@ pub async fn restore(
         // JSON text within the role's value limit.
         for (field, value) in &subject.fields {
             let what = format!("{what} field {field:?}");
-            let property = field.strip_prefix(['p', 'e']).ok_or_else(|| {
+            let (_, property) = crate::state::subjects::property_of(field).ok_or_else(|| {
                 StateError::InvalidArgument(format!("{what}: a field starts with p (default) or e (extended)"))
             })?;
             namespace.check_name("property", property).map_err(|e| e.context(&what))?;
-            if value.len() > max_value_bytes {
-                return Err(StateError::TooLarge(format!(
-                    "{what}: a value of {} bytes is over the role's limit of {max_value_bytes} bytes",
-                    value.len()
-                )));
-            }
+            check_size(&what, value.len())?;
             crate::state::subjects::check_json(value).map_err(|e| e.context(&what))?;
         }
         let fields: Vec<(String, Vec<u8>)> =

@@ -21,6 +21,12 @@ pub struct Bucket {
     writable: bool,
 }
 
+impl super::Handle for Bucket {
+    fn bytes(&self) -> usize {
+        self.name.len()
+    }
+}
+
 impl CallCtx {
     /// The full key of one operation on a bucket, after the guards: one
     /// operation charged, write access checked, the key validated.
@@ -129,8 +135,7 @@ impl HostBucket for CallCtx {
         let granted = self.namespace(&name, false)?;
         let granted = (!name.is_empty()).then(|| granted.clone());
         let writable = self.namespace(&name, true).is_ok();
-        let bytes = name.len();
-        self.push_handle(Bucket { name, granted, writable }, bytes)
+        self.push_handle(Bucket { name, granted, writable })
     }
 
     async fn get(&mut self, bucket: Resource<Bucket>, key: String) -> StateResult<Option<Vec<u8>>> {
@@ -235,7 +240,7 @@ impl HostBucket for CallCtx {
     }
 
     async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
-        self.delete_handle(bucket, |bucket| bucket.name.len())?;
+        self.delete_handle(bucket)?;
         Ok(())
     }
 }

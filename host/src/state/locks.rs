@@ -34,7 +34,9 @@ impl Lock {
     fn bytes_of(name: &str, key: &str, owner: &str) -> usize {
         name.len() + 2 * (key.len() + owner.len())
     }
+}
 
+impl super::Handle for Lock {
     fn bytes(&self) -> usize {
         Self::bytes_of(&self.name, &self.key, &self.owner)
     }
@@ -160,13 +162,13 @@ impl HostLock for CallCtx {
         // Releasing compares the owner: a lock never taken is left alone.
         // Its handle's memory is held first: a lock the guest could not be
         // handed is never taken.
-        let bytes = Lock::bytes_of(&name, &key, &owner);
-        self.hold(super::HANDLE_BYTES + bytes)?;
+        let bytes = super::HANDLE_BYTES + Lock::bytes_of(&name, &key, &owner);
+        self.hold(bytes)?;
         self.held_locks.push((key.clone(), owner.clone()));
         let token = match self.take_lock(&key, &fence, &owner, ttl, give_up).await {
             Ok(Some(token)) => token,
             Err(error) => {
-                self.unhold(super::HANDLE_BYTES + bytes);
+                self.unhold(bytes);
                 // Perhaps taken with its answer lost: still released at the
                 // end. Any other failure took nothing.
                 if !matches!(error, StateError::Unavailable(_)) {
@@ -175,14 +177,14 @@ impl HostLock for CallCtx {
                 return Err(error);
             }
             Ok(None) => {
-                self.unhold(super::HANDLE_BYTES + bytes);
+                self.unhold(bytes);
                 self.held_locks.retain(|(_, held)| *held != owner);
                 return Ok(None);
             }
         };
         let lock = Lock { name, key, owner, token };
         // (Should the table be full, the lock is released when the call ends.)
-        Ok(Some(self.push_held(lock, bytes)?))
+        Ok(Some(self.push_held(lock)?))
     }
 
     async fn token(&mut self, lock: Resource<Lock>) -> wasmtime::Result<u64> {
@@ -210,7 +212,7 @@ impl HostLock for CallCtx {
         if let Err(e) = CallCtx::release(self, &lock).await {
             tracing::warn!(role = %self.role.name, "cannot release a dropped lock: {e}");
         }
-        self.delete_handle(lock, Lock::bytes)?;
+        self.delete_handle(lock)?;
         Ok(())
     }
 }

@@ -240,33 +240,28 @@ impl CallCtx {
         self.held_bytes = self.held_bytes.saturating_sub(bytes);
     }
 
-    /// Gives the guest a handle to `value`, whose host memory (`bytes`
-    /// beside its table entry) counts against the role's memory limit
-    /// until the guest drops it: handles kept open, across calls of a warm
-    /// instance too, cannot make the host hold more than that.
-    fn push_handle<T: Send + 'static>(&mut self, value: T, bytes: usize) -> StateResult<Resource<T>> {
-        self.hold(HANDLE_BYTES + bytes)?;
-        self.push_held(value, bytes)
+    /// Gives the guest a handle to `value`, whose host memory counts
+    /// against the role's memory limit until the guest drops it: handles
+    /// kept open, across calls of a warm instance too, cannot make the host
+    /// hold more than that.
+    fn push_handle<T: Handle>(&mut self, value: T) -> StateResult<Resource<T>> {
+        self.hold(value.host_bytes())?;
+        self.push_held(value)
     }
 
-    /// [`CallCtx::push_handle`] for a value whose bytes were held already
-    /// (with `hold(HANDLE_BYTES + bytes)`).
-    fn push_held<T: Send + 'static>(&mut self, value: T, bytes: usize) -> StateResult<Resource<T>> {
+    /// [`CallCtx::push_handle`] for a value whose bytes were held already.
+    fn push_held<T: Handle>(&mut self, value: T) -> StateResult<Resource<T>> {
+        let bytes = value.host_bytes();
         self.table.push(value).map_err(|e| {
-            self.unhold(HANDLE_BYTES + bytes);
+            self.unhold(bytes);
             StateError::Internal(format!("cannot open a handle: {e}"))
         })
     }
 
-    /// Takes back a handle given by [`CallCtx::push_handle`] with the same
-    /// `bytes`.
-    fn delete_handle<T: 'static>(
-        &mut self,
-        handle: Resource<T>,
-        bytes: impl FnOnce(&T) -> usize,
-    ) -> wasmtime::Result<T> {
+    /// Takes back a handle given by [`CallCtx::push_handle`].
+    fn delete_handle<T: Handle>(&mut self, handle: Resource<T>) -> wasmtime::Result<T> {
         let value = self.table.delete(handle)?;
-        self.unhold(HANDLE_BYTES + bytes(&value));
+        self.unhold(value.host_bytes());
         Ok(value)
     }
 
@@ -390,6 +385,17 @@ const MAX_INSTANCES: usize = 32;
 /// Host memory a handle takes beside what it holds: its table entry (and
 /// the guest's own), about.
 const HANDLE_BYTES: usize = 64;
+
+/// What a guest handle (bucket, subject, lock) holds in host memory.
+trait Handle: Send + 'static {
+    /// Bytes of what it holds (names, keys), its table entry not counted.
+    fn bytes(&self) -> usize;
+
+    /// All it takes: what it holds and its table entry.
+    fn host_bytes(&self) -> usize {
+        HANDLE_BYTES + self.bytes()
+    }
+}
 
 impl CallLimiter {
     pub(crate) fn new(max_memory_bytes: usize) -> Self {

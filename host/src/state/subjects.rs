@@ -30,12 +30,14 @@ fn size(field: &str, value: Option<&[u8]>) -> usize {
     field.len() + value.map_or(0, <[u8]>::len)
 }
 
-impl Subject {
-    /// Host memory the handle itself holds (its writes not counted).
+impl super::Handle for Subject {
+    /// Its name and key (its buffered writes are counted as they come).
     fn bytes(&self) -> usize {
         self.name.len() + self.key.len() + self.read_only.as_ref().map_or(0, String::len)
     }
+}
 
+impl Subject {
     fn pending_bytes(&self) -> usize {
         self.pending.iter().map(|(field, value)| size(field, value.as_deref())).sum()
     }
@@ -47,6 +49,15 @@ fn field(kind: Kind, property: &str) -> String {
         Kind::Extended => 'e',
     };
     format!("{tag}{property}")
+}
+
+/// The kind and property a hash field holds, if this interface wrote it.
+pub(crate) fn property_of(field: &str) -> Option<(Kind, &str)> {
+    match field.split_at_checked(1)? {
+        ("p", property) => Some((Kind::Default, property)),
+        ("e", property) => Some((Kind::Extended, property)),
+        _ => None,
+    }
 }
 
 /// A property value must be JSON text (also checked when a checkpoint is
@@ -154,8 +165,7 @@ impl HostSubject for CallCtx {
         let shared = !namespace.is_empty();
         let read_only = self.namespace(&namespace, true).is_err().then_some(namespace);
         let subject = Subject { name, key, read_only, shared, pending: BTreeMap::new() };
-        let bytes = subject.bytes();
-        self.push_handle(subject, bytes)
+        self.push_handle(subject)
     }
 
     async fn name(&mut self, subject: Resource<Subject>) -> wasmtime::Result<String> {
@@ -180,10 +190,10 @@ impl HostSubject for CallCtx {
             other => other,
         })?;
         for (field, value) in fields {
-            let (list, name) = match field.split_at_checked(1) {
-                Some(("p", name)) => (&mut snapshot.default, name),
-                Some(("e", name)) => (&mut snapshot.extended, name),
-                _ => continue, // not written by this interface
+            let (list, name) = match property_of(&field) {
+                Some((Kind::Default, name)) => (&mut snapshot.default, name),
+                Some((Kind::Extended, name)) => (&mut snapshot.extended, name),
+                None => continue, // not written by this interface
             };
             list.push(Property { name: name.to_owned(), value: text(value) });
         }
@@ -294,7 +304,7 @@ impl HostSubject for CallCtx {
     }
 
     async fn drop(&mut self, subject: Resource<Subject>) -> wasmtime::Result<()> {
-        let dropped = self.delete_handle(subject, Subject::bytes)?;
+        let dropped = self.delete_handle(subject)?;
         self.unhold(dropped.pending_bytes());
         Ok(())
     }
