@@ -84,3 +84,26 @@ async fn a_sentinel_url_needs_the_primary_name() {
         .to_string();
     assert!(error.contains("name the primary"), "{error}");
 }
+
+/// The Sentinels are asked side by side: one that stopped answering (here
+/// frozen, first in the URL) costs nothing while another answers, even
+/// with an operation timeout shorter than it takes to give up on it. The
+/// primary's connections are cut again and again, so each write first
+/// asks the Sentinels where the primary is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_sentinel_costs_nothing_while_another_answers() {
+    let Some(setup) = RedisSentinels::start(0) else { return };
+    setup.sentinels[0].freeze(true);
+    let mut section = RedisSection::default();
+    section.op_timeout_ms = Some(400);
+    section.connect_timeout_ms = Some(400);
+    let b = StateConfig::parse(&setup.url(""), &section).unwrap().connect().unwrap();
+    for i in 0..5 {
+        let value = format!("write {i}");
+        b.set("k", value.as_bytes(), None).await.unwrap_or_else(|e| panic!("write {i}: {e}"));
+        assert!(setup.primary.cli(&["get", "k"]).contains(&value), "the primary has write {i}");
+        // Cut every client connection but redis-cli's own.
+        setup.primary.cli(&["client", "kill", "type", "normal"]);
+    }
+    setup.sentinels[0].freeze(false);
+}

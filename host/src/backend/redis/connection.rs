@@ -18,14 +18,14 @@ use std::sync::{Arc, Mutex};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
-use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
-    RedisError, RedisFuture, RedisResult, TlsCertificates, TlsMode, Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline,
+    RedisConnectionInfo, RedisError, RedisFuture, RedisResult, TlsCertificates, Value,
 };
 
 use super::cluster::{ClusterConn, NodeConns, Shard};
 use super::coalesce::Coalescing;
+use super::sentinel::Sentinels;
 use super::RedisOptions;
 use crate::shards::{self, Sharded};
 use crate::workers;
@@ -284,9 +284,8 @@ impl Worker {
 /// Where a connection goes.
 enum Source {
     Server(Client, AsyncConnectionConfig),
-    /// The current primary, asked of the Sentinels (one question at a
-    /// time) at every connect.
-    Sentinels(tokio::sync::Mutex<SentinelClient>, AsyncConnectionConfig),
+    /// The current primary, asked of the Sentinels at every connect.
+    Sentinels(Sentinels),
     /// Every worker's Cluster connection shares rolehost's own connections
     /// to single nodes: they serve only scans, health checks and `ASK`s.
     Cluster {
@@ -302,10 +301,7 @@ impl Source {
             Source::Server(client, config) => {
                 Conn::Direct(Coalescing::new(client.get_multiplexed_async_connection_with_config(config).await?))
             }
-            Source::Sentinels(sentinels, config) => {
-                let primary = sentinels.lock().await.async_get_client().await?;
-                Conn::Direct(Coalescing::new(primary.get_multiplexed_async_connection_with_config(config).await?))
-            }
+            Source::Sentinels(sentinels) => Conn::Direct(Coalescing::new(sentinels.primary().await?)),
             Source::Cluster { client, ask_targets, primaries } => Conn::Cluster(ClusterConn {
                 conn: client.get_async_connection().await?,
                 ask_targets: ask_targets.clone(),
@@ -325,12 +321,7 @@ impl Kind {
         let invalid = |e: RedisError| format!("invalid Redis settings for {:?}: {e}", options.url);
         let source = match endpoint {
             Endpoint::Single(info) => {
-                let info = with_login(info, options);
-                let client = match certificates {
-                    Some(certs) => Client::build_with_tls(info, certs.clone()),
-                    None => Client::open(info),
-                }
-                .map_err(invalid)?;
+                let client = client(with_login(info, options), certificates).map_err(invalid)?;
                 Source::Server(client, Kind::config(options))
             }
             Endpoint::Cluster(nodes) => {
@@ -361,30 +352,18 @@ impl Kind {
                 }
             }
             Endpoint::Sentinel { sentinels, master, db, username } => {
-                let mut builder =
-                    SentinelClientBuilder::new(sentinels.clone(), master.clone(), SentinelServerType::Master)
-                        .map_err(invalid)?
-                        .set_client_to_redis_db(*db);
+                let mut login = RedisConnectionInfo::default().set_db(*db);
                 if let Some(username) = options.username.as_ref().or(username.as_ref()) {
-                    builder = builder.set_client_to_redis_username(username);
+                    login = login.set_username(username);
                 }
                 if let Some(password) = &options.password {
-                    builder = builder.set_client_to_redis_password(password);
+                    login = login.set_password(password);
                 }
-                if let Some(password) = &options.sentinel_password {
-                    builder = builder.set_client_to_sentinel_password(password);
-                }
-                if endpoint.tls() {
-                    builder = builder
-                        .set_client_to_redis_tls_mode(TlsMode::Secure)
-                        .set_client_to_sentinel_tls_mode(TlsMode::Secure);
-                }
-                if let Some(certificates) = certificates {
-                    builder = builder
-                        .set_client_to_redis_certificates(certificates.clone())
-                        .set_client_to_sentinel_certificates(certificates.clone());
-                }
-                Source::Sentinels(tokio::sync::Mutex::new(builder.build().map_err(invalid)?), Kind::config(options))
+                let password = options.sentinel_password.as_deref();
+                let config = Kind::config(options);
+                Source::Sentinels(
+                    Sentinels::new(sentinels, master, login, password, certificates, config).map_err(invalid)?,
+                )
             }
         };
         Ok(Kind { source, workers: Sharded::default() })
@@ -446,7 +425,7 @@ impl Kind {
             || error.is_timeout()
             || error.is_unrecoverable_error()
             || super::retry::not_primary(error)
-            || error.kind() == ErrorKind::AuthenticationFailed;
+            || super::refused_login(error);
         // What one connection learnt of the server holds for every
         // worker's: had the others been kept, the next write on a dead one
         // could not tell "never sent" from "lost".
@@ -500,6 +479,14 @@ fn with_login(info: &ConnectionInfo, options: &RedisOptions) -> ConnectionInfo {
         settings = settings.set_password(password);
     }
     info.clone().set_redis_settings(settings)
+}
+
+/// A client for `info`, trusting `certificates` when given.
+pub(super) fn client(info: ConnectionInfo, certificates: Option<&TlsCertificates>) -> RedisResult<Client> {
+    match certificates {
+        Some(certificates) => Client::build_with_tls(info, certificates.clone()),
+        None => Client::open(info),
+    }
 }
 
 /// A mutex's value, even after a panic elsewhere while it was held.

@@ -10,6 +10,7 @@ mod cluster;
 mod coalesce;
 mod connection;
 mod retry;
+mod sentinel;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -663,6 +664,11 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// Whether Redis (or a Sentinel) refused the login, or wants one.
+fn refused_login(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::AuthenticationFailed || matches!(error.code(), Some("NOAUTH" | "WRONGPASS"))
+}
+
 /// Sorts Redis failures into the state API's errors.
 fn map_error(error: RedisError) -> StateError {
     let transient = retry::is_transient(&error);
@@ -678,7 +684,7 @@ fn map_error(error: RedisError) -> StateError {
             "Redis is full (maxmemory reached, no eviction); delete keys or give it more room: {error}"
         ));
     }
-    if error.kind() == ErrorKind::AuthenticationFailed || matches!(error.code(), Some("NOAUTH" | "WRONGPASS")) {
+    if refused_login(&error) {
         return StateError::AccessDenied(format!(
             "Redis refused the login (check the user and REDIS_PASSWORD, or REDIS_SENTINEL_PASSWORD for \
              Sentinels): {error}"

@@ -1,0 +1,134 @@
+//! Finding the primary a set of Sentinels names, as Redis's guidelines
+//! for Sentinel clients describe: ask a Sentinel for the primary's
+//! address, then ask that server whether it is the primary (`ROLE`).
+//!
+//! The Sentinels are asked side by side, each within the backend's own
+//! connect and operation timeouts, so one that is down or silent costs
+//! nothing while another answers. (redis-rs's `SentinelClient` asks them
+//! in turn with fixed timeouts of its own: a silent first Sentinel cost a
+//! second at every reconnect, more than a short operation timeout allows,
+//! so such a backend never connected again.)
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisConnectionInfo, RedisError,
+    RedisResult, Role, TlsCertificates,
+};
+
+use super::connection::client;
+
+/// The Sentinels of one primary, and how to reach that primary.
+pub(super) struct Sentinels {
+    /// One client per Sentinel, in the URL's order.
+    sentinels: Vec<Client>,
+    /// The primary's name in the Sentinels' configuration.
+    name: String,
+    /// How to log in to the primary: database, user, password.
+    login: RedisConnectionInfo,
+    /// Whether the primary speaks TLS (when its Sentinels do).
+    tls: bool,
+    certificates: Option<TlsCertificates>,
+    /// Timeouts for every connection here, to Sentinels and primary alike.
+    config: AsyncConnectionConfig,
+}
+
+impl Sentinels {
+    /// Checks the settings; connects nothing yet.
+    pub(super) fn new(
+        addresses: &[ConnectionAddr],
+        name: &str,
+        login: RedisConnectionInfo,
+        sentinel_password: Option<&str>,
+        certificates: Option<&TlsCertificates>,
+        config: AsyncConnectionConfig,
+    ) -> RedisResult<Self> {
+        let mut sentinel_login = RedisConnectionInfo::default();
+        if let Some(password) = sentinel_password {
+            sentinel_login = sentinel_login.set_password(password);
+        }
+        let sentinels = addresses
+            .iter()
+            .map(|address| {
+                let info = address.clone().into_connection_info()?.set_redis_settings(sentinel_login.clone());
+                client(info, certificates)
+            })
+            .collect::<RedisResult<_>>()?;
+        let tls = matches!(addresses.first(), Some(ConnectionAddr::TcpTls { .. }));
+        let certificates = certificates.cloned();
+        Ok(Self { sentinels, name: name.to_owned(), login, tls, certificates, config })
+    }
+
+    /// A connection to the current primary. Every Sentinel is asked at
+    /// once; each address named is tried in the order the answers come,
+    /// until one is the primary. Fails with the most telling of the
+    /// errors met: a refused login, then a primary unknown or not (yet)
+    /// the primary, then any other.
+    pub(super) async fn primary(&self) -> RedisResult<MultiplexedConnection> {
+        let mut answers: FuturesUnordered<_> = self.sentinels.iter().map(|s| self.ask(s)).collect();
+        let (mut tried, mut worst) = (Vec::new(), None::<RedisError>);
+        while let Some(answer) = answers.next().await {
+            let outcome = match answer {
+                Ok(address) if tried.contains(&address) => continue,
+                Ok(address) => {
+                    tried.push(address.clone());
+                    self.connect_if_primary(address).await
+                }
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(conn) => return Ok(conn),
+                Err(error) if worst.as_ref().is_none_or(|w| telling(&error) > telling(w)) => worst = Some(error),
+                Err(_) => {}
+            }
+        }
+        Err(worst.unwrap_or_else(|| RedisError::from((ErrorKind::InvalidClientConfig, "no Sentinel given"))))
+    }
+
+    /// The primary's address as `sentinel` knows it.
+    async fn ask(&self, sentinel: &Client) -> RedisResult<(String, u16)> {
+        let mut conn = sentinel.get_multiplexed_async_connection_with_config(&self.config).await?;
+        let address: Option<(String, u16)> =
+            redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(&self.name).query_async(&mut conn).await?;
+        address.ok_or_else(|| {
+            RedisError::from((
+                ErrorKind::MasterNameNotFoundBySentinel,
+                "a Sentinel does not know the primary",
+                self.name.clone(),
+            ))
+        })
+    }
+
+    /// A connection to `(host, port)` if that server is the primary now.
+    async fn connect_if_primary(&self, (host, port): (String, u16)) -> RedisResult<MultiplexedConnection> {
+        let shown = format!("{host}:{port}");
+        let address = match self.tls {
+            true => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
+            false => ConnectionAddr::Tcp(host, port),
+        };
+        let info = address.into_connection_info()?.set_redis_settings(self.login.clone());
+        let mut conn = client(info, self.certificates.as_ref())?
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        match redis::cmd("ROLE").query_async(&mut conn).await? {
+            Role::Primary { .. } => Ok(conn),
+            // Mid-failover, or a Sentinel cut off from the others.
+            _ => Err(RedisError::from((
+                ErrorKind::MasterNameNotFoundBySentinel,
+                "a Sentinel names a server that is not the primary",
+                format!("{shown} (primary {})", self.name),
+            ))),
+        }
+    }
+}
+
+/// How much an error says about why no primary was reached.
+fn telling(error: &RedisError) -> u8 {
+    if super::refused_login(error) {
+        2
+    } else if error.kind() == ErrorKind::MasterNameNotFoundBySentinel {
+        1
+    } else {
+        0
+    }
+}
