@@ -523,6 +523,31 @@ async fn a_lock_taken_for_a_call_dropped_before_the_answer_came_is_released() {
     eventually("the dropped call's lock is still held", Duration::from_secs(20), async || !exists()).await;
 }
 
+/// Locks a call leaves held are released side by side when it ends: with
+/// Redis frozen, the call's answer waits about one operation timeout for
+/// their releases, not one per lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_left_at_the_end_of_a_call_are_released_side_by_side() {
+    let Some(server) = RedisServer::start() else { return };
+    let timeout = Duration::from_millis(500);
+    let host = host(backend(server.port, timeout), "rolehost:", &[("alice", "kvprobe")]);
+    const LOCKS: u32 = 16;
+    // Takes the locks, keeps them past the call's end, sleeps a second.
+    let hoard = json!({"op":"hoard","locks":true,"count":LOCKS,"name_len":4,"keep":true,"sleep_ms":1000});
+    let call = tokio::spawn(async move { probe(&host, "alice", hoard).await });
+    let held = || server.cli(&["keys", "rolehost:alice:lock:*"]).lines().count() == LOCKS as usize;
+    eventually("the locks were never taken", Duration::from_secs(30), async || held()).await;
+    server.freeze(true);
+    let frozen = std::time::Instant::now();
+    let answer = call.await.unwrap();
+    let waited = frozen.elapsed();
+    server.freeze(false);
+    assert_eq!(answer, Ok(json!(LOCKS)));
+    // One by one they would take LOCKS timeouts (8 s); side by side, the
+    // rest of the sleep and one timeout.
+    assert!(waited < timeout * LOCKS / 2, "the releases took {waited:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_warns_when_redis_may_evict_keys() {
     let evicting = ["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"];

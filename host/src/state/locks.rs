@@ -55,13 +55,14 @@ impl CallCtx {
     }
 
     /// Releases every lock this call still holds; run when the call ends,
-    /// however it ended. One at a time, each left on the list until it is
-    /// released: should the call be dropped meanwhile, `Drop` releases the
-    /// rest.
+    /// however it ended. All at once, so Redis being down costs one
+    /// operation timeout, not one per lock. They stay on the list until
+    /// all are done: should the call be dropped meanwhile, `Drop` releases
+    /// them (again: a release compares the owner, so a second is a no-op).
     pub(crate) async fn release_held_locks(&mut self) {
-        while let Some((key, owner)) = self.held_locks.last() {
-            release_one(&*self.backend, &self.role.name, key, owner).await;
-            self.held_locks.pop();
+        if !self.held_locks.is_empty() {
+            release_all(&*self.backend, &self.role.name, &self.held_locks).await;
+            self.held_locks.clear();
         }
     }
 
@@ -73,16 +74,14 @@ impl CallCtx {
     }
 }
 
-async fn release_all(backend: &dyn Backend, role: &str, held: Vec<(String, String)>) {
-    for (key, owner) in held {
-        release_one(backend, role, &key, &owner).await;
-    }
-}
-
-async fn release_one(backend: &dyn Backend, role: &str, key: &str, owner: &str) {
-    if let Err(e) = backend.compare_and_swap(key, Some(owner.as_bytes()), None, None).await {
-        tracing::warn!(role = %role, "cannot release a lock at the end of the call: {e}");
-    }
+/// Releases `held` (key, owner) side by side.
+async fn release_all(backend: &dyn Backend, role: &str, held: &[(String, String)]) {
+    let releases = held.iter().map(|(key, owner)| async move {
+        if let Err(e) = backend.compare_and_swap(key, Some(owner.as_bytes()), None, None).await {
+            tracing::warn!(role = %role, "cannot release a lock at the end of the call: {e}");
+        }
+    });
+    futures_util::future::join_all(releases).await;
 }
 
 /// A call whose caller went away (its future dropped mid-call) never
@@ -96,7 +95,7 @@ impl Drop for CallCtx {
         let held = std::mem::take(&mut self.held_locks);
         let (backend, role) = (self.backend.clone(), self.role.name.clone());
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn(async move { release_all(&*backend, &role, held).await })),
+            Ok(runtime) => drop(runtime.spawn(async move { release_all(&*backend, &role, &held).await })),
             Err(_) => {
                 tracing::warn!(role = %role, locks = held.len(), "call dropped outside a runtime; its locks expire by TTL")
             }

@@ -149,7 +149,8 @@ enum Op {
     },
     /// Opens `count` subjects (or locks) named with `name_len` bytes and
     /// keeps them open: to the end of the call, or with `keep` for as long
-    /// as the instance lives (across calls of a warm one).
+    /// as the instance lives (across calls of a warm one). Then sleeps
+    /// `sleep_ms` before returning.
     Hoard {
         #[serde(default)]
         locks: bool,
@@ -157,6 +158,8 @@ enum Op {
         name_len: usize,
         #[serde(default)]
         keep: bool,
+        #[serde(default)]
+        sleep_ms: u64,
     },
     SubjectSetRaw {
         subject: String,
@@ -437,7 +440,7 @@ fn run(ns: &str, op: Op) -> Result<Value> {
             }
             json!(open.len())
         }
-        Op::Hoard { locks, count, name_len, keep } => {
+        Op::Hoard { locks, count, name_len, keep, sleep_ms } => {
             let mut subjects = Vec::new();
             let mut held = Vec::new();
             for i in 0..count {
@@ -451,6 +454,7 @@ fn run(ns: &str, op: Op) -> Result<Value> {
             if keep {
                 HOARD.with(|hoard| hoard.borrow_mut().push((subjects, held)));
             }
+            std::thread::sleep(Duration::from_millis(sleep_ms));
             json!(opened)
         }
         Op::SubjectSetRaw { subject, prop, json } => {
