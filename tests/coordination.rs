@@ -289,11 +289,10 @@ async fn subjects_and_locks_are_per_role(b: Arc<dyn Backend>, p: String) {
         probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})).await,
         Ok(json!(null))
     );
-    assert_eq!(
-        probe(&host, "bob", json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})).await,
-        Ok(json!(1))
-    );
-    assert_eq!(holding.await.unwrap(), Ok(json!(1)));
+    let bobs = probe(&host, "bob", json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})).await;
+    assert!(bobs.as_ref().is_ok_and(Value::is_u64), "bob takes his own lock `job`: {bobs:?}");
+    let alices = holding.await.unwrap();
+    assert!(alices.as_ref().is_ok_and(Value::is_u64), "{alices:?}");
     // Rate limits too.
     probe(&host, "alice", json!({"op":"rate_check","key":"api","limit":1,"window_ms":3_600_000})).await.unwrap();
     let bob =
@@ -322,10 +321,8 @@ async fn a_call_whose_caller_goes_away_releases_its_locks(b: Arc<dyn Backend>, p
     // Released in the background, long before its TTL.
     let released = async || !b.exists(&lock_key).await.unwrap();
     eventually("the dropped call's lock is still held", Duration::from_secs(20), released).await;
-    assert_eq!(
-        probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})).await,
-        Ok(json!(2))
-    );
+    let again = probe(&host, "alice", json!({"op":"lock_hold","name":"job","ttl_ms":1000,"wait_ms":0})).await;
+    assert!(again.as_ref().is_ok_and(Value::is_u64), "the lock is free again: {again:?}");
     // The metrics count it as cancelled, and nothing is left in flight.
     let metrics = host.metrics().render();
     let line = |name: &str, labels: &[&str]| {

@@ -576,10 +576,11 @@ impl Backend for MemoryBackend {
             if map.entries.contains_key(key) {
                 return Ok(None);
             }
-            let token = add_integer(map.bytes(fence_key)?.map(Vec::as_slice), 1)?;
-            map.put(fence_key, token.to_string().as_bytes(), None);
+            let last = map.bytes(fence_key)?.and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok());
+            let token = last.unwrap_or(0).saturating_add(1).max(unix_micros());
+            map.put(fence_key, token.to_string().as_bytes(), Some(super::FENCE_TTL));
             map.put(key, owner.as_bytes(), Some(ttl));
-            Ok(Some(token as u64))
+            Ok(Some(token))
         })
     }
 
@@ -596,7 +597,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn rate_check(&self, key: &str, limit: u64, window: Duration, cost: u64) -> StateResult<RateDecision> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
+        let now = unix_micros();
         let check = |map: &mut Map| {
             let tat = map.bytes(key)?.and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
             let (decision, new_tat) = gcra(tat, now, limit, window.as_micros() as u64, cost);
@@ -621,6 +622,11 @@ fn not_integer() -> StateError {
 
 /// Adds to a stored integer as Redis's INCRBY does: the value must be a
 /// canonical decimal i64 (no `+`, spaces or leading zeros).
+/// The clock's microseconds since 1970.
+fn unix_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64
+}
+
 fn add_integer(value: Option<&[u8]>, delta: i64) -> StateResult<i64> {
     let current = match value {
         None => 0,

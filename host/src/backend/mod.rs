@@ -19,6 +19,14 @@ use async_trait::async_trait;
 
 use crate::error::{StateError, StateResult};
 
+/// How long a lock's fencing counter outlives the last token drawn from
+/// it. A token is the backend clock's microseconds since 1970, or the
+/// last token plus one when that is more, so after the counter is gone
+/// the next token is still greater than every earlier one (unless the
+/// clock stepped back a day), and lock names used once leave no key
+/// behind for good.
+pub const FENCE_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// The remaining lifetime of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expiry {
@@ -165,7 +173,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> StateResult<bool>;
 
     /// Takes the lock at `key` for `owner` when it is free, and returns the
-    /// next value of the fencing counter at `fence_key`, in one atomic step.
+    /// next value of the fencing counter at `fence_key` (see [`FENCE_TTL`]),
+    /// in one atomic step.
     async fn lock_acquire(&self, key: &str, fence_key: &str, owner: &str, ttl: Duration) -> StateResult<Option<u64>>;
     /// Resets the TTL of `key` when it still holds `value`; true when it did.
     async fn expire_if_equal(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<bool>;

@@ -192,11 +192,16 @@ return redis.call('HGET', KEYS[1], ARGV[1])
 /// Most keys given to one script call: Lua's `unpack` takes a few thousand.
 const SCRIPT_KEYS: usize = 1000;
 
-/// Takes a free lock and draws a fencing token in one step.
-/// KEYS: lock, fence counter. ARGV: owner, ttl-ms.
+/// Takes a free lock and draws a fencing token in one step: the server's
+/// microseconds, or the last token plus one if more (see `FENCE_TTL`).
+/// KEYS: lock, fence counter. ARGV: owner, ttl-ms, fence-ttl-ms.
 const LOCK_ACQUIRE_SCRIPT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local token = redis.call('INCR', KEYS[2])
+local now = redis.call('TIME')
+local token = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local last = tonumber(redis.call('GET', KEYS[2]) or '')
+if last and last >= token then token = last + 1 end
+redis.call('SET', KEYS[2], string.format('%.0f', token), 'PX', ARGV[3])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return token
 "#;
@@ -1130,7 +1135,8 @@ impl Backend for RedisBackend {
     async fn lock_acquire(&self, key: &str, fence_key: &str, owner: &str, ttl: Duration) -> StateResult<Option<u64>> {
         let script = &self.lock_acquire;
         self.run(Op::Once, |mut c| async move {
-            script.key(key).key(fence_key).arg(owner).arg(ttl_ms(ttl)).invoke_async(&mut c).await
+            let fence_ttl = ttl_ms(crate::backend::FENCE_TTL);
+            script.key(key).key(fence_key).arg(owner).arg(ttl_ms(ttl)).arg(fence_ttl).invoke_async(&mut c).await
         })
         .await
     }
