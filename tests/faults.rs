@@ -548,6 +548,26 @@ async fn locks_left_at_the_end_of_a_call_are_released_side_by_side() {
     assert!(waited < timeout * LOCKS / 2, "the releases took {waited:?}");
 }
 
+/// A lock whose release failed (here its connection froze: the release
+/// never reached Redis) stays on the call's list, so the release at the
+/// end of the call, on a new connection, frees it rather than leaving it
+/// taken until its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_whose_release_failed_is_released_when_the_call_ends() {
+    let Some(server) = RedisServer::start() else { return };
+    let proxy = FreezingProxy::start(server.port).await;
+    let host = host(backend(proxy.port, Duration::from_millis(300)), "rolehost:", &[("alice", "kvprobe")]);
+    // Takes the lock, releases it a second later, returns a second after.
+    let op = json!({"op":"lock_release_fails","name":"job","before_ms":1000,"after_ms":1000});
+    let call = tokio::spawn(async move { probe(&host, "alice", op).await });
+    let held = || server.cli(&["exists", "rolehost:alice:lock:{job}"]).trim() == "1";
+    eventually("the lock was never taken", Duration::from_secs(30), async || held()).await;
+    proxy.freeze_open_connections().await;
+    let answer = call.await.unwrap().unwrap();
+    assert!(answer.as_str().is_some_and(|e| e.contains("Unavailable")), "the release failed: {answer}");
+    assert!(!held(), "the lock is still held after the call");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_warns_when_redis_may_evict_keys() {
     let evicting = ["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"];

@@ -181,3 +181,38 @@ async fn unsent_writes_are_held_only_up_to_the_hosts_limit() {
     host.settle().await;
     assert_eq!(failed(), 4);
 }
+
+/// The handler returned with writes queued and a lock still held; its
+/// caller goes away while the host releases that lock (here Redis holds
+/// writes back for a while). The queued writes are still sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writes_are_sent_when_the_caller_leaves_during_the_last_release() {
+    // A server of its own: the pause below holds up every client.
+    let Some(server) = rolehost_tests::RedisServer::start() else { return };
+    let db = server.fresh_db();
+    let host = host(server.backend(db), "ff:", &[("r", "kvprobe")]);
+    let ops = json!({"op":"batch","ops":[
+        {"op":"set_later","key":"queued","value":"1"},
+        {"op":"hoard","locks":true,"count":1,"name_len":4,"keep":true,"sleep_ms":1000},
+    ]});
+    let lock = "ff:r:lock:{0000}";
+    let db_arg = db.to_string();
+    let held = || server.cli(&["-n", &db_arg, "exists", lock]).trim() == "1";
+    let call = probe(&host, "r", ops);
+    let paused = async {
+        while !held() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Writes (and scripts) wait 1.5 s: the lock's release too.
+        server.cli(&["client", "pause", "1500", "write"]);
+        // The caller gives up while the release waits.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+    };
+    tokio::select! {
+        answer = call => panic!("the call ended before its caller left: {answer:?}"),
+        () = paused => {}
+    }
+    host.settle().await;
+    let queued = server.backend(db).get("ff:r:kv:queued", None).await;
+    assert_eq!(queued, Ok(Some(b"1".to_vec())), "{}", host.metrics().render());
+}

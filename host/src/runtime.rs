@@ -489,22 +489,24 @@ impl Host {
             return;
         }
         let (backend, name, flushes) = (role.metered.clone(), role.info.name.clone(), self.flushes.clone());
+        let dropped = |why: &str| {
+            tracing::warn!(role = %name, writes = writes.len(), "fire-and-forget writes dropped: {why}");
+            self.metrics.deferred_writes.with_label_values(&[name.as_str(), "failed"]).inc_by(writes.len() as u64);
+        };
+        // None for a call dropped as its runtime shut down.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return dropped("no runtime left to send them");
+        };
         let bytes = writes.iter().map(Write::size).sum();
         let max = self.options.max_unsent_bytes;
         let fits = flushes.bytes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
             held.checked_add(bytes).filter(|&total| total <= max)
         });
         if fits.is_err() {
-            tracing::warn!(
-                role = %name,
-                writes = writes.len(),
-                "fire-and-forget writes dropped: earlier calls' still unsent would hold over {max} bytes"
-            );
-            self.metrics.deferred_writes.with_label_values(&[name.as_str(), "failed"]).inc_by(writes.len() as u64);
-            return;
+            return dropped(&format!("earlier calls' still unsent would hold over {max} bytes"));
         }
         flushes.running.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             if let Err(error) = backend.write_all(&writes).await {
                 tracing::warn!(role = %name, writes = writes.len(), %error, "fire-and-forget writes failed");
             }
@@ -594,13 +596,16 @@ impl Host {
             Ok::<_, wasmtime::Error>((result, instance))
         };
         let outcome = tokio::time::timeout(deadline + EPOCH_TICK * 2, run).await;
+        // The handler returned: its queued writes go out once its locks
+        // are released, or should its caller go away meanwhile, then.
+        let returned = matches!(outcome, Ok(Ok(_)));
+        let queued = Queued { host: self, role, writes: returned.then(|| store.data_mut().take_deferred()) };
         store.data_mut().release_held_locks().await;
+        drop(queued);
         store.data().log.finish();
         let outcome = match outcome {
             Ok(Ok((result, instance))) => {
-                // The handler returned: its queued writes go out now, and
-                // the instance may serve the next call.
-                self.send_later(role, store.data_mut().take_deferred());
+                // The instance may serve the next call.
                 role.keep_warm(store, instance);
                 Ok(Ok(result))
             }
@@ -622,6 +627,21 @@ impl Host {
             return Err(CallError::Role { role: name(), error });
         }
         Ok(response)
+    }
+}
+
+/// A returned call's queued writes, sent when this is dropped.
+struct Queued<'a> {
+    host: &'a Host,
+    role: &'a Role,
+    writes: Option<Vec<Write>>,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if let Some(writes) = self.writes.take() {
+            self.host.send_later(self.role, writes);
+        }
     }
 }
 

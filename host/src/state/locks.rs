@@ -66,11 +66,15 @@ impl CallCtx {
         }
     }
 
+    /// Off the call's list only once released (or found lost): should the
+    /// release fail, or the call be dropped meanwhile, the lock is
+    /// released at the end of the call.
     async fn release(&mut self, handle: &Resource<Lock>) -> StateResult<bool> {
         let lock = self.lock(handle)?;
         let (key, owner) = (lock.key.clone(), lock.owner.clone());
+        let released = self.backend.compare_and_swap(&key, Some(owner.as_bytes()), None, None).await?;
         self.held_locks.retain(|(k, o)| !(k == &key && o == &owner));
-        self.backend.compare_and_swap(&key, Some(owner.as_bytes()), None, None).await
+        Ok(released)
     }
 }
 

@@ -217,6 +217,15 @@ enum Op {
         #[serde(default)]
         sleep_ms: u64,
     },
+    /// Takes lock `name`, sleeps `before_ms`, releases it, sleeps
+    /// `after_ms` and leaves its handle undropped (so only the host's
+    /// release at the end of the call is left): the release's error, if
+    /// it failed.
+    LockReleaseFails {
+        name: String,
+        before_ms: u64,
+        after_ms: u64,
+    },
     LockTakeover {
         name: String,
     },
@@ -517,6 +526,19 @@ fn run(ns: &str, op: Op) -> Result<Value> {
             let mut names = Subject::list_in(ns, pattern.as_deref())?;
             names.sort();
             json!(names)
+        }
+        Op::LockReleaseFails { name, before_ms, after_ms } => {
+            // The WIT resource itself: the SDK's would be dropped (and so
+            // released again) by its `release`.
+            use rolehost_guest::bindings::rolehost::state::locks::Lock as Raw;
+            let lock = Raw::acquire(ns, &name, 60_000, 0)
+                .map_err(|e| Error::Internal(format!("{e:?}")))?
+                .ok_or_else(|| Error::Internal("lock was taken".into()))?;
+            std::thread::sleep(Duration::from_millis(before_ms));
+            let released = lock.release();
+            std::thread::sleep(Duration::from_millis(after_ms));
+            std::mem::forget(lock);
+            json!(released.err().map(|e| format!("{e:?}")))
         }
         Op::LockHold { name, ttl_ms, wait_ms, sleep_ms } => {
             match Lock::acquire_in(ns, &name, Duration::from_millis(ttl_ms), Duration::from_millis(wait_ms))? {
