@@ -58,6 +58,8 @@ const COMMANDS: &[&str] = &[
     "cluster|shards",
     "asking",
     "wait",
+    // Sentinel: is the server the Sentinels name the primary?
+    "role",
 ];
 
 /// Fewest bytes the secret may have: every role's password derives from

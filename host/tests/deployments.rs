@@ -127,6 +127,20 @@ fn serve_rides_out_a_sentinel_failover_without_losing_an_acknowledged_increment(
 #[test]
 fn acl_users_work_on_a_cluster() {
     let Some(cluster) = shared_cluster() else { return };
+    acl_users_work(&cluster.url(), "cluster-acl", &cluster.nodes);
+}
+
+/// Through Sentinels too: the role's user may ask the server the
+/// Sentinels name whether it is the primary (`ROLE`).
+#[test]
+fn acl_users_work_through_sentinels() {
+    let Some(setup) = RedisSentinels::start(0) else { return };
+    acl_users_work(&setup.url(""), "sentinel-acl", std::slice::from_ref(&setup.primary));
+}
+
+/// `acl --apply` makes the role's user on every one of `servers`; a role
+/// then reads, writes, lists, locks and clears as that user.
+fn acl_users_work(url: &str, name: &str, servers: &[RedisServer]) {
     let rolehost = |manifest: &std::path::Path, args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_rolehost"))
             .args(args)
@@ -134,29 +148,29 @@ fn acl_users_work_on_a_cluster() {
             .arg(manifest)
             .env_remove("ROLEHOST_STATE")
             .env_remove("REDIS_PASSWORD")
-            .env("ROLEHOST_ACL_SECRET", "cluster-secret-for-tests")
+            .env("ROLEHOST_ACL_SECRET", "deployment-secret-for-tests")
             .env("RUST_LOG", "warn")
             .output()
             .unwrap()
     };
-    let dir = scratch_dir("cluster-acl");
+    let dir = scratch_dir(name);
     let manifest = dir.join("roles.toml");
     let roles = |acl_users: bool| {
         format!(
             "global-prefix = \"acl:\"\nstate = \"{url}\"\n[redis]\nacl-users = {acl_users}\n\
              [[roles]]\nname = \"probe\"\nwasm = \"{probe}\"\n",
-            url = cluster.url(),
             probe = role_path("kvprobe").display(),
         )
     };
     std::fs::write(&manifest, roles(false)).unwrap();
     ok(rolehost(&manifest, &["acl", "--apply"]));
-    for node in &cluster.nodes {
-        assert!(node.cli(&["acl", "list"]).contains("user rolehost-probe on"), "every node has the user");
+    for server in servers {
+        assert!(server.cli(&["acl", "list"]).contains("user rolehost-probe on"), "every server has the user");
     }
     std::fs::write(&manifest, roles(true)).unwrap();
     let call = |body: &str| ok(rolehost(&manifest, &["call", "probe", body]));
-    // Keys and locks on every primary, listing across them, as the role's user.
+    // Keys and locks (on every primary of a Cluster), listing across
+    // them, as the role's user.
     let set_many = r#"{"op":"set_many","entries":{},"count":50}"#;
     assert_eq!(call(set_many), r#"{"ok":null}"#);
     assert_eq!(call(r#"{"op":"list_all","pattern":"bulk:4?"}"#).matches("bulk:").count(), 10);
