@@ -174,6 +174,11 @@ pub async fn restore(
     for subject in &checkpoint.subjects {
         let what = format!("subject {:?}", subject.name);
         let key = namespace.key(Space::Subject, &subject.name).map_err(|e| e.context(&what))?;
+        if subject.fields.is_empty() {
+            return Err(StateError::InvalidArgument(format!(
+                "{what}: no fields (a subject without any does not exist)"
+            )));
+        }
         // Each field as the state API writes it: a tagged property name and
         // JSON text within the role's value limit.
         for (field, value) in &subject.fields {
@@ -196,8 +201,13 @@ pub async fn restore(
         backend.set(key, value, *ttl).await?;
     }
     for (key, fields, ttl) in &subjects {
-        backend.delete_many(std::slice::from_ref(key)).await?;
-        backend.hash_apply(key, fields, &[], None).await?;
+        // The fields it had and the checkpoint lacks go in the same atomic
+        // step as the new ones are written: should that fail, the subject
+        // is left as it was.
+        let old = backend.hash_get_all(key, usize::MAX).await?;
+        let gone: Vec<String> =
+            old.into_iter().map(|(field, _)| field).filter(|f| !fields.iter().any(|(new, _)| new == f)).collect();
+        backend.hash_apply(key, fields, &gone, None).await?;
         backend.expire(key, *ttl).await?;
     }
     Ok(Restored { kv: kv.len(), subjects: subjects.len(), expired })
@@ -211,6 +221,7 @@ fn now_unix_ms() -> u64 {
 mod tests {
     use super::*;
     use crate::backend::MemoryBackend;
+    use std::collections::BTreeSet;
 
     fn checkpoint(fields: &[(&str, &str)]) -> Checkpoint {
         let fields = fields.iter().map(|(f, v)| (f.to_string(), v.to_string())).collect();
@@ -247,5 +258,32 @@ mod tests {
         let good = checkpoint(&[("pok", "1"), ("elast", "{\"at\":5}")]);
         assert_eq!(restore(&backend, &namespace, &limits, &good).await.unwrap().subjects, 1);
         assert_eq!(backend.hash_get("t:app:s:user", "elast", None).await.unwrap(), Some(b"{\"at\":5}".to_vec()));
+        let empty = restore(&backend, &namespace, &limits, &checkpoint(&[])).await.unwrap_err();
+        assert!(empty.to_string().contains("no fields"), "{empty}");
+        assert!(backend.exists("t:app:s:user").await.unwrap(), "the subject is left as it was");
+    }
+
+    /// A subject is replaced in one step: fields the checkpoint lacks go,
+    /// and should the write fail (here the store is full), the subject is
+    /// left as it was rather than deleted.
+    #[tokio::test]
+    async fn restore_replaces_a_subject_whole_or_not_at_all() {
+        let backend = MemoryBackend::with_max_bytes(4096);
+        let limits = RoleLimits::default();
+        let namespace = Namespace::new("t:", "app", &limits);
+        let old = [("pold".to_owned(), b"1".to_vec()), ("pkept".to_owned(), b"2".to_vec())];
+        backend.hash_apply("t:app:s:user", &old, &[], None).await.unwrap();
+        restore(&backend, &namespace, &limits, &checkpoint(&[("pkept", "3"), ("pnew", "4")])).await.unwrap();
+        let fields = backend.hash_get_all("t:app:s:user", usize::MAX).await.unwrap();
+        let expected = [("pkept".to_owned(), b"3".to_vec()), ("pnew".to_owned(), b"4".to_vec())];
+        assert_eq!(fields.iter().collect::<BTreeSet<_>>(), expected.iter().collect(), "old fields removed");
+
+        // A value of 5 kB fills the store; the subject then cannot be written.
+        let mut full = checkpoint(&[("pother", "5")]);
+        full.kv[0].value_base64 = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; 5000]);
+        let error = restore(&backend, &namespace, &limits, &full).await.unwrap_err();
+        assert_eq!(error.kind(), "quota-exceeded", "{error}");
+        let after = backend.hash_get_all("t:app:s:user", usize::MAX).await.unwrap();
+        assert_eq!(after, fields, "the subject is as it was");
     }
 }
