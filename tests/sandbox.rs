@@ -310,6 +310,21 @@ async fn a_replaced_version_keeps_no_warm_instance() {
     assert!(long.await.unwrap().is_ok());
 }
 
+/// A call refused because the host as a whole is at its limit says so,
+/// not that the role is (raising the role's limit would change nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_host_says_which_limit_it_reached() {
+    let options = rolehost::HostOptions { max_concurrency: 1, ..Default::default() };
+    let host = std::sync::Arc::new(rolehost::Host::with_options(backend("memory").unwrap(), "t:", options).unwrap());
+    host.load(&rolehost_tests::spec("probe", "kvprobe")).unwrap();
+    host.load(&rolehost_tests::spec("counter", "counter")).unwrap();
+    let running = hold_a_call(&host).await;
+    let refused = host.call("counter", b"").await;
+    let message = refused.as_ref().err().map(ToString::to_string).unwrap_or_default();
+    assert!(message.contains("busy: the host runs its most calls at once (1)"), "{refused:?}");
+    running.abort();
+}
+
 /// Starts a call of `probe` that holds a lock for a minute (abort it to
 /// end it) and returns once it runs.
 async fn hold_a_call(
@@ -340,7 +355,8 @@ async fn a_reloaded_role_keeps_its_concurrency_budget() {
     host.reload("probe").unwrap();
     assert!(!running.is_finished(), "the first call ended early: {:?}", running.await);
     let second = host.call("probe", br#"{"op":"incr","key":"n","delta":1}"#).await;
-    assert!(matches!(second, Err(CallError::Busy { .. })), "{second:?}");
+    let busy = second.as_ref().err().map(ToString::to_string).unwrap_or_default();
+    assert!(busy.contains("busy: it runs its max-concurrency of 1 calls"), "{second:?}");
     let metrics = host.metrics().render();
     assert!(metrics.contains(r#"rolehost_calls_total{outcome="busy",role="probe"} 1"#), "{metrics}");
     running.abort();

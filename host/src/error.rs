@@ -81,10 +81,12 @@ pub enum CallError {
     #[error("unknown role `{0}`")]
     UnknownRole(String),
     /// The role or the host is running as many calls as it may; try later.
-    #[error("role `{role}` is busy; too many calls at once")]
+    #[error("role `{role}` is busy: {limit}")]
     Busy {
         /// The role's name.
         role: String,
+        /// Which limit was reached, to raise it if need be.
+        limit: String,
     },
     /// The role's handler returned an error.
     #[error("role `{role}` returned an error: {error}")]

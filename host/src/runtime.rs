@@ -470,12 +470,14 @@ impl Host {
     pub async fn call(&self, role: &str, request: &[u8]) -> Result<Vec<u8>, CallError> {
         let role = self.role(role).ok_or_else(|| CallError::UnknownRole(role.to_owned()))?;
         // Refused calls count as busy, as those the pool refuses do.
-        let busy = || {
+        let busy = |limit: String| {
             self.metrics.calls.with_label_values(&[role.info.name.as_str(), "busy"]).inc();
-            CallError::Busy { role: role.info.name.clone() }
+            CallError::Busy { role: role.info.name.clone(), limit }
         };
-        let _host_slot = self.slots.try_acquire().ok_or_else(busy)?;
-        let _role_slot = role.slots.try_acquire().ok_or_else(busy)?;
+        let host_limit = || format!("the host runs its most calls at once ({})", self.options.max_concurrency);
+        let _host_slot = self.slots.try_acquire().ok_or_else(|| busy(host_limit()))?;
+        let role_limit = || format!("it runs its max-concurrency of {} calls", role.info.limits.max_concurrency);
+        let _role_slot = role.slots.try_acquire().ok_or_else(|| busy(role_limit()))?;
         let mut counted = Counted::start(&self.metrics, &role);
         let result = self.run(&role, request).await;
         counted.outcome = Some(result.as_ref().map(|_| ()).map_err(CallError::kind));
@@ -687,7 +689,7 @@ fn classify_trap(trap: &wasmtime::Error, ctx: &CallCtx, limits: &RoleLimits, rol
     tracing::debug!(role = %role, "trap: {trap:?}");
     if trap.is::<PoolConcurrencyLimitError>() {
         // Every pool slot is in use by calls running now.
-        return CallError::Busy { role };
+        return CallError::Busy { role, limit: "every instance slot of the host's pool is in use".into() };
     }
     match trap.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => CallError::DeadlineExceeded { role, millis: limits.deadline_ms },

@@ -338,11 +338,15 @@ async fn read_body(app: &App, body: Body) -> Result<Bytes, Response> {
 async fn call_role(State(app): State<Arc<App>>, Path(role): Path<String>, body: Body) -> Response {
     let id = app.next_request.fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();
-    let body = match read_body(&app, body).await {
-        Ok(body) => body,
-        Err(response) => return response,
+    // An unknown role is refused before its body is read: reading waits
+    // for the client and holds its bytes, for nothing.
+    let result = match app.host.role(&role) {
+        None => Err(CallError::UnknownRole(role.clone())),
+        Some(_) => match read_body(&app, body).await {
+            Ok(body) => app.host.call(&role, &body).await,
+            Err(response) => return response,
+        },
     };
-    let result = app.host.call(&role, &body).await;
     let response = match &result {
         Ok(response) => (StatusCode::OK, response.clone()).into_response(),
         Err(error) => {
@@ -407,12 +411,16 @@ fn not_admin(app: &App, headers: &HeaderMap) -> Option<Response> {
                 .into_response(),
         );
     };
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // The scheme's name is case-insensitive (RFC 9110, 11.1).
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
+    });
     if !given.is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())) {
-        return Some(
-            (StatusCode::UNAUTHORIZED, error_body("unauthorized", "missing or wrong admin token")).into_response(),
-        );
+        let mut refused =
+            (StatusCode::UNAUTHORIZED, error_body("unauthorized", "missing or wrong admin token")).into_response();
+        refused.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return Some(refused);
     }
     None
 }

@@ -280,6 +280,15 @@ fn reload_swaps_versions_and_refuses_bad_ones() {
     let reload = "/admin/roles/app/reload";
     assert_eq!(server.post(reload, "").0, 401, "no token");
     assert_eq!(server.post_with(reload, "", Some("wrong")).0, 401);
+    // The scheme's name in any case; a refusal names the scheme wanted.
+    let with_header = |value: &str| {
+        let request = Server::agent().post(format!("{}{reload}", server.base)).header("Authorization", value);
+        let response = request.send("").unwrap();
+        (response.status().as_u16(), response.headers().get("www-authenticate").cloned())
+    };
+    assert_eq!(with_header(&format!("bearer {TOKEN}")).0, 200, "lower-case scheme");
+    let (status, challenge) = with_header("Basic YWRtaW46YWRtaW4=");
+    assert_eq!((status, challenge.as_ref().and_then(|v| v.to_str().ok())), (401, Some("Bearer")));
     assert_eq!(server.post_with("/admin/roles/nope/reload", "", Some(TOKEN)).0, 404);
     // A broken file is refused; the old version keeps serving.
     std::fs::write(&wasm, b"not a component").unwrap();
@@ -646,6 +655,11 @@ fn slow_and_idle_clients_are_cut_off() {
     let answer = read_all(&mut trickle).unwrap();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains(r#""error":"request-timeout""#), "{answer}");
+    // An unknown role: 404 at once, its body not waited for.
+    let mut unknown = connect(&server, patience);
+    unknown.write_all(b"POST /roles/nope HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc").unwrap();
+    let answer = read_all(&mut unknown).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
     // A Content-Length over the limit: 413 at once, before any body.
     let mut big = connect(&server, patience);
     big.write_all(b"POST /roles/counter HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n").unwrap();
