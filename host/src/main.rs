@@ -72,7 +72,8 @@ enum Command {
         /// Connections open at once; past it, new ones wait to be accepted.
         #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
         max_connections: u32,
-        /// Seconds calls in flight may finish after a shutdown signal.
+        /// Seconds calls in flight and unsent fire-and-forget writes may take
+        /// after a shutdown signal, in all; a second signal stops at once.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         shutdown_grace_secs: u64,
         /// Watch role files and the manifest, and reload what changed.

@@ -187,15 +187,25 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
     }
     tracing::info!("shutting down: no new connections; finishing calls in flight");
     drop(listener);
+    // One grace period for both waits; a second signal ends them at once.
     let grace = options.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(
-            grace_ms = grace.as_millis() as u64,
-            "calls still in flight after the grace period; stopping anyway"
-        );
-    }
-    if tokio::time::timeout(grace, app.host.settle()).await.is_err() {
-        tracing::warn!("fire-and-forget writes still unsent after the grace period; stopping anyway");
+    let deadline = tokio::time::Instant::now() + grace;
+    let finish = async {
+        if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "calls still in flight after the grace period; stopping anyway"
+            );
+        }
+        if tokio::time::timeout_at(deadline, app.host.settle()).await.is_err() {
+            tracing::warn!("fire-and-forget writes still unsent after the grace period; stopping anyway");
+        }
+    };
+    tokio::select! {
+        () = finish => {}
+        () = shutdown_signal() => {
+            tracing::warn!("a second signal: stopping now, not waiting for calls in flight or unsent writes");
+        }
     }
     Ok(())
 }
