@@ -607,8 +607,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// the manifest has stayed the same for one more poll (so a manifest being
 /// written is not read half-done).
 async fn watch_files(app: Arc<App>, every: Duration) {
-    let role_stamps = || -> BTreeMap<String, Option<FileStamp>> {
-        app.host.roles().iter().map(|r| (r.name().to_owned(), file_stamp(&r.spec().wasm))).collect()
+    // Each role's file and its stamp.
+    let role_stamps = || -> BTreeMap<String, (PathBuf, Option<FileStamp>)> {
+        let stamp = |wasm: &PathBuf| (wasm.clone(), file_stamp(wasm));
+        app.host.roles().iter().map(|r| (r.name().to_owned(), stamp(&r.spec().wasm))).collect()
     };
     let mut seen = role_stamps();
     let manifest_path = app.manifest.as_ref().map(|source| source.path.clone());
@@ -639,9 +641,12 @@ async fn watch_files(app: Arc<App>, every: Duration) {
             last = now;
         }
         for role in app.host.roles() {
-            let now = file_stamp(&role.spec().wasm);
-            let before = seen.insert(role.name().to_owned(), now);
-            if before.is_some_and(|before| before != now) {
+            let wasm = &role.spec().wasm;
+            let now = file_stamp(wasm);
+            let before = seen.insert(role.name().to_owned(), (wasm.clone(), now));
+            // A role the manifest moved to another file was loaded from it
+            // just now.
+            if before.is_some_and(|(was, before)| was == *wasm && before != now) {
                 match reload_off_runtime(&app, role.name()).await {
                     Ok(new) => tracing::info!(role = role.name(), sha256 = new.sha256(), "file changed; reloaded"),
                     Err(e) => tracing::error!(

@@ -152,7 +152,8 @@ async fn locks_exclude_across_processes() {
     let lines = in_two_processes(&manifest, "worker", "", 20, 8);
     let mut tokens: Vec<u64> = lines.iter().map(|l| l.parse().unwrap()).collect();
     tokens.sort();
-    assert_eq!(tokens, (1..=40).collect::<Vec<u64>>(), "tokens are unique and dense");
+    tokens.dedup();
+    assert_eq!(tokens.len(), 40, "tokens are unique: {tokens:?}");
     let host = rolehost_tests::host(server.backend(db), "rolehost:", &[("worker", "kvprobe")]);
     let log = probe(&host, "worker", json!({"op":"get","key":"log"})).await.unwrap();
     let logged: Vec<u64> = log.as_str().unwrap().split(',').map(|t| t.parse().unwrap()).collect();

@@ -381,6 +381,31 @@ fn a_manifest_reload_loads_reloads_and_unloads_roles() {
     assert_eq!(server.post("/roles/new", "").0, 404);
 }
 
+/// A manifest edit that points a role at another file (`app-v1.wasm` to
+/// `app-v2.wasm`) loads it once: the watcher does not then take the new
+/// file for a changed one and reload it again.
+#[test]
+fn a_role_moved_to_another_file_is_loaded_once() {
+    let dir = dir("watch-moved");
+    let (v1, v2) = (dir.join("app-v1.wasm"), dir.join("app-v2.wasm"));
+    std::fs::copy(role_path("counter"), &v1).unwrap();
+    std::fs::copy(role_path("kvprobe"), &v2).unwrap();
+    let path = manifest(&dir, "memory", &[("app", &v1, "")]);
+    let log = dir.join("serve.log");
+    let server = Server::start_logging(&path, &["--watch"], "info", Stdio::from(std::fs::File::create(&log).unwrap()));
+    std::thread::sleep(Duration::from_millis(1100));
+    manifest(&dir, "memory", &[("app", &v2, "")]);
+    let start = Instant::now();
+    while server.post("/roles/app", r#"{"op":"get","key":"unset"}"#).1 != r#"{"ok":null}"# {
+        assert!(start.elapsed() < Duration::from_secs(10), "the watcher never applied the manifest");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A few more polls.
+    std::thread::sleep(Duration::from_millis(3000));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("file changed; reloaded").count(), 0, "{text}");
+}
+
 #[test]
 fn the_watcher_loads_a_refused_role_once_its_file_appears() {
     let dir = dir("watch-refused");

@@ -59,10 +59,7 @@ impl CallLog {
     }
 
     fn line(&self, level: Level, message: &str) {
-        let mut state = self.state();
-        if state.take(message.len() + LINE_COST) {
-            state.emit(level, message.as_bytes());
-        }
+        self.state().emit(level, message.as_bytes());
     }
 
     /// A stdout or stderr sink for the WASI context.
@@ -82,16 +79,16 @@ impl CallLog {
                 None => (bytes, &[][..], false),
             };
             bytes = rest;
-            // A line's cost is taken with its first bytes.
-            let starts = state.partial[stream as usize].is_empty() && !chunk.is_empty();
-            if !state.take(chunk.len() + if starts { LINE_COST } else { 0 }) {
-                return;
+            if state.budget == 0 {
+                state.dropped += chunk.len();
+                continue;
             }
             let partial = &mut state.partial[stream as usize];
-            let room = MAX_LINE_BYTES.saturating_sub(partial.len());
-            partial.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if complete || partial.len() >= MAX_LINE_BYTES {
-                let line = std::mem::take(partial);
+            let kept = chunk.len().min(MAX_LINE_BYTES.saturating_sub(partial.len()));
+            partial.extend_from_slice(&chunk[..kept]);
+            state.dropped += chunk.len() - kept;
+            if complete || state.partial[stream as usize].len() >= MAX_LINE_BYTES {
+                let line = std::mem::take(&mut state.partial[stream as usize]);
                 if !line.is_empty() {
                     state.emit(level, &line);
                 }
@@ -133,8 +130,9 @@ impl LogState {
 
     /// Writes one line to the host log, its control characters escaped so
     /// that it stays one line and cannot pass for another role's or the
-    /// host's.
-    fn emit(&self, level: Level, line: &[u8]) {
+    /// host's. It costs what is written, escapes included, plus
+    /// [`LINE_COST`]; past the budget it is dropped.
+    fn emit(&mut self, level: Level, line: &[u8]) {
         let line = String::from_utf8_lossy(line);
         let message = match line.contains(char::is_control) {
             false => line,
@@ -149,6 +147,9 @@ impl LogState {
                 escaped.into()
             }
         };
+        if !self.take(message.len() + LINE_COST) {
+            return;
+        }
         let role = &*self.role;
         match level {
             Level::Trace => tracing::trace!(target: "role", role, "{message}"),
@@ -222,5 +223,34 @@ impl AsyncWrite for LogSink {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line costs what reaches the host log: escapes count, so a role
+    /// cannot write several times its budget in escaped control bytes.
+    #[test]
+    fn escapes_count_against_the_budget() {
+        // 900 bytes, 5400 once escaped: over a budget of 1000 (which then
+        // takes nothing more), through the log interface and stdout alike.
+        let controls = "\u{1f}".repeat(900);
+        let log = CallLog::new("r", 1000);
+        log.line(Level::Info, &controls);
+        let spent = |log: &CallLog| {
+            let state = log.state();
+            (state.budget, state.dropped)
+        };
+        assert_eq!(spent(&log), (0, 900 * 6 + LINE_COST));
+        let log = CallLog::new("r", 1000);
+        log.write(Stream::Stdout, format!("{controls}\n").as_bytes());
+        assert_eq!(spent(&log), (0, 900 * 6 + LINE_COST));
+        // Plain text costs its bytes; a tab its escape.
+        let log = CallLog::new("r", 1000);
+        log.line(Level::Info, &"x".repeat(100));
+        log.write(Stream::Stderr, b"tab\there\n");
+        assert_eq!(log.state().budget, 1000 - (100 + LINE_COST) - ("tab\\there".len() + LINE_COST));
     }
 }
