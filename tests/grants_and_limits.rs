@@ -18,6 +18,8 @@ on_all_backends!(
     operation_quotas_per_call_and_per_second,
     sdk_listings_fit_a_small_batch_limit,
     waiting_for_a_lock_is_one_operation,
+    listing_a_granted_namespace_stays_within_the_readers_memory,
+    clear_costs_an_operation_per_key,
 );
 
 fn grants(namespaces: &[(&str, Access)]) -> Grants {
@@ -338,4 +340,39 @@ async fn sdk_listings_fit_a_small_batch_limit(b: Arc<dyn Backend>, p: String) {
     probe(&host, "small", json!({"op":"set","key":"other","value":"v"})).await.unwrap();
     assert_eq!(probe(&host, "small", json!({"op":"count","pattern":"item:*"})).await, Ok(json!(150)));
     assert_eq!(probe(&host, "small", json!({"op":"count"})).await, Ok(json!(151)));
+}
+
+/// A page of names from a granted namespace never holds more bytes than
+/// the reader's memory limit: names others wrote passed none of its limits
+/// (here 10 MB of them, against 8 MiB).
+async fn listing_a_granted_namespace_stays_within_the_readers_memory(b: Arc<dyn Backend>, p: String) {
+    let reader = RoleLimits { max_memory_bytes: 8 << 20, ..RoleLimits::default() };
+    let host = host_with_specs(b.clone(), &p, vec![("alice", "kvprobe", reader, grants(&[("catalog", Access::Read)]))]);
+    let long = "k".repeat(100_000);
+    for i in 0..100 {
+        b.set(&format!("{p}@catalog:kv:{i:03}{long}"), b"v", None).await.unwrap();
+    }
+    let list = json!({"op":"list","limit":100,"ns":"catalog"});
+    match probe(&host, "alice", list).await {
+        Err(kind) => assert_eq!(kind, "too-large"),
+        Ok(page) => {
+            let bytes: usize = page["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().len()).sum();
+            assert!(bytes <= 8 << 20, "a page of {bytes} bytes of names");
+        }
+    }
+}
+
+/// `clear` is charged like the listing and deletes it does, an operation
+/// per key: a role allowed 5 operations a call cannot sweep 100 keys.
+async fn clear_costs_an_operation_per_key(b: Arc<dyn Backend>, p: String) {
+    let limits = RoleLimits { max_ops_per_call: 5, ..RoleLimits::default() };
+    let host = host_with_specs(b.clone(), &p, vec![("sweeper", "kvprobe", limits, Grants::default())]);
+    let entries: Vec<(String, Vec<u8>)> = (0..100).map(|i| (format!("{p}sweeper:kv:k{i:03}"), b"v".to_vec())).collect();
+    b.set_many(&entries, None).await.unwrap();
+    assert_eq!(probe(&host, "sweeper", json!({"op":"clear"})).await, Err("quota-exceeded".into()));
+    let left = b.scan(&format!("{p}sweeper:kv:*"), None, 1000).await.unwrap().keys.len();
+    assert!(left >= 95, "{left} keys left: more deleted than the quota paid for");
+    // A role with room clears them all.
+    let host = host_with_specs(b.clone(), &p, vec![("sweeper", "kvprobe", RoleLimits::default(), Grants::default())]);
+    assert_eq!(probe(&host, "sweeper", json!({"op":"clear"})).await, Ok(json!(left)));
 }

@@ -276,7 +276,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
                 watch: watch.then_some(std::time::Duration::from_secs(1)),
                 admin_token: std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty()),
-                manifest: Some(ManifestSource { path, started: manifest, acl_state }),
+                manifest: Some(ManifestSource { path, started: manifest, overridden: overridden(&common), acl_state }),
                 threads: threads.map_or_else(
                     || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
                     usize::from,
@@ -387,6 +387,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The manifest settings that flags or environment variables replace.
+fn overridden(common: &Common) -> Vec<&'static str> {
+    let redis_host = std::env::var(REDIS_HOST_ENV).is_ok_and(|v| !v.is_empty());
+    let mut settings = Vec::new();
+    if common.prefix.is_some() {
+        settings.push("global-prefix");
+    }
+    if common.state.is_some() || redis_host {
+        settings.push("state");
+    }
+    settings
 }
 
 fn state(common: &Common, manifest: Option<&Manifest>) -> anyhow::Result<StateConfig> {

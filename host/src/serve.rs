@@ -88,6 +88,10 @@ pub struct ManifestSource {
     /// The manifest as the host was started with: changes to its state,
     /// global prefix and `[redis]` take a restart.
     pub started: Manifest,
+    /// Settings a flag or an environment variable gave instead of the
+    /// manifest (`global-prefix`, `state`): a change of them in the
+    /// manifest would not apply after a restart either.
+    pub overridden: Vec<&'static str>,
     /// With `acl-users`, the state a role added later connects to (as its
     /// own user).
     pub acl_state: Option<StateConfig>,
@@ -536,7 +540,9 @@ fn apply_manifest(host: &Host, source: &ManifestSource) -> anyhow::Result<Change
         ("state", manifest.state != started.state),
         ("[redis]", manifest.redis != started.redis),
     ] {
-        if changed {
+        if changed && source.overridden.contains(&setting) {
+            tracing::info!("the manifest's {setting} changed; a flag or environment variable overrides it");
+        } else if changed {
             tracing::warn!("the manifest's {setting} changed; a restart applies it");
             changes.needs_restart.push(setting);
         }

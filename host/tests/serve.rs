@@ -367,6 +367,18 @@ fn a_manifest_reload_loads_reloads_and_unloads_roles() {
     assert_eq!(server.post("/roles/new", "").1, "3");
     drop(server);
 
+    // Settings a flag gives are not the manifest's to change.
+    let path = manifest(&dir, "redis://127.0.0.1:1", &roles[..2]);
+    let server = Server::start(&path, &["--prefix", "flagged:", "--state", "memory"]);
+    let edited = manifest(&dir, "redis://127.0.0.1:2", &roles[..2]);
+    std::fs::write(&edited, format!("global-prefix = \"edited:\"\n{}", std::fs::read_to_string(&edited).unwrap()))
+        .unwrap();
+    let (status, body, _) = server.post_with("/admin/reload", "", Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let changes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(changes["needs_restart"], serde_json::json!([]), "{body}");
+    drop(server);
+
     // --watch notices a changed manifest by itself.
     manifest(&dir, "memory", &roles[..2]);
     let server = Server::start(&path, &["--watch"]);

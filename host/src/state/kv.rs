@@ -215,12 +215,27 @@ impl HostBucket for CallCtx {
         Ok(KeyPage { keys, cursor })
     }
 
+    /// Page by page, each charged as a listing of its keys: the role's
+    /// quotas bound how much one call may sweep.
     async fn clear(&mut self, bucket: Resource<Bucket>) -> StateResult<u64> {
-        self.charge(1)?;
         let bucket = self.bucket(&bucket)?;
         bucket.check_write(true)?;
-        let pattern = self.bucket_namespace(bucket).pattern(Space::Kv, None)?;
-        self.backend.delete_matching(&pattern).await
+        let namespace = self.bucket_namespace(bucket).clone();
+        let limit = u32::try_from(self.role.limits.max_batch_entries).unwrap_or(u32::MAX);
+        let (mut deleted, mut cursor) = (0, None);
+        loop {
+            let page = self.scan_page(&namespace, Space::Kv, None, cursor, limit).await?;
+            if !page.keys.is_empty() {
+                deleted += self.backend.delete_many(&page.keys).await?;
+            }
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(deleted),
+            }
+            // Lets the call's deadline fire between pages (the memory
+            // store never waits).
+            tokio::task::yield_now().await;
+        }
     }
 
     async fn set_later(

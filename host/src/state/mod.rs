@@ -20,7 +20,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use self::kv::Bucket;
 use self::log::{CallLog, Stream};
-use crate::backend::{Backend, Write};
+use crate::backend::{Backend, ScanPage, Write};
 use crate::error::{shown, StateError, StateResult};
 use crate::limits::{Access, RoleLimits, MAX_TTL_MS};
 use crate::namespace::{Namespace, Space};
@@ -317,6 +317,21 @@ impl CallCtx {
         cursor: Option<String>,
         limit: u32,
     ) -> StateResult<(Vec<String>, Option<String>)> {
+        let page = self.scan_page(namespace, space, pattern, cursor, limit).await?;
+        let names = page.keys.iter().filter_map(|full| namespace.local(space, full)).map(str::to_owned).collect();
+        Ok((names, page.cursor))
+    }
+
+    /// One page of full keys in `space` matching a guest pattern, charged
+    /// an operation per key (at least one).
+    async fn scan_page(
+        &mut self,
+        namespace: &Namespace,
+        space: Space,
+        pattern: Option<String>,
+        cursor: Option<String>,
+        limit: u32,
+    ) -> StateResult<ScanPage> {
         if limit == 0 {
             return Err(StateError::InvalidArgument("limit must be at least 1".into()));
         }
@@ -330,8 +345,18 @@ impl CallCtx {
         if page.keys.len() > 1 {
             self.charge(page.keys.len() - 1)?;
         }
-        let names = page.keys.iter().filter_map(|full| namespace.local(space, full)).map(str::to_owned).collect();
-        Ok((names, page.cursor))
+        // Names in a granted namespace passed no limit of this role: a page
+        // of them the guest could not hold is refused, not handed over.
+        let bytes: usize = page.keys.iter().map(String::len).sum();
+        let max = self.role.limits.max_memory_bytes;
+        if bytes > max {
+            return Err(StateError::TooLarge(format!(
+                "these {} names come to {bytes} bytes, more than the role's memory limit of {max} bytes; \
+                 ask for fewer at once",
+                page.keys.len()
+            )));
+        }
+        Ok(page)
     }
 }
 
