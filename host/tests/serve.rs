@@ -160,7 +160,8 @@ fn busy_roles_answer_503_with_retry_after() {
     let (status, body, retry) = server.post("/roles/slow", r#"{"op":"exists","key":"k"}"#);
     assert_eq!((status, retry.as_deref()), (503, Some("1")), "{body}");
     assert!(body.contains(r#""error":"busy""#), "{body}");
-    assert_eq!(first.join().unwrap(), (200, r#"{"ok":1}"#.to_owned()));
+    let (status, body) = first.join().unwrap();
+    assert!(status == 200 && body.starts_with(r#"{"ok":"#), "the first call finished: {status} {body}");
     assert_eq!(server.post("/roles/slow", r#"{"op":"exists","key":"k"}"#).0, 200);
 }
 

@@ -177,6 +177,21 @@ impl Map {
     }
 }
 
+/// Whether a write may add data: `Some((used, max))` when the store is
+/// full.
+struct Room(Option<(usize, usize)>);
+
+impl Room {
+    fn check(&self) -> StateResult<()> {
+        match self.0 {
+            None => Ok(()),
+            Some((used, max)) => Err(StateError::QuotaExceeded(format!(
+                "the in-memory store is full ({used} of {max} bytes); delete keys or give it more room"
+            ))),
+        }
+    }
+}
+
 /// The in-process backend. Data lives as long as the process.
 pub struct MemoryBackend {
     map: Mutex<Map>,
@@ -221,17 +236,15 @@ impl MemoryBackend {
         self.access(keys, Access::Change, f)
     }
 
-    /// [`MemoryBackend::with`] for an operation that may add data: refused
-    /// while the store is over its size limit.
-    fn write<R>(&self, keys: &[&str], f: impl FnOnce(&mut Map) -> StateResult<R>) -> StateResult<R> {
+    /// [`MemoryBackend::with`] for an operation that may add data: it asks
+    /// [`Room::check`] before it adds any, which refuses while the store
+    /// is over its size limit. Asked after the checks that may make it a
+    /// no-op (a taken lock, a value not as expected), as Redis refuses a
+    /// script only at its first write.
+    fn write<R>(&self, keys: &[&str], f: impl FnOnce(&mut Map, Room) -> StateResult<R>) -> StateResult<R> {
         self.access(keys, Access::Write, |map| {
-            if map.bytes > self.max_bytes {
-                return Err(StateError::QuotaExceeded(format!(
-                    "the in-memory store is full ({} of {} bytes); delete keys or give it more room",
-                    map.bytes, self.max_bytes
-                )));
-            }
-            f(map)
+            let room = Room((map.bytes > self.max_bytes).then_some((map.bytes, self.max_bytes)));
+            f(map, room)
         })
     }
 
@@ -308,7 +321,8 @@ impl Backend for MemoryBackend {
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()> {
-        self.write(&[key], |map| {
+        self.write(&[key], |map, room| {
+            room.check()?;
             map.put(key, value, ttl);
             Ok(())
         })
@@ -334,7 +348,10 @@ impl Backend for MemoryBackend {
 
     async fn set_many(&self, entries: &[(String, Vec<u8>)], ttl: Option<Duration>) -> StateResult<()> {
         let keys: Vec<&str> = entries.iter().map(|(key, _)| key.as_str()).collect();
-        self.write(&keys, |map| {
+        self.write(&keys, |map, room| {
+            if !entries.is_empty() {
+                room.check()?;
+            }
             for (key, value) in entries {
                 map.put(key, value, ttl);
             }
@@ -404,7 +421,8 @@ impl Backend for MemoryBackend {
     }
 
     async fn increment(&self, key: &str, delta: i64, fallback_ttl: Option<Duration>) -> StateResult<i64> {
-        self.write(&[key], |map| {
+        self.write(&[key], |map, room| {
+            room.check()?;
             let next = add_integer(map.bytes(key)?.map(Vec::as_slice), delta)?;
             let value = next.to_string().into_bytes();
             match map.entries.get_mut(key) {
@@ -417,7 +435,9 @@ impl Backend for MemoryBackend {
     }
 
     async fn set_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool> {
-        self.write(&[key], |map| {
+        // Refused when full even if the key exists, as Redis's SET NX is.
+        self.write(&[key], |map, room| {
+            room.check()?;
             if map.entries.contains_key(key) {
                 return Ok(false);
             }
@@ -433,24 +453,22 @@ impl Backend for MemoryBackend {
         new: Option<&[u8]>,
         ttl: Option<Duration>,
     ) -> StateResult<bool> {
-        let swap = |map: &mut Map| {
+        // Deleting needs no room.
+        self.write(&[key], |map, room| {
             if map.bytes(key)?.map(Vec::as_slice) != expected {
                 return Ok(false);
             }
             match new {
-                Some(value) => map.put(key, value, ttl),
+                Some(value) => {
+                    room.check()?;
+                    map.put(key, value, ttl);
+                }
                 None => {
                     map.entries.remove(key);
                 }
             }
             Ok(true)
-        };
-        // Deleting needs no room.
-        if new.is_some() {
-            self.write(&[key], swap)
-        } else {
-            self.with(&[key], swap)
-        }
+        })
     }
 
     async fn get_and_delete(&self, key: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>> {
@@ -488,7 +506,11 @@ impl Backend for MemoryBackend {
         if set.is_empty() && remove.is_empty() {
             return Ok(()); // As on Redis: nothing to write touches nothing, TTL included.
         }
-        let apply = |map: &mut Map| {
+        // Removing fields needs no room.
+        self.write(&[key], |map, room| {
+            if !set.is_empty() {
+                room.check()?;
+            }
             let hash = map.hash_mut(key)?;
             for (field, value) in set {
                 hash.insert(field.clone(), value.clone());
@@ -498,12 +520,7 @@ impl Backend for MemoryBackend {
             }
             map.settle(key, fallback_ttl);
             Ok(())
-        };
-        if set.is_empty() {
-            self.with(&[key], apply)
-        } else {
-            self.write(&[key], apply)
-        }
+        })
     }
 
     async fn hash_increment(
@@ -513,7 +530,8 @@ impl Backend for MemoryBackend {
         delta: i64,
         fallback_ttl: Option<Duration>,
     ) -> StateResult<i64> {
-        self.write(&[key], |map| {
+        self.write(&[key], |map, room| {
+            room.check()?;
             let hash = map.hash_mut(key)?;
             let next = add_integer(hash.get(field).map(Vec::as_slice), delta);
             if let Ok(next) = next {
@@ -531,7 +549,8 @@ impl Backend for MemoryBackend {
         delta: f64,
         fallback_ttl: Option<Duration>,
     ) -> StateResult<f64> {
-        self.write(&[key], |map| {
+        self.write(&[key], |map, room| {
+            room.check()?;
             let hash = map.hash_mut(key)?;
             // Answer what was stored, as Redis does, so both round alike.
             let next = add_float(hash.get(field).map(Vec::as_slice), delta).map(|n| {
@@ -552,9 +571,13 @@ impl Backend for MemoryBackend {
         new: Option<&[u8]>,
         fallback_ttl: Option<Duration>,
     ) -> StateResult<bool> {
-        let set = |map: &mut Map| {
+        // Removing a field needs no room.
+        self.write(&[key], |map, room| {
             if map.hash(key)?.and_then(|h| h.get(field)).map(Vec::as_slice) != expected {
                 return Ok(false);
+            }
+            if new.is_some() {
+                room.check()?;
             }
             let hash = map.hash_mut(key)?;
             match new {
@@ -563,19 +586,15 @@ impl Backend for MemoryBackend {
             };
             map.settle(key, new.and(fallback_ttl));
             Ok(true)
-        };
-        if new.is_some() {
-            self.write(&[key], set)
-        } else {
-            self.with(&[key], set)
-        }
+        })
     }
 
     async fn lock_acquire(&self, key: &str, fence_key: &str, owner: &str, ttl: Duration) -> StateResult<Option<u64>> {
-        self.write(&[key, fence_key], |map| {
+        self.write(&[key, fence_key], |map, room| {
             if map.entries.contains_key(key) {
                 return Ok(None);
             }
+            room.check()?;
             let last = map.bytes(fence_key)?.and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok());
             let token = last.unwrap_or(0).saturating_add(1).max(unix_micros());
             map.put(fence_key, token.to_string().as_bytes(), Some(super::FENCE_TTL));
@@ -598,21 +617,18 @@ impl Backend for MemoryBackend {
 
     async fn rate_check(&self, key: &str, limit: u64, window: Duration, cost: u64) -> StateResult<RateDecision> {
         let now = unix_micros();
-        let check = |map: &mut Map| {
+        // A peek (cost 0) or a refusal writes nothing, so a full store
+        // still answers it.
+        self.write(&[key], |map, room| {
             let tat = map.bytes(key)?.and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
             let (decision, new_tat) = gcra(tat, now, limit, window.as_micros() as u64, cost);
             if let Some(new_tat) = new_tat {
+                room.check()?;
                 let ttl = Duration::from_micros(new_tat - now).max(Duration::from_millis(1));
                 map.put(key, new_tat.to_string().as_bytes(), Some(ttl));
             }
             Ok(decision)
-        };
-        // A peek (cost 0) writes nothing, so a full store still answers it.
-        if cost == 0 {
-            self.with(&[key], check)
-        } else {
-            self.write(&[key], check)
-        }
+        })
     }
 }
 
@@ -811,6 +827,8 @@ mod tests {
         let store = MemoryBackend::with_max_bytes(10_000);
         let b: &dyn Backend = &store;
         b.set("keep", b"v", None).await.unwrap();
+        b.lock_acquire("held", "fence", "me", Duration::from_secs(60)).await.unwrap();
+        b.rate_check("spent", 1, Duration::from_secs(60), 1).await.unwrap();
         let mut i = 0;
         let error = loop {
             match b.set(&format!("k{i}"), &[7; 1000], None).await {
@@ -830,6 +848,13 @@ mod tests {
         }
         assert_eq!(b.get("keep", None).await.unwrap(), Some(b"v".to_vec()), "reads go on");
         assert!(b.rate_check("r", 5, Duration::from_secs(1), 0).await.unwrap().allowed, "a rate peek too");
+        // What would write nothing answers, as on Redis (whose scripts
+        // are refused only at their first write).
+        assert_eq!(b.lock_acquire("held", "fence", "other", Duration::from_secs(1)).await, Ok(None));
+        assert_eq!(b.compare_and_swap("keep", Some(b"no"), Some(b"new"), None).await, Ok(false));
+        assert_eq!(b.hash_compare_and_set("h", "f", Some(b"no"), Some(b"new"), None).await, Ok(false));
+        assert!(!b.rate_check("spent", 1, Duration::from_secs(60), 1).await.unwrap().allowed);
+        assert_eq!(b.set_many(&[], None).await, Ok(()));
         assert!(b.compare_and_swap("keep", Some(b"v"), None, None).await.unwrap(), "a delete needs no room");
         let health = b.health().await.unwrap();
         assert_eq!(health.details["max_bytes"], "10000");
