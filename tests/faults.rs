@@ -569,6 +569,25 @@ async fn a_lock_whose_release_failed_is_released_when_the_call_ends() {
     assert!(!held(), "the lock is still held after the call");
 }
 
+/// A write whose connection could not be made (here the server never
+/// finishes the handshake) was never sent: it is tried again until the
+/// operation timeout, and its error does not say it may have been applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_could_not_connect_is_retried_and_known_unsent() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut options = RedisOptions::new(format!("redis://127.0.0.1:{}/0", silent.local_addr().unwrap().port()));
+    options.connect_timeout = Duration::from_millis(100);
+    options.op_timeout = Duration::from_millis(1500);
+    let backend = RedisBackend::new(&options).unwrap();
+    let start = std::time::Instant::now();
+    let error = backend.increment("n", 1, None).await.unwrap_err();
+    let waited = start.elapsed();
+    assert!(matches!(&error, StateError::Unavailable(_)), "{error:?}");
+    assert!(!error.to_string().contains("may or may not"), "{error}");
+    // Several connects of 100 ms, not one.
+    assert!(waited >= Duration::from_millis(1000), "gave up after {waited:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_warns_when_redis_may_evict_keys() {
     let evicting = ["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"];

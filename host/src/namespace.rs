@@ -161,8 +161,13 @@ impl Namespace {
     /// the guest's pattern over local keys (none: every key).
     pub fn pattern(&self, space: Space, local: Option<&str>) -> StateResult<String> {
         let local = local.unwrap_or("*");
-        if local.len() > self.max_key_bytes {
-            return Err(StateError::InvalidKey(format!("pattern is longer than {} bytes", self.max_key_bytes)));
+        // Room for any key with its glob characters escaped, then a `*`
+        // (a prefix search for the longest key).
+        let most = 2 * self.max_key_bytes + 1;
+        if local.len() > most {
+            return Err(StateError::InvalidKey(format!(
+                "pattern is longer than {most} bytes (twice max-key-bytes and one)"
+            )));
         }
         glob::validate(local)?;
         Ok(format!("{}{local}", glob::escape(&self.space_prefix(space))))
@@ -204,6 +209,19 @@ mod tests {
             assert!(!glob::matches(&pattern, "app1:a:kv:x"));
         }
         assert!(glob::matches(&a.pattern(Space::Kv, None).unwrap(), "app[1]:a:kv:x"));
+    }
+
+    /// A prefix search for the longest key, every character of it a glob
+    /// character to escape, fits; longer patterns do not.
+    #[test]
+    fn a_pattern_has_room_for_an_escaped_key_and_a_star() {
+        let limits = RoleLimits { max_key_bytes: 8, ..RoleLimits::default() };
+        let a = Namespace::new("t:", "a", &limits);
+        let longest = format!("{}*", glob::escape("********"));
+        assert_eq!(longest.len(), 17);
+        assert!(a.pattern(Space::Kv, Some(&longest)).is_ok());
+        let error = a.pattern(Space::Kv, Some(&format!("{longest}x"))).unwrap_err();
+        assert_eq!(error.kind(), "invalid-key", "{error}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 // JSON read and written exactly as the Rust roles do (serde_json), so a JS
 // role answers byte for byte like its Rust twin and stores the same bytes:
 // objects print with sorted keys and no spaces, integers keep all their
-// digits (BigInt), floats print in Rust's shortest form (`1.0`, `1e21`).
+// digits (BigInt), floats print in Rust's shortest form (`1.0`, `1e+21`).
 //
 // Values: null, booleans, strings, arrays, `Map`s (objects), BigInt
 // (integers that fit u64/i64) and `JsonFloat` (every other number).

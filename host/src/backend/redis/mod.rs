@@ -15,6 +15,7 @@ mod sentinel;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -369,8 +370,13 @@ impl RedisBackend {
         };
         let mut before = None;
         for tries in 0.. {
+            // Whether the command went out: a passing failure to connect
+            // (refused, timed out, lost mid-handshake) sent nothing, so any
+            // operation may be tried again.
+            let sent = AtomicBool::new(false);
             let outcome = tokio::time::timeout_at(deadline, async {
                 let conn = self.connector.get(op.writes(), lane).await?;
+                sent.store(true, Ordering::Relaxed);
                 let value = attempt(conn.clone()).await?;
                 Ok((conn, value))
             })
@@ -378,7 +384,7 @@ impl RedisBackend {
             let error = match outcome {
                 Err(_) => {
                     self.connector.timed_out(op.writes(), lane);
-                    return Err(maybe_written(late(before), false));
+                    return Err(maybe_written(late(before), !sent.load(Ordering::Relaxed)));
                 }
                 Ok(Ok((conn, value))) if op.writes() && self.connector.wait_replicas > 0 => {
                     return self.confirmed(conn, deadline, lane).await.map(|()| value);
@@ -388,8 +394,10 @@ impl RedisBackend {
             };
             self.connector.failed(&error, op.writes(), lane);
             let pause = retry::backoff(tries);
-            if !retry::may_retry(op, &error) || tokio::time::Instant::now() + pause >= deadline {
-                let not_run = retry::not_run(&error);
+            let not_run = !sent.load(Ordering::Relaxed) || retry::not_run(&error);
+            let may_retry =
+                retry::may_retry(op, &error) || (!sent.load(Ordering::Relaxed) && retry::is_transient(&error));
+            if !may_retry || tokio::time::Instant::now() + pause >= deadline {
                 return Err(maybe_written(map_error(error), not_run));
             }
             tokio::time::sleep(pause).await;
