@@ -467,6 +467,12 @@ async fn hash_increments(b: Arc<dyn Backend>, p: String) {
     let fresh = format!("{p}fresh");
     b.set(&format!("{p}other"), b"1", None).await.unwrap();
     assert_eq!(b.hash_increment(&fresh, "pn", 1, None).await.unwrap(), 1);
+    // Any field name, the empty one too, with a fallback TTL or without.
+    let empty = format!("{p}empty-field");
+    assert_eq!(b.hash_increment(&empty, "", 1, Some(Duration::from_secs(60))).await, Ok(1));
+    assert_eq!(b.hash_increment(&empty, "", 1, None).await, Ok(2));
+    assert_eq!(b.hash_get_all(&empty, 1024).await, Ok(vec![(String::new(), b"2".to_vec())]));
+    assert!(matches!(b.expiry(&empty).await, Ok(Expiry::ExpiresIn(_))), "the fallback TTL");
 }
 
 async fn hash_compare_and_set_branches(b: Arc<dyn Backend>, p: String) {

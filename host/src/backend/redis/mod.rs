@@ -128,16 +128,18 @@ if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX') end
 return text
 "#;
 
-/// INCRBY (no field) or HINCRBY (a field), then the fallback TTL if the key
-/// has none; a failed increment sets nothing. ARGV: field or "", delta, ttl-ms.
+/// INCRBY (ARGV[1] `key`) or HINCRBY of a field (`field`, any name, the
+/// empty one included), then the fallback TTL if the key has none; a
+/// failed increment sets nothing. ARGV: `key` or `field`, field, delta,
+/// ttl-ms.
 const INCR_WITH_TTL_SCRIPT: &str = r#"
 local value
-if ARGV[1] == '' then
-  value = redis.call('INCRBY', KEYS[1], ARGV[2])
+if ARGV[1] == 'key' then
+  value = redis.call('INCRBY', KEYS[1], ARGV[3])
 else
-  value = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+  value = redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[3])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX')
+redis.call('PEXPIRE', KEYS[1], ARGV[4], 'NX')
 return value
 "#;
 
@@ -993,10 +995,9 @@ impl Backend for RedisBackend {
             return self.run(Op::Once, |mut c| async move { c.incr(key, delta).await }).await;
         }
         let (script, ttl) = (&self.incr_with_ttl, &script_ttl(fallback_ttl));
-        self.run(
-            Op::Once,
-            |mut c| async move { script.key(key).arg("").arg(delta).arg(ttl).invoke_async(&mut c).await },
-        )
+        self.run(Op::Once, |mut c| async move {
+            script.key(key).arg("key").arg("").arg(delta).arg(ttl).invoke_async(&mut c).await
+        })
         .await
     }
 
@@ -1096,10 +1097,9 @@ impl Backend for RedisBackend {
             return self.run(Op::Once, |mut c| async move { c.hincr(key, field, delta).await }).await;
         }
         let (script, ttl) = (&self.incr_with_ttl, &script_ttl(fallback_ttl));
-        self.run(
-            Op::Once,
-            |mut c| async move { script.key(key).arg(field).arg(delta).arg(ttl).invoke_async(&mut c).await },
-        )
+        self.run(Op::Once, |mut c| async move {
+            script.key(key).arg("field").arg(field).arg(delta).arg(ttl).invoke_async(&mut c).await
+        })
         .await
     }
 
