@@ -127,20 +127,22 @@ fn serve_rides_out_a_sentinel_failover_without_losing_an_acknowledged_increment(
 #[test]
 fn acl_users_work_on_a_cluster() {
     let Some(cluster) = shared_cluster() else { return };
-    acl_users_work(&cluster.url(), "cluster-acl", &cluster.nodes);
+    acl_users_work(&cluster.url(), "cluster-acl", &cluster.nodes.iter().collect::<Vec<_>>());
 }
 
-/// Through Sentinels too: the role's user may ask the server the
-/// Sentinels name whether it is the primary (`ROLE`).
+/// Through Sentinels too: the users go to the replicas as well (Redis
+/// does not replicate them, and a replica may be promoted), and the role's
+/// user may ask the server the Sentinels name whether it is the primary
+/// (`ROLE`).
 #[test]
 fn acl_users_work_through_sentinels() {
-    let Some(setup) = RedisSentinels::start(0) else { return };
-    acl_users_work(&setup.url(""), "sentinel-acl", std::slice::from_ref(&setup.primary));
+    let Some(setup) = RedisSentinels::start(1) else { return };
+    acl_users_work(&setup.url(""), "sentinel-acl", &[&setup.primary, &setup.replicas[0]]);
 }
 
 /// `acl --apply` makes the role's user on every one of `servers`; a role
 /// then reads, writes, lists, locks and clears as that user.
-fn acl_users_work(url: &str, name: &str, servers: &[RedisServer]) {
+fn acl_users_work(url: &str, name: &str, servers: &[&RedisServer]) {
     let rolehost = |manifest: &std::path::Path, args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_rolehost"))
             .args(args)

@@ -571,6 +571,14 @@ impl Connector {
         self.kind.is_cluster()
     }
 
+    /// The Sentinels, when they name the primary.
+    pub(super) fn sentinels(&self) -> Option<&Sentinels> {
+        match &self.kind.source {
+            Source::Sentinels(sentinels) => Some(sentinels),
+            _ => None,
+        }
+    }
+
     /// `single`, `cluster` or `sentinel`, for health reports.
     pub(super) fn topology(&self) -> &'static str {
         self.topology

@@ -498,11 +498,24 @@ fn with_fallback_ttl(pipe: &mut redis::Pipeline, key: &str, ttl: Option<Duration
 impl RedisBackend {
     /// Sends `ACL SETUSER args…` (operator use, on an admin connection).
     pub async fn acl_setuser(&self, args: &[String]) -> StateResult<()> {
-        self.run(
-            Op::Idempotent,
-            |mut c| async move { redis::cmd("ACL").arg("SETUSER").arg(args).query_async(&mut c).await },
-        )
-        .await
+        let setuser = || redis::cmd("ACL").arg("SETUSER").arg(args).clone();
+        self.run(Op::Idempotent, |mut c| async move { setuser().query_async::<()>(&mut c).await }).await?;
+        // Redis does not replicate ACL users: each replica the Sentinels
+        // may promote gets them too.
+        let Some(sentinels) = self.connector.sentinels() else { return Ok(()) };
+        let replicas = tokio::time::timeout_at(self.deadline(), sentinels.replicas()).await;
+        let unavailable = |what: String| StateError::Unavailable(format!("cannot apply ACL users to {what}"));
+        let replicas =
+            replicas.map_err(|_| unavailable("the replicas: the Sentinels did not answer in time".into()))?;
+        for (address, mut conn) in replicas.map_err(|e| unavailable(format!("the replicas: {e}")))? {
+            let done = tokio::time::timeout(self.op_timeout, setuser().query_async::<()>(&mut conn)).await;
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(unavailable(format!("replica {address}: {e}"))),
+                Err(_) => return Err(unavailable(format!("replica {address}: no answer in time"))),
+            }
+        }
+        Ok(())
     }
 
     /// Runs a MULTI/EXEC of `entries` (grouped by Cluster slot when on a

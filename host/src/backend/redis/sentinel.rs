@@ -9,6 +9,8 @@
 //! second at every reconnect, more than a short operation timeout allows,
 //! so such a backend never connected again.)
 
+use std::collections::HashMap;
+
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::aio::MultiplexedConnection;
 use redis::{
@@ -82,7 +84,40 @@ impl Sentinels {
                 Err(_) => {}
             }
         }
-        Err(worst.unwrap_or_else(|| RedisError::from((ErrorKind::InvalidClientConfig, "no Sentinel given"))))
+        Err(worst.unwrap_or_else(no_sentinel))
+    }
+
+    /// Connections to the primary's replicas that the first Sentinel to
+    /// answer knows and does not see as down, with their addresses.
+    pub(super) async fn replicas(&self) -> RedisResult<Vec<(String, MultiplexedConnection)>> {
+        let mut answers: FuturesUnordered<_> = self.sentinels.iter().map(|s| self.ask_replicas(s)).collect();
+        let mut error = None;
+        let addresses = loop {
+            match answers.next().await {
+                Some(Ok(addresses)) => break addresses,
+                Some(Err(e)) => error = Some(e),
+                None => return Err(error.unwrap_or_else(no_sentinel)),
+            }
+        };
+        drop(answers);
+        let mut replicas = Vec::new();
+        for (host, port) in addresses {
+            let shown = format!("{host}:{port}");
+            replicas.push((shown, self.connect(host, port).await?));
+        }
+        Ok(replicas)
+    }
+
+    /// The replicas `sentinel` knows of and does not see as down.
+    async fn ask_replicas(&self, sentinel: &Client) -> RedisResult<Vec<(String, u16)>> {
+        let mut conn = sentinel.get_multiplexed_async_connection_with_config(&self.config).await?;
+        let replicas: Vec<HashMap<String, String>> =
+            redis::cmd("SENTINEL").arg("REPLICAS").arg(&self.name).query_async(&mut conn).await?;
+        Ok(replicas
+            .into_iter()
+            .filter(|r| r.get("flags").is_some_and(|f| !f.contains("down") && !f.contains("disconnected")))
+            .filter_map(|r| Some((r.get("ip")?.clone(), r.get("port")?.parse().ok()?)))
+            .collect())
     }
 
     /// The primary's address as `sentinel` knows it.
@@ -102,14 +137,7 @@ impl Sentinels {
     /// A connection to `(host, port)` if that server is the primary now.
     async fn connect_if_primary(&self, (host, port): (String, u16)) -> RedisResult<MultiplexedConnection> {
         let shown = format!("{host}:{port}");
-        let address = match self.tls {
-            true => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
-            false => ConnectionAddr::Tcp(host, port),
-        };
-        let info = address.into_connection_info()?.set_redis_settings(self.login.clone());
-        let mut conn = client(info, self.certificates.as_ref())?
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await?;
+        let mut conn = self.connect(host, port).await?;
         match redis::cmd("ROLE").query_async(&mut conn).await? {
             Role::Primary { .. } => Ok(conn),
             // Mid-failover, or a Sentinel cut off from the others.
@@ -120,6 +148,23 @@ impl Sentinels {
             ))),
         }
     }
+}
+
+impl Sentinels {
+    /// A connection to a server of the primary's set (the primary or a
+    /// replica), logged in as for the primary.
+    async fn connect(&self, host: String, port: u16) -> RedisResult<MultiplexedConnection> {
+        let address = match self.tls {
+            true => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
+            false => ConnectionAddr::Tcp(host, port),
+        };
+        let info = address.into_connection_info()?.set_redis_settings(self.login.clone());
+        client(info, self.certificates.as_ref())?.get_multiplexed_async_connection_with_config(&self.config).await
+    }
+}
+
+fn no_sentinel() -> RedisError {
+    RedisError::from((ErrorKind::InvalidClientConfig, "no Sentinel given"))
 }
 
 /// How much an error says about why no primary was reached.
