@@ -474,10 +474,13 @@ impl Host {
             self.metrics.calls.with_label_values(&[role.info.name.as_str(), "busy"]).inc();
             CallError::Busy { role: role.info.name.clone(), limit }
         };
-        let host_limit = || format!("the host runs its most calls at once ({})", self.options.max_concurrency);
-        let _host_slot = self.slots.try_acquire().ok_or_else(|| busy(host_limit()))?;
-        let role_limit = || format!("it runs its max-concurrency of {} calls", role.info.limits.max_concurrency);
-        let _role_slot = role.slots.try_acquire().ok_or_else(|| busy(role_limit()))?;
+        let _host_slot = self
+            .slots
+            .try_acquire()
+            .ok_or_else(|| busy(format!("the host runs its most calls at once ({})", self.options.max_concurrency)))?;
+        let _role_slot = role.slots.try_acquire().ok_or_else(|| {
+            busy(format!("it runs its max-concurrency of {} calls", role.info.limits.max_concurrency))
+        })?;
         let mut counted = Counted::start(&self.metrics, &role);
         let result = self.run(&role, request).await;
         counted.outcome = Some(result.as_ref().map(|_| ()).map_err(CallError::kind));

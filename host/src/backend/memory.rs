@@ -636,13 +636,13 @@ fn not_integer() -> StateError {
     StateError::InvalidArgument("value is not an integer or out of range".into())
 }
 
-/// Adds to a stored integer as Redis's INCRBY does: the value must be a
-/// canonical decimal i64 (no `+`, spaces or leading zeros).
 /// The clock's microseconds since 1970.
 fn unix_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64
 }
 
+/// Adds to a stored integer as Redis's INCRBY does: the value must be a
+/// canonical decimal i64 (no `+`, spaces or leading zeros).
 fn add_integer(value: Option<&[u8]>, delta: i64) -> StateResult<i64> {
     let current = match value {
         None => 0,

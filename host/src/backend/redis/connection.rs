@@ -137,15 +137,11 @@ impl Endpoint {
         if let "redis+sentinel" | "rediss+sentinel" = scheme {
             let (user, rest) = split_user(rest)?;
             let mut parts = rest.split('/');
-            let address = |(host, port)| match tls {
-                true => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
-                false => ConnectionAddr::Tcp(host, port),
-            };
             let sentinels = parts
                 .next()
                 .unwrap_or_default()
                 .split(',')
-                .map(|s| host_port(s, Some(SENTINEL_PORT)).map(address))
+                .map(|s| host_port(s, Some(SENTINEL_PORT)).map(|(host, port)| address(host, port, tls)))
                 .collect::<Result<Vec<_>, _>>()?;
             let master = parts.next().filter(|m| !m.is_empty()).ok_or_else(|| {
                 format!("invalid Redis URL {url:?}: name the primary, redis+sentinel://host:port,…/NAME")
@@ -479,6 +475,14 @@ fn with_login(info: &ConnectionInfo, options: &RedisOptions) -> ConnectionInfo {
         settings = settings.set_password(password);
     }
     info.clone().set_redis_settings(settings)
+}
+
+/// The address of `host:port`, over TLS or not.
+pub(super) fn address(host: String, port: u16, tls: bool) -> ConnectionAddr {
+    match tls {
+        true => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
+        false => ConnectionAddr::Tcp(host, port),
+    }
 }
 
 /// A client for `info`, trusting `certificates` when given.

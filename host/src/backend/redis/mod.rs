@@ -396,9 +396,9 @@ impl RedisBackend {
             };
             self.connector.failed(&error, op.writes(), lane);
             let pause = retry::backoff(tries);
-            let not_run = !sent.load(Ordering::Relaxed) || retry::not_run(&error);
-            let may_retry =
-                retry::may_retry(op, &error) || (!sent.load(Ordering::Relaxed) && retry::is_transient(&error));
+            let unsent = !sent.load(Ordering::Relaxed);
+            let not_run = unsent || retry::not_run(&error);
+            let may_retry = retry::may_retry(op, &error) || (unsent && retry::is_transient(&error));
             if !may_retry || tokio::time::Instant::now() + pause >= deadline {
                 return Err(maybe_written(map_error(error), not_run));
             }

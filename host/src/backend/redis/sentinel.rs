@@ -14,11 +14,11 @@ use std::collections::HashMap;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::aio::MultiplexedConnection;
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisConnectionInfo, RedisError,
-    RedisResult, Role, TlsCertificates,
+    AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisConnectionInfo,
+    RedisError, RedisResult, Role, TlsCertificates,
 };
 
-use super::connection::client;
+use super::connection::{address, client};
 
 /// The Sentinels of one primary, and how to reach that primary.
 pub(super) struct Sentinels {
@@ -108,11 +108,15 @@ impl Sentinels {
         Ok(replicas)
     }
 
+    /// `SENTINEL question NAME`, asked of `sentinel`.
+    async fn query<T: FromRedisValue>(&self, sentinel: &Client, question: &str) -> RedisResult<T> {
+        let mut conn = sentinel.get_multiplexed_async_connection_with_config(&self.config).await?;
+        redis::cmd("SENTINEL").arg(question).arg(&self.name).query_async(&mut conn).await
+    }
+
     /// The replicas `sentinel` knows of and does not see as down.
     async fn ask_replicas(&self, sentinel: &Client) -> RedisResult<Vec<(String, u16)>> {
-        let mut conn = sentinel.get_multiplexed_async_connection_with_config(&self.config).await?;
-        let replicas: Vec<HashMap<String, String>> =
-            redis::cmd("SENTINEL").arg("REPLICAS").arg(&self.name).query_async(&mut conn).await?;
+        let replicas: Vec<HashMap<String, String>> = self.query(sentinel, "REPLICAS").await?;
         Ok(replicas
             .into_iter()
             .filter(|r| r.get("flags").is_some_and(|f| !f.contains("down") && !f.contains("disconnected")))
@@ -122,9 +126,7 @@ impl Sentinels {
 
     /// The primary's address as `sentinel` knows it.
     async fn ask(&self, sentinel: &Client) -> RedisResult<(String, u16)> {
-        let mut conn = sentinel.get_multiplexed_async_connection_with_config(&self.config).await?;
-        let address: Option<(String, u16)> =
-            redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(&self.name).query_async(&mut conn).await?;
+        let address: Option<(String, u16)> = self.query(sentinel, "GET-MASTER-ADDR-BY-NAME").await?;
         address.ok_or_else(|| {
             RedisError::from((
                 ErrorKind::MasterNameNotFoundBySentinel,
@@ -148,17 +150,11 @@ impl Sentinels {
             ))),
         }
     }
-}
 
-impl Sentinels {
     /// A connection to a server of the primary's set (the primary or a
     /// replica), logged in as for the primary.
     async fn connect(&self, host: String, port: u16) -> RedisResult<MultiplexedConnection> {
-        let address = match self.tls {
-            true => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
-            false => ConnectionAddr::Tcp(host, port),
-        };
-        let info = address.into_connection_info()?.set_redis_settings(self.login.clone());
+        let info = address(host, port, self.tls).into_connection_info()?.set_redis_settings(self.login.clone());
         client(info, self.certificates.as_ref())?.get_multiplexed_async_connection_with_config(&self.config).await
     }
 }
