@@ -93,12 +93,6 @@ async fn the_cluster_url_configures_a_cluster_backend() {
 }
 
 /// The node id of the primary at `port`, from any node's `CLUSTER NODES`.
-fn node_id(cluster: &RedisCluster, port: u16) -> String {
-    let nodes = cluster.nodes[0].cli(&["cluster", "nodes"]);
-    let line = nodes.lines().find(|l| l.contains(&format!("127.0.0.1:{port}@"))).expect("node listed");
-    line.split(' ').next().unwrap().to_owned()
-}
-
 /// The ids of the clients connected to `node` (redis-cli's own left out).
 fn client_ids(node: &RedisServer) -> BTreeSet<String> {
     let list = node.cli(&["client", "list"]);
@@ -147,7 +141,7 @@ async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
     listed.sort_by_key(|key| key[5..].parse::<u32>().unwrap());
     assert_eq!(listed, (0..60).map(|i| format!("bulk:{i}")).collect::<Vec<_>>(), "each key listed once");
     let (from, to) = (&cluster.nodes[owner], &cluster.nodes[target]);
-    let (from_id, to_id) = (node_id(&cluster, from.port), node_id(&cluster, to.port));
+    let (from_id, to_id) = (cluster.node_id(owner), cluster.node_id(target));
     let migrate = |from: &RedisServer, to: &RedisServer, name: &str| {
         let moved = from.cli(&["migrate", "127.0.0.1", &to.port.to_string(), "", "0", "5000", "keys", &key(name)]);
         assert_eq!(moved.trim(), "OK", "MIGRATE {name}: {moved}");
@@ -230,6 +224,43 @@ async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
     end_move(&from_id);
     assert_eq!(from.cli(&["get", &key("n")]).trim(), "20");
     assert_eq!(probe(&host, "alice", all).await, Ok(json!(["A3", "B3", "C2"])));
+}
+
+/// A listing goes on past failovers: of the primary it is scanning (whose
+/// keys it lists again from the new one) and of one it has not reached yet,
+/// whose new primary's address sorts before the one it is at. Its cursor
+/// names parts of the cluster by node ids, which a failover keeps, where a
+/// cursor naming a primary by address would skip both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_goes_on_past_failovers_of_the_primary_it_scans_and_of_one_ahead() {
+    let Some(mut cluster) = RedisCluster::start(3) else { return };
+    let mut by_address: Vec<usize> = (0..3).collect();
+    by_address.sort_by_key(|&node| cluster.nodes[node].port);
+    let (first, last) = (by_address[0], by_address[2]);
+    let (Some(first_replica), Some(last_replica)) = (cluster.add_low_replica(first), cluster.add_low_replica(last))
+    else {
+        return;
+    };
+    let backend = cluster.backend();
+    let keys: BTreeSet<String> = (0..300).map(|i| format!("listed:{i}")).collect();
+    for key in &keys {
+        backend.set(key, b"v", None).await.unwrap();
+    }
+    let page = backend.scan("listed:*", None, 10).await.unwrap();
+    let mut listed: BTreeSet<String> = page.keys.into_iter().collect();
+    // The listing is inside the primary with the lowest address.
+    assert_eq!(listed.len(), 10);
+    assert!(listed.iter().all(|key| cluster.nodes[first].cli(&["get", key]).trim() == "v"), "{listed:?}");
+    cluster.failover(first_replica);
+    cluster.failover(last_replica);
+    let mut cursor = page.cursor;
+    while let Some(at) = cursor {
+        let page = backend.scan("listed:*", Some(&at), 10).await.unwrap();
+        listed.extend(page.keys);
+        cursor = page.cursor;
+    }
+    assert_eq!(listed.len(), keys.len(), "missing: {:?}", keys.difference(&listed).collect::<Vec<_>>());
+    assert_eq!(listed, keys);
 }
 
 /// A primary that stops answering but keeps its sockets open (a frozen

@@ -44,6 +44,13 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A free loopback port below Linux's ephemeral range (32768 and up), so
+/// below every [`free_port`]: a node on it sorts before the others.
+pub fn low_free_port() -> u16 {
+    let start = 20_000 + (std::process::id() % 100) as u16 * 100;
+    (start..32_000).find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok()).expect("a free port below 32000")
+}
+
 impl RedisServer {
     /// Starts a fresh server on a free port, or `None` when redis-server is
     /// not installed and not required.
@@ -60,9 +67,14 @@ impl RedisServer {
     /// socket took the port after it was found free) is started again on
     /// another one.
     fn on_free_port(start: impl Fn(u16) -> Result<Option<Self>, String>) -> Option<Self> {
+        Self::on_port_from(free_port, start)
+    }
+
+    /// [`RedisServer::on_free_port`] with ports from `pick`.
+    fn on_port_from(pick: fn() -> u16, start: impl Fn(u16) -> Result<Option<Self>, String>) -> Option<Self> {
         let mut failures = Vec::new();
         for _ in 0..5 {
-            match start(free_port()) {
+            match start(pick()) {
                 Ok(server) => return server,
                 Err(failure) => failures.push(failure),
             }
@@ -531,8 +543,17 @@ impl RedisCluster {
     /// A cluster-enabled server that belongs to no cluster yet, and its
     /// cluster bus port.
     fn start_node(tls: Option<&TlsFiles>, hostname: Option<&str>) -> Option<(RedisServer, String)> {
+        Self::start_node_on(free_port, tls, hostname)
+    }
+
+    /// [`RedisCluster::start_node`] on a port from `pick`.
+    fn start_node_on(
+        pick: fn() -> u16,
+        tls: Option<&TlsFiles>,
+        hostname: Option<&str>,
+    ) -> Option<(RedisServer, String)> {
         let bus = std::cell::RefCell::new(String::new());
-        let node = RedisServer::on_free_port(|port| {
+        let node = RedisServer::on_port_from(pick, |port| {
             let config = scratch_dir("cluster").join(format!("nodes-{port}.conf")).display().to_string();
             *bus.borrow_mut() = free_port().to_string();
             let bus = bus.borrow().clone();
@@ -567,6 +588,55 @@ impl RedisCluster {
             });
         }
         Some(count - 1)
+    }
+
+    /// Adds a replica of node `primary` on a port below those of the
+    /// nodes started before (so that its address sorts first) and waits
+    /// until it is in sync and every node knows it; its index.
+    pub fn add_low_replica(&mut self, primary: usize) -> Option<usize> {
+        assert!(self.tls_ca.is_none(), "plain clusters only");
+        let (node, bus) = Self::start_node_on(low_free_port, None, None)?;
+        let meet = self.nodes[0].cli(&["cluster", "meet", "127.0.0.1", &node.port.to_string(), &bus]);
+        assert_eq!(meet.trim(), "OK", "CLUSTER MEET: {meet}");
+        let primary_id = self.node_id(primary);
+        wait_until("the new node knows the primary", Duration::from_secs(60), || {
+            node.cli(&["cluster", "nodes"]).contains(&primary_id)
+        });
+        let replicate = node.cli(&["cluster", "replicate", &primary_id]);
+        assert_eq!(replicate.trim(), "OK", "CLUSTER REPLICATE: {replicate}");
+        wait_until("the replica is in sync", Duration::from_secs(60), || {
+            node.cli(&["info", "replication"]).contains("master_link_status:up")
+        });
+        self.nodes.push(node);
+        let id = self.node_id(self.nodes.len() - 1);
+        for node in &self.nodes {
+            wait_until("every node knows the replica", Duration::from_secs(60), || {
+                let nodes = node.cli(&["cluster", "nodes"]);
+                nodes.lines().any(|l| l.starts_with(&id) && l.contains("slave") && l.contains(&primary_id))
+            });
+        }
+        Some(self.nodes.len() - 1)
+    }
+
+    /// Makes node `replica` the primary of its part of the cluster
+    /// (`CLUSTER FAILOVER`: it first catches up with the primary) and waits
+    /// until every node sees it so.
+    pub fn failover(&self, replica: usize) {
+        let answer = self.nodes[replica].cli(&["cluster", "failover"]);
+        assert_eq!(answer.trim(), "OK", "CLUSTER FAILOVER: {answer}");
+        let id = self.node_id(replica);
+        for node in &self.nodes {
+            wait_until("every node sees the new primary", Duration::from_secs(60), || {
+                let nodes = node.cli(&["cluster", "nodes"]);
+                let promoted = nodes.lines().any(|l| l.starts_with(&id) && l.contains("master"));
+                promoted && node.cli(&["cluster", "info"]).contains("cluster_state:ok")
+            });
+        }
+    }
+
+    /// The cluster node id of node `index`.
+    pub fn node_id(&self, index: usize) -> String {
+        self.nodes[index].cli(&["cluster", "myid"]).trim().to_owned()
     }
 
     /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…`, or with TLS

@@ -16,9 +16,25 @@ use redis::{
 
 use super::connection::lock;
 
-/// One primary of a Cluster (`host`, `port`); none for the only server of
-/// the other kinds.
-pub(super) type Shard = Option<(String, u16)>;
+/// One primary of a Cluster; none for the only server of the other kinds.
+pub(super) type Shard = Option<Primary>;
+
+/// A Cluster primary: where it is, and the node ids of its part of the
+/// cluster (its own, then its replicas'), which still name that part after
+/// a failover puts one of the replicas in its place. Sorted by address.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Primary {
+    pub(super) host: String,
+    pub(super) port: u16,
+    pub(super) ids: Vec<String>,
+}
+
+impl Primary {
+    /// The primary's own node id.
+    pub(super) fn id(&self) -> &str {
+        &self.ids[0]
+    }
+}
 
 /// Connections of rolehost's own to single nodes of a Cluster: one set
 /// to those `ASK` redirects name (a slot's importing primary), another to
@@ -280,29 +296,31 @@ impl ConnectionLike for ClusterConn {
 
 /// The primaries that may hold keys, from a `CLUSTER NODES` answer,
 /// sorted, each named by its endpoint in `endpoints` (by node id) or else
-/// by its address. Lines are `id address flags primary ping pong epoch
-/// link slot…`. A primary with slots holds keys whether reachable or not (an
-/// unreachable one makes a scan fail rather than skip its keys). One
-/// without slots may too: while a slot moves to a primary that had none,
-/// only that primary lists it (as importing), yet the keys moved so far
-/// are there. So those count as well while connected and not marked
-/// failing.
+/// by its address, with the ids of its replicas. Lines are `id address
+/// flags primary ping pong epoch link slot…`. A primary with slots holds
+/// keys whether reachable or not (an unreachable one makes a scan fail
+/// rather than skip its keys). One without slots may too: while a slot
+/// moves to a primary that had none, only that primary lists it (as
+/// importing), yet the keys moved so far are there. So those count as
+/// well while connected and not marked failing.
 fn primaries(nodes: &str, endpoints: &HashMap<String, String>) -> Vec<Shard> {
-    let mut primaries: Vec<Shard> = nodes
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let (id, address, flags) = (fields.first()?, fields.get(1)?, fields.get(2)?);
-            let flag = |name: &str| flags.split(',').any(|f| f == name);
-            let healthy =
-                fields.get(7) == Some(&"connected") && !["fail", "fail?", "noaddr", "handshake"].into_iter().any(flag);
-            if !flag("master") || (fields.len() <= 8 && !healthy) {
+    let lines: Vec<Vec<&str>> = nodes.lines().map(|line| line.split(' ').collect()).collect();
+    let flagged = |fields: &[&str], name: &str| fields.get(2).is_some_and(|flags| flags.split(',').any(|f| f == name));
+    let mut primaries: Vec<Shard> = lines
+        .iter()
+        .filter_map(|fields| {
+            let (id, address) = (fields.first()?, fields.get(1)?);
+            let healthy = fields.get(7) == Some(&"connected")
+                && !["fail", "fail?", "noaddr", "handshake"].into_iter().any(|flag| flagged(fields, flag));
+            if !flagged(fields, "master") || (fields.len() <= 8 && !healthy) {
                 return None;
             }
             let address = address.split(['@', ',']).next()?;
             let (ip, port) = address.rsplit_once(':')?;
             let host = endpoints.get(*id).map_or(ip, String::as_str);
-            Some(Some((host.to_owned(), port.parse().ok()?)))
+            let replicas = lines.iter().filter(|line| flagged(line, "slave") && line.get(3) == Some(id));
+            let ids = std::iter::once(*id).chain(replicas.map(|line| line[0])).map(str::to_owned).collect();
+            Some(Some(Primary { host: host.to_owned(), port: port.parse().ok()?, ids }))
         })
         .collect();
     primaries.sort();
@@ -401,13 +419,22 @@ e5 127.0.0.1:7000@17000 master - 0 0 4 connected 10923-16383
 f6 127.0.0.1:7005@17005 master - 0 0 5 connected
 g7 127.0.0.1:7006@17006 master,fail? - 0 0 6 connected
 h8 127.0.0.1:7007@17007 master - 0 0 7 disconnected
+i9 127.0.0.1:7008@17008 slave,fail a1 0 0 1 disconnected
 ";
-        let expected: Vec<Shard> = [7000, 7001, 7002, 7005].map(|port| Some(("127.0.0.1".to_owned(), port))).into();
+        let primary = |host: &str, port, ids: &[&str]| {
+            Some(Primary { host: host.to_owned(), port, ids: ids.iter().map(|id| id.to_string()).collect() })
+        };
+        let expected = vec![
+            primary("127.0.0.1", 7000, &["e5"]),
+            primary("127.0.0.1", 7001, &["a1", "d4", "i9"]),
+            primary("127.0.0.1", 7002, &["b2"]),
+            primary("127.0.0.1", 7005, &["f6"]),
+        ];
         assert_eq!(primaries(nodes, &HashMap::new()), expected);
         // Named by the endpoint the cluster gives, where it gives one.
         let endpoints = HashMap::from([("b2".to_owned(), "host2".to_owned()), ("d4".to_owned(), "host4".to_owned())]);
         let mut expected = expected;
-        expected[2] = Some(("host2".to_owned(), 7002));
+        expected[2] = primary("host2", 7002, &["b2"]);
         expected.sort();
         assert_eq!(primaries(nodes, &endpoints), expected);
     }

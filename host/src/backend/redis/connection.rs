@@ -188,7 +188,7 @@ impl Conn {
     /// Runs `cmd` on `shard` (a Cluster primary) or on the only server.
     pub(super) async fn on(&mut self, shard: &Shard, cmd: &Cmd) -> RedisResult<Value> {
         match (self, shard) {
-            (Conn::Cluster(cluster), Some((host, port))) => cluster.on(host, *port, cmd).await,
+            (Conn::Cluster(cluster), Some(primary)) => cluster.on(&primary.host, primary.port, cmd).await,
             (conn, _) => cmd.query_async(conn).await,
         }
     }

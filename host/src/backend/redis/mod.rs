@@ -12,7 +12,7 @@ mod connection;
 mod retry;
 mod sentinel;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -735,36 +735,52 @@ fn map_error(error: RedisError) -> StateError {
 /// Longest cursor accepted back from a guest.
 const MAX_CURSOR_BYTES: usize = 1 << 20;
 
-/// A scan's position: `scan-cursor:carried:primary`. `carried` holds the
-/// keys a SCAN batch returned past the end of the last page (their part
-/// after the pattern's literal prefix, so a cursor never shows a role's
-/// prefix; base64 of a JSON list, empty for none). `primary` is the
-/// address of the Cluster primary being scanned (empty for the one server
-/// of the other kinds, `-` past the last primary): an address, not a
-/// place in the list, so a primary joining or leaving mid-listing does
-/// not send a SCAN cursor to the wrong one.
+/// A scan's position: `scan-cursor:carried:primary:done`. `carried` holds
+/// the keys a SCAN batch returned past the end of the last page (their
+/// part after the pattern's literal prefix, so a cursor never shows a
+/// role's prefix; base64 of a JSON list, empty for none). `primary` names
+/// the Cluster primary the SCAN cursor belongs to (empty for the one server
+/// of the other kinds and before the first, `-` past the last), and `done`
+/// the primaries scanned to the end and their replicas, comma-separated.
+/// Nodes are named by (the start of) their node ids, not by places in the
+/// list or by addresses, so that a primary joining, leaving or failing over
+/// mid-listing neither sends a SCAN cursor to another node nor skips a
+/// primary's keys. (A failover of the primary being scanned starts its keys
+/// again on the new one: some are listed twice.)
 struct ScanCursor {
     primary: Position,
     scan: u64,
     carried: Vec<String>,
+    done: BTreeSet<String>,
 }
 
 #[derive(Debug, PartialEq)]
 enum Position {
-    At(Shard),
+    At(Option<String>),
     End,
+}
+
+/// The part of a node id a cursor keeps: 64 random bits name a node well
+/// enough and keep cursors short.
+fn short_id(id: &str) -> &str {
+    id.get(..16).unwrap_or(id)
+}
+
+/// How a cursor names `shard`'s primary.
+fn shard_id(shard: &Shard) -> Option<&str> {
+    shard.as_ref().map(|primary| short_id(primary.id()))
 }
 
 impl ScanCursor {
     fn parse(cursor: Option<&str>, pattern: &str) -> StateResult<Self> {
         let Some(cursor) = cursor else {
-            return Ok(Self { primary: Position::At(None), scan: 0, carried: Vec::new() });
+            return Ok(Self { primary: Position::At(None), scan: 0, carried: Vec::new(), done: BTreeSet::new() });
         };
         let invalid = || StateError::InvalidArgument("invalid cursor".into());
         if cursor.len() > MAX_CURSOR_BYTES {
             return Err(invalid());
         }
-        let mut parts = cursor.splitn(3, ':');
+        let mut parts = cursor.splitn(4, ':');
         let (Some(scan), Some(carried), Some(primary)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(invalid());
         };
@@ -778,29 +794,50 @@ impl ScanCursor {
         let primary = match primary {
             "" => Position::At(None),
             "-" => Position::End,
-            address => {
-                let (host, port) = address.rsplit_once(':').ok_or_else(invalid)?;
-                Position::At(Some((host.to_owned(), port.parse().map_err(|_| invalid())?)))
-            }
+            id => Position::At(Some(id.to_owned())),
         };
+        let done = parts.next().unwrap_or_default().split(',').filter(|id| !id.is_empty()).map(str::to_owned);
         // A cursor comes back from the guest, which can put any names in
         // it: they still land under the pattern's literal prefix, which
         // holds the role's namespace, so a forged cursor names only keys
         // of the role's own (it may name keys that do not exist). A forged
-        // address is only ever looked up among the primaries.
+        // node id only ever picks among the primaries.
         let literal = glob::literal_prefix(pattern);
         let carried = carried.into_iter().map(|rest| format!("{literal}{rest}")).collect();
-        Ok(Self { primary, scan: scan.parse().map_err(|_| invalid())?, carried })
+        Ok(Self { primary, scan: scan.parse().map_err(|_| invalid())?, carried, done: done.collect() })
     }
 
-    /// Where in `shards` (sorted) the scan is. A primary no longer there
-    /// is followed by the next in order, from its start.
+    /// Whether `shard`'s part of the cluster has been scanned: its primary
+    /// or one of its replicas was a primary scanned to the end.
+    fn is_done(&self, shard: &Shard) -> bool {
+        shard.as_ref().is_some_and(|primary| primary.ids.iter().any(|id| self.done.contains(short_id(id))))
+    }
+
+    /// The first of `shards` (sorted) not scanned yet, from its start.
+    fn first_pending(&mut self, shards: &[Shard]) -> usize {
+        self.scan = 0;
+        shards.iter().position(|shard| !self.is_done(shard)).unwrap_or(shards.len())
+    }
+
+    /// Where in `shards` the scan goes on: at the primary its SCAN cursor
+    /// belongs to if that is still one, or else at the first not scanned.
     fn place_in(&mut self, shards: &[Shard]) -> usize {
-        let Position::At(primary) = &self.primary else { return shards.len() };
-        shards.binary_search(primary).unwrap_or_else(|next| {
-            self.scan = 0;
-            next
-        })
+        let Position::At(current) = &self.primary else { return shards.len() };
+        match shards.iter().position(|shard| shard_id(shard) == current.as_deref() && !self.is_done(shard)) {
+            Some(place) => place,
+            None => self.first_pending(shards),
+        }
+    }
+
+    /// Past the end of `shards[place]`: the next place to scan.
+    fn finished(&mut self, shards: &[Shard], place: usize) -> usize {
+        match &shards[place] {
+            Some(primary) => {
+                self.done.extend(primary.ids.iter().map(|id| short_id(id).to_owned()));
+                self.first_pending(shards)
+            }
+            None => shards.len(),
+        }
     }
 
     fn render(&self, pattern: &str) -> String {
@@ -813,11 +850,11 @@ impl ScanCursor {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
         };
         let primary = match &self.primary {
-            Position::At(None) => String::new(),
-            Position::At(Some((host, port))) => format!("{host}:{port}"),
-            Position::End => "-".to_owned(),
+            Position::At(id) => id.as_deref().unwrap_or_default(),
+            Position::End => "-",
         };
-        format!("{}:{carried}:{primary}", self.scan)
+        let done: Vec<&str> = self.done.iter().map(String::as_str).collect();
+        format!("{}:{carried}:{primary}:{}", self.scan, done.join(","))
     }
 }
 
@@ -995,10 +1032,10 @@ impl Backend for RedisBackend {
             keys.append(&mut batch);
             at.scan = next;
             if next == 0 {
-                place += 1;
+                place = at.finished(&shards, place);
             }
         }
-        at.primary = shards.get(place).cloned().map_or(Position::End, Position::At);
+        at.primary = shards.get(place).map_or(Position::End, |shard| Position::At(shard_id(shard).map(str::to_owned)));
         let done = at.carried.is_empty() && place >= shards.len();
         Ok(ScanPage { keys, cursor: (!done).then(|| at.render(pattern)) })
     }
@@ -1255,5 +1292,39 @@ mod tests {
         let limited = health_details(&[info(1, 10, "noeviction", "100"), info(1, 10, "noeviction", "50")]);
         assert_eq!(limited["maxmemory"], "150");
         assert_eq!(human_bytes(512), "512B");
+    }
+
+    #[test]
+    fn a_scan_cursor_names_parts_of_the_cluster_by_node_ids_across_failovers() {
+        let primary = |port, ids: [&str; 2]| {
+            let ids = ids.iter().map(|id| format!("{id}-node-id-of-forty-characters")).collect();
+            Some(cluster::Primary { host: "127.0.0.1".into(), port, ids })
+        };
+        let (a, b, c) = (primary(7001, ["a", "ra"]), primary(7002, ["b", "rb"]), primary(7003, ["c", "rc"]));
+        let mut at = ScanCursor::parse(None, "*").unwrap();
+        assert_eq!(at.place_in(&[a.clone(), b.clone(), c.clone()]), 0);
+        at.primary = Position::At(shard_id(&a).map(str::to_owned));
+        at.scan = 42;
+        let mut at = ScanCursor::parse(Some(&at.render("*")), "*").unwrap();
+        // The part not reached yet fails over to an address before a's:
+        // a goes on where it was, then that part comes, then b.
+        let shards = [primary(7000, ["rc", "c"]), a.clone(), b.clone()];
+        assert_eq!((at.place_in(&shards), at.scan), (1, 42));
+        assert_eq!(at.finished(&shards, 1), 0);
+        assert_eq!(at.finished(&shards, 0), 2);
+        // b's part fails over after a restart of the listing from this
+        // cursor: b's scan starts again on its new primary; a's and c's
+        // parts stay done.
+        at.primary = Position::At(shard_id(&b).map(str::to_owned));
+        at.scan = 7;
+        let mut at = ScanCursor::parse(Some(&at.render("*")), "*").unwrap();
+        let shards = [primary(7000, ["rc", "c"]), a, primary(7004, ["rb", "b"])];
+        assert_eq!((at.place_in(&shards), at.scan), (2, 0));
+        assert_eq!(at.finished(&shards, 2), 3);
+        // The one server of the other kinds: the old three-part cursor
+        // still reads.
+        let mut at = ScanCursor::parse(Some("9::"), "*").unwrap();
+        assert_eq!((at.place_in(&[None]), at.scan), (0, 9));
+        assert_eq!(at.finished(&[None], 0), 1);
     }
 }
