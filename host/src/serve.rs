@@ -43,6 +43,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::config::StateConfig;
 use crate::error::CallError;
@@ -60,6 +61,10 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Largest request body; past it, 413.
     pub max_body_bytes: usize,
+    /// Request bodies held at once over all requests, in bytes (those being
+    /// read and those whose calls run); past it, 503. At least
+    /// `max_body_bytes`.
+    pub max_buffered_bytes: usize,
     /// Time a client has to send a request's headers (and an idle
     /// keep-alive connection stays open), and again its body; past it the
     /// connection is closed, or for a body, 408.
@@ -107,6 +112,9 @@ struct App {
     applying: std::sync::Mutex<BTreeMap<PathBuf, Option<FileStamp>>>,
     next_request: AtomicU64,
     max_body_bytes: usize,
+    /// What is left of `max_buffered_bytes`, one permit a byte.
+    buffered: Arc<tokio::sync::Semaphore>,
+    max_buffered_bytes: usize,
     read_timeout: Duration,
     /// The connections each worker thread serves now.
     connections: Loads,
@@ -115,6 +123,12 @@ struct App {
 /// Serves until SIGINT or SIGTERM, then lets calls in flight finish (up to
 /// the grace period). `ready` receives the bound address.
 pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    let max_buffered_bytes = options.max_buffered_bytes.min(tokio::sync::Semaphore::MAX_PERMITS);
+    anyhow::ensure!(
+        max_buffered_bytes >= options.max_body_bytes,
+        "the request bodies held at once ({max_buffered_bytes} bytes) must take at least one largest body ({} bytes)",
+        options.max_body_bytes
+    );
     let workers = Workers::start(options.threads)?;
     let app = Arc::new(App {
         host,
@@ -123,6 +137,8 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
         applying: std::sync::Mutex::new(BTreeMap::new()),
         next_request: AtomicU64::new(1),
         max_body_bytes: options.max_body_bytes,
+        buffered: Arc::new(tokio::sync::Semaphore::new(max_buffered_bytes)),
+        max_buffered_bytes,
         read_timeout: options.read_timeout,
         connections: workers.loads(),
     });
@@ -325,22 +341,62 @@ fn error_body(kind: &str, message: &str) -> Json<serde_json::Value> {
     Json(json!({ "error": kind, "message": message }))
 }
 
-/// The request body, read within the read timeout and up to the size limit.
-async fn read_body(app: &App, body: Body) -> Result<Bytes, Response> {
+/// The request body, read within the read timeout and up to the size
+/// limit, and its bytes' share of `max_buffered_bytes`, to hold while the
+/// call runs.
+async fn read_body(app: &App, body: Body) -> Result<(Bytes, OwnedSemaphorePermit), Response> {
+    enum Failed {
+        Busy,
+        Read(axum::BoxError),
+    }
     let fail = |status: StatusCode, kind: &str, message: String| (status, error_body(kind, &message)).into_response();
     let too_large = || {
         let message = format!("the request body is over the limit of {} bytes", app.max_body_bytes);
         fail(StatusCode::PAYLOAD_TOO_LARGE, "too-large", message)
     };
     // A Content-Length past the limit is refused before reading anything.
-    if body.size_hint().lower() > app.max_body_bytes as u64 {
+    let declared = body.size_hint().lower();
+    if declared > app.max_body_bytes as u64 {
         return Err(too_large());
     }
+    // Bytes count against the host's budget once promised (Content-Length)
+    // or arrived, so that many large bodies at once meet a 503, not the
+    // host's memory. Refused rather than waited for: bodies half read
+    // would wait on each other.
+    let reserve = |bytes: usize| {
+        let bytes = u32::try_from(bytes).map_err(|_| Failed::Busy)?;
+        app.buffered.clone().try_acquire_many_owned(bytes).map_err(|_| Failed::Busy)
+    };
+    let read = async {
+        let mut share = reserve(declared as usize)?;
+        let mut data = Vec::with_capacity(declared as usize);
+        let mut body = Limited::new(body, app.max_body_bytes);
+        while let Some(frame) = body.frame().await {
+            let Ok(chunk) = frame.map_err(Failed::Read)?.into_data() else { continue };
+            let more = (data.len() + chunk.len()).saturating_sub(share.num_permits());
+            if more > 0 {
+                share.merge(reserve(more)?);
+            }
+            data.extend_from_slice(&chunk);
+        }
+        Ok((Bytes::from(data), share))
+    };
     let within = app.read_timeout;
-    match tokio::time::timeout(within, Limited::new(body, app.max_body_bytes).collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Ok(Err(e)) => Err(fail(StatusCode::BAD_REQUEST, "bad-request", format!("cannot read the request body: {e}"))),
+    match tokio::time::timeout(within, read).await {
+        Ok(Ok(read)) => Ok(read),
+        Ok(Err(Failed::Busy)) => {
+            let message = format!(
+                "the host holds as many request bodies as it may ({} bytes in all); try again",
+                app.max_buffered_bytes
+            );
+            let mut response = fail(StatusCode::SERVICE_UNAVAILABLE, "busy", message);
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            Err(response)
+        }
+        Ok(Err(Failed::Read(e))) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(Failed::Read(e))) => {
+            Err(fail(StatusCode::BAD_REQUEST, "bad-request", format!("cannot read the request body: {e}")))
+        }
         Err(_) => Err(fail(
             StatusCode::REQUEST_TIMEOUT,
             "request-timeout",
@@ -357,7 +413,8 @@ async fn call_role(State(app): State<Arc<App>>, Path(role): Path<String>, body: 
     let result = match app.host.role(&role) {
         None => Err(CallError::UnknownRole(role.clone())),
         Some(_) => match read_body(&app, body).await {
-            Ok(body) => app.host.call(&role, &body).await,
+            // The body's share of the budget goes when the call returns.
+            Ok((body, _share)) => app.host.call(&role, &body).await,
             Err(response) => return response,
         },
     };
