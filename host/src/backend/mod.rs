@@ -214,21 +214,42 @@ pub trait Backend: Send + Sync + 'static {
     /// Deletes every key matching `pattern`; the number deleted.
     async fn delete_matching(&self, pattern: &str) -> StateResult<u64> {
         const PAGE: usize = 500;
-        let mut deleted = 0;
-        let mut cursor = None;
-        loop {
+        let mut sweep = Sweep::default();
+        while let Some(cursor) = sweep.next_cursor() {
             let page = self.scan(pattern, cursor.as_deref(), PAGE).await?;
-            if !page.keys.is_empty() {
-                deleted += self.delete_many(&page.keys).await?;
-            }
-            match page.cursor {
-                Some(next) => cursor = Some(next),
-                None => return Ok(deleted),
-            }
-            // Between pages, let the call's deadline fire (a backend that
-            // never waits, like the memory store, would not otherwise).
-            tokio::task::yield_now().await;
+            sweep.delete(self, page).await?;
         }
+        Ok(sweep.deleted)
+    }
+}
+
+/// Deleting listed keys page by page: each page's keys go, then the next
+/// page is listed from its cursor, until a page has none.
+#[derive(Default)]
+pub(crate) struct Sweep {
+    /// Keys deleted so far.
+    pub(crate) deleted: u64,
+    cursor: Option<String>,
+    done: bool,
+}
+
+impl Sweep {
+    /// The cursor to list the next page from; none once done.
+    pub(crate) fn next_cursor(&self) -> Option<Option<String>> {
+        (!self.done).then(|| self.cursor.clone())
+    }
+
+    /// Deletes `page`'s keys and notes where the next page starts.
+    pub(crate) async fn delete<B: Backend + ?Sized>(&mut self, backend: &B, page: ScanPage) -> StateResult<()> {
+        if !page.keys.is_empty() {
+            self.deleted += backend.delete_many(&page.keys).await?;
+        }
+        self.done = page.cursor.is_none();
+        self.cursor = page.cursor;
+        // Between pages, let the call's deadline fire (a backend that
+        // never waits, like the memory store, would not otherwise).
+        tokio::task::yield_now().await;
+        Ok(())
     }
 }
 

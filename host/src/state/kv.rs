@@ -5,7 +5,7 @@ use std::sync::Arc;
 use wasmtime::component::Resource;
 
 use super::CallCtx;
-use crate::backend::Write;
+use crate::backend::{Sweep, Write};
 use crate::bindings::kv::{Entry, Host, HostBucket, KeyPage};
 use crate::bindings::types::Expiry;
 use crate::error::{shown, StateError, StateResult};
@@ -222,20 +222,12 @@ impl HostBucket for CallCtx {
         bucket.check_write(true)?;
         let namespace = self.bucket_namespace(bucket).clone();
         let limit = u32::try_from(self.role.limits.max_batch_entries).unwrap_or(u32::MAX);
-        let (mut deleted, mut cursor) = (0, None);
-        loop {
+        let mut sweep = Sweep::default();
+        while let Some(cursor) = sweep.next_cursor() {
             let page = self.scan_page(&namespace, Space::Kv, None, cursor, limit).await?;
-            if !page.keys.is_empty() {
-                deleted += self.backend.delete_many(&page.keys).await?;
-            }
-            match page.cursor {
-                Some(next) => cursor = Some(next),
-                None => return Ok(deleted),
-            }
-            // Lets the call's deadline fire between pages (the memory
-            // store never waits).
-            tokio::task::yield_now().await;
+            sweep.delete(&*self.backend, page).await?;
         }
+        Ok(sweep.deleted)
     }
 
     async fn set_later(
