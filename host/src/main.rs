@@ -64,9 +64,10 @@ enum Command {
         #[arg(long, default_value_t = 1 << 20)]
         max_body_bytes: usize,
         /// Request bodies held at once over all requests, in bytes (past it:
-        /// 503); at least --max-body-bytes.
-        #[arg(long, default_value_t = 256 << 20)]
-        max_buffered_bytes: usize,
+        /// 503); at least --max-body-bytes [default: 256 MiB, or
+        /// --max-body-bytes if more].
+        #[arg(long)]
+        max_buffered_bytes: Option<usize>,
         /// Seconds a client has to send a request's headers (also how long
         /// an idle connection stays open), and again its body (past it:
         /// 408); a connection whose response makes no progress that long
@@ -276,7 +277,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let options = ServeOptions {
                 listen,
                 max_body_bytes,
-                max_buffered_bytes,
+                max_buffered_bytes: max_buffered_bytes.unwrap_or(max_body_bytes.max(256 << 20)),
                 read_timeout: std::time::Duration::from_secs(read_timeout_secs),
                 max_connections: max_connections as usize,
                 shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),

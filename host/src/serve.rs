@@ -359,23 +359,32 @@ async fn read_body(app: &App, body: Body) -> Result<(Bytes, OwnedSemaphorePermit
     if declared > app.max_body_bytes as u64 {
         return Err(too_large());
     }
-    // Bytes count against the host's budget once promised (Content-Length)
-    // or arrived, so that many large bodies at once meet a 503, not the
-    // host's memory. Refused rather than waited for: bodies half read
-    // would wait on each other.
-    let reserve = |bytes: usize| {
-        let bytes = u32::try_from(bytes).map_err(|_| Failed::Busy)?;
-        app.buffered.clone().try_acquire_many_owned(bytes).map_err(|_| Failed::Busy)
+    // The buffer's bytes count against the host's budget as it grows with
+    // what arrives (not with what a Content-Length promises, which costs
+    // a client nothing to send), so that many large bodies at once meet a
+    // 503, not the host's memory. Refused rather than waited for: bodies
+    // half read would wait on each other.
+    let grow = |share: &mut OwnedSemaphorePermit, to: usize| {
+        let mut bytes = to.saturating_sub(share.num_permits());
+        while bytes > 0 {
+            let piece = bytes.min(u32::MAX as usize);
+            share.merge(app.buffered.clone().try_acquire_many_owned(piece as u32).map_err(|_| Failed::Busy)?);
+            bytes -= piece;
+        }
+        Ok(())
     };
     let read = async {
-        let mut share = reserve(declared as usize)?;
-        let mut data = Vec::with_capacity(declared as usize);
+        let mut share = app.buffered.clone().try_acquire_many_owned(0).map_err(|_| Failed::Busy)?;
+        let mut data = Vec::new();
         let mut body = Limited::new(body, app.max_body_bytes);
         while let Some(frame) = body.frame().await {
             let Ok(chunk) = frame.map_err(Failed::Read)?.into_data() else { continue };
-            let more = (data.len() + chunk.len()).saturating_sub(share.num_permits());
-            if more > 0 {
-                share.merge(reserve(more)?);
+            let needed = data.len() + chunk.len();
+            if needed > data.capacity() {
+                // Doubling, as a Vec grows, but within the body limit.
+                let grown = (data.capacity() * 2).min(app.max_body_bytes).max(needed);
+                grow(&mut share, grown)?;
+                data.reserve_exact(grown - data.len());
             }
             data.extend_from_slice(&chunk);
         }

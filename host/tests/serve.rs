@@ -734,9 +734,9 @@ fn slow_and_idle_clients_are_cut_off() {
     assert_eq!(server.post("/roles/counter", ""), (200, "1".into(), None));
 }
 
-/// Request bodies count against `--max-buffered-bytes` from when they are
-/// promised (Content-Length) or arrive (chunked) until their calls return:
-/// past it a request gets 503 with Retry-After, and the budget comes back.
+/// Request bodies count against `--max-buffered-bytes` as they arrive
+/// (not as a Content-Length promises) until their calls return: past it a
+/// request gets 503 with Retry-After, and the budget comes back.
 #[test]
 fn request_bodies_held_at_once_are_capped_host_wide() {
     let dir = dir("buffered");
@@ -744,44 +744,49 @@ fn request_bodies_held_at_once_are_capped_host_wide() {
     let flags = ["--max-body-bytes", "1000", "--max-buffered-bytes", "1500", "--read-timeout-secs", "30"];
     let server = Server::start(&manifest, &flags);
     let patience = Duration::from_secs(30);
-    // A body of 1000 bytes promised and slow to come holds 1000.
-    let mut slow = connect(&server, patience);
-    slow.write_all(b"POST /roles/counter HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    slow.write_all(&[b'a'; 10]).unwrap();
+    let open = |head: &str| {
+        let mut stream = connect(&server, patience);
+        stream
+            .write_all(format!("POST /roles/counter HTTP/1.1\r\nHost: x\r\n{head}Connection: close\r\n\r\n").as_bytes())
+            .unwrap();
+        stream
+    };
+    // Promises cost nothing: two bodies of 1000 promised and not sent
+    // leave room for a third.
+    let _promised = [open("Content-Length: 1000\r\n"), open("Content-Length: 1000\r\n")];
+    let first = server.post("/roles/counter", &"a".repeat(1000));
+    assert_eq!(first.0, 200, "{first:?}");
+    // A body of 1000 of which 900 bytes have come holds at least 900.
+    let mut slow = open("Content-Length: 1000\r\n");
+    slow.write_all(&[b'b'; 900]).unwrap();
     let busy = |answer: &(u16, String, Option<String>)| {
         answer.0 == 503 && answer.1.contains(r#""error":"busy""#) && answer.2.as_deref() == Some("1")
     };
     let start = Instant::now();
     loop {
-        let answer = server.post("/roles/counter", &"b".repeat(600));
+        let answer = server.post("/roles/counter", &"c".repeat(700));
         if busy(&answer) {
             break;
         }
-        // Until the server has read the slow request's headers.
+        // Until the server has read the slow request's bytes.
         assert_eq!(answer.0, 200, "{answer:?}");
         assert!(start.elapsed() < patience, "never refused");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let calls_before = server.post("/roles/counter", &"c".repeat(400));
+    let calls_before = server.post("/roles/counter", &"d".repeat(400));
     assert_eq!(calls_before.0, 200, "a body within what is left is served: {calls_before:?}");
-    // A chunked body is counted as its chunks arrive: 300 bytes fit, 300
+    // A chunked body is counted as its chunks arrive: 250 bytes fit, 400
     // more do not.
-    let mut chunked = connect(&server, patience);
-    chunked
-        .write_all(
-            b"POST /roles/counter HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap();
-    chunked.write_all(format!("12c\r\n{}\r\n", "d".repeat(300)).as_bytes()).unwrap();
-    chunked.write_all(format!("12c\r\n{}\r\n0\r\n\r\n", "e".repeat(300)).as_bytes()).unwrap();
+    let mut chunked = open("Transfer-Encoding: chunked\r\n");
+    chunked.write_all(format!("fa\r\n{}\r\n", "e".repeat(250)).as_bytes()).unwrap();
+    chunked.write_all(format!("190\r\n{}\r\n0\r\n\r\n", "f".repeat(400)).as_bytes()).unwrap();
     let answer = read_all(&mut chunked).unwrap();
     assert!(answer.starts_with("HTTP/1.1 503") && answer.contains(r#""error":"busy""#), "{answer}");
     // The slow body arrives; its call runs, and its share comes back.
-    slow.write_all(&[b'a'; 990]).unwrap();
+    slow.write_all(&[b'b'; 100]).unwrap();
     let answer = read_all(&mut slow).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let (status, count, _) = server.post("/roles/counter", &"f".repeat(1000));
+    let (status, count, _) = server.post("/roles/counter", &"g".repeat(1000));
     assert_eq!(status, 200, "the whole budget is back: {count}");
     let count: u64 = count.parse().unwrap();
     let before: u64 = calls_before.1.parse().unwrap();

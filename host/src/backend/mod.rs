@@ -224,7 +224,7 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 /// Deleting listed keys page by page: each page's keys go, then the next
-/// page is listed from its cursor, until a page has none.
+/// page is listed from its cursor, until a page comes without a cursor.
 #[derive(Default)]
 pub(crate) struct Sweep {
     /// Keys deleted so far.

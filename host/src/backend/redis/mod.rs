@@ -741,12 +741,14 @@ const MAX_CURSOR_BYTES: usize = 1 << 20;
 /// role's prefix; base64 of a JSON list, empty for none). `primary` names
 /// the Cluster primary the SCAN cursor belongs to (empty for the one server
 /// of the other kinds and before the first, `-` past the last), and `done`
-/// the primaries scanned to the end and their replicas, comma-separated.
-/// Nodes are named by (the start of) their node ids, not by places in the
-/// list or by addresses, so that a primary joining, leaving or failing over
-/// mid-listing neither sends a SCAN cursor to another node nor skips a
-/// primary's keys. (A failover of the primary being scanned starts its keys
-/// again on the new one: some are listed twice.)
+/// the primaries scanned to the end and their replicas then,
+/// comma-separated. Nodes are named by (the start of) their node ids, not
+/// by places in the list or by addresses, so that a primary joining,
+/// leaving or failing over mid-listing neither sends a SCAN cursor to
+/// another node nor skips a primary's keys. (A failover of the primary
+/// being scanned starts its keys again on the new one: some are listed
+/// twice. A replica of a primary done that moves to another primary and is
+/// then promoted there would have that one taken as done.)
 struct ScanCursor {
     primary: Position,
     scan: u64,
@@ -808,9 +810,11 @@ impl ScanCursor {
     }
 
     /// Whether `shard`'s part of the cluster has been scanned: its primary
-    /// or one of its replicas was a primary scanned to the end.
+    /// was scanned to the end, or was a replica of one that was (a failover
+    /// since). Its replicas now do not count: one may have moved here from
+    /// a part done.
     fn is_done(&self, shard: &Shard) -> bool {
-        shard.as_ref().is_some_and(|primary| primary.ids.iter().any(|id| self.done.contains(short_id(id))))
+        shard_id(shard).is_some_and(|id| self.done.contains(id))
     }
 
     /// The first of `shards` (sorted) not scanned yet, from its start.
@@ -1311,6 +1315,8 @@ mod tests {
         let shards = [primary(7000, ["rc", "c"]), a.clone(), b.clone()];
         assert_eq!((at.place_in(&shards), at.scan), (1, 42));
         assert_eq!(at.finished(&shards, 1), 0);
+        // A replica of a's, done, moving under b leaves b to be scanned.
+        assert!(!at.is_done(&primary(7002, ["b", "ra"])));
         assert_eq!(at.finished(&shards, 0), 2);
         // b's part fails over after a restart of the listing from this
         // cursor: b's scan starts again on its new primary; a's and c's
