@@ -229,13 +229,13 @@ async fn operations_follow_a_slot_while_and_after_it_moves_to_a_new_primary() {
 /// A listing goes on past failovers: of the primary it is scanning (whose
 /// keys it lists again from the new one) and of one it has not reached yet,
 /// whose new primary's address sorts before the one it is at. Its cursor
-/// names parts of the cluster by node ids, which a failover keeps, where a
-/// cursor naming a primary by address would skip both.
+/// keeps what is done by hash slots, which a failover leaves with the
+/// part of the cluster, where a cursor naming a primary by address would
+/// skip both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_goes_on_past_failovers_of_the_primary_it_scans_and_of_one_ahead() {
     let Some(mut cluster) = RedisCluster::start(3) else { return };
-    let mut by_address: Vec<usize> = (0..3).collect();
-    by_address.sort_by_key(|&node| cluster.nodes[node].port);
+    let by_address = by_address(&cluster);
     let (first, last) = (by_address[0], by_address[2]);
     let (Some(first_replica), Some(last_replica)) = (cluster.add_low_replica(first), cluster.add_low_replica(last))
     else {
@@ -253,14 +253,78 @@ async fn a_listing_goes_on_past_failovers_of_the_primary_it_scans_and_of_one_ahe
     assert!(listed.iter().all(|key| cluster.nodes[first].cli(&["get", key]).trim() == "v"), "{listed:?}");
     cluster.failover(first_replica);
     cluster.failover(last_replica);
-    let mut cursor = page.cursor;
+    list_the_rest(&*backend, "listed:*", page.cursor, &mut listed).await;
+    assert_every_key_listed(&listed, &keys);
+}
+
+/// The nodes' indexes, by address (all on one host: by port).
+fn by_address(cluster: &RedisCluster) -> Vec<usize> {
+    let mut nodes: Vec<usize> = (0..cluster.nodes.len()).collect();
+    nodes.sort_by_key(|&node| cluster.nodes[node].port);
+    nodes
+}
+
+/// Lists what matches `pattern` from `cursor` to the end, into `listed`,
+/// 10 keys a page.
+async fn list_the_rest(
+    backend: &dyn Backend,
+    pattern: &str,
+    mut cursor: Option<String>,
+    listed: &mut BTreeSet<String>,
+) {
     while let Some(at) = cursor {
-        let page = backend.scan("listed:*", Some(&at), 10).await.unwrap();
+        let page = backend.scan(pattern, Some(&at), 10).await.unwrap();
         listed.extend(page.keys);
         cursor = page.cursor;
     }
-    assert_eq!(listed.len(), keys.len(), "missing: {:?}", keys.difference(&listed).collect::<Vec<_>>());
+}
+
+fn assert_every_key_listed(listed: &BTreeSet<String>, keys: &BTreeSet<String>) {
+    assert_eq!(listed.len(), keys.len(), "missing: {:?}", keys.difference(listed).collect::<Vec<_>>());
     assert_eq!(listed, keys);
+}
+
+/// A slot that moves, keys and all, from a primary a listing has not
+/// reached to one it has finished, is listed all the same: the finished
+/// primary owns a slot not done now, so it is scanned again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_finds_keys_moved_to_a_primary_it_has_finished() {
+    let Some(cluster) = RedisCluster::start(3) else { return };
+    let by_address = by_address(&cluster);
+    let (first, last) = (by_address[0], by_address[2]);
+    let backend = cluster.backend();
+    let keys: BTreeSet<String> = (0..300).map(|i| format!("moving:{i}")).collect();
+    for key in &keys {
+        backend.set(key, b"v", None).await.unwrap();
+    }
+    let on = |node: usize| -> BTreeSet<String> {
+        cluster.nodes[node].cli(&["--scan", "--pattern", "moving:*"]).lines().map(str::to_owned).collect()
+    };
+    // Pages until the first primary's keys are all listed (it is done).
+    let (mut listed, mut cursor) = (BTreeSet::new(), None);
+    while !on(first).is_subset(&listed) {
+        let page = backend.scan("moving:*", cursor.as_deref(), 10).await.unwrap();
+        listed.extend(page.keys);
+        cursor = Some(page.cursor.expect("more to list"));
+    }
+    // A slot of the last primary's, with its keys, moves to the first.
+    let key = on(last).into_iter().next().unwrap();
+    let slot = cluster.nodes[last].cli(&["cluster", "keyslot", &key]).trim().to_owned();
+    let (from, to) = (&cluster.nodes[last], &cluster.nodes[first]);
+    let (from_id, to_id) = (cluster.node_id(last), cluster.node_id(first));
+    to.cli(&["cluster", "setslot", &slot, "importing", &from_id]);
+    from.cli(&["cluster", "setslot", &slot, "migrating", &to_id]);
+    let moving = from.cli(&["cluster", "getkeysinslot", &slot, "1000"]);
+    let moving: Vec<&str> = moving.lines().collect();
+    let port = to.port.to_string();
+    let migrate = [&["migrate", "127.0.0.1", &port, "", "0", "5000", "keys"][..], &moving].concat();
+    assert_eq!(from.cli(&migrate).trim(), "OK");
+    for node in &cluster.nodes {
+        node.cli(&["cluster", "setslot", &slot, "node", &to_id]);
+    }
+    assert!(to.cli(&["get", &key]).trim() == "v", "{key} moved");
+    list_the_rest(&*backend, "moving:*", cursor, &mut listed).await;
+    assert_every_key_listed(&listed, &keys);
 }
 
 /// A primary that stops answering but keeps its sockets open (a frozen

@@ -19,21 +19,15 @@ use super::connection::lock;
 /// One primary of a Cluster; none for the only server of the other kinds.
 pub(super) type Shard = Option<Primary>;
 
-/// A Cluster primary: where it is, and the node ids of its part of the
-/// cluster (its own, then its replicas'), which still name that part after
-/// a failover puts one of the replicas in its place. Sorted by address.
+/// A Cluster primary: where it is, its node id, and the hash slots it
+/// owns (inclusive ranges), which stay with its part of the cluster when a
+/// failover puts a replica in its place. Sorted by address.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct Primary {
     pub(super) host: String,
     pub(super) port: u16,
-    pub(super) ids: Vec<String>,
-}
-
-impl Primary {
-    /// The primary's own node id.
-    pub(super) fn id(&self) -> &str {
-        &self.ids[0]
-    }
+    pub(super) id: String,
+    pub(super) slots: Vec<(u16, u16)>,
 }
 
 /// Connections of rolehost's own to single nodes of a Cluster: one set
@@ -296,31 +290,35 @@ impl ConnectionLike for ClusterConn {
 
 /// The primaries that may hold keys, from a `CLUSTER NODES` answer,
 /// sorted, each named by its endpoint in `endpoints` (by node id) or else
-/// by its address, with the ids of its replicas. Lines are `id address
-/// flags primary ping pong epoch link slot…`. A primary with slots holds
-/// keys whether reachable or not (an unreachable one makes a scan fail
-/// rather than skip its keys). One without slots may too: while a slot
-/// moves to a primary that had none, only that primary lists it (as
-/// importing), yet the keys moved so far are there. So those count as
-/// well while connected and not marked failing.
+/// by its address. Lines are `id address flags primary ping pong epoch
+/// link slot…`, where a slot entry is `a-b`, `a`, or in brackets a slot
+/// moving in or out. A primary with slots holds keys whether reachable or
+/// not (an unreachable one makes a scan fail rather than skip its keys).
+/// One without slots may too: while a slot moves to a primary that had
+/// none, only that primary lists it (as importing), yet the keys moved so
+/// far are there. So those count as well while connected and not marked
+/// failing.
 fn primaries(nodes: &str, endpoints: &HashMap<String, String>) -> Vec<Shard> {
-    let lines: Vec<Vec<&str>> = nodes.lines().map(|line| line.split(' ').collect()).collect();
-    let flagged = |fields: &[&str], name: &str| fields.get(2).is_some_and(|flags| flags.split(',').any(|f| f == name));
-    let mut primaries: Vec<Shard> = lines
-        .iter()
-        .filter_map(|fields| {
-            let (id, address) = (fields.first()?, fields.get(1)?);
-            let healthy = fields.get(7) == Some(&"connected")
-                && !["fail", "fail?", "noaddr", "handshake"].into_iter().any(|flag| flagged(fields, flag));
-            if !flagged(fields, "master") || (fields.len() <= 8 && !healthy) {
+    let mut primaries: Vec<Shard> = nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (id, address, flags) = (fields.first()?, fields.get(1)?, fields.get(2)?);
+            let flag = |name: &str| flags.split(',').any(|f| f == name);
+            let healthy =
+                fields.get(7) == Some(&"connected") && !["fail", "fail?", "noaddr", "handshake"].into_iter().any(flag);
+            if !flag("master") || (fields.len() <= 8 && !healthy) {
                 return None;
             }
             let address = address.split(['@', ',']).next()?;
             let (ip, port) = address.rsplit_once(':')?;
             let host = endpoints.get(*id).map_or(ip, String::as_str);
-            let replicas = lines.iter().filter(|line| flagged(line, "slave") && line.get(3) == Some(id));
-            let ids = std::iter::once(*id).chain(replicas.map(|line| line[0])).map(str::to_owned).collect();
-            Some(Some(Primary { host: host.to_owned(), port: port.parse().ok()?, ids }))
+            let slots = fields.iter().skip(8).filter(|entry| !entry.starts_with('[')).map(|entry| {
+                let (first, last) = entry.split_once('-').unwrap_or((entry, entry));
+                Some((first.parse().ok()?, last.parse().ok()?))
+            });
+            let slots = slots.collect::<Option<_>>()?;
+            Some(Some(Primary { host: host.to_owned(), port: port.parse().ok()?, id: id.to_string(), slots }))
         })
         .collect();
     primaries.sort();
@@ -411,7 +409,7 @@ mod tests {
     #[test]
     fn primaries_are_the_masters_with_slots_and_the_healthy_ones_without() {
         let nodes = "\
-a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5459 5460 [5461-<-b2]
 b2 127.0.0.1:7002@17002,host2 master,fail? - 0 0 2 connected 5461-10922
 c3 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected
 d4 127.0.0.1:7004@17004 slave a1 0 0 1 connected
@@ -419,22 +417,21 @@ e5 127.0.0.1:7000@17000 master - 0 0 4 connected 10923-16383
 f6 127.0.0.1:7005@17005 master - 0 0 5 connected
 g7 127.0.0.1:7006@17006 master,fail? - 0 0 6 connected
 h8 127.0.0.1:7007@17007 master - 0 0 7 disconnected
-i9 127.0.0.1:7008@17008 slave,fail a1 0 0 1 disconnected
 ";
-        let primary = |host: &str, port, ids: &[&str]| {
-            Some(Primary { host: host.to_owned(), port, ids: ids.iter().map(|id| id.to_string()).collect() })
+        let primary = |host: &str, port, id: &str, slots: &[(u16, u16)]| {
+            Some(Primary { host: host.to_owned(), port, id: id.to_owned(), slots: slots.to_vec() })
         };
         let expected = vec![
-            primary("127.0.0.1", 7000, &["e5"]),
-            primary("127.0.0.1", 7001, &["a1", "d4", "i9"]),
-            primary("127.0.0.1", 7002, &["b2"]),
-            primary("127.0.0.1", 7005, &["f6"]),
+            primary("127.0.0.1", 7000, "e5", &[(10923, 16383)]),
+            primary("127.0.0.1", 7001, "a1", &[(0, 5459), (5460, 5460)]),
+            primary("127.0.0.1", 7002, "b2", &[(5461, 10922)]),
+            primary("127.0.0.1", 7005, "f6", &[]),
         ];
         assert_eq!(primaries(nodes, &HashMap::new()), expected);
         // Named by the endpoint the cluster gives, where it gives one.
         let endpoints = HashMap::from([("b2".to_owned(), "host2".to_owned()), ("d4".to_owned(), "host4".to_owned())]);
         let mut expected = expected;
-        expected[2] = primary("host2", 7002, &["b2"]);
+        expected[2] = primary("host2", 7002, "b2", &[(5461, 10922)]);
         expected.sort();
         assert_eq!(primaries(nodes, &endpoints), expected);
     }

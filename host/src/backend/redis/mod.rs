@@ -739,21 +739,22 @@ const MAX_CURSOR_BYTES: usize = 1 << 20;
 /// the keys a SCAN batch returned past the end of the last page (their
 /// part after the pattern's literal prefix, so a cursor never shows a
 /// role's prefix; base64 of a JSON list, empty for none). `primary` names
-/// the Cluster primary the SCAN cursor belongs to (empty for the one server
-/// of the other kinds and before the first, `-` past the last), and `done`
-/// the primaries scanned to the end and their replicas then,
-/// comma-separated. Nodes are named by (the start of) their node ids, not
-/// by places in the list or by addresses, so that a primary joining,
-/// leaving or failing over mid-listing neither sends a SCAN cursor to
-/// another node nor skips a primary's keys. (A failover of the primary
-/// being scanned starts its keys again on the new one: some are listed
-/// twice. A replica of a primary done that moves to another primary and is
-/// then promoted there would have that one taken as done.)
+/// the Cluster primary the SCAN cursor belongs to by (the start of) its
+/// node id (empty for the one server of the other kinds and before the
+/// first, `-` past the last). `done` says what has been scanned to the end,
+/// comma-separated: the hash slots of the primaries done (`a-b` ranges),
+/// and `@id` for a primary done that owned none (it may be importing one).
+///
+/// Slots, not places in the list or addresses: a primary joining, leaving
+/// or failing over mid-listing (its slots go with the part of the cluster,
+/// to the replica taking over) leaves nothing skipped, and a primary done
+/// that gains a slot is scanned again. (A failover of the primary being
+/// scanned starts its keys again on the new one: some are listed twice.)
 struct ScanCursor {
     primary: Position,
     scan: u64,
     carried: Vec<String>,
-    done: BTreeSet<String>,
+    done: Done,
 }
 
 #[derive(Debug, PartialEq)]
@@ -770,13 +771,91 @@ fn short_id(id: &str) -> &str {
 
 /// How a cursor names `shard`'s primary.
 fn shard_id(shard: &Shard) -> Option<&str> {
-    shard.as_ref().map(|primary| short_id(primary.id()))
+    shard.as_ref().map(|primary| short_id(&primary.id))
+}
+
+/// What a Cluster listing has scanned to the end: hash slots, and the
+/// primaries without slots.
+#[derive(Default)]
+struct Done {
+    slots: Vec<bool>,
+    slotless: BTreeSet<String>,
+}
+
+impl Done {
+    const SLOTS: usize = 16384;
+
+    fn has(&self, slot: u16) -> bool {
+        self.slots.get(usize::from(slot)).copied().unwrap_or(false)
+    }
+
+    fn add_slots(&mut self, (first, last): (u16, u16)) {
+        self.slots.resize(Self::SLOTS, false);
+        for slot in first..=last.min(Self::SLOTS as u16 - 1) {
+            self.slots[usize::from(slot)] = true;
+        }
+    }
+
+    /// Whether `shard` needs no more scanning: every slot it owns now is
+    /// done, or, owning none, it was done.
+    fn covers(&self, shard: &Shard) -> bool {
+        let Some(primary) = shard else { return false };
+        match primary.slots.is_empty() {
+            true => self.slotless.contains(short_id(&primary.id)),
+            false => primary.slots.iter().all(|&(first, last)| (first..=last).all(|slot| self.has(slot))),
+        }
+    }
+
+    fn add(&mut self, primary: &cluster::Primary) {
+        if primary.slots.is_empty() {
+            self.slotless.insert(short_id(&primary.id).to_owned());
+        }
+        primary.slots.iter().for_each(|&range| self.add_slots(range));
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut done = Self::default();
+        for item in text.split(',').filter(|item| !item.is_empty()) {
+            if let Some(id) = item.strip_prefix('@') {
+                done.slotless.insert(id.to_owned());
+                continue;
+            }
+            let (first, last) = item.split_once('-').unwrap_or((item, item));
+            let (first, last): (u16, u16) = (first.parse().ok()?, last.parse().ok()?);
+            if first > last || usize::from(last) >= Self::SLOTS {
+                return None;
+            }
+            done.add_slots((first, last));
+        }
+        Some(done)
+    }
+
+    fn render(&self) -> String {
+        let mut items = Vec::new();
+        let mut slot = 0;
+        while slot < self.slots.len() {
+            if !self.slots[slot] {
+                slot += 1;
+                continue;
+            }
+            let first = slot;
+            while slot < self.slots.len() && self.slots[slot] {
+                slot += 1;
+            }
+            items.push(match slot - 1 == first {
+                true => first.to_string(),
+                false => format!("{first}-{}", slot - 1),
+            });
+        }
+        items.extend(self.slotless.iter().map(|id| format!("@{id}")));
+        items.join(",")
+    }
 }
 
 impl ScanCursor {
     fn parse(cursor: Option<&str>, pattern: &str) -> StateResult<Self> {
         let Some(cursor) = cursor else {
-            return Ok(Self { primary: Position::At(None), scan: 0, carried: Vec::new(), done: BTreeSet::new() });
+            return Ok(Self { primary: Position::At(None), scan: 0, carried: Vec::new(), done: Done::default() });
         };
         let invalid = || StateError::InvalidArgument("invalid cursor".into());
         if cursor.len() > MAX_CURSOR_BYTES {
@@ -798,36 +877,28 @@ impl ScanCursor {
             "-" => Position::End,
             id => Position::At(Some(id.to_owned())),
         };
-        let done = parts.next().unwrap_or_default().split(',').filter(|id| !id.is_empty()).map(str::to_owned);
+        let done = Done::parse(parts.next().unwrap_or_default()).ok_or_else(invalid)?;
         // A cursor comes back from the guest, which can put any names in
         // it: they still land under the pattern's literal prefix, which
         // holds the role's namespace, so a forged cursor names only keys
         // of the role's own (it may name keys that do not exist). A forged
-        // node id only ever picks among the primaries.
+        // node id or slot only ever picks among the primaries.
         let literal = glob::literal_prefix(pattern);
         let carried = carried.into_iter().map(|rest| format!("{literal}{rest}")).collect();
-        Ok(Self { primary, scan: scan.parse().map_err(|_| invalid())?, carried, done: done.collect() })
+        Ok(Self { primary, scan: scan.parse().map_err(|_| invalid())?, carried, done })
     }
 
-    /// Whether `shard`'s part of the cluster has been scanned: its primary
-    /// was scanned to the end, or was a replica of one that was (a failover
-    /// since). Its replicas now do not count: one may have moved here from
-    /// a part done.
-    fn is_done(&self, shard: &Shard) -> bool {
-        shard_id(shard).is_some_and(|id| self.done.contains(id))
-    }
-
-    /// The first of `shards` (sorted) not scanned yet, from its start.
+    /// The first of `shards` (sorted) still to scan, from its start.
     fn first_pending(&mut self, shards: &[Shard]) -> usize {
         self.scan = 0;
-        shards.iter().position(|shard| !self.is_done(shard)).unwrap_or(shards.len())
+        shards.iter().position(|shard| !self.done.covers(shard)).unwrap_or(shards.len())
     }
 
     /// Where in `shards` the scan goes on: at the primary its SCAN cursor
-    /// belongs to if that is still one, or else at the first not scanned.
+    /// belongs to if that is still one, or else at the first still to scan.
     fn place_in(&mut self, shards: &[Shard]) -> usize {
         let Position::At(current) = &self.primary else { return shards.len() };
-        match shards.iter().position(|shard| shard_id(shard) == current.as_deref() && !self.is_done(shard)) {
+        match shards.iter().position(|shard| shard_id(shard) == current.as_deref() && !self.done.covers(shard)) {
             Some(place) => place,
             None => self.first_pending(shards),
         }
@@ -837,7 +908,7 @@ impl ScanCursor {
     fn finished(&mut self, shards: &[Shard], place: usize) -> usize {
         match &shards[place] {
             Some(primary) => {
-                self.done.extend(primary.ids.iter().map(|id| short_id(id).to_owned()));
+                self.done.add(primary);
                 self.first_pending(shards)
             }
             None => shards.len(),
@@ -857,8 +928,7 @@ impl ScanCursor {
             Position::At(id) => id.as_deref().unwrap_or_default(),
             Position::End => "-",
         };
-        let done: Vec<&str> = self.done.iter().map(String::as_str).collect();
-        format!("{}:{carried}:{primary}:{}", self.scan, done.join(","))
+        format!("{}:{carried}:{primary}:{}", self.scan, self.done.render())
     }
 }
 
@@ -1299,38 +1369,55 @@ mod tests {
     }
 
     #[test]
-    fn a_scan_cursor_names_parts_of_the_cluster_by_node_ids_across_failovers() {
-        let primary = |port, ids: [&str; 2]| {
-            let ids = ids.iter().map(|id| format!("{id}-node-id-of-forty-characters")).collect();
-            Some(cluster::Primary { host: "127.0.0.1".into(), port, ids })
+    fn a_scan_cursor_keeps_what_is_done_by_slots_across_failovers_and_moves() {
+        let primary = |port, id: &str, slots: &[(u16, u16)]| {
+            let id = format!("{id}-node-id-of-forty-characters");
+            Some(cluster::Primary { host: "127.0.0.1".into(), port, id, slots: slots.to_vec() })
         };
-        let (a, b, c) = (primary(7001, ["a", "ra"]), primary(7002, ["b", "rb"]), primary(7003, ["c", "rc"]));
+        let a = primary(7001, "a", &[(0, 5000)]);
+        let b = primary(7002, "b", &[(5001, 10000)]);
+        let c = primary(7003, "c", &[(10001, 16383)]);
         let mut at = ScanCursor::parse(None, "*").unwrap();
         assert_eq!(at.place_in(&[a.clone(), b.clone(), c.clone()]), 0);
         at.primary = Position::At(shard_id(&a).map(str::to_owned));
         at.scan = 42;
         let mut at = ScanCursor::parse(Some(&at.render("*")), "*").unwrap();
-        // The part not reached yet fails over to an address before a's:
+        // c's part, not reached yet, fails over to an address before a's:
         // a goes on where it was, then that part comes, then b.
-        let shards = [primary(7000, ["rc", "c"]), a.clone(), b.clone()];
+        let shards = [primary(7000, "rc", &[(10001, 16383)]), a.clone(), b.clone()];
         assert_eq!((at.place_in(&shards), at.scan), (1, 42));
         assert_eq!(at.finished(&shards, 1), 0);
-        // A replica of a's, done, moving under b leaves b to be scanned.
-        assert!(!at.is_done(&primary(7002, ["b", "ra"])));
         assert_eq!(at.finished(&shards, 0), 2);
-        // b's part fails over after a restart of the listing from this
-        // cursor: b's scan starts again on its new primary; a's and c's
-        // parts stay done.
+        // From the cursor, with b's scan under way: b fails over (its scan
+        // starts again on the new primary), and a slot of b's moves to a,
+        // so a is scanned again; c's part is still done.
         at.primary = Position::At(shard_id(&b).map(str::to_owned));
         at.scan = 7;
-        let mut at = ScanCursor::parse(Some(&at.render("*")), "*").unwrap();
-        let shards = [primary(7000, ["rc", "c"]), a, primary(7004, ["rb", "b"])];
-        assert_eq!((at.place_in(&shards), at.scan), (2, 0));
+        let cursor = at.render("*");
+        assert!(cursor.ends_with(":0-5000,10001-16383"), "{cursor}");
+        let mut at = ScanCursor::parse(Some(&cursor), "*").unwrap();
+        let shards = [
+            primary(7000, "rc", &[(10001, 16383)]),
+            primary(7001, "a", &[(0, 5000), (10000, 10000)]),
+            primary(7004, "rb", &[(5001, 9999)]),
+        ];
+        assert_eq!((at.place_in(&shards), at.scan), (1, 0));
+        assert_eq!(at.finished(&shards, 1), 2);
         assert_eq!(at.finished(&shards, 2), 3);
+        // A primary without slots (importing one) is done by its id.
+        let empty = primary(7005, "e", &[]);
+        let alone = std::slice::from_ref(&empty);
+        assert_eq!(at.place_in(alone), 0);
+        assert_eq!(at.finished(alone, 0), 1);
+        let at = ScanCursor::parse(Some(&at.render("*")), "*").unwrap();
+        assert!(at.done.covers(&empty));
         // The one server of the other kinds: the old three-part cursor
-        // still reads.
+        // still reads; forged slots do not.
         let mut at = ScanCursor::parse(Some("9::"), "*").unwrap();
         assert_eq!((at.place_in(&[None]), at.scan), (0, 9));
         assert_eq!(at.finished(&[None], 0), 1);
+        for forged in ["0:::16384", "0:::9-3", "0:::x"] {
+            assert!(ScanCursor::parse(Some(forged), "*").is_err(), "{forged}");
+        }
     }
 }
