@@ -137,10 +137,10 @@ impl Manifest {
                 if let Some(name) = &entry.name {
                     spec.name = name.clone();
                 }
-                crate::namespace::validate_identity(&spec.name).map_err(anyhow::Error::msg)?;
                 spec.sha256 = entry.sha256.clone();
                 spec.limits = entry.limits.clone();
                 spec.grants = entry.grants.clone();
+                spec.validate()?;
                 Ok(spec)
             })
             .collect()

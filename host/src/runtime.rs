@@ -57,6 +57,17 @@ impl RoleSpec {
             .to_owned();
         Ok(Self { name, wasm, sha256: None, limits: RoleLimits::default(), grants: Grants::default() })
     }
+
+    /// Checks the name, the limits and the names of granted namespaces:
+    /// what every command that reads a manifest must refuse alike.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        validate_identity(&self.name).map_err(anyhow::Error::msg)?;
+        self.limits.validate().map_err(|e| anyhow::anyhow!("role `{}`: bad limit: {e}", self.name))?;
+        for name in self.grants.namespaces.keys() {
+            validate_identity(name).map_err(|e| anyhow::anyhow!("role `{}`: bad namespace grant: {e}", self.name))?;
+        }
+        Ok(())
+    }
 }
 
 /// A loaded role, ready to be called.
@@ -373,8 +384,7 @@ impl Host {
     /// its concurrency budget, and its per-second budget if the limit is
     /// the same.
     fn compile(&self, spec: &RoleSpec, backend: Arc<dyn Backend>, old: Option<&Role>) -> anyhow::Result<Role> {
-        validate_identity(&spec.name).map_err(anyhow::Error::msg)?;
-        spec.limits.validate().map_err(|e| anyhow::anyhow!("role `{}`: bad limit: {e}", spec.name))?;
+        spec.validate()?;
         if self.options.pooling && spec.limits.max_memory_bytes > POOLED_MAX_MEMORY_BYTES {
             bail!(
                 "role `{}` may use {} bytes of memory, more than the pooling allocator's {POOLED_MAX_MEMORY_BYTES}",
@@ -435,7 +445,6 @@ impl Host {
     fn role_info(&self, spec: &RoleSpec) -> anyhow::Result<RoleInfo> {
         let mut grants = BTreeMap::new();
         for (name, access) in &spec.grants.namespaces {
-            validate_identity(name).map_err(|e| anyhow::anyhow!("role `{}`: bad namespace grant: {e}", spec.name))?;
             let namespace = Arc::new(Namespace::shared(&self.global_prefix, name, &spec.limits));
             grants.insert(name.clone(), (namespace, *access));
         }

@@ -283,7 +283,25 @@ fn bad_manifests_are_refused_clearly() {
     );
     let ttl = write(&dir, "ttl.toml", ttl);
     assert_fails_with(&rolehost(&["call", "--manifest", &ttl, "c"]), "bad limit: default-ttl-ms is");
-    assert_fails_with(&rolehost(&["serve", "--manifest", &huge, "--max-concurrency", "0"]), "max concurrency is 0");
+    let good = write(&dir, "good.toml", format!("[[roles]]\nname = \"c\"\nwasm = {:?}\n", counter()));
+    assert_fails_with(&rolehost(&["serve", "--manifest", &good, "--max-concurrency", "0"]), "max concurrency is 0");
+    // Every command that reads a manifest refuses what `serve` refuses: a
+    // zero TTL limit would have `restore` write keys that expire at once,
+    // and a granted namespace's name goes into ACL rules.
+    let zero_ttl = format!("[[roles]]\nname = \"c\"\nwasm = {:?}\nlimits = {{ max-ttl-ms = 0 }}\n", counter());
+    let zero_ttl = write(&dir, "zero-ttl.toml", zero_ttl);
+    let checkpoint = dir.join("c.json").display().to_string();
+    for command in
+        [&["checkpoint", "--manifest", &zero_ttl, "c", &checkpoint][..], &["get", "--manifest", &zero_ttl, "c", "k"]]
+    {
+        assert_fails_with(&rolehost(command), "role `c`: bad limit: max-ttl-ms must be at least 1");
+    }
+    let grant = format!(
+        "[[roles]]\nname = \"c\"\nwasm = {:?}\ngrants = {{ namespaces = {{ \"x allkeys ~\" = \"read\" }} }}\n",
+        counter()
+    );
+    let grant = write(&dir, "grant.toml", grant);
+    assert_fails_with(&rolehost(&["acl", "--manifest", &grant]), "role `c`: bad namespace grant");
     // A value in the wrong place says where it is.
     let negative = format!("[[roles]]\nname = \"c\"\nwasm = {:?}\nlimits = {{ deadline-ms = -5 }}\n", counter());
     let negative = write(&dir, "negative.toml", negative);
