@@ -13,7 +13,10 @@
 //! files a process that died mid-write left behind.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::{Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -58,7 +61,7 @@ impl CompileCache {
         let entry = self.entry(engine, sha256);
         // Read into memory rather than mapping the file: a file truncated
         // by someone else while mapped would crash the process (SIGBUS).
-        if let Ok(stored) = std::fs::read(&entry) {
+        if let Some(stored) = read_entry(&entry) {
             match checked(&stored) {
                 // SAFETY: the entry is whole as `store` wrote it from
                 // `Component::serialize` for this engine configuration (its
@@ -88,13 +91,23 @@ impl CompileCache {
     }
 
     fn store(&self, entry: &Path, component: &Component) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        // Write aside, then rename: a reader never sees half an entry.
-        let partial = entry.with_extension(format!("partial-{}", std::process::id()));
+        // Made private (a directory that exists keeps its mode).
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir)?;
+        // Write aside, then rename: a reader never sees half an entry. The
+        // partial file is new (never a file or link already there) and
+        // named for this write alone.
+        static WRITES: AtomicU64 = AtomicU64::new(0);
+        let write = WRITES.fetch_add(1, Ordering::Relaxed);
+        let partial = entry.with_extension(format!("partial-{}-{write}", std::process::id()));
         let mut compiled = component.serialize()?;
         let digest = Sha256::digest(&compiled);
         compiled.extend_from_slice(&digest);
-        let written = std::fs::write(&partial, compiled).and_then(|()| std::fs::rename(&partial, entry));
+        let written = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .and_then(|mut file| file.write_all(&compiled))
+            .and_then(|()| std::fs::rename(&partial, entry));
         if written.is_err() {
             // A full disk, say: leave no half-written file behind.
             let _ = std::fs::remove_file(&partial);
@@ -123,12 +136,14 @@ fn prune(dir: &Path, max_bytes: u64) -> std::io::Result<()> {
         if !meta.is_file() {
             continue;
         }
-        if name.contains(".partial-") {
-            if now.duration_since(modified).unwrap_or_default() > STALE_PARTIAL {
+        // Only files named as the cache names them: the directory may
+        // hold others (`ROLEHOST_CACHE=.`).
+        match kind_of(&name) {
+            Some(Kept::Partial) if now.duration_since(modified).unwrap_or_default() > STALE_PARTIAL => {
                 let _ = std::fs::remove_file(item.path());
             }
-        } else if name.ends_with(".cwasm") {
-            entries.push((modified, meta.len(), item.path()));
+            Some(Kept::Entry) => entries.push((modified, meta.len(), item.path())),
+            _ => {}
         }
     }
     entries.sort();
@@ -147,6 +162,44 @@ fn prune(dir: &Path, max_bytes: u64) -> std::io::Result<()> {
 
 /// Bumped when the layout of an entry changes, so old entries miss.
 const ENTRY_FORMAT: u32 = 2;
+
+/// Largest entry read (a compiled Python role is tens of MB).
+const MAX_ENTRY_BYTES: u64 = 1 << 30;
+
+/// The bytes of the entry at `path`, if it is a regular file of at most
+/// [`MAX_ENTRY_BYTES`] (not, say, a link to a device that never ends).
+fn read_entry(path: &Path) -> Option<Vec<u8>> {
+    let file = std::fs::File::open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_ENTRY_BYTES {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_ENTRY_BYTES).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
+/// Whether `name` is one the cache gives its files: `{sha256}-{hash}.cwasm`
+/// for an entry, with `.partial-…` in place of `.cwasm` while written.
+fn kind_of(name: &str) -> Option<Kept> {
+    let (stem, rest) = name.split_at_checked(64 + 1 + 16)?;
+    let hex = |text: &str| text.bytes().all(|b| b.is_ascii_hexdigit());
+    let (sha256, hash) = stem.split_at(64);
+    if !hex(sha256) || !hash.starts_with('-') || !hex(&hash[1..]) {
+        return None;
+    }
+    match rest {
+        ".cwasm" => Some(Kept::Entry),
+        _ if rest.starts_with(".partial-") => Some(Kept::Partial),
+        _ => None,
+    }
+}
+
+/// The files the cache keeps.
+enum Kept {
+    Entry,
+    Partial,
+}
 
 /// The compiled bytes of a stored entry, if its trailing sha256 matches.
 fn checked(stored: &[u8]) -> Option<&[u8]> {
@@ -170,21 +223,49 @@ mod tests {
             let file = std::fs::File::options().write(true).open(&path).unwrap();
             file.set_modified(now - Duration::from_secs(age_secs)).unwrap();
         };
-        file("old-a.cwasm", 400, 300);
-        file("old-b.cwasm", 400, 200);
-        file("used.cwasm", 400, 100);
-        file("new.cwasm", 400, 0);
-        file("dead.cwasm.partial-1", 10, 7200);
-        file("writing.cwasm.partial-2", 10, 5);
+        let name = |digit: char, end: &str| format!("{}-{}{end}", digit.to_string().repeat(64), "f".repeat(16));
+        file(&name('a', ".cwasm"), 400, 300);
+        file(&name('b', ".cwasm"), 400, 200);
+        file(&name('c', ".cwasm"), 400, 100);
+        file(&name('d', ".cwasm"), 400, 0);
+        file(&name('e', ".partial-1-0"), 10, 7200);
+        file(&name('f', ".partial-2-0"), 10, 5);
+        // Files the cache did not name are never its to remove.
         file("notes.txt", 10_000, 9999);
+        file("other.cwasm", 10_000, 9999);
+        file("stale.cwasm.partial-1", 10, 7200);
         prune(&dir, 1000).unwrap();
         let mut left: Vec<String> =
             std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
-        assert_eq!(left, ["new.cwasm", "notes.txt", "used.cwasm", "writing.cwasm.partial-2"]);
+        let mut expected = vec![
+            name('c', ".cwasm"),
+            name('d', ".cwasm"),
+            name('f', ".partial-2-0"),
+            "notes.txt".to_owned(),
+            "other.cwasm".to_owned(),
+            "stale.cwasm.partial-1".to_owned(),
+        ];
+        expected.sort();
+        assert_eq!(left, expected);
         // The newest stays even alone over the limit.
         prune(&dir, 1).unwrap();
-        assert!(dir.join("new.cwasm").exists() && !dir.join("used.cwasm").exists());
+        assert!(dir.join(name('d', ".cwasm")).exists() && !dir.join(name('c', ".cwasm")).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_entry_that_is_no_regular_file_is_not_read() {
+        let dir = std::env::temp_dir().join(format!("rolehost-cache-read-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (endless, subdir, file) = (dir.join("endless"), dir.join("subdir"), dir.join("file"));
+        std::os::unix::fs::symlink("/dev/zero", &endless).unwrap();
+        std::fs::create_dir(&subdir).unwrap();
+        std::fs::write(&file, b"entry").unwrap();
+        assert_eq!(read_entry(&endless), None);
+        assert_eq!(read_entry(&subdir), None);
+        assert_eq!(read_entry(&file), Some(b"entry".to_vec()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
