@@ -338,7 +338,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Checkpoint { manifest, role, file, common } => {
             let (backend, namespace, _) = role_state(&common, &manifest, &role)?;
             let checkpoint = checkpoint::take(backend.as_ref(), &namespace, &role).await?;
-            std::fs::write(&file, serde_json::to_vec_pretty(&checkpoint)?)
+            write_private(&file, &serde_json::to_vec_pretty(&checkpoint)?)
                 .with_context(|| format!("cannot write {}", file.display()))?;
             println!(
                 "{} kv keys and {} subjects of role `{role}` written to {}",
@@ -516,6 +516,28 @@ fn host_with(
         }
     }
     Ok(host)
+}
+
+/// Writes `bytes` to `path` readable by the owner alone (a checkpoint holds
+/// a role's whole state), through a new file beside it renamed into place:
+/// a failed write (a full disk) leaves the file there before untouched.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".partial-{}", std::process::id()));
+    let aside = PathBuf::from(aside);
+    let written = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&aside)
+        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
+        .and_then(|()| std::fs::rename(&aside, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&aside);
+    }
+    written
 }
 
 /// Prints, or applies with the admin connection, each role's ACL user.

@@ -66,7 +66,12 @@ fn roles_get_clear_checkpoint_restore_on_redis() {
 
     let file = dir.join("app.json");
     let file = file.to_str().unwrap();
+    // Over an older file, which it replaces whole; readable by its owner
+    // alone (it holds the role's whole state).
+    std::fs::write(file, "an older checkpoint, longer than the new one will be ".repeat(100)).unwrap();
     ok(rolehost(&["checkpoint", "--manifest", &source, "app", file]));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
     let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
     assert_eq!(saved["format"], "rolehost-checkpoint/1");
     assert_eq!(saved["kv"].as_array().unwrap().len(), 2, "only app's keys: {saved}");
