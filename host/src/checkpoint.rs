@@ -197,18 +197,29 @@ pub async fn restore(
             None => expired += 1,
         }
     }
-    for (key, value, ttl) in &kv {
-        backend.set(key, value, *ttl).await?;
+    // Should a write fail, the error says how far the restore got (the
+    // entries before it are written; running it again is safe).
+    let stopped = |error: StateError, entry: &str, done: usize| {
+        let what = format!("{entry}, after {done} of {} kv keys and subjects were written", kv.len() + subjects.len());
+        error.context(&what)
+    };
+    for (done, (key, value, ttl)) in kv.iter().enumerate() {
+        let local = namespace.local(Space::Kv, key).unwrap_or(key);
+        backend.set(key, value, *ttl).await.map_err(|e| stopped(e, &format!("kv key {local:?}"), done))?;
     }
-    for (key, fields, ttl) in &subjects {
+    for (done, (key, fields, ttl)) in subjects.iter().enumerate() {
         // The fields it had and the checkpoint lacks go in the same atomic
         // step as the new ones are written: should that fail, the subject
         // is left as it was.
-        let old = backend.hash_get_all(key, usize::MAX).await?;
-        let gone: Vec<String> =
-            old.into_iter().map(|(field, _)| field).filter(|f| !fields.iter().any(|(new, _)| new == f)).collect();
-        backend.hash_apply(key, fields, &gone, None).await?;
-        backend.expire(key, *ttl).await?;
+        let write = async {
+            let old = backend.hash_get_all(key, usize::MAX).await?;
+            let gone: Vec<String> =
+                old.into_iter().map(|(field, _)| field).filter(|f| !fields.iter().any(|(new, _)| new == f)).collect();
+            backend.hash_apply(key, fields, &gone, None).await?;
+            backend.expire(key, *ttl).await.map(drop)
+        };
+        let local = namespace.local(Space::Subject, key).unwrap_or(key);
+        write.await.map_err(|e| stopped(e, &format!("subject {local:?}"), kv.len() + done))?;
     }
     Ok(Restored { kv: kv.len(), subjects: subjects.len(), expired })
 }
@@ -285,5 +296,7 @@ mod tests {
         assert_eq!(error.kind(), "quota-exceeded", "{error}");
         let after = backend.hash_get_all("t:app:s:user", usize::MAX).await.unwrap();
         assert_eq!(after, fields, "the subject is as it was");
+        // The error says how far the restore got.
+        assert!(error.to_string().contains(r#"subject "user", after 1 of 2 kv keys and subjects"#), "{error}");
     }
 }
