@@ -96,13 +96,18 @@ pub fn password(secret: &str, role: &str) -> String {
     hex(&hmac_sha256(secret.as_bytes(), role.as_bytes()))
 }
 
+/// The ACL key pattern of a role's own keys, `~{prefix}{role}:*`.
+pub fn own_keys(global_prefix: &str, role: &str) -> String {
+    format!("~{}*", glob::escape(&format!("{global_prefix}{role}:")))
+}
+
 /// The arguments of `ACL SETUSER` for a role: reset, enable, set the
 /// password hash, allow its own keys and granted namespaces, and only the
 /// state API's commands.
 pub fn setuser_args(global_prefix: &str, role: &str, grants: &Grants, secret: &str) -> Vec<String> {
     let mut args = vec![user(role), "reset".into(), "on".into()];
     args.push(format!("#{}", hex(&Sha256::digest(password(secret, role)))));
-    args.push(format!("~{}*", glob::escape(&format!("{global_prefix}{role}:"))));
+    args.push(own_keys(global_prefix, role));
     for (name, access) in &grants.namespaces {
         let keys = format!("{}*", glob::escape(&format!("{global_prefix}@{name}:")));
         args.push(match access {

@@ -558,6 +558,23 @@ async fn acl(common: &Common, manifest: &Manifest, apply: bool) -> anyhow::Resul
         bail!("--apply needs a Redis backend (--state redis://…)");
     };
     let admin = rolehost::backend::RedisBackend::new(&options).map_err(anyhow::Error::msg)?;
+    // A user of the same name with other keys belongs to another
+    // deployment on this Redis (another global prefix): resetting it would
+    // lock that one's role out.
+    for spec in manifest.role_specs()? {
+        let (user, own) = (acl::user(&spec.name), acl::own_keys(&prefix, &spec.name));
+        if let Some(keys) = admin.acl_user_keys(&user).await? {
+            if !keys.split(' ').any(|pattern| pattern == own) {
+                bail!(
+                    "Redis already has a user `{user}` for other keys ({keys}), not `{own}`: another deployment \
+                     (another global prefix) has a role `{}` on this Redis. Give this role another name, or, if \
+                     the user is this deployment's from before a change of prefix, delete it first (ACL DELUSER \
+                     {user}); nothing was applied",
+                    spec.name
+                );
+            }
+        }
+    }
     for args in &commands {
         admin.acl_setuser(args).await?;
         println!("applied ACL user {}", args[0]);

@@ -163,3 +163,37 @@ fn an_empty_or_short_acl_secret_is_refused() {
     let printed = ok(rolehost(&["acl", "--manifest", manifest.to_str().unwrap()]));
     assert!(printed.contains("ACL SETUSER rolehost-counter"), "{printed}");
 }
+
+/// Two deployments (global prefixes) on one Redis with a role of the same
+/// name: applying the second's users would reset the first's user to the
+/// second's keys, locking the first's role out. It is refused, naming the
+/// user, and changes nothing.
+#[test]
+fn applying_refuses_to_take_over_another_deployments_user() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("rolehost-acl-shared-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let deployment = |prefix: &str| {
+        let manifest = dir.join(format!("{}.toml", prefix.trim_end_matches(':')));
+        let text = format!(
+            "state = \"redis://127.0.0.1:{}/0\"\nglobal-prefix = \"{prefix}\"\n[[roles]]\nwasm = \"{}\"\n",
+            server.port,
+            role_path("counter").display()
+        );
+        std::fs::write(&manifest, text).unwrap();
+        manifest.to_str().unwrap().to_owned()
+    };
+    let (first, second) = (deployment("a:"), deployment("b:"));
+    ok(rolehost(&["acl", "--manifest", &first, "--apply"]));
+    let keys = || server.cli(&["acl", "getuser", "rolehost-counter"]);
+    assert!(keys().contains("~a:counter:*"), "{}", keys());
+    let refused = rolehost(&["acl", "--manifest", &second, "--apply"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "applied over another deployment's user");
+    assert!(stderr.contains("already has a user `rolehost-counter` for other keys (~a:counter:*)"), "{stderr}");
+    assert!(keys().contains("~a:counter:*") && !keys().contains("~b:"), "{}", keys());
+    // The first deployment applies again as often as it likes.
+    ok(rolehost(&["acl", "--manifest", &first, "--apply"]));
+}

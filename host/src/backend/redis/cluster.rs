@@ -15,6 +15,7 @@ use redis::{
 };
 
 use super::connection::lock;
+use super::{field, text};
 
 /// One primary of a Cluster; none for the only server of the other kinds.
 pub(super) type Shard = Option<Primary>;
@@ -342,25 +343,6 @@ fn endpoints(shards: &Value) -> HashMap<String, String> {
         .filter(|(_, endpoint)| !endpoint.is_empty() && *endpoint != "?")
         .map(|(id, endpoint)| (id.to_owned(), endpoint.to_owned()))
         .collect()
-}
-
-/// The value of `name` in a map (RESP3) or a flat list of names and values
-/// (RESP2).
-fn field<'v>(map: &'v Value, name: &str) -> Option<&'v Value> {
-    let is_name = |key: &Value| text(key) == Some(name);
-    match map {
-        Value::Map(pairs) => pairs.iter().find(|(key, _)| is_name(key)).map(|(_, value)| value),
-        Value::Array(items) => items.chunks_exact(2).find(|pair| is_name(&pair[0])).map(|pair| &pair[1]),
-        _ => None,
-    }
-}
-
-fn text(value: &Value) -> Option<&str> {
-    match value {
-        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
-        Value::SimpleString(text) => Some(text),
-        _ => None,
-    }
 }
 
 /// Whether every key of `cmd` lies in `slot`. Only the multi-key commands

@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use futures_util::future::join_all;
-use redis::{AsyncCommands, ErrorKind, RedisError, Script, ServerErrorKind};
+use redis::{AsyncCommands, ErrorKind, RedisError, Script, ServerErrorKind, Value};
 
 use self::cluster::Shard;
 use self::connection::{Conn, Connector, Lane};
@@ -496,6 +496,17 @@ fn with_fallback_ttl(pipe: &mut redis::Pipeline, key: &str, ttl: Option<Duration
 }
 
 impl RedisBackend {
+    /// The key patterns of the ACL user `name` (`ACL GETUSER`, as Redis
+    /// prints them, space-separated); none when there is no such user.
+    pub async fn acl_user_keys(&self, name: &str) -> StateResult<Option<String>> {
+        let getuser = || redis::cmd("ACL").arg("GETUSER").arg(name).clone();
+        let reply: Value = self.run(Op::Read, |mut c| async move { getuser().query_async(&mut c).await }).await?;
+        if reply == Value::Nil {
+            return Ok(None);
+        }
+        Ok(Some(field(&reply, "keys").and_then(text).unwrap_or_default().to_owned()))
+    }
+
     /// Sends `ACL SETUSER args…` (operator use, on an admin connection).
     pub async fn acl_setuser(&self, args: &[String]) -> StateResult<()> {
         let setuser = || redis::cmd("ACL").arg("SETUSER").arg(args).clone();
@@ -730,6 +741,25 @@ fn map_error(error: RedisError) -> StateError {
         return StateError::InvalidArgument(error.detail().unwrap_or(&detail).to_owned());
     }
     StateError::Internal(format!("Redis: {error}"))
+}
+
+/// The value of `name` in a map (RESP3) or a flat list of names and values
+/// (RESP2).
+pub(super) fn field<'v>(map: &'v Value, name: &str) -> Option<&'v Value> {
+    let is_name = |key: &Value| text(key) == Some(name);
+    match map {
+        Value::Map(pairs) => pairs.iter().find(|(key, _)| is_name(key)).map(|(_, value)| value),
+        Value::Array(items) => items.chunks_exact(2).find(|pair| is_name(&pair[0])).map(|pair| &pair[1]),
+        _ => None,
+    }
+}
+
+pub(super) fn text(value: &Value) -> Option<&str> {
+    match value {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        Value::SimpleString(text) => Some(text),
+        _ => None,
+    }
 }
 
 /// Longest cursor accepted back from a guest.
