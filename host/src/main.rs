@@ -349,9 +349,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Restore { manifest, role, file, rename, common } => {
-            let text = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            // Any size a regular file may have: restore checks every entry
+            // before it writes one, so it holds them all.
+            let text = rolehost::manifest::read_text(&file, 1 << 40)
+                .with_context(|| format!("cannot read {}", file.display()))?;
             let checkpoint: checkpoint::Checkpoint =
-                serde_json::from_slice(&text).with_context(|| format!("{} is not a checkpoint", file.display()))?;
+                serde_json::from_str(&text).with_context(|| format!("{} is not a checkpoint", file.display()))?;
             if checkpoint.role != role && !rename {
                 bail!(
                     "{} holds role `{}`, not `{role}`; add --rename to restore it into `{role}`",

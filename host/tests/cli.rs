@@ -262,6 +262,10 @@ fn bad_manifests_are_refused_clearly() {
     assert_fails_with(&rolehost(&["call", "--manifest", &syntax, "x"]), "bad manifest");
     let password = write(&dir, "password.toml", "[redis]\npassword = \"hunter2\"\n");
     assert_fails_with(&rolehost(&["call", "--manifest", &password, "x"]), "REDIS_PASSWORD");
+    // A device that never ends is no manifest (nor checkpoint): refused,
+    // not read until memory runs out.
+    assert_fails_with(&rolehost(&["call", "--manifest", "/dev/zero", "x"]), "not a regular file");
+    assert_fails_with(&rolehost(&["restore", "--manifest", &password, "x", "/dev/zero"]), "not a regular file");
     let missing = dir.join("missing.toml");
     assert_fails_with(&rolehost(&["call", "--manifest", missing.to_str().unwrap(), "x"]), "cannot read manifest");
     let url_password = rolehost(&["run", &counter(), "--state", "redis://:hunter2@127.0.0.1:1"]);
