@@ -13,7 +13,7 @@
 //! files a process that died mid-write left behind.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,7 +61,7 @@ impl CompileCache {
         let entry = self.entry(engine, sha256);
         // Read into memory rather than mapping the file: a file truncated
         // by someone else while mapped would crash the process (SIGBUS).
-        if let Some(stored) = read_entry(&entry) {
+        if let Ok(stored) = crate::files::read_regular(&entry, MAX_ENTRY_BYTES) {
             match checked(&stored) {
                 // SAFETY: the entry is whole as `store` wrote it from
                 // `Component::serialize` for this engine configuration (its
@@ -166,19 +166,6 @@ const ENTRY_FORMAT: u32 = 2;
 /// Largest entry read (a compiled Python role is tens of MB).
 const MAX_ENTRY_BYTES: u64 = 1 << 30;
 
-/// The bytes of the entry at `path`, if it is a regular file of at most
-/// [`MAX_ENTRY_BYTES`] (not, say, a link to a device that never ends).
-fn read_entry(path: &Path) -> Option<Vec<u8>> {
-    let file = std::fs::File::open(path).ok()?;
-    let meta = file.metadata().ok()?;
-    if !meta.is_file() || meta.len() > MAX_ENTRY_BYTES {
-        return None;
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_ENTRY_BYTES).read_to_end(&mut bytes).ok()?;
-    Some(bytes)
-}
-
 /// Whether `name` is one the cache gives its files: `{sha256}-{hash}.cwasm`
 /// for an entry, with `.partial-…` in place of `.cwasm` while written.
 fn kind_of(name: &str) -> Option<Kept> {
@@ -251,21 +238,6 @@ mod tests {
         // The newest stays even alone over the limit.
         prune(&dir, 1).unwrap();
         assert!(dir.join(name('d', ".cwasm")).exists() && !dir.join(name('c', ".cwasm")).exists());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn an_entry_that_is_no_regular_file_is_not_read() {
-        let dir = std::env::temp_dir().join(format!("rolehost-cache-read-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let (endless, subdir, file) = (dir.join("endless"), dir.join("subdir"), dir.join("file"));
-        std::os::unix::fs::symlink("/dev/zero", &endless).unwrap();
-        std::fs::create_dir(&subdir).unwrap();
-        std::fs::write(&file, b"entry").unwrap();
-        assert_eq!(read_entry(&endless), None);
-        assert_eq!(read_entry(&subdir), None);
-        assert_eq!(read_entry(&file), Some(b"entry".to_vec()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -20,6 +20,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod files;
 mod glob;
 pub mod limits;
 pub mod logs;

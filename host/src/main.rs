@@ -338,7 +338,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Checkpoint { manifest, role, file, common } => {
             let (backend, namespace, _) = role_state(&common, &manifest, &role)?;
             let checkpoint = checkpoint::take(backend.as_ref(), &namespace, &role).await?;
-            write_private(&file, &serde_json::to_vec_pretty(&checkpoint)?)
+            // Readable by its owner alone: it holds the role's whole state.
+            rolehost::files::write_private(&file, &serde_json::to_vec_pretty(&checkpoint)?)
                 .with_context(|| format!("cannot write {}", file.display()))?;
             println!(
                 "{} kv keys and {} subjects of role `{role}` written to {}",
@@ -351,10 +352,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Restore { manifest, role, file, rename, common } => {
             // Any size a regular file may have: restore checks every entry
             // before it writes one, so it holds them all.
-            let text = rolehost::manifest::read_text(&file, 1 << 40)
+            let text = rolehost::files::read_regular(&file, 1 << 40)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let checkpoint: checkpoint::Checkpoint =
-                serde_json::from_str(&text).with_context(|| format!("{} is not a checkpoint", file.display()))?;
+                serde_json::from_slice(&text).with_context(|| format!("{} is not a checkpoint", file.display()))?;
             if checkpoint.role != role && !rename {
                 bail!(
                     "{} holds role `{}`, not `{role}`; add --rename to restore it into `{role}`",
@@ -521,28 +522,6 @@ fn host_with(
     Ok(host)
 }
 
-/// Writes `bytes` to `path` readable by the owner alone (a checkpoint holds
-/// a role's whole state), through a new file beside it renamed into place:
-/// a failed write (a full disk) leaves the file there before untouched.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut aside = path.as_os_str().to_owned();
-    aside.push(format!(".partial-{}", std::process::id()));
-    let aside = PathBuf::from(aside);
-    let written = std::fs::File::options()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&aside)
-        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
-        .and_then(|()| std::fs::rename(&aside, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&aside);
-    }
-    written
-}
-
 /// Prints, or applies with the admin connection, each role's ACL user.
 async fn acl(common: &Common, manifest: &Manifest, apply: bool) -> anyhow::Result<()> {
     let secret = acl::secret()?;
@@ -566,7 +545,7 @@ async fn acl(common: &Common, manifest: &Manifest, apply: bool) -> anyhow::Resul
     // lock that one's role out.
     for spec in manifest.role_specs()? {
         let (user, own) = (acl::user(&spec.name), acl::own_keys(&prefix, &spec.name));
-        if let Some(keys) = admin.acl_user_keys(&user).await? {
+        for keys in admin.acl_user_keys(&user).await? {
             if !keys.split(' ').any(|pattern| pattern == own) {
                 bail!(
                     "Redis already has a user `{user}` for other keys ({keys}), not `{own}`: another deployment \

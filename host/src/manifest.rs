@@ -89,26 +89,6 @@ pub struct RoleEntry {
 /// Largest manifest read (a manifest is a few KB).
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
-/// The text of the regular file at `path`, refused past `max` bytes (not,
-/// say, a device or a pipe that never ends).
-pub fn read_text(path: &Path, max: u64) -> anyhow::Result<String> {
-    use std::io::Read as _;
-    let file = std::fs::File::open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        bail!("not a regular file");
-    }
-    if meta.len() > max {
-        bail!("{} bytes, more than the {max} read", meta.len());
-    }
-    let mut text = String::new();
-    file.take(max + 1).read_to_string(&mut text)?;
-    if text.len() as u64 > max {
-        bail!("more than the {max} bytes read");
-    }
-    Ok(text)
-}
-
 fn default_global_prefix() -> String {
     DEFAULT_GLOBAL_PREFIX.to_owned()
 }
@@ -116,8 +96,9 @@ fn default_global_prefix() -> String {
 impl Manifest {
     /// Reads and checks a manifest file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text =
-            read_text(path, MAX_MANIFEST_BYTES).with_context(|| format!("cannot read manifest {}", path.display()))?;
+        let text = crate::files::read_regular(path, MAX_MANIFEST_BYTES)
+            .and_then(|bytes| String::from_utf8(bytes).map_err(std::io::Error::other))
+            .with_context(|| format!("cannot read manifest {}", path.display()))?;
         let mut manifest = Self::parse(&text).with_context(|| format!("bad manifest {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let roles =

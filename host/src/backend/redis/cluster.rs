@@ -303,7 +303,7 @@ fn primaries(nodes: &str, endpoints: &HashMap<String, String>) -> Vec<Shard> {
     let mut primaries: Vec<Shard> = nodes
         .lines()
         .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
+            let fields: Vec<&str> = line.split_ascii_whitespace().collect();
             let (id, address, flags) = (fields.first()?, fields.get(1)?, fields.get(2)?);
             let flag = |name: &str| flags.split(',').any(|f| f == name);
             let healthy =
@@ -314,11 +314,14 @@ fn primaries(nodes: &str, endpoints: &HashMap<String, String>) -> Vec<Shard> {
             let address = address.split(['@', ',']).next()?;
             let (ip, port) = address.rsplit_once(':')?;
             let host = endpoints.get(*id).map_or(ip, String::as_str);
+            // Slots it cannot read leave it counted as one without: it is
+            // still scanned, and then known done by its id.
             let slots = fields.iter().skip(8).filter(|entry| !entry.starts_with('[')).map(|entry| {
                 let (first, last) = entry.split_once('-').unwrap_or((entry, entry));
-                Some((first.parse().ok()?, last.parse().ok()?))
+                let (first, last): (u16, u16) = (first.parse().ok()?, last.parse().ok()?);
+                (first <= last && last < 16384).then_some((first, last))
             });
-            let slots = slots.collect::<Option<_>>()?;
+            let slots = slots.collect::<Option<_>>().unwrap_or_default();
             Some(Some(Primary { host: host.to_owned(), port: port.parse().ok()?, id: id.to_string(), slots }))
         })
         .collect();
@@ -399,6 +402,7 @@ e5 127.0.0.1:7000@17000 master - 0 0 4 connected 10923-16383
 f6 127.0.0.1:7005@17005 master - 0 0 5 connected
 g7 127.0.0.1:7006@17006 master,fail? - 0 0 6 connected
 h8 127.0.0.1:7007@17007 master - 0 0 7 disconnected
+j9 127.0.0.1:7009@17009  master - 0 0 8 connected 16384 \r
 ";
         let primary = |host: &str, port, id: &str, slots: &[(u16, u16)]| {
             Some(Primary { host: host.to_owned(), port, id: id.to_owned(), slots: slots.to_vec() })
@@ -408,6 +412,8 @@ h8 127.0.0.1:7007@17007 master - 0 0 7 disconnected
             primary("127.0.0.1", 7001, "a1", &[(0, 5459), (5460, 5460)]),
             primary("127.0.0.1", 7002, "b2", &[(5461, 10922)]),
             primary("127.0.0.1", 7005, "f6", &[]),
+            // Slots it cannot read: scanned as one without.
+            primary("127.0.0.1", 7009, "j9", &[]),
         ];
         assert_eq!(primaries(nodes, &HashMap::new()), expected);
         // Named by the endpoint the cluster gives, where it gives one.

@@ -497,14 +497,20 @@ fn with_fallback_ttl(pipe: &mut redis::Pipeline, key: &str, ttl: Option<Duration
 
 impl RedisBackend {
     /// The key patterns of the ACL user `name` (`ACL GETUSER`, as Redis
-    /// prints them, space-separated); none when there is no such user.
-    pub async fn acl_user_keys(&self, name: &str) -> StateResult<Option<String>> {
-        let getuser = || redis::cmd("ACL").arg("GETUSER").arg(name).clone();
-        let reply: Value = self.run(Op::Read, |mut c| async move { getuser().query_async(&mut c).await }).await?;
-        if reply == Value::Nil {
-            return Ok(None);
+    /// prints them, space-separated) on each server that has one: the one
+    /// server, or every Cluster primary (Redis does not share users between
+    /// nodes).
+    pub async fn acl_user_keys(&self, name: &str) -> StateResult<Vec<String>> {
+        let getuser = redis::cmd("ACL").arg("GETUSER").arg(name).clone();
+        let mut found = Vec::new();
+        for shard in self.shards(self.deadline()).await? {
+            let (getuser, shard) = (&getuser, &shard);
+            let reply = self.run(Op::Read, |mut c| async move { c.on(shard, getuser).await }).await?;
+            if reply != Value::Nil {
+                found.push(field(&reply, "keys").and_then(text).unwrap_or_default().to_owned());
+            }
         }
-        Ok(Some(field(&reply, "keys").and_then(text).unwrap_or_default().to_owned()))
+        Ok(found)
     }
 
     /// Sends `ACL SETUSER args…` (operator use, on an admin connection).
@@ -819,10 +825,13 @@ impl Done {
         self.slots.get(usize::from(slot)).copied().unwrap_or(false)
     }
 
+    /// Marks `first..=last` done (slots past the last there is are
+    /// ignored; `primaries` never gives them).
     fn add_slots(&mut self, (first, last): (u16, u16)) {
         self.slots.resize(Self::SLOTS, false);
-        for slot in first..=last.min(Self::SLOTS as u16 - 1) {
-            self.slots[usize::from(slot)] = true;
+        let last = usize::from(last).min(Self::SLOTS - 1);
+        if let Some(range) = self.slots.get_mut(usize::from(first)..=last) {
+            range.fill(true);
         }
     }
 
@@ -843,8 +852,11 @@ impl Done {
         primary.slots.iter().for_each(|&range| self.add_slots(range));
     }
 
+    /// The slots as `render` writes them: ranges in ascending order, apart
+    /// (so a forged list costs at most one pass over the slots).
     fn parse(text: &str) -> Option<Self> {
         let mut done = Self::default();
+        let mut next_free = 0;
         for item in text.split(',').filter(|item| !item.is_empty()) {
             if let Some(id) = item.strip_prefix('@') {
                 done.slotless.insert(id.to_owned());
@@ -852,9 +864,10 @@ impl Done {
             }
             let (first, last) = item.split_once('-').unwrap_or((item, item));
             let (first, last): (u16, u16) = (first.parse().ok()?, last.parse().ok()?);
-            if first > last || usize::from(last) >= Self::SLOTS {
+            if first < next_free || first > last || usize::from(last) >= Self::SLOTS {
                 return None;
             }
+            next_free = last + 1;
             done.add_slots((first, last));
         }
         Some(done)
@@ -907,7 +920,12 @@ impl ScanCursor {
             "-" => Position::End,
             id => Position::At(Some(id.to_owned())),
         };
-        let done = Done::parse(parts.next().unwrap_or_default()).ok_or_else(invalid)?;
+        // A list this version did not write (an older one's, or a forged
+        // one) starts the listing over: keys come twice, none is missed.
+        let (primary, done) = match Done::parse(parts.next().unwrap_or_default()) {
+            Some(done) => (primary, done),
+            None => (Position::At(None), Done::default()),
+        };
         // A cursor comes back from the guest, which can put any names in
         // it: they still land under the pattern's literal prefix, which
         // holds the role's namespace, so a forged cursor names only keys
@@ -1442,12 +1460,19 @@ mod tests {
         let at = ScanCursor::parse(Some(&at.render("*")), "*").unwrap();
         assert!(at.done.covers(&empty));
         // The one server of the other kinds: the old three-part cursor
-        // still reads; forged slots do not.
+        // still reads.
         let mut at = ScanCursor::parse(Some("9::"), "*").unwrap();
         assert_eq!((at.place_in(&[None]), at.scan), (0, 9));
         assert_eq!(at.finished(&[None], 0), 1);
-        for forged in ["0:::16384", "0:::9-3", "0:::x"] {
-            assert!(ScanCursor::parse(Some(forged), "*").is_err(), "{forged}");
+        // A list of slots this version would not write (out of range,
+        // backwards, overlapping, an older version's) starts the listing
+        // over.
+        let shards = [a.clone(), b.clone()];
+        for other in ["16384", "9-3", "0-100,50-60", "x", "0-100,@a,0-5"] {
+            let mut at = ScanCursor::parse(Some(&format!("5::{}:{other}", shard_id(&b).unwrap())), "*").unwrap();
+            assert_eq!((at.place_in(&shards), at.scan), (0, 0), "{other}");
         }
+        let mut at = ScanCursor::parse(Some("5::127.0.0.1:7002"), "*").unwrap();
+        assert_eq!((at.place_in(&shards), at.scan), (0, 0), "a cursor naming a primary by address");
     }
 }
