@@ -13,10 +13,8 @@
 //! files a process that died mid-write left behind.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -93,26 +91,10 @@ impl CompileCache {
     fn store(&self, entry: &Path, component: &Component) -> anyhow::Result<()> {
         // Made private (a directory that exists keeps its mode).
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir)?;
-        // Write aside, then rename: a reader never sees half an entry. The
-        // partial file is new (never a file or link already there) and
-        // named for this write alone.
-        static WRITES: AtomicU64 = AtomicU64::new(0);
-        let write = WRITES.fetch_add(1, Ordering::Relaxed);
-        let partial = entry.with_extension(format!("partial-{}-{write}", std::process::id()));
         let mut compiled = component.serialize()?;
         let digest = Sha256::digest(&compiled);
         compiled.extend_from_slice(&digest);
-        let written = std::fs::File::options()
-            .write(true)
-            .create_new(true)
-            .open(&partial)
-            .and_then(|mut file| file.write_all(&compiled))
-            .and_then(|()| std::fs::rename(&partial, entry));
-        if written.is_err() {
-            // A full disk, say: leave no half-written file behind.
-            let _ = std::fs::remove_file(&partial);
-        }
-        Ok(written?)
+        Ok(crate::files::replace(entry, &compiled, 0o644)?)
     }
 }
 
@@ -167,7 +149,8 @@ const ENTRY_FORMAT: u32 = 2;
 const MAX_ENTRY_BYTES: u64 = 1 << 30;
 
 /// Whether `name` is one the cache gives its files: `{sha256}-{hash}.cwasm`
-/// for an entry, with `.partial-…` in place of `.cwasm` while written.
+/// for an entry, and `….cwasm.partial-…` while written (`.partial-…` in
+/// place of `.cwasm` from older versions).
 fn kind_of(name: &str) -> Option<Kept> {
     let (stem, rest) = name.split_at_checked(64 + 1 + 16)?;
     let hex = |text: &str| text.bytes().all(|b| b.is_ascii_hexdigit());
@@ -177,7 +160,7 @@ fn kind_of(name: &str) -> Option<Kept> {
     }
     match rest {
         ".cwasm" => Some(Kept::Entry),
-        _ if rest.starts_with(".partial-") => Some(Kept::Partial),
+        _ if rest.starts_with(".cwasm.partial-") || rest.starts_with(".partial-") => Some(Kept::Partial),
         _ => None,
     }
 }

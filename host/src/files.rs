@@ -36,12 +36,19 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     if std::fs::metadata(&target).is_ok_and(|meta| !meta.is_file()) {
         return std::fs::File::options().write(true).open(&target)?.write_all(bytes);
     }
-    let mut aside = target.as_os_str().to_owned();
+    replace(&target, bytes, 0o600)
+}
+
+/// Writes `bytes` to `path` (with `mode` if new) through a new file beside
+/// it (never a file or link already there) renamed over it: a reader never
+/// sees half of it, and a failed write leaves what was there whole.
+pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let mut aside = path.as_os_str().to_owned();
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
     aside.push(format!(".partial-{}-{nanos}", std::process::id()));
     let aside = PathBuf::from(aside);
-    let mut file = std::fs::File::options().write(true).create_new(true).mode(0o600).open(&aside)?;
-    let written = file.write_all(bytes).and_then(|()| file.sync_all()).and_then(|()| std::fs::rename(&aside, &target));
+    let mut file = std::fs::File::options().write(true).create_new(true).mode(mode).open(&aside)?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all()).and_then(|()| std::fs::rename(&aside, path));
     if written.is_err() {
         // Ours (made new above): leave no half-written file behind.
         let _ = std::fs::remove_file(&aside);
