@@ -334,6 +334,20 @@ pub fn render_backend(health: &StateResult<Health>) -> String {
     out
 }
 
+/// Request body bytes `serve` holds now, being read or for calls running
+/// (`rolehost_request_body_bytes`), and the most it may
+/// (`rolehost_request_body_max_bytes`), as Prometheus text.
+pub fn render_request_bodies(held: usize, max: usize) -> String {
+    let mut out = String::new();
+    for (metric, help, value) in [
+        ("rolehost_request_body_bytes", "Request body bytes held now (being read or for calls running)", held),
+        ("rolehost_request_body_max_bytes", "Request body bytes that may be held at once (--max-buffered-bytes)", max),
+    ] {
+        out += &format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n{metric} {value}\n");
+    }
+    out
+}
+
 /// The connections each of `serve`'s worker threads serves now
 /// (`rolehost_worker_connections`, by worker index), as Prometheus text.
 pub fn render_workers(connections: &[usize]) -> String {

@@ -479,7 +479,9 @@ async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let backend = crate::metrics::render_backend(&app.host.backend().health().await);
     let workers = crate::metrics::render_workers(&app.connections.now());
-    let body = app.host.metrics().render() + &backend + &workers;
+    let held = app.max_buffered_bytes - app.buffered.available_permits();
+    let bodies = crate::metrics::render_request_bodies(held, app.max_buffered_bytes);
+    let body = app.host.metrics().render() + &backend + &workers + &bodies;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

@@ -734,6 +734,13 @@ fn slow_and_idle_clients_are_cut_off() {
     assert_eq!(server.post("/roles/counter", ""), (200, "1".into(), None));
 }
 
+/// `rolehost_request_body_bytes` from the metrics.
+fn held(server: &Server) -> usize {
+    let (_, metrics) = server.get("/metrics");
+    let line = metrics.lines().find_map(|line| line.strip_prefix("rolehost_request_body_bytes "));
+    line.expect("rolehost_request_body_bytes in the metrics").parse().unwrap()
+}
+
 /// Request bodies count against `--max-buffered-bytes` as they arrive
 /// (not as a Content-Length promises) until their calls return: past it a
 /// request gets 503 with Retry-After, and the budget comes back.
@@ -762,17 +769,15 @@ fn request_bodies_held_at_once_are_capped_host_wide() {
     let busy = |answer: &(u16, String, Option<String>)| {
         answer.0 == 503 && answer.1.contains(r#""error":"busy""#) && answer.2.as_deref() == Some("1")
     };
+    // Once the server has read them (a request of 700 read at the same
+    // time would instead leave too little for them).
     let start = Instant::now();
-    loop {
-        let answer = server.post("/roles/counter", &"c".repeat(700));
-        if busy(&answer) {
-            break;
-        }
-        // Until the server has read the slow request's bytes.
-        assert_eq!(answer.0, 200, "{answer:?}");
-        assert!(start.elapsed() < patience, "never refused");
+    while held(&server) < 900 {
+        assert!(start.elapsed() < patience, "the slow body's 900 bytes were never counted");
         std::thread::sleep(Duration::from_millis(20));
     }
+    let answer = server.post("/roles/counter", &"c".repeat(700));
+    assert!(busy(&answer), "700 bytes more are over the budget: {answer:?}");
     let calls_before = server.post("/roles/counter", &"d".repeat(400));
     assert_eq!(calls_before.0, 200, "a body within what is left is served: {calls_before:?}");
     // A chunked body is counted as its chunks arrive: 250 bytes fit, 400
@@ -791,6 +796,7 @@ fn request_bodies_held_at_once_are_capped_host_wide() {
     let count: u64 = count.parse().unwrap();
     let before: u64 = calls_before.1.parse().unwrap();
     assert_eq!(count, before + 2, "the refused requests did not call the role");
+    assert_eq!(held(&server), 0, "no call runs: no body is held");
     // A budget smaller than one largest body is refused at start.
     let out = Command::new(env!("CARGO_BIN_EXE_rolehost"))
         .args(["serve", "--manifest", manifest.to_str().unwrap(), "--listen", "127.0.0.1:0"])
