@@ -203,8 +203,8 @@ async fn queued_writes_are_sent_when_the_caller_leaves_during_the_last_release()
         while !held() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // Writes (and scripts) wait 1.5 s: the lock's release too.
-        server.cli(&["client", "pause", "1500", "write"]);
+        // Writes (and scripts) wait until let go: the lock's release too.
+        server.cli(&["client", "pause", "60000", "write"]);
         // The caller gives up while the release waits.
         tokio::time::sleep(Duration::from_millis(1300)).await;
     };
@@ -212,6 +212,7 @@ async fn queued_writes_are_sent_when_the_caller_leaves_during_the_last_release()
         answer = call => panic!("the call ended before its caller left: {answer:?}"),
         () = paused => {}
     }
+    server.cli(&["client", "unpause"]);
     host.settle().await;
     let queued = server.backend(db).get("ff:r:kv:queued", None).await;
     assert_eq!(queued, Ok(Some(b"1".to_vec())), "{}", host.metrics().render());

@@ -247,10 +247,11 @@ async fn operation_quotas_per_call_and_per_second(b: Arc<dyn Backend>, p: String
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(probe(&host, "rate", json!({"op":"get","key":"r0"})).await, Ok(json!("v")));
     // Listing pages of up to 500 (the SDK's) costs what the page holds, so
-    // it works under quotas below 500: 14 keys against 30 a second, and 4
-    // against 10 a call.
+    // it works under quotas below 500: the keys set (14, more if the burst
+    // was slow) against 30 a second, and 4 against 10 a call.
     let listed = probe(&host, "rate", json!({"op":"list_all"})).await.unwrap();
-    assert_eq!(listed.as_array().map(Vec::len), Some(14), "{listed}");
+    let set = passed.iter().filter(|p| **p).count();
+    assert_eq!(listed.as_array().map(Vec::len), Some(set), "{listed}");
     assert_eq!(probe(&host, "call", json!({"op":"count"})).await, Ok(json!(4)));
     // A page a call can no longer pay for is refused, as any operation.
     let ops: Vec<Value> = (0..4).map(|_| json!({"op":"count"})).collect();

@@ -151,6 +151,9 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
         .route("/admin/roles/{role}/reload", post(reload))
         .route("/admin/reload", post(reload_manifest))
         .with_state(app.clone());
+    // Listened for from the start: a signal before any wait for it is
+    // kept, not lost (nor does it kill the process once it is ready).
+    let mut signals = Signals::listen()?;
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
     tracing::info!(%address, roles = app.host.roles().len(), "serving");
@@ -163,12 +166,10 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
     http.timer(TokioTimer::new()).header_read_timeout(options.read_timeout);
     let connections = Arc::new(tokio::sync::Semaphore::new(options.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
     loop {
         let permit = tokio::select! {
             permit = connections.clone().acquire_owned() => permit?,
-            () = &mut stop => break,
+            () = signals.next() => break,
         };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -180,7 +181,7 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
                     continue;
                 }
             },
-            () = &mut stop => break,
+            () = signals.next() => break,
         };
         // Handed over as a plain socket: it must join the worker's runtime.
         let stream = match stream.into_std() {
@@ -223,7 +224,7 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
     };
     tokio::select! {
         () = finish => {}
-        () = shutdown_signal() => {
+        () = signals.next() => {
             tracing::warn!("a second signal: stopping now, not waiting for calls in flight or unsent writes");
         }
     }
@@ -305,19 +306,23 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stalling<S> {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+/// SIGINT and SIGTERM, each counted from when it is listened for.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self { interrupt: signal(SignalKind::interrupt())?, terminate: signal(SignalKind::terminate())? })
+    }
+
+    /// The next signal of either kind (one that came while nothing waited
+    /// included). Cancel-safe.
+    async fn next(&mut self) {
+        tokio::select! { _ = self.interrupt.recv() => {}, _ = self.terminate.recv() => {} }
+    }
 }
 
 /// The HTTP status for each way a call can fail.

@@ -812,12 +812,14 @@ mod tests {
         let store = MemoryBackend::with_max_bytes(5_000);
         let b: &dyn Backend = &store;
         let mut full = false;
+        // Long enough not to expire while it fills (a sweep would then make
+        // room), short against the wait below.
         for i in 0..10 {
-            full |= b.set(&format!("t{i}"), &[1; 1000], Some(Duration::from_millis(1))).await.is_err();
+            full |= b.set(&format!("t{i}"), &[1; 1000], Some(Duration::from_millis(300))).await.is_err();
         }
         assert!(full, "filled past the limit");
         // A full store sweeps at most once a second.
-        tokio::time::sleep(FULL_SWEEP_EVERY + Duration::from_millis(50)).await;
+        tokio::time::sleep(FULL_SWEEP_EVERY + Duration::from_millis(350)).await;
         b.set("fresh", b"v", None).await.expect("room again once they expired");
         assert_eq!(sizes(&store).0, sizes(&store).1);
     }
