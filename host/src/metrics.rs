@@ -149,7 +149,7 @@ impl<M: Metric> Render for Family<M> {
             return;
         }
         let (name, help, kind) = (self.name, self.help, M::KIND);
-        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        header(out, name, help, kind);
         for (values, metric) in &members {
             let labels: Vec<String> = self
                 .order
@@ -300,6 +300,17 @@ impl Metric for Histogram {
     }
 }
 
+/// A metric family's `# HELP` and `# TYPE` lines.
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+}
+
+/// A gauge without labels, header and value.
+fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    header(out, name, help, "gauge");
+    let _ = writeln!(out, "{name} {value}");
+}
+
 /// What a backend's health report says, as Prometheus text: whether it
 /// answered (`rolehost_backend_up`) and its server figures (memory,
 /// clients, keyspace hits and misses, expired and evicted keys), read
@@ -318,16 +329,15 @@ pub fn render_backend(health: &StateResult<Health>) -> String {
         ("expired_keys", "rolehost_backend_expired_keys_total", "counter", "Keys Redis expired"),
         ("evicted_keys", "rolehost_backend_evicted_keys_total", "counter", "Keys Redis evicted for memory"),
     ];
-    let mut out = String::from(
-        "# HELP rolehost_backend_up Whether the state backend answered\n# TYPE rolehost_backend_up gauge\n",
-    );
-    out += &format!("rolehost_backend_up {}\n", u8::from(health.is_ok()));
+    let mut out = String::new();
+    gauge(&mut out, "rolehost_backend_up", "Whether the state backend answered", u8::from(health.is_ok()).into());
     if let Ok(health) = health {
         for (detail, metric, kind, help) in FIGURES {
             let value = health.details.get(*detail).and_then(|v| v.parse::<u64>().ok());
             // Redis's maxmemory 0 means no limit: nothing to show.
             if let Some(value) = value.filter(|&v| v > 0 || *detail != "maxmemory") {
-                out += &format!("# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}\n");
+                header(&mut out, metric, help, kind);
+                let _ = writeln!(out, "{metric} {value}");
             }
         }
     }
@@ -339,12 +349,10 @@ pub fn render_backend(health: &StateResult<Health>) -> String {
 /// (`rolehost_request_body_max_bytes`), as Prometheus text.
 pub fn render_request_bodies(held: usize, max: usize) -> String {
     let mut out = String::new();
-    for (metric, help, value) in [
-        ("rolehost_request_body_bytes", "Request body bytes held now (being read or for calls running)", held),
-        ("rolehost_request_body_max_bytes", "Request body bytes that may be held at once (--max-buffered-bytes)", max),
-    ] {
-        out += &format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n{metric} {value}\n");
-    }
+    let held_help = "Request body bytes held now (being read or for calls running)";
+    gauge(&mut out, "rolehost_request_body_bytes", held_help, held as u64);
+    let max_help = "Request body bytes that may be held at once (--max-buffered-bytes)";
+    gauge(&mut out, "rolehost_request_body_max_bytes", max_help, max as u64);
     out
 }
 
@@ -352,7 +360,8 @@ pub fn render_request_bodies(held: usize, max: usize) -> String {
 /// (`rolehost_worker_connections`, by worker index), as Prometheus text.
 pub fn render_workers(connections: &[usize]) -> String {
     let metric = "rolehost_worker_connections";
-    let mut out = format!("# HELP {metric} Connections each worker thread serves now\n# TYPE {metric} gauge\n");
+    let mut out = String::new();
+    header(&mut out, metric, "Connections each worker thread serves now", "gauge");
     for (worker, count) in connections.iter().enumerate() {
         out += &format!("{metric}{{worker=\"{worker}\"}} {count}\n");
     }
