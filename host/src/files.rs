@@ -1,6 +1,7 @@
 //! The files rolehost reads and writes for an operator (manifests,
-//! checkpoints) and for its compile cache: never stuck on a pipe or a
-//! device, never written through a file someone else put in the way.
+//! components, checkpoints) and for its compile cache: never stuck on a
+//! pipe or a device, never written through a file someone else put in the
+//! way.
 
 use std::io::{self, Read as _, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -25,6 +26,17 @@ pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
         return Err(io::Error::other(format!("more than the {max} bytes read")));
     }
     Ok(bytes)
+}
+
+/// The largest component file rolehost reads (Python's runtime makes
+/// one of about 19 MB).
+pub const MAX_COMPONENT_BYTES: u64 = 512 << 20;
+
+/// The bytes of the component file at `path`: a regular file of at most
+/// [`MAX_COMPONENT_BYTES`], so a pipe or a device named by mistake fails
+/// rather than hanging a reload (and every reload after it).
+pub fn read_component(path: &Path) -> std::io::Result<Vec<u8>> {
+    read_regular(path, MAX_COMPONENT_BYTES)
 }
 
 /// Writes `bytes` to `path` readable by its owner alone, through a new

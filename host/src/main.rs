@@ -221,8 +221,10 @@ fn main() -> ExitCode {
         }
     };
     let outcome = runtime.block_on(run(cli.command));
-    // The log's last lines (the runtime's, too) before the final word.
-    drop(runtime);
+    // The log's last lines (the runtime's, too) before the final word. A
+    // reload still compiling when `serve` stopped gets a moment, not an
+    // unbounded wait past the grace period.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     drop(flush_logs);
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -295,7 +297,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let manifest = Manifest::load(&manifest)?;
             let prefix = prefix(&common, Some(&manifest))?;
             for spec in manifest.role_specs()? {
-                let digest = match std::fs::read(&spec.wasm) {
+                let digest = match rolehost::files::read_component(&spec.wasm) {
                     Ok(bytes) => rolehost::acl::sha256_hex(&bytes),
                     Err(e) => format!("unreadable ({e})"),
                 };

@@ -395,8 +395,8 @@ impl Host {
         if spec.limits.fuel.is_some() && !self.options.fuel {
             bail!("role `{}` has a fuel limit, but the host does not count fuel", spec.name);
         }
-        let bytes =
-            std::fs::read(&spec.wasm).with_context(|| format!("cannot read role component {}", spec.wasm.display()))?;
+        let bytes = crate::files::read_component(&spec.wasm)
+            .with_context(|| format!("cannot read role component {}", spec.wasm.display()))?;
         let sha256 = sha256_hex(&bytes);
         if let Some(pin) = &spec.sha256 {
             if !pin.eq_ignore_ascii_case(&sha256) {

@@ -120,6 +120,11 @@ struct App {
     connections: Loads,
 }
 
+/// The most a connection buffers of a request's line and headers (hyper's
+/// default, about 400 KiB, times `--max-connections` would be gigabytes
+/// held outside `--max-buffered-bytes`); past it the answer is 431.
+const MAX_HEADER_BYTES: usize = 32 << 10;
+
 /// Serves until SIGINT or SIGTERM, then lets calls in flight finish (up to
 /// the grace period). `ready` receives the bound address.
 pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
@@ -158,12 +163,11 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
     let address = listener.local_addr()?;
     tracing::info!(%address, roles = app.host.roles().len(), "serving");
     ready(address);
-    if let Some(every) = options.watch {
-        tokio::spawn(watch_files(app.clone(), every));
-    }
+    let watcher = options.watch.map(|every| tokio::spawn(watch_files(app.clone(), every)));
 
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(options.read_timeout);
+    http.max_buf_size(MAX_HEADER_BYTES).max_header_size(MAX_HEADER_BYTES);
     let connections = Arc::new(tokio::sync::Semaphore::new(options.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     loop {
@@ -208,6 +212,11 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
     }
     tracing::info!("shutting down: no new connections; finishing calls in flight");
     drop(listener);
+    // No reload starts during the grace period (one compiling now is left
+    // to the runtime's end, which waits for it only briefly).
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     // One grace period for both waits; a second signal ends them at once.
     let grace = options.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
@@ -424,27 +433,15 @@ async fn call_role(State(app): State<Arc<App>>, Path(role): Path<String>, body: 
     let start = Instant::now();
     // An unknown role is refused before its body is read: reading waits
     // for the client and holds its bytes, for nothing.
-    let result = match app.host.role(&role) {
-        None => Err(CallError::UnknownRole(role.clone())),
+    let response = match app.host.role(&role) {
+        None => call_response(Err(CallError::UnknownRole(role.clone()))),
         Some(_) => match read_body(&app, body).await {
             // The body's share of the budget goes when the call returns.
-            Ok((body, _share)) => app.host.call(&role, &body).await,
-            Err(response) => return response,
+            Ok((body, _share)) => call_response(app.host.call(&role, &body).await),
+            // Logged as a call too: refused bodies (413, 408, busy) are
+            // what an operator looks for.
+            Err(response) => response,
         },
-    };
-    let response = match &result {
-        Ok(response) => (StatusCode::OK, response.clone()).into_response(),
-        Err(error) => {
-            let kind = match error {
-                CallError::Role { error, .. } => error.kind(),
-                other => other.kind(),
-            };
-            let mut response = (status(error), error_body(kind, &error.to_string())).into_response();
-            if matches!(error, CallError::Busy { .. }) || kind == "quota-exceeded" || kind == "unavailable" {
-                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-            }
-            response
-        }
     };
     tracing::info!(
         request = id,
@@ -454,6 +451,25 @@ async fn call_role(State(app): State<Arc<App>>, Path(role): Path<String>, body: 
         "call"
     );
     response
+}
+
+/// A call's answer: its response, or its error as JSON with the status
+/// (and `Retry-After` where trying again helps).
+fn call_response(result: Result<Vec<u8>, CallError>) -> Response {
+    match result {
+        Ok(response) => (StatusCode::OK, response).into_response(),
+        Err(error) => {
+            let kind = match &error {
+                CallError::Role { error, .. } => error.kind(),
+                other => other.kind(),
+            };
+            let mut response = (status(&error), error_body(kind, &error.to_string())).into_response();
+            if matches!(error, CallError::Busy { .. }) || kind == "quota-exceeded" || kind == "unavailable" {
+                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            response
+        }
+    }
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
@@ -666,7 +682,7 @@ fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
 
 /// The sha256 of a role's file as it is now, if it can be read.
 fn file_sha256(spec: &RoleSpec) -> Option<String> {
-    std::fs::read(&spec.wasm).ok().map(|bytes| crate::acl::sha256_hex(&bytes))
+    crate::files::read_component(&spec.wasm).ok().map(|bytes| crate::acl::sha256_hex(&bytes))
 }
 
 /// Reloads a role on a blocking thread: compiling a big component takes
@@ -712,6 +728,7 @@ async fn watch_files(app: Arc<App>, every: Duration) {
                 // Files changed during the reload are still seen as
                 // changed at the check below; those it reloaded are not.
                 let before = role_stamps();
+                tracing::info!(manifest = %path.display(), "the manifest changed; applying it");
                 if let Err(e) = apply_manifest_off_runtime(&app).await {
                     tracing::error!("the manifest was refused, nothing changed: {e:#}");
                 }

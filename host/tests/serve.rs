@@ -27,13 +27,20 @@ impl Server {
 
     /// The same, logging at `level` to `log` (the child's stderr).
     fn start_logging(manifest: &Path, extra: &[&str], level: &str, log: Stdio) -> Self {
+        Self::launch(manifest, extra, &[("RUST_LOG", level)], log)
+    }
+
+    /// The same, with environment variables `env` (`RUST_LOG` among them:
+    /// `warn` by default).
+    fn launch(manifest: &Path, extra: &[&str], env: &[(&str, &str)], log: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_rolehost"))
             .args(["serve", "--manifest", manifest.to_str().unwrap(), "--listen", "127.0.0.1:0"])
             .args(extra)
             .env_remove("ROLEHOST_STATE")
             .env("ROLEHOST_ADMIN_TOKEN", TOKEN)
             .env("ROLEHOST_ACL_SECRET", ACL_SECRET)
-            .env("RUST_LOG", level)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -296,6 +303,14 @@ fn reload_swaps_versions_and_refuses_bad_ones() {
     let (status, body, _) = server.post_with(reload, "", Some(TOKEN));
     assert_eq!(status, 422, "{body}");
     assert_eq!(server.post("/roles/app", "").1, "3");
+    // So is a pipe named by mistake, at once (reading it would never end),
+    // and the reloads after it still run.
+    std::fs::remove_file(&wasm).unwrap();
+    assert!(Command::new("mkfifo").arg(&wasm).status().unwrap().success());
+    let (status, body, _) = server.post_with(reload, "", Some(TOKEN));
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("not a regular file"), "{body}");
+    std::fs::remove_file(&wasm).unwrap();
     // A new version is swapped in and keeps the identity's state.
     std::fs::copy(role_path("kvprobe"), &wasm).unwrap();
     let (status, body, _) = server.post_with(reload, "", Some(TOKEN));
@@ -509,6 +524,38 @@ fn sigterm_lets_calls_in_flight_finish() {
     assert!(Server::agent().post(format!("{}/roles/probe", server.base)).send("").is_err());
 }
 
+/// A signal while the watcher compiles a role (a Python role's takes
+/// seconds without the compile cache) stops the server after the grace
+/// period, not once the compile is done.
+#[test]
+fn a_signal_during_a_reload_stops_after_the_grace_period() {
+    let dir = dir("signal-during-reload");
+    let cache = dir.join("empty-cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let path = manifest(&dir, "memory", &[("counter", &role_path("counter"), "")]);
+    let log = dir.join("stderr.log");
+    let env = [("RUST_LOG", "info"), ("ROLEHOST_CACHE", cache.to_str().unwrap())];
+    let flags = ["--watch", "--shutdown-grace-secs", "1"];
+    let mut server = Server::launch(&path, &flags, &env, Stdio::from(std::fs::File::create(&log).unwrap()));
+    let (counter, python) = (role_path("counter"), role_path("counter-py"));
+    manifest(&dir, "memory", &[("counter", &counter, ""), ("python", &python, "")]);
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap().contains("the manifest changed; applying it") {
+        assert!(start.elapsed() < Duration::from_secs(30), "the watcher never applied the manifest");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.post("/roles/python", "").0, 404, "still compiling");
+    unsafe { libc_kill(server.child.id() as i32, 15) };
+    let signalled = Instant::now();
+    while server.child.try_wait().unwrap().is_none() {
+        // The grace period (1 s) and the runtime's end (1 s at most), well
+        // short of the compile's rest (about 10 s on the test machine).
+        assert!(signalled.elapsed() < Duration::from_secs(5), "the server waited for the compile");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;
@@ -705,7 +752,9 @@ fn read_all(stream: &mut TcpStream) -> Result<String, ErrorKind> {
 fn slow_and_idle_clients_are_cut_off() {
     let dir = dir("slow-clients");
     let manifest = manifest(&dir, "memory", &[("counter", &role_path("counter"), "")]);
-    let server = Server::start(&manifest, &["--read-timeout-secs", "1", "--max-body-bytes", "1000"]);
+    let log = dir.join("stderr.log");
+    let flags = ["--read-timeout-secs", "1", "--max-body-bytes", "1000"];
+    let server = Server::start_logging(&manifest, &flags, "info", Stdio::from(std::fs::File::create(&log).unwrap()));
     let patience = Duration::from_secs(30);
     // Headers that never end, and a connection that never sends anything:
     // closed without a response.
@@ -731,8 +780,26 @@ fn slow_and_idle_clients_are_cut_off() {
     let answer = read_all(&mut big).unwrap();
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains(r#""error":"too-large""#), "{answer}");
+    // Headers past 32 KiB: 431, not held.
+    let mut long = connect(&server, patience);
+    let cookie = "a".repeat(40 << 10);
+    long.write_all(format!("POST /roles/counter HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n").as_bytes()).unwrap();
+    let answer = read_all(&mut long).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     // None of it touched the role.
     assert_eq!(server.post("/roles/counter", ""), (200, "1".into(), None));
+    // The refused bodies are logged as calls, each with its status.
+    let start = Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("status=200") || start.elapsed() > Duration::from_secs(30) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for status in ["408", "413"] {
+        assert!(text.contains(&format!(r#"role="counter" status={status}"#)), "{status}: {text}");
+    }
 }
 
 /// `rolehost_request_body_bytes` from the metrics.
