@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rolehost::backend::{Backend, Expiry, RateDecision, ScanPage, FENCE_TTL};
+use rolehost::backend::{Backend, Expiry, RateDecision, ScanPage, FENCE_TTL, READ_FIELD_COST};
 use rolehost::StateError;
 use rolehost_tests::{on_all_backends, scan_pages};
 
@@ -432,9 +432,17 @@ async fn hash_reads_and_atomic_writes(b: Arc<dyn Backend>, p: String) {
     let mut all = b.hash_get_all(&k, usize::MAX).await.unwrap();
     all.sort();
     assert_eq!(all, fields(&[("page", "37"), ("pname", "\"ada\"")]));
-    // 16 bytes of fields and values: a caller taking fewer is refused them.
-    assert_eq!(b.hash_get_all(&k, 16).await.unwrap().len(), 2);
-    assert!(matches!(b.hash_get_all(&k, 15).await, Err(StateError::TooLarge(_))));
+    // 16 bytes of fields and values and two fields' cost: a caller taking
+    // fewer is refused them.
+    let whole = 16 + 2 * READ_FIELD_COST;
+    assert_eq!(b.hash_get_all(&k, whole).await.unwrap().len(), 2);
+    assert!(matches!(b.hash_get_all(&k, whole - 1).await, Err(StateError::TooLarge(_))));
+    // Many tiny fields are refused on their number alone.
+    let tiny: Vec<(String, Vec<u8>)> = (0..1000).map(|i| (i.to_string(), Vec::new())).collect();
+    let many = format!("{p}many");
+    b.hash_apply(&many, &tiny, &[], None).await.unwrap();
+    let error = b.hash_get_all(&many, 999 * READ_FIELD_COST).await.unwrap_err();
+    assert!(matches!(&error, StateError::TooLarge(m) if m.contains("bytes of fields and values")), "{error}");
     // The TTL survives writes; removing the last field deletes the hash.
     assert!(b.expire(&k, Some(Duration::from_secs(30))).await.unwrap());
     b.hash_apply(&k, &fields(&[("page", "38")]), &[], None).await.unwrap();

@@ -250,6 +250,17 @@ async fn rate_limits_are_exact_under_concurrency(b: Arc<dyn Backend>, p: String)
     assert_eq!(err(json!({"op":"rate_check","key":"x","limit":0,"window_ms":1000})).await, "invalid-argument");
     assert_eq!(err(json!({"op":"rate_check","key":"x","limit":5,"window_ms":0})).await, "invalid-argument");
     assert_eq!(err(json!({"op":"rate_check","key":"x","limit":5,"window_ms":1000,"cost":6})).await, "invalid-argument");
+    // Finer than a microsecond a unit (10 M a second), or rounded more than
+    // 1 % off (600 000 a second would be 500 000): refused, not slowed.
+    for limit in [10_000_000, 600_000] {
+        let check = json!({"op":"rate_check","key":"x","limit":limit,"window_ms":1000});
+        assert_eq!(err(check).await, "invalid-argument", "{limit}");
+    }
+    // Exact, or within 1 %: kept.
+    for (limit, window_ms) in [(1_000_000u64, 1000u64), (3, 1000), (u32::MAX.into(), 365 * 24 * 3600 * 1000)] {
+        let check = json!({"op":"rate_check","key":format!("ok{limit}"),"limit":limit,"window_ms":window_ms});
+        assert!(probe(&host, "alice", check).await.is_ok(), "{limit} per {window_ms} ms");
+    }
     assert_eq!(err(json!({"op":"rate_check","key":"","limit":5,"window_ms":1000})).await, "invalid-key");
 }
 

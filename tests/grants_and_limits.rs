@@ -213,7 +213,7 @@ async fn operation_quotas_per_call_and_per_second(b: Arc<dyn Backend>, p: String
     let per_call = RoleLimits { max_ops_per_call: 10, ..RoleLimits::default() };
     let per_second = RoleLimits { max_ops_per_second: Some(30), ..RoleLimits::default() };
     let host = host_with_specs(
-        b,
+        b.clone(),
         &p,
         vec![("call", "kvprobe", per_call, Grants::default()), ("rate", "kvprobe", per_second, Grants::default())],
     );
@@ -232,6 +232,15 @@ async fn operation_quotas_per_call_and_per_second(b: Arc<dyn Backend>, p: String
     // A batch counts one operation per key.
     let big = probe(&host, "call", json!({"op":"set_many","entries":{},"count":11})).await;
     assert_eq!(big, Err("quota-exceeded".into()));
+    // So does a subject's load, per property: 8 fit (with the probe's bucket
+    // and the open), 9 not.
+    for (props, fits) in [(8, true), (9, false)] {
+        let fields: Vec<(String, Vec<u8>)> = (0..props).map(|i| (format!("p{i}"), b"1".to_vec())).collect();
+        b.hash_apply(&format!("{p}call:s:many{props}"), &fields, &[], None).await.unwrap();
+        let load = probe(&host, "call", json!({"op":"subject_load","subject":format!("many{props}")})).await;
+        assert_eq!(load.is_ok(), fits, "{props} properties: {load:?}");
+        assert!(fits || load == Err("quota-exceeded".into()), "{load:?}");
+    }
     // The next call has a fresh per-call budget.
     assert_eq!(probe(&host, "call", json!({"op":"get","key":"k0"})).await, Ok(json!("v")));
     // Per second: a burst of 40 probe operations (80 state operations: the

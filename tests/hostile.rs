@@ -129,6 +129,10 @@ async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) 
     // 100 subjects × 1000 writes of 100 kB would be 10 GB.
     let fill = json!({"op":"subject_fill","subjects":100,"props":1000,"len":100_000});
     assert_eq!(mallory(fill).await, Err("too-large".into()));
+    // Tiny writes count their buffer's entries too: 90 subjects × 1000
+    // strings of 10 bytes are 1.4 MB of names and values, but 10 MB held.
+    let tiny = json!({"op":"subject_fill","subjects":90,"props":1000,"len":10});
+    assert_eq!(mallory(tiny).await, Err("too-large".into()));
     // Queued writes count too: 9 × 1 MiB is over 8 MiB.
     let queue: Vec<Value> = (0..9).map(|i| json!({"op":"set_later","key":format!("q{i}"),"len":1 << 20})).collect();
     let answers = mallory(json!({"op":"batch","ops":queue})).await.unwrap();
@@ -199,6 +203,12 @@ async fn host_memory_held_for_a_role_is_bounded(b: Arc<dyn Backend>, p: String) 
     assert_eq!(mallory(json!({"op":"subject_load","subject":"huge"})).await, Err("too-large".into()));
     let one = mallory(json!({"op":"subject_get","subject":"huge","prop":"3"})).await.unwrap();
     assert_eq!(one.as_str().map(str::len), Some((1 << 20) + 2), "the raw JSON string, quotes included");
+    // So is one of many tiny properties (200 000 of 8 bytes: 1.6 MB of
+    // names and values, many times that as strings in the host and guest).
+    let many = format!("{p}mallory:s:many");
+    let props: Vec<(String, Vec<u8>)> = (0..200_000).map(|i| (format!("p{i:06}"), b"1".to_vec())).collect();
+    b.hash_apply(&many, &props, &[], None).await.unwrap();
+    assert_eq!(mallory(json!({"op":"subject_load","subject":"many"})).await, Err("too-large".into()));
 }
 
 /// The host keeps what a subject's or a lock's handle names (about 2 kB

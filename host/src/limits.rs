@@ -80,6 +80,9 @@ pub const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 pub const MAX_DEADLINE_MS: u64 = 24 * 3600 * 1000;
 /// Most calls at once, of a role or of the host.
 pub const MAX_CONCURRENCY: usize = 1 << 20;
+/// Longest `max-key-bytes`: a key of 64 KiB is already surely a mistake,
+/// and patterns take twice the limit.
+pub const MAX_KEY_BYTES: usize = 64 << 10;
 
 impl RoleLimits {
     /// The TTL given to keys written without one: the default, else the
@@ -124,6 +127,7 @@ impl RoleLimits {
             return Err(format!("{name} must be at least 1"));
         }
         let at_most = [
+            ("max-key-bytes", self.max_key_bytes as u64, MAX_KEY_BYTES as u64),
             ("max-concurrency", self.max_concurrency as u64, MAX_CONCURRENCY as u64),
             ("warm-instances", self.warm_instances as u64, self.max_concurrency as u64),
             ("deadline-ms", self.deadline_ms, MAX_DEADLINE_MS),
@@ -177,6 +181,7 @@ mod tests {
     fn limits_the_host_cannot_honour_are_refused_by_name() {
         let cases = [
             (RoleLimits { max_concurrency: usize::MAX, ..Default::default() }, "max-concurrency is"),
+            (RoleLimits { max_key_bytes: 1 << 63, ..Default::default() }, "max-key-bytes is"),
             (RoleLimits { max_concurrency: 0, ..Default::default() }, "max-concurrency must be at least 1"),
             (RoleLimits { deadline_ms: u64::MAX, ..Default::default() }, "deadline-ms is"),
             (RoleLimits { deadline_ms: 0, ..Default::default() }, "deadline-ms must be at least 1"),
@@ -199,6 +204,7 @@ mod tests {
             default_ttl_ms: Some(1000),
             max_ttl_ms: Some(1000),
             warm_instances: 256,
+            max_key_bytes: MAX_KEY_BYTES,
             ..Default::default()
         };
         assert_eq!(check(edge), Ok(()));

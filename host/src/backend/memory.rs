@@ -488,7 +488,10 @@ impl Backend for MemoryBackend {
     async fn hash_get_all(&self, key: &str, max_bytes: usize) -> StateResult<Vec<(String, Vec<u8>)>> {
         self.read(&[key], |map| {
             let Some(hash) = map.hash(key)? else { return Ok(Vec::new()) };
-            let size = hash.iter().map(|(f, v)| f.len() + v.len()).sum();
+            // Counted as in Redis, stopping once over: the lock is the store's.
+            // From the hash's footprint: no walk through many fields.
+            let count = hash.fields.len();
+            let size = hash.bytes.saturating_sub(count * FIELD_OVERHEAD) + count * super::READ_FIELD_COST;
             if size > max_bytes {
                 return Err(super::hash_too_large(size, max_bytes));
             }

@@ -133,8 +133,8 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Backend::get`].
     async fn hash_get(&self, key: &str, field: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>>;
     /// Every field of the hash at `key` (empty when absent); `too-large`
-    /// when its fields and values come to more than `max_bytes`, checked
-    /// before they reach the host.
+    /// when its fields and values, with [`READ_FIELD_COST`] for each field,
+    /// come to more than `max_bytes`, checked before they reach the host.
     async fn hash_get_all(&self, key: &str, max_bytes: usize) -> StateResult<Vec<(String, Vec<u8>)>>;
     /// Writes and removes fields in one atomic step. A hash left empty is
     /// deleted; the key's TTL is kept.
@@ -322,6 +322,11 @@ pub(crate) fn gcra(tat: Option<u64>, now: u64, limit: u64, window: u64, cost: u6
 }
 
 /// A hash of `size` bytes asked for by a caller that takes `max_bytes`.
+/// What a field read whole ([`Backend::hash_get_all`]) counts against the
+/// reader's limit beyond its name and value: the host and the guest hold
+/// each as two strings, so many tiny fields are not free.
+pub const READ_FIELD_COST: usize = 64;
+
 fn hash_too_large(size: usize, max_bytes: usize) -> StateError {
     StateError::TooLarge(format!("at least {size} bytes of fields and values, more than {max_bytes}"))
 }

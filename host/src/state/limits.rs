@@ -27,6 +27,15 @@ impl Host for CallCtx {
         if window_ms == 0 || window_ms > MAX_WINDOW_MS {
             return Err(StateError::InvalidArgument(format!("window must be 1 to {MAX_WINDOW_MS} ms")));
         }
+        // A unit costs a whole number of microseconds, ceil(window / limit):
+        // refused where that would make the rate more than 1 % slower.
+        let window_us = window_ms * 1000;
+        if window_us.div_ceil(limit) * limit > window_us + window_us / 100 {
+            return Err(StateError::InvalidArgument(format!(
+                "{limit} per {window_ms} ms is finer than rolehost counts (a unit takes a whole microsecond, \
+                 so the rate would be more than 1 % off); use a longer window or larger units"
+            )));
+        }
         if cost > limit {
             return Err(StateError::InvalidArgument(format!(
                 "cost {cost} is over the limit {limit}; it could never pass"

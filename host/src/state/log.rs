@@ -133,6 +133,12 @@ impl LogState {
     /// host's. It costs what is written, escapes included, plus
     /// [`LINE_COST`]; past the budget it is dropped.
     fn emit(&mut self, level: Level, line: &[u8]) {
+        // Escapes only lengthen a line: one over the budget as it is goes
+        // before an escaped copy (up to six times as long) is made.
+        if line.len() + LINE_COST > self.budget {
+            self.take(line.len() + LINE_COST);
+            return;
+        }
         let line = String::from_utf8_lossy(line);
         let message = match line.contains(char::is_control) {
             false => line,
@@ -252,5 +258,10 @@ mod tests {
         log.line(Level::Info, &"x".repeat(100));
         log.write(Stream::Stderr, b"tab\there\n");
         assert_eq!(log.state().budget, 1000 - (100 + LINE_COST) - ("tab\\there".len() + LINE_COST));
+        // A line over the budget before its escapes is dropped unescaped:
+        // it counts its own bytes, no escaped copy was made.
+        let log = CallLog::new("r", 1000);
+        log.line(Level::Info, &"\u{1f}".repeat(2000));
+        assert_eq!(spent(&log), (0, 2000 + LINE_COST));
     }
 }

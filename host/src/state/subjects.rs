@@ -25,10 +25,15 @@ pub struct Subject {
     pending: BTreeMap<String, Option<Vec<u8>>>,
 }
 
-/// Bytes a buffered write holds.
+/// Bytes a buffered write holds: its field and value, and the buffer's
+/// entry for them (so many tiny writes are not counted as free).
 fn size(field: &str, value: Option<&[u8]>) -> usize {
-    field.len() + value.map_or(0, <[u8]>::len)
+    PENDING_ENTRY_BYTES + field.len() + value.map_or(0, <[u8]>::len)
 }
+
+/// A buffered write's entry beyond its bytes: two heap blocks and a place
+/// in the buffer's tree.
+const PENDING_ENTRY_BYTES: usize = 96;
 
 impl super::Handle for Subject {
     /// Its name and key (its buffered writes are counted as they come).
@@ -122,9 +127,13 @@ impl CallCtx {
         if !pending.contains_key(&field) && pending.len() >= max {
             return Err(StateError::TooLarge(format!("more than {max} buffered writes; call store first")));
         }
-        let replaced = pending.get(&field).map(|old| size(&field, old.as_deref()));
-        self.hold(size(&field, value.as_deref().map(str::as_bytes)))?;
-        self.unhold(replaced.unwrap_or(0));
+        // Counted net of the write it replaces, which may free as much.
+        let replaced = pending.get(&field).map_or(0, |old| size(&field, old.as_deref()));
+        let new = size(&field, value.as_deref().map(str::as_bytes));
+        match new.checked_sub(replaced) {
+            Some(more) => self.hold(more)?,
+            None => self.unhold(replaced - new),
+        }
         self.subject(handle)?.pending.insert(field, value.map(String::into_bytes));
         Ok(())
     }
@@ -189,6 +198,10 @@ impl HostSubject for CallCtx {
             )),
             other => other,
         })?;
+        // An operation a property, as a listing charges a key; one is paid.
+        if fields.len() > 1 {
+            self.charge(fields.len() - 1)?;
+        }
         for (field, value) in fields {
             let (list, name) = match property_of(&field) {
                 Some((Kind::Default, name)) => (&mut snapshot.default, name),

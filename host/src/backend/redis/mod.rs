@@ -150,7 +150,8 @@ return value
 /// it gained NOVALUES only in Redis 7.4.)
 const HASH_GET_ALL_SCRIPT: &str = r#"
 local max = tonumber(ARGV[1])
-local size = 0
+local size = redis.call('HLEN', KEYS[1]) * tonumber(ARGV[2])
+if size > max then return size end
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   size = size + #field + redis.call('HSTRLEN', KEYS[1], field)
   if size > max then return size end
@@ -1230,8 +1231,9 @@ impl Backend for RedisBackend {
 
     async fn hash_get_all(&self, key: &str, max_bytes: usize) -> StateResult<Vec<(String, Vec<u8>)>> {
         let script = &self.hash_get_all;
-        let answer =
-            self.run(Op::Read, |mut c| async move { eval_read_only(&mut c, script, &[key], max_bytes).await }).await?;
+        let read =
+            |mut c| async move { eval_read_only(&mut c, script, &[key], (max_bytes, super::READ_FIELD_COST)).await };
+        let answer = self.run(Op::Read, read).await?;
         measured(answer)?.map_err(|size| super::hash_too_large(size, max_bytes))
     }
 
