@@ -149,6 +149,32 @@ async fn failed_sends_are_counted_not_returned() {
     assert_eq!(failed, Some(1), "{}", host.metrics().render());
 }
 
+/// Queued writes go out a run at a time; when a later run fails (here the
+/// memory store is full for the sets), those sent before it count as sent
+/// and the rest as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_sent_before_a_failed_run_count_as_sent() {
+    let store = Arc::new(rolehost::backend::MemoryBackend::with_max_bytes(4096));
+    store.set("ff:r:kv:old", b"1", None).await.unwrap();
+    store.set("ff:filler", &[b'x'; 8192], None).await.unwrap();
+    let host = host(store.clone(), "ff:", &[("r", "kvprobe")]);
+    let queue = [
+        json!({"op":"delete_later","key":"old"}),
+        json!({"op":"set_later","key":"a","value":"1"}),
+        json!({"op":"set_later","key":"b","value":"2"}),
+    ];
+    probe(&host, "r", json!({"op":"batch","ops":queue})).await.unwrap();
+    host.settle().await;
+    assert_eq!(store.get("ff:r:kv:old", None).await, Ok(None), "the delete went out");
+    let metrics = host.metrics().render();
+    let count = |outcome: &str| {
+        let wanted = format!("outcome=\"{outcome}\"");
+        let line = metrics.lines().find(|l| l.starts_with("rolehost_deferred_writes_total{") && l.contains(&wanted));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!((count("sent"), count("failed")), (Some(1), Some(2)), "{metrics}");
+}
+
 /// While Redis does not answer, the writes finished calls left unsent are
 /// held up to the host's `max_unsent_bytes`; those of calls past it are
 /// dropped at once and counted as failed, rather than pile up in memory.

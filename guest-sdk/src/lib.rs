@@ -247,8 +247,8 @@ impl Bucket {
     }
 
     /// Fire and forget: queues a write that the host sends after the
-    /// handler returns, with the call's other queued writes in one round
-    /// trip. Errors in the request itself (key, size, TTL, access) come
+    /// handler returns, in order with the call's other queued writes (a run
+    /// of sets with one TTL in one round trip). Errors in the request itself (key, size, TTL, access) come
     /// back now; a failure to send is only logged and counted by the host.
     /// Reads in this call do not see it, and it is dropped if the call
     /// traps. Use it for logs and metrics, not for state a lock protects.
@@ -277,7 +277,8 @@ impl Bucket {
         Ok(self.0.get_many(&keys)?)
     }
 
-    /// Writes every entry in one atomic step, all with the same TTL.
+    /// Writes every entry in one atomic step, all with the same TTL (on a
+    /// Redis Cluster, one step per hash slot).
     pub fn set_many<K: AsRef<str>, V: AsRef<[u8]>>(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
         let entries: Vec<kv::Entry> =
             entries.iter().map(|(k, v)| kv::Entry { key: k.as_ref().to_owned(), value: v.as_ref().to_vec() }).collect();
@@ -368,7 +369,8 @@ impl Bucket {
         Ok(out)
     }
 
-    /// Deletes every key of the namespace; the number deleted.
+    /// Deletes every kv key of the namespace (its subjects, locks and rate
+    /// limiters stay); the number deleted.
     pub fn clear(&self) -> Result<u64> {
         Ok(self.0.clear()?)
     }

@@ -521,8 +521,9 @@ impl Host {
         }
         flushes.running.fetch_add(1, Ordering::SeqCst);
         runtime.spawn(async move {
-            if let Err(error) = backend.write_all(&writes).await {
-                tracing::warn!(role = %name, writes = writes.len(), %error, "fire-and-forget writes failed");
+            if let Err(unsent) = backend.write_all(&writes).await {
+                let (sent, failed, error) = (unsent.sent, writes.len() - unsent.sent, unsent.error);
+                tracing::warn!(role = %name, sent, failed, %error, "fire-and-forget writes failed");
             }
             flushes.bytes.fetch_sub(bytes, Ordering::SeqCst);
             if flushes.running.fetch_sub(1, Ordering::SeqCst) == 1 {

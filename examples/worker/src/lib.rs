@@ -19,18 +19,26 @@ impl Role for Worker {
         if !bucket.set_if_absent("holder", token.to_string(), Some(Duration::from_secs(5)))? {
             return Err(Error::Internal(format!("token {token}: another worker holds the lock too")));
         }
-        let mut log = bucket.get("log")?.unwrap_or_default();
-        if !log.is_empty() {
-            log.push(b',');
-        }
-        log.extend_from_slice(token.to_string().as_bytes());
-        bucket.set("log", &log)?;
+        // The mark goes whether or not the append worked: left behind, it
+        // would make the next holder report two at once.
+        let appended = append(&bucket, token);
         bucket.delete("holder")?;
+        appended?;
         if !lock.release()? {
             return Err(Error::Internal(format!("token {token}: lost the lock before releasing it")));
         }
         Ok(token.to_string().into_bytes())
     }
+}
+
+/// Appends `token` to the comma-separated `log`.
+fn append(bucket: &Bucket, token: u64) -> Result<()> {
+    let mut log = bucket.get("log")?.unwrap_or_default();
+    if !log.is_empty() {
+        log.push(b',');
+    }
+    log.extend_from_slice(token.to_string().as_bytes());
+    bucket.set("log", &log)
 }
 
 export_role!(Worker);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Backend, Expiry, RateDecision, ScanPage, Write};
+use super::{Backend, Expiry, RateDecision, ScanPage, Unsent, Write};
 use crate::error::StateResult;
 use crate::metrics::{Counter, Histogram, Metrics};
 
@@ -289,13 +289,21 @@ impl Backend for Metered {
         self.observe(Op::Clear, self.inner.delete_matching(pattern)).await
     }
 
-    async fn write_all(&self, writes: &[Write]) -> StateResult<()> {
+    async fn write_all(&self, writes: &[Write]) -> Result<(), Unsent> {
         self.wrote(writes.iter().map(|w| if let Write::Set { value, .. } = w { value.len() } else { 0 }).sum());
-        let result = self.observe(Op::WriteLater, self.inner.write_all(writes)).await;
-        let deferred = self.deferred.get_or_init(|| {
+        let mut sent = writes.len();
+        let sending = async {
+            self.inner.write_all(writes).await.map_err(|unsent| {
+                sent = unsent.sent;
+                unsent.error
+            })
+        };
+        let result = self.observe(Op::WriteLater, sending).await;
+        let [sent_count, failed_count] = self.deferred.get_or_init(|| {
             ["sent", "failed"].map(|outcome| self.metrics.deferred_writes.with_label_values(&[&self.role, outcome]))
         });
-        deferred[usize::from(result.is_err())].inc_by(writes.len() as u64);
-        result
+        sent_count.inc_by(sent as u64);
+        failed_count.inc_by((writes.len() - sent) as u64);
+        result.map_err(|error| Unsent { sent, error })
     }
 }

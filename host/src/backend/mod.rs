@@ -184,8 +184,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Sends queued fire-and-forget writes in order. Runs of sets with the
     /// same TTL go out as one `set_many`, runs of deletes as one
-    /// `delete_many`, so the common case is one round trip.
-    async fn write_all(&self, writes: &[Write]) -> StateResult<()> {
+    /// `delete_many`, one after the other, so the common case is one round
+    /// trip. The first run that fails stops the rest.
+    async fn write_all(&self, writes: &[Write]) -> Result<(), Unsent> {
         let mut rest = writes;
         while let Some(first) = rest.first() {
             let run = rest.iter().take_while(|w| w.same_batch(first)).count();
@@ -199,13 +200,14 @@ pub trait Backend: Send + Sync + 'static {
                             Write::Delete { .. } => None,
                         })
                         .collect();
-                    self.set_many(&entries, *ttl).await?;
+                    self.set_many(&entries, *ttl).await
                 }
                 Write::Delete { .. } => {
                     let keys: Vec<String> = batch.iter().map(|w| w.key().to_owned()).collect();
-                    self.delete_many(&keys).await?;
+                    self.delete_many(&keys).await.map(drop)
                 }
             }
+            .map_err(|error| Unsent { sent: writes.len() - rest.len(), error })?;
             rest = tail;
         }
         Ok(())
@@ -322,6 +324,14 @@ pub(crate) fn gcra(tat: Option<u64>, now: u64, limit: u64, window: u64, cost: u6
 }
 
 /// A hash of `size` bytes asked for by a caller that takes `max_bytes`.
+/// Fire-and-forget writes that did not all go out: the first `sent` did
+/// (in order), the rest not, for `error`.
+#[derive(Debug)]
+pub struct Unsent {
+    pub sent: usize,
+    pub error: StateError,
+}
+
 /// What a field read whole ([`Backend::hash_get_all`]) counts against the
 /// reader's limit beyond its name and value: the host and the guest hold
 /// each as two strings, so many tiny fields are not free.
