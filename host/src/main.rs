@@ -242,7 +242,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(name) = name {
                 spec.name = name;
             }
-            let host = host(&common, None, &[spec.clone()])?;
+            // No manifest sets its limit: as many at once as asked for.
+            let limit = &mut spec.limits.max_concurrency;
+            *limit = (*limit).max(repeat.concurrency.into());
+            let host = host(&common, None, &[spec.clone()], repeat)?;
             call(host, &spec.name, body, repeat).await
         }
         Command::Call { manifest, role, body, repeat, common } => {
@@ -251,7 +254,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if specs.is_empty() {
                 bail!("the manifest has no role `{role}`");
             }
-            let host = host(&common, Some(&manifest), &specs)?;
+            let most = specs[0].limits.max_concurrency;
+            if usize::from(repeat.concurrency) > most {
+                bail!("--concurrency {} is more than role `{role}`'s max-concurrency, {most}", repeat.concurrency);
+            }
+            let host = host(&common, Some(&manifest), &specs, repeat)?;
             call(host, &role, body, repeat).await
         }
         Command::Acl { manifest, apply, common } => acl(&common, &Manifest::load(&manifest)?, apply).await,
@@ -456,8 +463,10 @@ fn prefix(common: &Common, manifest: Option<&Manifest>) -> anyhow::Result<String
     Ok(prefix)
 }
 
-fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec]) -> anyhow::Result<Host> {
-    host_with(common, manifest, specs, HostOptions::default().max_concurrency, false)
+/// A host for `repeat`'s calls: room for as many at once.
+fn host(common: &Common, manifest: Option<&Manifest>, specs: &[RoleSpec], repeat: Repeat) -> anyhow::Result<Host> {
+    let most = HostOptions::default().max_concurrency.max(repeat.concurrency.into());
+    host_with(common, manifest, specs, most, false)
 }
 
 /// The backend and namespace of one role of a manifest, for the operator

@@ -348,6 +348,15 @@ fn serve_and_call_flags_out_of_range_are_refused() {
         assert!(!out.status.success() && out.stdout.is_empty(), "{args:?} made a call");
         assert!(stderr.contains(&format!("invalid value '0' for '{}", args[args.len() - 2])), "{stderr}");
     }
+    // More calls at once than a role's max-concurrency (256 by default): a
+    // manifest's role says so before any call; `run` makes room for them.
+    let out = rolehost(&["call", "--manifest", &manifest, "c", "--repeat", "2", "--concurrency", "300"]);
+    assert_fails_with(&out, "--concurrency 300 is more than role `c`'s max-concurrency, 256");
+    let out = rolehost(&["run", &counter(), "--repeat", "1200", "--concurrency", "1100"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut counts: Vec<u64> = stdout(&out).lines().map(|l| l.parse().unwrap()).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=1200).collect::<Vec<u64>>(), "every call answered");
 }
 
 #[test]
