@@ -45,8 +45,9 @@ use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::backend::Health;
 use crate::config::StateConfig;
-use crate::error::CallError;
+use crate::error::{CallError, StateResult};
 use crate::manifest::Manifest;
 use crate::runtime::{Host, RoleSpec};
 use crate::workers::{Loads, Workers};
@@ -118,6 +119,37 @@ struct App {
     read_timeout: Duration,
     /// The connections each worker thread serves now.
     connections: Loads,
+    health: HealthProbe,
+}
+
+/// The backend's health for `/readyz`, `/health` and `/metrics`, probed
+/// for one request at a time: those that come while a probe runs take its
+/// answer, so a flood of checks and scrapes costs Redis one probe at once.
+#[derive(Default)]
+struct HealthProbe {
+    /// Held while a probe runs.
+    turn: tokio::sync::Mutex<()>,
+    /// Probes finished, and the last one's answer.
+    last: std::sync::Mutex<(u64, Option<StateResult<Health>>)>,
+}
+
+impl HealthProbe {
+    async fn probe(&self, host: &Host) -> StateResult<Health> {
+        let last = || self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let asked = last().0;
+        let _turn = self.turn.lock().await;
+        // A probe that ended while this one waited was running when it
+        // was asked: its answer will do.
+        if let (done, Some(answer)) = &*last() {
+            if *done != asked {
+                return answer.clone();
+            }
+        }
+        let answer = host.backend().health().await;
+        let mut kept = last();
+        *kept = (kept.0 + 1, Some(answer.clone()));
+        answer
+    }
 }
 
 /// The most a connection buffers of a request's line and headers (hyper's
@@ -146,6 +178,7 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
         max_buffered_bytes,
         read_timeout: options.read_timeout,
         connections: workers.loads(),
+        health: HealthProbe::default(),
     });
     let router = Router::new()
         .route("/roles/{role}", post(call_role))
@@ -473,7 +506,7 @@ fn call_response(result: Result<Vec<u8>, CallError>) -> Response {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    match app.host.backend().health().await {
+    match app.health.probe(&app.host).await {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
     }
@@ -481,7 +514,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 
 async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     let backend = app.host.backend();
-    let (connected, details, error) = match backend.health().await {
+    let (connected, details, error) = match app.health.probe(&app.host).await {
         Ok(health) => (true, health.details, None),
         Err(e) => (false, BTreeMap::new(), Some(e.to_string())),
     };
@@ -498,7 +531,7 @@ async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let backend = crate::metrics::render_backend(&app.host.backend().health().await);
+    let backend = crate::metrics::render_backend(&app.health.probe(&app.host).await);
     let workers = crate::metrics::render_workers(&app.connections.now());
     let held = app.max_buffered_bytes - app.buffered.available_permits();
     let bodies = crate::metrics::render_request_bodies(held, app.max_buffered_bytes);

@@ -227,6 +227,40 @@ fn health_readiness_and_metrics_on_redis() {
     assert_eq!(server.post("/roles/counter", "").0, 200);
 }
 
+/// Health checks and scrapes that come together share one probe of the
+/// backend: a flood of them while Redis is slow (here stopped for a
+/// moment) costs it a probe or two, not one each.
+#[test]
+fn health_checks_at_once_share_one_probe() {
+    let Some(_) = shared_redis() else { return };
+    let Some(redis) = RedisServer::start() else { return };
+    let dir = dir("health-probe");
+    let manifest = manifest(&dir, &redis.url(0), &[("counter", &role_path("counter"), "")]);
+    let server = Server::start(&manifest, &[]);
+    assert_eq!(server.get("/readyz").0, 200);
+    let probes = || -> u64 {
+        let stats = redis.cli(&["info", "commandstats"]);
+        let line = stats.lines().find_map(|l| l.strip_prefix("cmdstat_info:calls="));
+        line.and_then(|l| l.split(',').next()?.parse().ok()).expect("cmdstat_info in INFO commandstats")
+    };
+    let before = probes();
+    redis.freeze(true);
+    let checks: Vec<_> = (0..30)
+        .map(|i| {
+            let url = format!("{}{}", server.base, ["/readyz", "/health", "/metrics"][i % 3]);
+            std::thread::spawn(move || Server::agent().get(url).call().map(|r| r.status().as_u16()))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    redis.freeze(false);
+    for check in checks {
+        assert_eq!(check.join().unwrap().unwrap(), 200);
+    }
+    // The counting `info` of this test is one call too.
+    let during = probes() - before - 1;
+    assert!(during < 10, "{during} probes for 30 checks");
+}
+
 /// Every worker thread keeps a Redis connection of its own, so a call
 /// runs on one thread from start to end (`workers.rs`).
 #[test]
