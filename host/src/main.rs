@@ -278,11 +278,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let path = manifest;
             let manifest = Manifest::load(&path)?;
             let specs = manifest.role_specs()?;
-            let host = host_with(&common, Some(&manifest), &specs, max_concurrency, true)?;
             let acl_state = match manifest.redis.acl_users {
                 true => Some(state(&common, Some(&manifest))?),
                 false => None,
             };
+            let started = manifest.clone();
             let options = ServeOptions {
                 listen,
                 max_body_bytes,
@@ -292,12 +292,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
                 watch: watch.then_some(std::time::Duration::from_secs(1)),
                 admin_token: std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty()),
-                manifest: Some(ManifestSource { path, started: manifest, overridden: overridden(&common), acl_state }),
+                manifest: Some(ManifestSource { path, started, overridden: overridden(&common), acl_state }),
                 threads: threads.map_or_else(
                     || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
                     usize::from,
                 ),
             };
+            // Before the roles compile, which can take a while.
+            options.check()?;
+            let host = host_with(&common, Some(&manifest), &specs, max_concurrency, true)?;
             serve(host, options, |address| println!("listening on http://{address}")).await
         }
         Command::Roles { manifest, common } => {

@@ -448,6 +448,8 @@ impl Host {
             let namespace = Arc::new(Namespace::shared(&self.global_prefix, name, &spec.limits));
             grants.insert(name.clone(), (namespace, *access));
         }
+        // Checked first: a refused role leaves the largest values alone.
+        let dir = checked_dir(spec.grants.dir.as_deref())?;
         Ok(RoleInfo {
             name: spec.name.clone(),
             namespace: Arc::new(Namespace::new(&self.global_prefix, &spec.name, &spec.limits)),
@@ -456,7 +458,7 @@ impl Host {
             grants,
             op_rate: spec.limits.max_ops_per_second.map(|n| Arc::new(Mutex::new(OpRate::new(n)))),
             env: granted_env(&spec.grants.env),
-            dir: checked_dir(spec.grants.dir.as_deref())?,
+            dir,
         })
     }
 

@@ -85,6 +85,28 @@ pub struct ServeOptions {
     pub threads: usize,
 }
 
+impl ServeOptions {
+    /// Checks the request body limits, naming the flags that set them: the
+    /// bodies held at once must take one largest body, and neither may be
+    /// more than the host can count.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let most = tokio::sync::Semaphore::MAX_PERMITS;
+        for (flag, value) in
+            [("--max-body-bytes", self.max_body_bytes), ("--max-buffered-bytes", self.max_buffered_bytes)]
+        {
+            anyhow::ensure!(value <= most, "{flag} is {value}, more than the most it may be, {most}");
+        }
+        anyhow::ensure!(
+            self.max_buffered_bytes >= self.max_body_bytes,
+            "--max-buffered-bytes is {}: the request bodies held at once must take at least one largest body \
+             (--max-body-bytes, {})",
+            self.max_buffered_bytes,
+            self.max_body_bytes
+        );
+        Ok(())
+    }
+}
+
 /// The manifest `serve` was started from: `POST /admin/reload` and
 /// `--watch` read its roles again.
 #[derive(Debug, Clone)]
@@ -160,12 +182,8 @@ const MAX_HEADER_BYTES: usize = 32 << 10;
 /// Serves until SIGINT or SIGTERM, then lets calls in flight finish (up to
 /// the grace period). `ready` receives the bound address.
 pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
-    let max_buffered_bytes = options.max_buffered_bytes.min(tokio::sync::Semaphore::MAX_PERMITS);
-    anyhow::ensure!(
-        max_buffered_bytes >= options.max_body_bytes,
-        "the request bodies held at once ({max_buffered_bytes} bytes) must take at least one largest body ({} bytes)",
-        options.max_body_bytes
-    );
+    options.check()?;
+    let max_buffered_bytes = options.max_buffered_bytes;
     let workers = Workers::start(options.threads)?;
     let app = Arc::new(App {
         host,
