@@ -39,6 +39,7 @@ const COMMANDS: &[&str] = &[
     "hget",
     "hgetall",
     "hkeys",
+    "hlen",
     "hset",
     "hdel",
     "hincrby",
