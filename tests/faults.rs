@@ -286,6 +286,29 @@ async fn a_write_waiting_for_a_lost_replica_holds_up_no_read_and_keeps_its_conne
     assert_eq!(connections_received(&primary), connections + 3, "an unconfirmed write dropped its connection");
 }
 
+/// Writes that find nothing to do (a lock taken, a value not as expected,
+/// a rate spent) wrote nothing, so they do not wait for replicas: with the
+/// replica gone they answer rather than fail as unconfirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_write_nothing_do_not_wait_for_replicas() {
+    let Some((primary, mut replica)) = primary_and_replica() else { return };
+    let mut options = RedisOptions::new(format!("redis://127.0.0.1:{}/0?wait-replicas=1", primary.port));
+    options.op_timeout = Duration::from_secs(3);
+    let b = RedisBackend::new(&options).unwrap();
+    let minute = Duration::from_secs(60);
+    b.set("k", b"v", None).await.expect("the replica confirms the write");
+    assert!(b.lock_acquire("lock", "fence", "me", minute).await.unwrap().is_some());
+    assert!(b.rate_check("rate", 1, minute, 1).await.unwrap().allowed);
+    replica.kill();
+    assert_eq!(b.set_if_absent("k", b"w", None).await, Ok(false));
+    assert_eq!(b.compare_and_swap("k", Some(b"other"), Some(b"w"), None).await, Ok(false));
+    assert_eq!(b.lock_acquire("lock", "fence", "you", minute).await, Ok(None));
+    assert!(!b.rate_check("rate", 1, minute, 1).await.unwrap().allowed);
+    // One that writes still waits, and says it went unconfirmed.
+    let written = b.set_if_absent("new", b"v", None).await;
+    assert!(matches!(&written, Err(StateError::Unavailable(m)) if m.contains("not confirmed")), "{written:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_wait_goes_unanswered_says_it_is_on_the_primary() {
     let Some((primary, replica)) = primary_and_replica() else { return };

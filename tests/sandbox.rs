@@ -222,6 +222,21 @@ async fn compiled_roles_come_from_the_cache_and_damage_is_survived() {
     assert!(!cached, "a flipped bit went unnoticed");
     assert_eq!(probe(&host, "probe", json!({"op":"incr","key":"n","delta":2})).await, Ok(json!(2)));
     assert!(load().0, "the entry was rewritten");
+    // An entry, or a directory, others may write is not used (someone
+    // could have put code there); a link to an entry is not followed.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path, mode| std::fs::set_permissions(path, PermissionsExt::from_mode(mode)).unwrap();
+    mode(&entries[0], 0o666);
+    assert!(!load().0, "an entry others may write was used");
+    mode(&entries[0], 0o644);
+    assert!(load().0);
+    mode(&dir, 0o777);
+    assert!(!load().0, "a directory others may write was used");
+    mode(&dir, 0o700);
+    let moved = dir.join("elsewhere");
+    std::fs::rename(&entries[0], &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &entries[0]).unwrap();
+    assert!(!load().0, "a link was followed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

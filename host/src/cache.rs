@@ -6,7 +6,9 @@
 //! in its code as much as a truncated file) is compiled again, never run.
 //!
 //! Loading an entry runs native code from the file: the cache directory
-//! must be as trusted as the rolehost binary (see SECURITY.md).
+//! must be as trusted as the rolehost binary (see SECURITY.md). One (or an
+//! entry) that is a link, another user's, or writable by others is not
+//! used: roles are compiled instead.
 //!
 //! The cache keeps at most [`MAX_BYTES`]: after each write the least
 //! recently used entries go (a load touches its entry), as do partial
@@ -57,9 +59,14 @@ impl CompileCache {
     /// Also says whether it came from the cache.
     pub fn load(&self, engine: &Engine, sha256: &str, bytes: &[u8]) -> wasmtime::Result<(Component, bool)> {
         let entry = self.entry(engine, sha256);
+        if let Err(why) = trusted(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), "compile cache not used: {why}");
+            return Ok((Component::from_binary(engine, bytes)?, false));
+        }
         // Read into memory rather than mapping the file: a file truncated
         // by someone else while mapped would crash the process (SIGBUS).
-        if let Ok(stored) = crate::files::read_regular(&entry, MAX_ENTRY_BYTES) {
+        let stored = trusted(&entry).map(|()| crate::files::read_regular(&entry, MAX_ENTRY_BYTES));
+        if let Ok(Ok(stored)) = stored {
             match checked(&stored) {
                 // SAFETY: the entry is whole as `store` wrote it from
                 // `Component::serialize` for this engine configuration (its
@@ -147,6 +154,26 @@ const ENTRY_FORMAT: u32 = 2;
 
 /// Largest entry read (a compiled Python role is tens of MB).
 const MAX_ENTRY_BYTES: u64 = 1 << 30;
+
+/// Whether compiled code at `path` (the cache directory, or an entry) may
+/// run in this process: no link, owned by this user or root, and
+/// writable by no one else. A missing path is trusted (nothing to run).
+fn trusted(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.file_type().is_symlink() {
+        return Err(format!("{} is a link", path.display()));
+    }
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!("{} belongs to user {}, not this one ({me})", path.display(), meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!("{} is writable by others (mode {:o})", path.display(), meta.mode() & 0o777));
+    }
+    Ok(())
+}
 
 /// Whether `name` is one the cache gives its files: `{sha256}-{hash}.cwasm`
 /// for an entry, and `….cwasm.partial-…` while written (`.partial-…` in

@@ -24,7 +24,8 @@ use crate::namespace::{Namespace, Space};
 /// The format tag of this version.
 pub const FORMAT: &str = "rolehost-checkpoint/1";
 
-/// One role's state at a point in time.
+/// One role's state: each key as it was when read (a checkpoint of a
+/// running role is not one instant's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Always [`FORMAT`].
@@ -61,36 +62,48 @@ pub struct SubjectEntry {
     pub fields: BTreeMap<String, String>,
 }
 
+/// Every key of `space`, each once (a Redis scan may name a key twice).
 async fn all_keys(backend: &dyn Backend, namespace: &Namespace, space: Space) -> StateResult<Vec<String>> {
     let pattern = namespace.pattern(space, None)?;
-    let mut keys = Vec::new();
+    let mut keys = std::collections::BTreeSet::new();
     let mut cursor = None;
     loop {
         let page = backend.scan(&pattern, cursor.as_deref(), 1000).await?;
         keys.extend(page.keys);
         match page.cursor {
             Some(next) => cursor = Some(next),
-            None => return Ok(keys),
+            None => return Ok(keys.into_iter().collect()),
         }
     }
 }
 
-fn ttl_ms(expiry: Expiry) -> Option<Option<u64>> {
+/// A TTL as the checkpoint keeps it: counted from `created_unix_ms`, for a
+/// key read at `read_unix_ms` (so a long checkpoint shortens no TTL by the
+/// time it took to reach the key). `None`: missing; `Some(None)`: persistent.
+fn ttl_ms(expiry: Expiry, created_unix_ms: u64, read_unix_ms: u64) -> Option<Option<u64>> {
     match expiry {
         Expiry::Missing => None,
         Expiry::Persistent => Some(None),
-        Expiry::ExpiresIn(left) => Some(Some(left.as_millis().max(1) as u64)),
+        Expiry::ExpiresIn(left) => {
+            Some(Some((left.as_millis() as u64).max(1) + read_unix_ms.saturating_sub(created_unix_ms)))
+        }
     }
 }
 
 /// Reads every kv key and subject of `role` (whose namespace is `namespace`).
+/// Each is read as it is then, one after the other, while the role may run.
 pub async fn take(backend: &dyn Backend, namespace: &Namespace, role: &str) -> StateResult<Checkpoint> {
-    // Taken before the scan: TTLs read later count from here, so restored
-    // keys may expire a little early, never late.
+    // TTLs count from here. Each key's is its remaining TTL read after its
+    // value, plus the time from here until just before that read: restored
+    // keys may expire a little early (by the time between the two reads),
+    // never late.
     let created_unix_ms = now_unix_ms();
     let mut kv = Vec::new();
     for full in all_keys(backend, namespace, Space::Kv).await? {
-        let (Some(value), Some(ttl)) = (backend.get(&full, None).await?, ttl_ms(backend.expiry(&full).await?)) else {
+        let read = now_unix_ms();
+        let value = backend.get(&full, None).await?;
+        let ttl = ttl_ms(backend.expiry(&full).await?, created_unix_ms, read);
+        let (Some(value), Some(ttl)) = (value, ttl) else {
             continue; // expired or deleted meanwhile
         };
         let key = namespace.local(Space::Kv, &full).unwrap_or_default().to_owned();
@@ -98,8 +111,9 @@ pub async fn take(backend: &dyn Backend, namespace: &Namespace, role: &str) -> S
     }
     let mut subjects = Vec::new();
     for full in all_keys(backend, namespace, Space::Subject).await? {
+        let read = now_unix_ms();
         let fields = backend.hash_get_all(&full, usize::MAX).await?;
-        let Some(ttl) = ttl_ms(backend.expiry(&full).await?) else { continue };
+        let Some(ttl) = ttl_ms(backend.expiry(&full).await?, created_unix_ms, read) else { continue };
         if fields.is_empty() {
             continue;
         }
@@ -135,7 +149,8 @@ pub async fn restore(
     if checkpoint.format != FORMAT {
         return Err(StateError::InvalidArgument(format!("unknown checkpoint format {:?}", checkpoint.format)));
     }
-    let age = now_unix_ms().saturating_sub(checkpoint.created_unix_ms);
+    let age = || now_unix_ms().saturating_sub(checkpoint.created_unix_ms);
+    let checked_at = age();
     // Everything is checked before anything is written: a bad entry
     // (named in the error) leaves the role's state as it was. `None`:
     // expired since.
@@ -143,11 +158,21 @@ pub async fn restore(
         Some(ms) if ms == 0 || ms > MAX_TTL_MS => {
             Err(StateError::InvalidArgument(format!("{what}: a TTL of {ms} ms is outside 1 ms to {MAX_TTL_MS} ms")))
         }
-        Some(ms) if ms <= age => Ok(None),
-        ms => limits
-            .write_ttl(ms.map(|ms| Duration::from_millis(ms - age)))
-            .map(Some)
-            .map_err(|e| StateError::InvalidArgument(format!("{what}: {e}"))),
+        Some(ms) if ms <= checked_at => Ok(None),
+        Some(ms) => match limits.write_ttl(Some(Duration::from_millis(ms - checked_at))) {
+            Ok(_) => Ok(Some(Ttl::Counted(ms))),
+            Err(e) => Err(StateError::InvalidArgument(format!("{what}: {e}"))),
+        },
+        None => Ok(Some(Ttl::Fixed(limits.default_ttl()))),
+    };
+    // Each TTL counted as the entry is written (a long restore makes none
+    // outlive its time); `None`: it ran out meanwhile.
+    let write_ttl = |ttl: &Ttl| match *ttl {
+        Ttl::Counted(ms) => {
+            let left = ms.saturating_sub(age());
+            (left > 0).then(|| Some(Duration::from_millis(left)))
+        }
+        Ttl::Fixed(ttl) => Some(ttl),
     };
     let max_value_bytes = limits.max_value_bytes;
     let check_size = |what: &str, len: usize| match len > max_value_bytes {
@@ -203,25 +228,52 @@ pub async fn restore(
         let what = format!("{entry}, after {done} of {} kv keys and subjects were written", kv.len() + subjects.len());
         error.context(&what)
     };
-    for (done, (key, value, ttl)) in kv.iter().enumerate() {
+    let mut restored = Restored { kv: 0, subjects: 0, expired };
+    for (key, value, ttl) in &kv {
+        let Some(ttl) = write_ttl(ttl) else {
+            restored.expired += 1;
+            continue;
+        };
         let local = namespace.local(Space::Kv, key).unwrap_or(key);
-        backend.set(key, value, *ttl).await.map_err(|e| stopped(e, &format!("kv key {local:?}"), done))?;
+        let done = restored.kv;
+        backend.set(key, value, ttl).await.map_err(|e| stopped(e, &format!("kv key {local:?}"), done))?;
+        restored.kv += 1;
     }
-    for (done, (key, fields, ttl)) in subjects.iter().enumerate() {
+    for (key, fields, ttl) in &subjects {
+        let Some(ttl) = write_ttl(ttl) else {
+            restored.expired += 1;
+            continue;
+        };
         // The fields it had and the checkpoint lacks go in the same atomic
         // step as the new ones are written: should that fail, the subject
-        // is left as it was.
+        // is left as it was. A new subject gets its TTL in that step too.
         let write = async {
             let old = backend.hash_get_all(key, usize::MAX).await?;
+            if old.is_empty() {
+                return backend.hash_apply(key, fields, &[], ttl).await;
+            }
             let gone: Vec<String> =
                 old.into_iter().map(|(field, _)| field).filter(|f| !fields.iter().any(|(new, _)| new == f)).collect();
             backend.hash_apply(key, fields, &gone, None).await?;
-            backend.expire(key, *ttl).await.map(drop)
+            match backend.expire(key, ttl).await? {
+                true => Ok(()),
+                false => Err(StateError::Unavailable("it expired as it was written; restore again".into())),
+            }
         };
         let local = namespace.local(Space::Subject, key).unwrap_or(key);
-        write.await.map_err(|e| stopped(e, &format!("subject {local:?}"), kv.len() + done))?;
+        let done = restored.kv + restored.subjects;
+        write.await.map_err(|e| stopped(e, &format!("subject {local:?}"), done))?;
+        restored.subjects += 1;
     }
-    Ok(Restored { kv: kv.len(), subjects: subjects.len(), expired })
+    Ok(restored)
+}
+
+/// A restored entry's TTL: `Counted` milliseconds from when the checkpoint
+/// was taken, or `Fixed` (none, or the role's default for a key the
+/// checkpoint holds as persistent).
+enum Ttl {
+    Counted(u64),
+    Fixed(Option<Duration>),
 }
 
 fn now_unix_ms() -> u64 {
@@ -272,6 +324,43 @@ mod tests {
         let empty = restore(&backend, &namespace, &limits, &checkpoint(&[])).await.unwrap_err();
         assert!(empty.to_string().contains("no fields"), "{empty}");
         assert!(backend.exists("t:app:s:user").await.unwrap(), "the subject is left as it was");
+    }
+
+    /// A TTL counts from when the checkpoint was taken: a key read 3 s into
+    /// it with 5 s left is kept with 8 s from then, not 5.
+    #[test]
+    fn ttls_count_from_the_checkpoint_plus_the_time_to_reach_the_key() {
+        let left = Expiry::ExpiresIn(Duration::from_secs(5));
+        assert_eq!(ttl_ms(left, 1_000, 4_000), Some(Some(8_000)));
+        assert_eq!(ttl_ms(Expiry::Persistent, 1_000, 4_000), Some(None));
+        assert_eq!(ttl_ms(Expiry::Missing, 1_000, 4_000), None);
+    }
+
+    /// TTLs count from when the checkpoint was taken, as each entry is
+    /// written; one that ran out is left out and counted as expired. A new
+    /// subject gets its TTL with its fields.
+    #[tokio::test]
+    async fn restore_counts_each_ttl_when_it_writes_the_entry() {
+        let backend = MemoryBackend::new();
+        let limits = RoleLimits::default();
+        let namespace = Namespace::new("t:", "app", &limits);
+        let mut cp = checkpoint(&[("pa", "1")]);
+        cp.created_unix_ms = now_unix_ms() - 60_000;
+        cp.kv[0].ttl_ms = Some(120_000);
+        cp.subjects[0].ttl_ms = Some(90_000);
+        let restored = restore(&backend, &namespace, &limits, &cp).await.unwrap();
+        assert_eq!(restored, Restored { kv: 1, subjects: 1, expired: 0 });
+        for (key, most) in [("t:app:kv:k", 60_000), ("t:app:s:user", 30_000)] {
+            let Expiry::ExpiresIn(left) = backend.expiry(key).await.unwrap() else { panic!("{key} has no TTL") };
+            assert!(
+                left <= Duration::from_millis(most) && left > Duration::from_millis(most - 10_000),
+                "{key}: {left:?}"
+            );
+        }
+        // Run out since: left out, counted.
+        cp.kv[0].ttl_ms = Some(59_000);
+        let restored = restore(&backend, &namespace, &limits, &cp).await.unwrap();
+        assert_eq!(restored, Restored { kv: 0, subjects: 1, expired: 1 });
     }
 
     /// A subject is replaced in one step: fields the checkpoint lacks go,

@@ -350,10 +350,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Checkpoint { manifest, role, file, common } => {
             let (backend, namespace, _) = role_state(&common, &manifest, &role)?;
             let checkpoint = checkpoint::take(backend.as_ref(), &namespace, &role).await?;
-            // Readable by its owner alone: it holds the role's whole state.
-            rolehost::files::write_private(&file, &serde_json::to_vec_pretty(&checkpoint)?)
-                .with_context(|| format!("cannot write {}", file.display()))?;
-            println!(
+            let json = serde_json::to_vec_pretty(&checkpoint)?;
+            // `-` or /dev/stdout: straight to standard output, whatever it is
+            // (a file opened for appending is added to, not replaced).
+            if file == Path::new("-") || file == Path::new("/dev/stdout") {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&json).and_then(|()| out.flush()).context("cannot write the checkpoint")?;
+            } else {
+                // Readable by its owner alone: it holds the role's whole state.
+                rolehost::files::write_private(&file, &json)
+                    .with_context(|| format!("cannot write {}", file.display()))?;
+            }
+            // On stderr: standard output may be the checkpoint itself.
+            eprintln!(
                 "{} kv keys and {} subjects of role `{role}` written to {}",
                 checkpoint.kv.len(),
                 checkpoint.subjects.len(),

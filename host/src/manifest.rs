@@ -212,5 +212,11 @@ mod tests {
         let bad = "[[roles]]\nname = \"Bad:Name\"\nwasm = \"a.wasm\"\n";
         assert!(Manifest::parse(bad).unwrap_err().to_string().contains("invalid role name"));
         assert!(Manifest::parse("unknown = 1").is_err());
+        // The host's own secrets are no role's to read.
+        for secret in ["REDIS_PASSWORD", "ROLEHOST_ACL_SECRET", "ROLEHOST_ADMIN_TOKEN"] {
+            let text = format!("[[roles]]\nwasm = \"a.wasm\"\ngrants = {{ env = [\"TZ\", \"{secret}\"] }}\n");
+            let error = Manifest::parse(&text).unwrap_err().to_string();
+            assert!(error.contains(&format!("{secret} is the host's own secret")), "{error}");
+        }
     }
 }

@@ -66,9 +66,23 @@ impl RoleSpec {
         for name in self.grants.namespaces.keys() {
             validate_identity(name).map_err(|e| anyhow::anyhow!("role `{}`: bad namespace grant: {e}", self.name))?;
         }
+        if let Some(secret) = self.grants.env.iter().find(|name| HOST_SECRETS.contains(&name.as_str())) {
+            bail!("role `{}`: {secret} is the host's own secret; no role may be granted it", self.name);
+        }
         Ok(())
     }
 }
+
+/// Environment variables no role may be granted: the Redis passwords,
+/// the state URL (which may carry one), the secret role passwords derive
+/// from, and the admin token.
+const HOST_SECRETS: [&str; 5] = [
+    crate::config::PASSWORD_ENV,
+    crate::config::SENTINEL_PASSWORD_ENV,
+    crate::config::STATE_ENV,
+    crate::acl::SECRET_ENV,
+    crate::serve::ADMIN_TOKEN_ENV,
+];
 
 /// A loaded role, ready to be called.
 pub struct Role {

@@ -138,6 +138,25 @@ fn acl_users_confine_each_role_inside_redis() {
     let flush = as_user(port, "rolehost-counter", &counter_pw, &mut redis::cmd("FLUSHALL").clone());
     assert!(flush.unwrap_err().to_string().to_lowercase().contains("noperm"));
     assert!(as_user(port, "rolehost-counter", "wrong password", &mut get("rolehost:counter:kv:count")).is_err());
+
+    // Through the backend, a refusal is `access-denied`, whether of a
+    // single command, a transaction's or a script's.
+    let mut options = rolehost::backend::RedisOptions::new(format!("redis://127.0.0.1:{port}/0"));
+    (options.username, options.password) = (Some("rolehost-counter".into()), Some(counter_pw.clone()));
+    let backend = rolehost::backend::RedisBackend::new(&options).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    use rolehost::backend::Backend as _;
+    let other = "rolehost:writer:kv:x".to_owned();
+    let refusals = runtime.block_on(async {
+        [
+            backend.set(&other, b"v", None).await.map(drop),
+            backend.set_many(&[(other.clone(), b"v".to_vec())], None).await,
+            backend.compare_and_swap(&other, None, Some(b"v"), None).await.map(drop),
+        ]
+    });
+    for refusal in refusals {
+        assert!(matches!(&refusal, Err(rolehost::StateError::AccessDenied(_))), "{refusal:?}");
+    }
 }
 
 #[test]

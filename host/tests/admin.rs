@@ -76,6 +76,16 @@ fn roles_get_clear_checkpoint_restore_on_redis() {
     let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
     assert_eq!(saved["format"], "rolehost-checkpoint/1");
     assert_eq!(saved["kv"].as_array().unwrap().len(), 2, "only app's keys: {saved}");
+    // To standard output (`-`): the JSON alone, its count on stderr.
+    let out = rolehost(&["checkpoint", "--manifest", &source, "app", "-"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let piped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let values = |cp: &serde_json::Value| -> Vec<(String, String)> {
+        let kv = cp["kv"].as_array().unwrap().iter();
+        kv.map(|e| (e["key"].to_string(), e["value_base64"].to_string())).collect()
+    };
+    assert_eq!((values(&piped), &piped["subjects"]), (values(&saved), &saved["subjects"]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 kv keys and 1 subjects"), "{out:?}");
     fails(rolehost(&["restore", "--manifest", &target, "other", file]), "--rename");
     ok(rolehost(&["restore", "--manifest", &target, "app", file]));
     assert_eq!(ok(rolehost(&["get", "--manifest", &target, "app", "greeting"])), "hello");

@@ -109,7 +109,7 @@ local n = 0
 if current then
   n = tonumber(current)
   if n == nil or n ~= n or n == math.huge or n == -math.huge
-     or string.find(current, '[%sxX]') then
+     or string.find(current, '[%z%sxX]') then
     return redis.error_reply('ERR hash value is not a float')
   end
 end
@@ -350,11 +350,39 @@ impl RedisBackend {
         tokio::time::Instant::now() + self.op_timeout
     }
 
+    /// [`RedisBackend::run`] for a write that may find nothing to do (a
+    /// lock taken, a value not as expected): `wrote` says from its answer
+    /// whether it wrote, and only a write waits for replicas.
+    async fn run_maybe_writing<T, F, Fut>(&self, op: Op, attempt: F, wrote: fn(&T) -> bool) -> StateResult<T>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.run_when(self.deadline(), op, Lane::Main, attempt, wrote).await
+    }
+
     /// Runs one step of an operation by `deadline` (an operation of several
     /// steps shares one). Transient failures are tried again with backoff
     /// as far as `op` allows; a write then waits for replicas when the
     /// deployment asks for it.
     async fn run_by<T, F, Fut>(&self, deadline: tokio::time::Instant, op: Op, lane: Lane, attempt: F) -> StateResult<T>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.run_when(deadline, op, lane, attempt, |_| true).await
+    }
+
+    /// [`RedisBackend::run_by`], waiting for replicas only after an answer
+    /// `wrote` says was a write.
+    async fn run_when<T, F, Fut>(
+        &self,
+        deadline: tokio::time::Instant,
+        op: Op,
+        lane: Lane,
+        attempt: F,
+        wrote: fn(&T) -> bool,
+    ) -> StateResult<T>
     where
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
@@ -389,7 +417,7 @@ impl RedisBackend {
                     self.connector.timed_out(op.writes(), lane);
                     return Err(maybe_written(late(before), !sent.load(Ordering::Relaxed)));
                 }
-                Ok(Ok((conn, value))) if op.writes() && self.connector.wait_replicas > 0 => {
+                Ok(Ok((conn, value))) if op.writes() && self.connector.wait_replicas > 0 && wrote(&value) => {
                     return self.confirmed(conn, deadline, lane).await.map(|()| value);
                 }
                 Ok(Ok((_, value))) => return Ok(value),
@@ -736,7 +764,12 @@ fn map_error(error: RedisError) -> StateError {
              Sentinels): {error}"
         ));
     }
-    if error.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
+    // Refused in a transaction, or inside a script (which Redis reports as
+    // a plain error) too.
+    if error.kind() == ErrorKind::Server(ServerErrorKind::NoPerm)
+        || in_transaction("NOPERM")
+        || detail.contains("user executing the script can't run this command")
+    {
         return StateError::AccessDenied(format!("Redis refused: {error}"));
     }
     if detail.contains("not an integer")
@@ -1175,7 +1208,7 @@ impl Backend for RedisBackend {
     }
 
     async fn set_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool> {
-        self.run(Op::Once, |mut c| async move {
+        let set = |mut c: Conn| async move {
             let mut cmd = redis::cmd("SET");
             cmd.arg(key).arg(value).arg("NX");
             if let Some(ttl) = ttl {
@@ -1183,8 +1216,8 @@ impl Backend for RedisBackend {
             }
             let reply: Option<String> = cmd.query_async(&mut c).await?;
             Ok(reply.is_some())
-        })
-        .await
+        };
+        self.run_maybe_writing(Op::Once, set, |&set| set).await
     }
 
     async fn compare_and_swap(
@@ -1195,7 +1228,7 @@ impl Backend for RedisBackend {
         ttl: Option<Duration>,
     ) -> StateResult<bool> {
         let script = &self.cas;
-        self.run(Op::Once, |mut c| async move {
+        let swap = |mut c: Conn| async move {
             let mut invocation = script.key(key);
             invocation
                 .arg(if expected.is_some() { "1" } else { "0" })
@@ -1204,8 +1237,8 @@ impl Backend for RedisBackend {
                 .arg(new.unwrap_or_default())
                 .arg(script_ttl(ttl));
             invocation.invoke_async(&mut c).await
-        })
-        .await
+        };
+        self.run_maybe_writing(Op::Once, swap, |&swapped| swapped).await
     }
 
     async fn get_and_delete(&self, key: &str, max_bytes: Option<usize>) -> StateResult<Option<Vec<u8>>> {
@@ -1300,7 +1333,7 @@ impl Backend for RedisBackend {
         fallback_ttl: Option<Duration>,
     ) -> StateResult<bool> {
         let script = &self.hash_cas;
-        self.run(Op::Once, |mut c| async move {
+        let swap = |mut c: Conn| async move {
             let mut invocation = script.key(key);
             invocation
                 .arg(field)
@@ -1310,25 +1343,24 @@ impl Backend for RedisBackend {
                 .arg(new.unwrap_or_default())
                 .arg(script_ttl(fallback_ttl));
             invocation.invoke_async(&mut c).await
-        })
-        .await
+        };
+        self.run_maybe_writing(Op::Once, swap, |&swapped| swapped).await
     }
 
     async fn lock_acquire(&self, key: &str, fence_key: &str, owner: &str, ttl: Duration) -> StateResult<Option<u64>> {
         let script = &self.lock_acquire;
-        self.run(Op::Once, |mut c| async move {
+        let acquire = |mut c: Conn| async move {
             let fence_ttl = ttl_ms(crate::backend::FENCE_TTL);
             script.key(key).key(fence_key).arg(owner).arg(ttl_ms(ttl)).arg(fence_ttl).invoke_async(&mut c).await
-        })
-        .await
+        };
+        self.run_maybe_writing(Op::Once, acquire, Option::is_some).await
     }
 
     async fn expire_if_equal(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<bool> {
         let script = &self.expire_if_equal;
-        self.run(Op::Idempotent, |mut c| async move {
-            script.key(key).arg(value).arg(ttl_ms(ttl)).invoke_async(&mut c).await
-        })
-        .await
+        let expire =
+            |mut c: Conn| async move { script.key(key).arg(value).arg(ttl_ms(ttl)).invoke_async(&mut c).await };
+        self.run_maybe_writing(Op::Idempotent, expire, |&expired| expired).await
     }
 
     async fn rate_check(&self, key: &str, limit: u64, window: Duration, cost: u64) -> StateResult<RateDecision> {
@@ -1344,11 +1376,12 @@ impl Backend for RedisBackend {
                 })
                 .await?
             }
+            // Units are taken (written) only when allowed.
             _ => {
-                self.run(Op::Once, |mut c| async move {
+                let check = |mut c: Conn| async move {
                     script.key(key).arg(limit).arg(window_us).arg(cost).invoke_async(&mut c).await
-                })
-                .await?
+                };
+                self.run_maybe_writing(Op::Once, check, |&(allowed, ..): &(i64, u64, u64, u64)| allowed == 1).await?
             }
         };
         Ok(RateDecision {
