@@ -472,7 +472,7 @@ async fn hash_increments(b: Arc<dyn Backend>, p: String) {
     assert!(matches!(b.hash_increment(&k, "pf", 1, None).await, Err(StateError::InvalidArgument(_))));
     assert!(matches!(b.hash_increment_float(&k, "ptext", 1.0, None).await, Err(StateError::InvalidArgument(_))));
     // A number followed by a NUL is no number (Lua's tonumber stops at it).
-    b.hash_apply(&k, &[("pnul".to_owned(), b"1.5\0x".to_vec())], &[], None).await.unwrap();
+    b.hash_apply(&k, &[("pnul".to_owned(), b"1.5\0".to_vec())], &[], None).await.unwrap();
     assert!(matches!(b.hash_increment_float(&k, "pnul", 1.0, None).await, Err(StateError::InvalidArgument(_))));
     // A failed increment on a new hash leaves nothing behind.
     let fresh = format!("{p}fresh");

@@ -166,14 +166,8 @@ pub async fn restore(
         None => Ok(Some(Ttl::Fixed(limits.default_ttl()))),
     };
     // Each TTL counted as the entry is written (a long restore makes none
-    // outlive its time); `None`: it ran out meanwhile.
-    let write_ttl = |ttl: &Ttl| match *ttl {
-        Ttl::Counted(ms) => {
-            let left = ms.saturating_sub(age());
-            (left > 0).then(|| Some(Duration::from_millis(left)))
-        }
-        Ttl::Fixed(ttl) => Some(ttl),
-    };
+    // outlive its time).
+    let write_ttl = |ttl: &Ttl| ttl.left(age());
     let max_value_bytes = limits.max_value_bytes;
     let check_size = |what: &str, len: usize| match len > max_value_bytes {
         true => Err(StateError::TooLarge(format!(
@@ -276,6 +270,20 @@ enum Ttl {
     Fixed(Option<Duration>),
 }
 
+impl Ttl {
+    /// The TTL to write `age_ms` after the checkpoint was taken; `None`
+    /// when it has run out.
+    fn left(&self, age_ms: u64) -> Option<Option<Duration>> {
+        match *self {
+            Ttl::Counted(ms) => {
+                let left = ms.saturating_sub(age_ms);
+                (left > 0).then(|| Some(Duration::from_millis(left)))
+            }
+            Ttl::Fixed(ttl) => Some(ttl),
+        }
+    }
+}
+
 fn now_unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
@@ -334,6 +342,15 @@ mod tests {
         assert_eq!(ttl_ms(left, 1_000, 4_000), Some(Some(8_000)));
         assert_eq!(ttl_ms(Expiry::Persistent, 1_000, 4_000), Some(None));
         assert_eq!(ttl_ms(Expiry::Missing, 1_000, 4_000), None);
+    }
+
+    /// A TTL is what is left of it when its entry is written.
+    #[test]
+    fn a_counted_ttl_is_what_is_left_at_the_write() {
+        assert_eq!(Ttl::Counted(5_000).left(3_000), Some(Some(Duration::from_millis(2_000))));
+        assert_eq!(Ttl::Counted(5_000).left(5_000), None, "ran out");
+        assert_eq!(Ttl::Counted(5_000).left(9_000), None);
+        assert_eq!(Ttl::Fixed(None).left(9_000), Some(None), "persistent stays");
     }
 
     /// TTLs count from when the checkpoint was taken, as each entry is

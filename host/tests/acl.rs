@@ -157,6 +157,13 @@ fn acl_users_confine_each_role_inside_redis() {
     for refusal in refusals {
         assert!(matches!(&refusal, Err(rolehost::StateError::AccessDenied(_))), "{refusal:?}");
     }
+    // A command refused inside a script too (a user made before this
+    // version, without HLEN, loading a subject).
+    server.cli(&["ACL", "SETUSER", "old-user", "on", ">old-password", "~*", "+@all", "-hlen"]);
+    (options.username, options.password) = (Some("old-user".into()), Some("old-password".into()));
+    let backend = rolehost::backend::RedisBackend::new(&options).unwrap();
+    let load = runtime.block_on(backend.hash_get_all("rolehost:counter:s:user", 1 << 20));
+    assert!(matches!(&load, Err(rolehost::StateError::AccessDenied(_))), "{load:?}");
 }
 
 #[test]

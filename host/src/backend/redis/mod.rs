@@ -765,10 +765,11 @@ fn map_error(error: RedisError) -> StateError {
         ));
     }
     // Refused in a transaction, or inside a script (which Redis reports as
-    // a plain error) too.
+    // a plain error: worded one way up to 7.0, another since 7.2).
     if error.kind() == ErrorKind::Server(ServerErrorKind::NoPerm)
         || in_transaction("NOPERM")
         || detail.contains("user executing the script can't run this command")
+        || detail.contains("ACL failure in script")
     {
         return StateError::AccessDenied(format!("Redis refused: {error}"));
     }
