@@ -65,8 +65,8 @@ impl CompileCache {
         }
         // Read into memory rather than mapping the file: a file truncated
         // by someone else while mapped would crash the process (SIGBUS).
-        let stored = trusted(&entry).map(|()| crate::files::read_regular(&entry, MAX_ENTRY_BYTES));
-        if let Ok(Ok(stored)) = stored {
+        let stored = trusted(&entry).ok().and_then(|()| crate::files::read_regular(&entry, MAX_ENTRY_BYTES).ok());
+        if let Some(stored) = stored {
             match checked(&stored) {
                 // SAFETY: the entry is whole as `store` wrote it from
                 // `Component::serialize` for this engine configuration (its

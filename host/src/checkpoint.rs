@@ -165,9 +165,6 @@ pub async fn restore(
         },
         None => Ok(Some(Ttl::Fixed(limits.default_ttl()))),
     };
-    // Each TTL counted as the entry is written (a long restore makes none
-    // outlive its time).
-    let write_ttl = |ttl: &Ttl| ttl.left(age());
     let max_value_bytes = limits.max_value_bytes;
     let check_size = |what: &str, len: usize| match len > max_value_bytes {
         true => Err(StateError::TooLarge(format!(
@@ -224,7 +221,9 @@ pub async fn restore(
     };
     let mut restored = Restored { kv: 0, subjects: 0, expired };
     for (key, value, ttl) in &kv {
-        let Some(ttl) = write_ttl(ttl) else {
+        // Counted as the entry is written: a long restore makes none
+        // outlive its time.
+        let Some(ttl) = ttl.left(age()) else {
             restored.expired += 1;
             continue;
         };
@@ -234,7 +233,9 @@ pub async fn restore(
         restored.kv += 1;
     }
     for (key, fields, ttl) in &subjects {
-        let Some(ttl) = write_ttl(ttl) else {
+        // Counted as the entry is written: a long restore makes none
+        // outlive its time.
+        let Some(ttl) = ttl.left(age()) else {
             restored.expired += 1;
             continue;
         };

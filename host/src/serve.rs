@@ -183,7 +183,6 @@ const MAX_HEADER_BYTES: usize = 32 << 10;
 /// the grace period). `ready` receives the bound address.
 pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
     options.check()?;
-    let max_buffered_bytes = options.max_buffered_bytes;
     let workers = Workers::start(options.threads)?;
     let app = Arc::new(App {
         host,
@@ -192,8 +191,8 @@ pub async fn serve(host: Host, options: ServeOptions, ready: impl FnOnce(SocketA
         applying: std::sync::Mutex::new(BTreeMap::new()),
         next_request: AtomicU64::new(1),
         max_body_bytes: options.max_body_bytes,
-        buffered: Arc::new(tokio::sync::Semaphore::new(max_buffered_bytes)),
-        max_buffered_bytes,
+        buffered: Arc::new(tokio::sync::Semaphore::new(options.max_buffered_bytes)),
+        max_buffered_bytes: options.max_buffered_bytes,
         read_timeout: options.read_timeout,
         connections: workers.loads(),
         health: HealthProbe::default(),

@@ -488,8 +488,8 @@ impl Backend for MemoryBackend {
     async fn hash_get_all(&self, key: &str, max_bytes: usize) -> StateResult<Vec<(String, Vec<u8>)>> {
         self.read(&[key], |map| {
             let Some(hash) = map.hash(key)? else { return Ok(Vec::new()) };
-            // Counted as in Redis, stopping once over: the lock is the store's.
-            // From the hash's footprint: no walk through many fields.
+            // Counted as in Redis, from the hash's footprint: no walk through
+            // many fields while holding the store's lock.
             let count = hash.fields.len();
             let size = hash.bytes.saturating_sub(count * FIELD_OVERHEAD) + count * super::READ_FIELD_COST;
             if size > max_bytes {

@@ -323,7 +323,6 @@ pub(crate) fn gcra(tat: Option<u64>, now: u64, limit: u64, window: u64, cost: u6
     }
 }
 
-/// A hash of `size` bytes asked for by a caller that takes `max_bytes`.
 /// Fire-and-forget writes that did not all go out: the first `sent` did
 /// (in order), the rest not, for `error`.
 #[derive(Debug)]
@@ -337,6 +336,7 @@ pub struct Unsent {
 /// each as two strings, so many tiny fields are not free.
 pub const READ_FIELD_COST: usize = 64;
 
+/// A hash of `size` bytes asked for by a caller that takes `max_bytes`.
 fn hash_too_large(size: usize, max_bytes: usize) -> StateError {
     StateError::TooLarge(format!("at least {size} bytes of fields and values, more than {max_bytes}"))
 }

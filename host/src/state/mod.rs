@@ -156,6 +156,15 @@ impl CallCtx {
         }
     }
 
+    /// Charges the rest of an operation that answered `n` items (names,
+    /// properties) at one operation each, its first already paid.
+    fn charge_rest(&mut self, n: usize) -> StateResult<()> {
+        match n > 1 {
+            true => self.charge(n - 1),
+            false => Ok(()),
+        }
+    }
+
     /// Counts `n` state operations against the per-call and per-second quotas.
     fn charge(&mut self, n: usize) -> StateResult<()> {
         let n = n.max(1) as u64;
@@ -342,9 +351,7 @@ impl CallCtx {
         self.charge(1)?;
         let pattern = namespace.pattern(space, pattern.as_deref())?;
         let page = self.backend.scan(&pattern, cursor.as_deref(), limit).await?;
-        if page.keys.len() > 1 {
-            self.charge(page.keys.len() - 1)?;
-        }
+        self.charge_rest(page.keys.len())?;
         // Names in a granted namespace passed no limit of this role: a page
         // of them the guest could not hold is refused, not handed over.
         let bytes: usize = page.keys.iter().map(String::len).sum();

@@ -198,10 +198,8 @@ impl HostSubject for CallCtx {
             )),
             other => other,
         })?;
-        // An operation a property, as a listing charges a key; one is paid.
-        if fields.len() > 1 {
-            self.charge(fields.len() - 1)?;
-        }
+        // An operation a property, as a listing charges a key.
+        self.charge_rest(fields.len())?;
         for (field, value) in fields {
             let (list, name) = match property_of(&field) {
                 Some((Kind::Default, name)) => (&mut snapshot.default, name),
